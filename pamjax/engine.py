@@ -1,0 +1,358 @@
+"""The serving engine: ``step(config, params, state, workload)`` and its ``lax.scan`` rollout.
+
+One step is one iteration of vLLM-style continuous batching with prefill priority
+(PAM_SPEC §3): requests that have arrived are admitted in FCFS order while a slot is free,
+``params.max_batch`` allows it, and the KV capacity of the enabled tiers can hold their whole
+prompt plus output (reserved at admission, so a running request never runs out of room);
+their prompts are prefilled and placed (placement.py), producing their first token. Requests
+that were already running each decode one token: its KV unit is placed, the access model
+(locality.py) picks the attended units, the importance EMA is updated, PAM's scheduler
+(scheduler.py) swaps units between tiers, and the step's time and energy come from the
+gathered counts (costs.py). A request whose KV can never fit the enabled tiers is rejected
+and counted. With nothing to do, the clock jumps to the next arrival.
+
+Everything is fixed-shape and branch-free on traced values, so ``jax.vmap`` over a stacked
+SimParams pytree runs many configurations in one compiled program, and a chunk of steps runs
+without returning to the host.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pamjax import locality, placement, scheduler
+from pamjax.costs import StepCounts, step_cost
+from pamjax.types import (NEW_TOKEN_HBM_DISPLACE, STATUS_FINISHED, STATUS_REJECTED,
+                          STATUS_RUNNING, EngineConfig, EngineState, SimParams, StepMetrics,
+                          Workload)
+
+NUM_TIERS = 3
+_NO_UNIT = -1
+
+
+def init_state(config: EngineConfig, seed: int = 0) -> EngineState:
+    """An empty system at time 0: no request admitted, every slot free."""
+    r, u, n = config.num_slots, config.units_per_slot, config.num_requests
+    return EngineState(
+        slot_request=jnp.full((r,), -1, jnp.int32),
+        slot_generated=jnp.zeros((r,), jnp.int32),
+        slot_context=jnp.zeros((r,), jnp.int32),
+        unit_tier=jnp.full((r, u), _NO_UNIT, jnp.int8),
+        unit_bank_group=jnp.zeros((r, u), jnp.int16),
+        unit_latent=jnp.zeros((r, u), jnp.float32),
+        unit_importance=jnp.zeros((r, u), jnp.float32),
+        unit_selected=jnp.zeros((r, u), bool),
+        activation=jnp.zeros((config.window, NUM_TIERS, config.bank_groups), jnp.int32),
+        clock_whole=jnp.zeros((), jnp.float32),
+        clock_frac=jnp.zeros((), jnp.float32),
+        step=jnp.zeros((), jnp.int32),
+        next_request=jnp.zeros((), jnp.int32),
+        req_status=jnp.zeros((n,), jnp.int8),
+        req_first_token_s=jnp.full((n,), jnp.nan, jnp.float32),
+        req_finish_s=jnp.full((n,), jnp.nan, jnp.float32),
+        overflow=jnp.zeros((), bool),
+        seed=jnp.asarray(seed, jnp.uint32),
+    )
+
+
+def units_needed(tokens, page_size: int):
+    return (tokens + page_size - 1) // page_size
+
+
+def tier_units(tier):
+    """Units per tier, i32 [T], from a tier table of any shape."""
+    return jnp.stack([jnp.sum(tier == t) for t in range(NUM_TIERS)]).astype(jnp.int32)
+
+
+def tier_sums(tier, values):
+    """Sum of ``values`` per tier, [T]."""
+    return jnp.stack([jnp.sum(jnp.where(tier == t, values, 0)) for t in range(NUM_TIERS)])
+
+
+def target_share(params: SimParams):
+    """Importance share per tier implied by x:y:1."""
+    total = params.target_x + params.target_y + 1.0
+    return jnp.stack([params.target_x, params.target_y, jnp.ones_like(total)]) / total
+
+
+def _unit_logits(config, params, state_latent, context, generated, recorded):
+    if config.recorded_steps:
+        row = (jnp.maximum(generated - 1, 0) % config.recorded_steps)
+        return recorded[row]
+    return locality.logits(params, state_latent, context, config.page_size)
+
+
+def step(config: EngineConfig, params: SimParams, state: EngineState, workload: Workload,
+         recorded=None):
+    """Advance the serving system by one iteration.
+
+    Args:
+      config: static sizes.
+      params: numeric parameters of this configuration.
+      state: system state before the step.
+      workload: request arrays [N].
+      recorded: f32 [S, U] recorded unit logits when ``config.recorded_steps`` > 0.
+
+    Returns:
+      (new state, StepMetrics of this step).
+    """
+    r_slots, n_units, page = config.num_slots, config.units_per_slot, config.page_size
+    a_window, n_req = config.admit_window, config.num_requests
+    rows = jnp.arange(r_slots)
+    unit_idx = jnp.arange(n_units, dtype=jnp.int32)
+    now = state.clock_whole + state.clock_frac
+    enabled = params.tier_enabled
+    capacity = jnp.where(enabled, params.capacity_units, 0).astype(jnp.int32)
+
+    running = state.slot_request >= 0
+    req = jnp.maximum(state.slot_request, 0)
+    prompt = workload.prompt_tokens[req]
+    output = workload.output_tokens[req]
+
+    # ---------------------------------------------------------------- admission (FCFS)
+    reserved = jnp.sum(jnp.where(running, units_needed(prompt + output - 1, page), 0))
+    cand = state.next_request + jnp.arange(a_window, dtype=jnp.int32)
+    in_range = cand < n_req
+    cand_c = jnp.minimum(cand, n_req - 1)
+    c_prompt = workload.prompt_tokens[cand_c]
+    c_need = units_needed(c_prompt + workload.output_tokens[cand_c] - 1, page)
+    arrived = in_range & (workload.arrival_s[cand_c] <= now)
+    never_fits = (c_need > jnp.sum(capacity)) | (c_need > n_units)
+    reject = arrived & never_fits
+    fits = jnp.cumsum(jnp.where(reject, 0, c_need)) <= jnp.sum(capacity) - reserved
+    room = jnp.minimum(params.max_batch, r_slots) - jnp.sum(running)
+    has_slot = jnp.cumsum(arrived & ~reject) <= room
+    taken = jnp.cumprod((arrived & (reject | (fits & has_slot))).astype(jnp.int32)).astype(bool)
+    admit = taken & ~reject
+    rejected_now = taken & reject
+
+    free_slot = ~running
+    slot_of_rank = jnp.full((r_slots,), r_slots, jnp.int32).at[
+        jnp.where(free_slot, jnp.cumsum(free_slot) - 1, r_slots)].set(
+        rows.astype(jnp.int32), mode="drop")
+    admit_rank = jnp.clip(jnp.cumsum(admit) - 1, 0, r_slots - 1)
+    cand_slot = jnp.where(admit, slot_of_rank[admit_rank], r_slots)  # r_slots = dropped
+
+    # Prompt units of admitted candidates, placed before anything else takes capacity.
+    c_tokens = locality.unit_tokens(jnp.where(admit, c_prompt, 0), page, n_units)
+    c_present = c_tokens > 0
+    c_latent = locality.initial_latent(params, state.seed, cand_c[:, None], unit_idx[None, :])
+    c_generated = jnp.ones_like(cand_c)
+    c_logits = _unit_logits(config, params, c_latent, c_prompt, c_generated, recorded)
+    c_mass = locality.attention_mass(c_logits, c_tokens)
+    used_before = tier_units(state.unit_tier)
+    c_tier = placement.initial_tiers(params, c_mass, c_present,
+                                     jnp.maximum(capacity - used_before, 0), target_share(params))
+    c_bg = placement.assign_bank_groups(
+        params, c_tier.ravel(), c_present.ravel(), state.activation,
+        (cand_c[:, None] * n_units + unit_idx[None, :]).ravel()).reshape(c_tier.shape)
+
+    unit_tier = state.unit_tier.at[cand_slot].set(c_tier, mode="drop")
+    unit_bg = state.unit_bank_group.at[cand_slot].set(c_bg, mode="drop")
+    unit_latent = state.unit_latent.at[cand_slot].set(c_latent, mode="drop")
+    unit_importance = state.unit_importance.at[cand_slot].set(
+        jnp.where(c_present, c_mass, 0.0), mode="drop")
+    slot_request = state.slot_request.at[cand_slot].set(cand, mode="drop")
+    slot_generated = state.slot_generated.at[cand_slot].set(1, mode="drop")
+    slot_context = state.slot_context.at[cand_slot].set(c_prompt, mode="drop")
+    prefill_tier_tokens = tier_sums(c_tier, c_tokens).astype(jnp.float32)
+    c_n = jnp.where(admit, c_prompt, 0).astype(jnp.float32)
+
+    # ---------------------------------------------------------------- decode: new KV unit
+    decoding = running  # requests admitted this step do not decode until the next one
+    context = jnp.where(decoding, slot_context + 1, slot_context)
+    opens_unit = decoding & ((context - 1) % page == 0)
+    new_u = (context - 1) // page
+    overflow = state.overflow | jnp.any(opens_unit & (new_u >= n_units))
+    new_col = jnp.where(opens_unit, jnp.minimum(new_u, n_units - 1), n_units)
+    tier_before_decode = unit_tier
+
+    free = jnp.maximum(capacity - tier_units(unit_tier), 0)
+    new_count = opens_unit.astype(jnp.int32)
+    to_hbm = placement.allocate_in_order(new_count, free[0])
+    to_ddr = placement.allocate_in_order(new_count - to_hbm, free[1])
+    fastest_free_tier = jnp.where(to_hbm > 0, 0, jnp.where(to_ddr > 0, 1, 2))
+    # PAM: the new unit goes to HBM; without room there, the request's least important HBM
+    # unit is displaced to the fastest lower tier with room.
+    present_before = tier_before_decode >= 0
+    hbm_key = jnp.where(tier_before_decode == 0, unit_importance, jnp.inf)
+    victim = jnp.argmin(hbm_key, axis=-1)
+    has_victim = jnp.isfinite(jnp.min(hbm_key, axis=-1))
+    needs_room = opens_unit & (to_hbm == 0)
+    displace = (params.new_token_policy == NEW_TOKEN_HBM_DISPLACE) & needs_room
+    down_ddr = placement.allocate_in_order(displace.astype(jnp.int32), free[1])
+    lower_tier = jnp.where(down_ddr > 0, 1, 2)
+    pam_tier = jnp.where(needs_room & ~has_victim, lower_tier, 0)
+    new_tier = jnp.where(params.new_token_policy == NEW_TOKEN_HBM_DISPLACE, pam_tier,
+                         fastest_free_tier)
+    demote = displace & has_victim
+    victim_col = jnp.where(demote, victim, n_units)
+
+    mapped = placement.assign_bank_groups(
+        params,
+        jnp.concatenate([new_tier, lower_tier]).astype(jnp.int8),
+        jnp.concatenate([opens_unit, demote]),
+        state.activation,
+        jnp.concatenate([req * n_units + new_u, req * n_units + victim]))
+    unit_tier = unit_tier.at[rows, victim_col].set(lower_tier.astype(jnp.int8), mode="drop")
+    unit_bg = unit_bg.at[rows, victim_col].set(mapped[r_slots:], mode="drop")
+    unit_tier = unit_tier.at[rows, new_col].set(new_tier.astype(jnp.int8), mode="drop")
+    unit_bg = unit_bg.at[rows, new_col].set(mapped[:r_slots], mode="drop")
+    new_latent = locality.initial_latent(params, state.seed, req, new_u)
+    unit_latent = unit_latent.at[rows, new_col].set(new_latent, mode="drop")
+
+    # ---------------------------------------------------------------- decode: access model
+    dec2 = decoding[:, None]
+    tokens = jnp.where(dec2, locality.unit_tokens(context, page, n_units), 0)
+    present = tokens > 0
+    evolved = locality.evolve_latent(params, unit_latent, state.seed, req[:, None],
+                                     unit_idx[None, :], state.step)
+    # A unit opened this step keeps its fresh draw; older ones drift.
+    fresh = unit_idx[None, :] == new_col[:, None]
+    unit_latent = jnp.where(dec2 & present & ~fresh, evolved, unit_latent)
+    generated_before = slot_generated
+    the_logits = _unit_logits(config, params, unit_latent, context, generated_before, recorded)
+    mass = locality.attention_mass(the_logits, tokens)
+    selected = locality.select(params, the_logits, tokens, config.bisection_iters) & present
+    unit_importance = jnp.where(
+        dec2, locality.update_importance(params, unit_importance, mass, present),
+        unit_importance)
+
+    persisted = jnp.sum(selected & state.unit_selected)
+    previously_selected = jnp.sum(state.unit_selected & dec2)
+    selected_mass = jnp.sum(jnp.where(selected, mass, 0.0))
+    sel_tokens = jnp.where(selected, tokens, 0)
+
+    # Bank-group loads: attended tokens per (tier, bank group), and per request.
+    groups = config.bank_groups
+    tier_i = jnp.clip(unit_tier.astype(jnp.int32), 0, NUM_TIERS - 1)
+    segment = tier_i * groups + unit_bg.astype(jnp.int32)
+    bg_tokens = jax.ops.segment_sum(sel_tokens.ravel(), segment.ravel(),
+                                    num_segments=NUM_TIERS * groups).reshape(NUM_TIERS, groups)
+    request_bg = jnp.zeros((r_slots, NUM_TIERS * groups), bool).at[rows[:, None], segment].max(
+        selected)
+    active_bg = request_bg.reshape(r_slots, NUM_TIERS, groups).sum((0, 2))
+    tier_requests = request_bg.reshape(r_slots, NUM_TIERS, groups).any(-1).sum(0)
+    sel_units_bg = jax.ops.segment_sum(selected.ravel().astype(jnp.int32), segment.ravel(),
+                                       num_segments=NUM_TIERS * groups)
+    activation = state.activation.at[state.step % config.window].set(
+        sel_units_bg.reshape(NUM_TIERS, groups))
+
+    # ---------------------------------------------------------------- online scheduling
+    unit_tier, unit_bg, _, _ = scheduler.schedule(
+        params, unit_importance, unit_tier, unit_bg, present, config.max_swaps)
+
+    moved = present_before & (unit_tier != tier_before_decode)
+    from_i = jnp.clip(tier_before_decode.astype(jnp.int32), 0, NUM_TIERS - 1)
+    to_i = jnp.clip(unit_tier.astype(jnp.int32), 0, NUM_TIERS - 1)
+    migrated = jax.ops.segment_sum(jnp.where(moved, tokens, 0).ravel(),
+                                   (from_i * NUM_TIERS + to_i).ravel(),
+                                   num_segments=NUM_TIERS * NUM_TIERS).reshape(NUM_TIERS, NUM_TIERS)
+
+    # ---------------------------------------------------------------- time and energy
+    counts = StepCounts(
+        decode_requests=jnp.sum(decoding).astype(jnp.float32),
+        decode_context=jnp.sum(jnp.where(decoding, context, 0)).astype(jnp.float32),
+        tier_tokens=tier_sums(unit_tier, tokens).astype(jnp.float32),
+        tier_selected=jnp.sum(bg_tokens, -1).astype(jnp.float32),
+        tier_busiest_bank_group=jnp.max(bg_tokens, -1).astype(jnp.float32),
+        tier_requests=tier_requests.astype(jnp.float32),
+        tier_active_bank_groups=active_bg.astype(jnp.float32),
+        prefill_tokens=jnp.sum(c_n),
+        prefill_pairs=jnp.sum(c_n * (c_n + 1.0) / 2.0),
+        prefill_tier_tokens=prefill_tier_tokens,
+        migrated_tokens=migrated.astype(jnp.float32),
+        sparse=(params.select_fraction < 1.0).astype(jnp.float32),
+    )
+    cost = step_cost(params, counts)
+    busy = jnp.any(decoding) | jnp.any(admit)
+    dt = jnp.where(busy, cost.time_s, 0.0)
+    next_arrival = workload.arrival_s[jnp.minimum(state.next_request, n_req - 1)]
+    waiting_more = state.next_request + jnp.sum(taken) < n_req
+    idle = jnp.where(~busy & waiting_more, jnp.maximum(next_arrival - now, 0.0), 0.0)
+    frac = state.clock_frac + dt + idle
+    carry = jnp.floor(frac)
+    clock_whole, clock_frac = state.clock_whole + carry, frac - carry
+    end = clock_whole + clock_frac
+
+    # ---------------------------------------------------------------- completion
+    slot_generated = jnp.where(decoding, slot_generated + 1, slot_generated)
+    slot_context = context
+    live = slot_request >= 0
+    out_tokens = workload.output_tokens[jnp.maximum(slot_request, 0)]
+    done = live & (slot_generated >= out_tokens)
+    finished_id = jnp.where(done, slot_request, n_req)
+    req_status = state.req_status.at[jnp.where(admit, cand, n_req)].set(
+        STATUS_RUNNING, mode="drop")
+    req_status = req_status.at[jnp.where(rejected_now, cand, n_req)].set(
+        STATUS_REJECTED, mode="drop")
+    req_status = req_status.at[finished_id].set(STATUS_FINISHED, mode="drop")
+    req_first = state.req_first_token_s.at[jnp.where(admit, cand, n_req)].set(end, mode="drop")
+    req_finish = state.req_finish_s.at[finished_id].set(end, mode="drop")
+
+    done2 = done[:, None]
+    new_state = EngineState(
+        slot_request=jnp.where(done, -1, slot_request),
+        slot_generated=jnp.where(done, 0, slot_generated),
+        slot_context=jnp.where(done, 0, slot_context),
+        unit_tier=jnp.where(done2, jnp.int8(_NO_UNIT), unit_tier),
+        unit_bank_group=jnp.where(done2, jnp.int16(0), unit_bg),
+        unit_latent=jnp.where(done2, 0.0, unit_latent),
+        unit_importance=jnp.where(done2, 0.0, unit_importance),
+        unit_selected=jnp.where(done2, False, selected),
+        activation=activation,
+        clock_whole=clock_whole,
+        clock_frac=clock_frac,
+        step=state.step + 1,
+        next_request=state.next_request + jnp.sum(taken).astype(jnp.int32),
+        req_status=req_status,
+        req_first_token_s=req_first,
+        req_finish_s=req_finish,
+        overflow=overflow,
+        seed=state.seed,
+    )
+    metrics = StepMetrics(
+        step_time_s=dt,
+        idle_s=idle,
+        decode_requests=jnp.sum(decoding).astype(jnp.int32),
+        prefill_requests=jnp.sum(admit).astype(jnp.int32),
+        output_tokens=(jnp.sum(decoding) + jnp.sum(admit)).astype(jnp.int32),
+        tier_units=tier_units(new_state.unit_tier),
+        tier_attention_s=jnp.where(busy, cost.tier_attention_s, 0.0),
+        selected_units=jnp.sum(selected).astype(jnp.int32),
+        persisted_units=persisted.astype(jnp.int32),
+        previously_selected_units=previously_selected.astype(jnp.int32),
+        selected_mass=selected_mass,
+        migrated_units=jnp.sum(moved).astype(jnp.int32),
+        migrated_from_ssd=jnp.sum(moved & (tier_before_decode == 2)).astype(jnp.int32),
+        energy_pj=jnp.where(busy, cost.energy_pj, 0.0),
+        rejected=jnp.sum(rejected_now).astype(jnp.int32),
+    )
+    return new_state, metrics
+
+
+def rollout(config: EngineConfig, params: SimParams, state: EngineState, workload: Workload,
+            num_steps: int, recorded=None):
+    """Run ``num_steps`` steps with ``lax.scan``; returns (state, StepMetrics stacked [S])."""
+
+    def body(carry, _):
+        return step(config, params, carry, workload, recorded)
+
+    return lax.scan(body, state, None, length=num_steps)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "num_steps"), donate_argnums=(2,))
+def rollout_jit(config, params, state, workload, num_steps, recorded=None):
+    """Jitted :func:`rollout` with the state donated (one compile per config and chunk)."""
+    return rollout(config, params, state, workload, num_steps, recorded)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "num_steps"), donate_argnums=(2,))
+def rollout_batch(config, params, state, workload, num_steps, recorded=None):
+    """:func:`rollout` vmapped over a leading axis of ``params`` and ``state``."""
+    return jax.vmap(rollout, in_axes=(None, 0, 0, None, None, None))(
+        config, params, state, workload, num_steps, recorded)

@@ -1,0 +1,120 @@
+"""Where KV units live: tier allocation, initial (prefill) placement and bank-group mapping.
+
+The placement table is two [R, U] arrays in the engine state: ``unit_tier`` (int8, -1 = no
+unit) and ``unit_bank_group`` (int16). Every function here is vectorised over requests and
+units; capacity is shared by all requests, so allocations are made in slot (FCFS) order with
+an exclusive cumulative sum instead of a loop.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from pamjax.types import PLACEMENT_IMPORTANCE_RATIO
+
+NUM_TIERS = 3
+
+
+def allocate_in_order(demand, free):
+    """Grant a shared resource to rows in order: row r gets what is left after rows < r.
+
+    Args:
+      demand: i32 [M] units each row asks for (>= 0).
+      free: i32 [] units available.
+
+    Returns:
+      i32 [M] granted units, each in [0, demand], summing to at most ``free``.
+    """
+    before = jnp.cumsum(demand) - demand
+    return jnp.clip(free - before, 0, demand)
+
+
+def prompt_tier_counts(params, demand_hbm, demand_ddr, units, free):
+    """Units of each prompt per tier, honouring shared capacity, fastest tier first.
+
+    Each request asks for ``demand_hbm`` HBM and ``demand_ddr`` DDR units of its ``units``;
+    what the HBM cannot grant spills to DDR, what DDR cannot grant spills to SSD.
+
+    Args:
+      demand_hbm, demand_ddr, units: i32 [M]; free: i32 [T] free units per tier.
+
+    Returns:
+      (hbm, ddr, ssd) i32 [M] each.
+    """
+    hbm = allocate_in_order(demand_hbm, free[0])
+    ddr = allocate_in_order(units - hbm - jnp.maximum(units - demand_hbm - demand_ddr, 0),
+                            free[1])
+    return hbm, ddr, units - hbm - ddr
+
+
+def initial_tiers(params, importance, present, free, target_share):
+    """Tier of every prompt unit of the requests being admitted.
+
+    Fastest-first (baselines): units in position order fill HBM, then DDR, then SSD.
+    Importance ratio (PAM, PAM_SPEC §5): units in decreasing prefill importance go to HBM
+    until HBM holds ``target_share[0]`` of the request's importance, then to DDR until it
+    holds ``target_share[1]``, the rest to SSD; shortfalls of capacity spill downwards.
+    Disabled tiers have no free units, so everything spills past them.
+
+    Args:
+      importance: f32 [A, U] prefill attention mass of each unit (rows sum to 1).
+      present: bool [A, U] units that exist (prompt units of admitted requests).
+      free: i32 [T] free units per tier.
+      target_share: f32 [T] desired importance share per tier (sums to 1).
+
+    Returns:
+      i8 [A, U] tiers (-1 where not present).
+    """
+    num_units = importance.shape[-1]
+    position = jnp.arange(num_units, dtype=jnp.int32)
+    by_importance = params.placement_policy == PLACEMENT_IMPORTANCE_RATIO
+    # Order units within each request: by position, or by decreasing importance.
+    key = jnp.where(by_importance, -importance, position[None, :].astype(jnp.float32))
+    key = jnp.where(present, key, jnp.inf)
+    order = jnp.argsort(key, axis=-1)
+    rank = jnp.zeros_like(order).at[jnp.arange(order.shape[0])[:, None], order].set(
+        position[None, :])
+
+    units = present.sum(-1).astype(jnp.int32)
+    sorted_mass = jnp.take_along_axis(jnp.where(present, importance, 0.0), order, axis=-1)
+    mass_before = jnp.cumsum(sorted_mass, axis=-1) - sorted_mass
+    want_hbm = jnp.sum((mass_before < target_share[0]) & (position < units[:, None]), -1)
+    want_fast = jnp.sum(
+        (mass_before < target_share[0] + target_share[1]) & (position < units[:, None]), -1)
+    demand_hbm = jnp.where(by_importance, want_hbm, units).astype(jnp.int32)
+    demand_ddr = jnp.where(by_importance, want_fast - want_hbm, units).astype(jnp.int32)
+
+    hbm, ddr, _ = prompt_tier_counts(params, demand_hbm, demand_ddr, units, free)
+    tier = jnp.where(rank < hbm[:, None], 0, jnp.where(rank < (hbm + ddr)[:, None], 1, 2))
+    return jnp.where(present, tier, -1).astype(jnp.int8)
+
+
+def assign_bank_groups(params, tier, is_new, activation, sequence_index):
+    """Bank group of new units inside their device (PAM's intra-device mapping).
+
+    Greedy (PAM): the new units of a tier, taken in row-major order, go round-robin over that
+    tier's bank groups sorted by their activation count over the last W decode steps, so the
+    least-activated groups receive tokens first and a batch of new tokens does not herd onto
+    one group. Sequential fill (ablation): ``naive_run_units`` consecutive units of a request
+    share a bank group, as a fill-order layout would, ignoring activation.
+
+    Args:
+      tier: i8 [M] tier of each unit; is_new: bool [M] units to map.
+      activation: i32 [W, T, G] activation history.
+      sequence_index: i32 [M] global sequential position of each unit (request-major).
+
+    Returns:
+      i16 [M] bank groups (unchanged meaning where not new; caller masks).
+    """
+    groups = activation.shape[-1]
+    count = params.bank_groups.astype(jnp.int32)  # [T]
+    g = jnp.arange(groups, dtype=jnp.int32)
+    load = activation.sum(0) + jnp.where(g[None, :] < count[:, None], 0, jnp.iinfo(jnp.int32).max // 2)
+    order = jnp.argsort(load, axis=-1, stable=True).astype(jnp.int32)  # [T, G]
+    tier_i = jnp.clip(tier.astype(jnp.int32), 0, NUM_TIERS - 1)
+    one_hot = (tier_i[:, None] == jnp.arange(NUM_TIERS)[None, :]) & is_new[:, None]
+    rank = (jnp.cumsum(one_hot, axis=0) - one_hot)[jnp.arange(tier.shape[0]), tier_i]
+    tier_count = count[tier_i]
+    greedy = order[tier_i, rank % tier_count]
+    naive = (sequence_index // jnp.maximum(params.naive_run_units, 1)) % tier_count
+    return jnp.where(params.greedy_mapping, greedy, naive).astype(jnp.int16)

@@ -1,0 +1,232 @@
+"""The systems PAM is compared with (PAM_SPEC §7), as parameter sets of one engine.
+
+* ``vllm-offload``: GPU only. PagedAttention/FlashDecoding on the GPUs over the whole context
+  (dense). KV fills GPU HBM first, then is offloaded to host DDR, then SSD, and offloaded KV
+  is fetched over PCIe every time it is attended. No migration.
+* ``attacc``: GPU + HBM-PIM. FC layers on the GPUs, dense attention in HBM-PIM. KV lives in
+  HBM only, so the batch is capacity-bound: a request that would not fit waits, and a batch
+  whose KV exceeds HBM (net of weights and the activation reserve) is out of memory.
+* ``l-pim``: layered PIM in HBM, DDR and SSD; KV fills the fastest tier first; dense attention
+  in every tier; no PAMattention (partials of every bank group are merged centrally), no PAM
+  KV management (sequential bank-group fill, no scheduling).
+* ``ls-pim``: l-pim plus the same retrieval sparsity as PAM (1/8 of the tokens per step),
+  static placement.
+* ``pam``: sparsity, locality-aware importance-ratio placement at prefill, new tokens to HBM,
+  PAMattention (device-local reduction), greedy least-activated bank-group mapping, and
+  online x:y:1 scheduling through the PAM interface.
+* Ablations: ``pam-no-pamattention`` (central reduction), ``pam-no-mapping`` (sequential
+  bank-group fill), ``pam-no-scheduling`` (swap budget 0; the prefill placement is kept).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+
+from pamjax.errors import CapacityError, ConfigError, UnknownNameError
+from pamjax.hardware import Platform, get_platform
+from pamjax.locality import AccessModel
+from pamjax.models import Model, get_model
+from pamjax.types import (NEW_TOKEN_FASTEST_FREE, NEW_TOKEN_HBM_DISPLACE,
+                          PLACEMENT_FASTEST_FIRST, PLACEMENT_IMPORTANCE_RATIO, SimParams)
+
+
+@dataclasses.dataclass(frozen=True)
+class System:
+    """Policy of one system; hardware and model come separately.
+
+    Fields:
+      name: system name.
+      attention_on_pim: attention in the PIM tiers (False: on the GPUs).
+      sparse: retrieval sparsity (select_fraction of the access model) vs dense.
+      placement_policy, new_token_policy: PLACEMENT_* / NEW_TOKEN_* codes (types.py).
+      tiers: names of the tiers that may hold KV.
+      swap_budget: swaps per request per scheduling phase per step (0 = no scheduling).
+      use_pamattention: device-local two-level reduction.
+      greedy_mapping: least-activated bank-group mapping (else sequential fill).
+      migration_slowdown: 1 = PAM interface; 20 = CPU-side re-layout (PAM_SPEC §5 [D]).
+    """
+
+    name: str
+    attention_on_pim: bool
+    sparse: bool
+    placement_policy: int
+    new_token_policy: int
+    tiers: tuple[str, ...] = ("hbm", "ddr", "ssd")
+    swap_budget: int = 0
+    use_pamattention: bool = False
+    greedy_mapping: bool = False
+    migration_slowdown: float = 20.0
+
+
+_PAM = System("pam", attention_on_pim=True, sparse=True,
+              placement_policy=PLACEMENT_IMPORTANCE_RATIO,
+              new_token_policy=NEW_TOKEN_HBM_DISPLACE, swap_budget=8,
+              use_pamattention=True, greedy_mapping=True, migration_slowdown=1.0)
+
+SYSTEMS = {
+    "vllm-offload": System("vllm-offload", attention_on_pim=False, sparse=False,
+                           placement_policy=PLACEMENT_FASTEST_FIRST,
+                           new_token_policy=NEW_TOKEN_FASTEST_FREE),
+    "attacc": System("attacc", attention_on_pim=True, sparse=False,
+                     placement_policy=PLACEMENT_FASTEST_FIRST,
+                     new_token_policy=NEW_TOKEN_FASTEST_FREE, tiers=("hbm",)),
+    "l-pim": System("l-pim", attention_on_pim=True, sparse=False,
+                    placement_policy=PLACEMENT_FASTEST_FIRST,
+                    new_token_policy=NEW_TOKEN_FASTEST_FREE),
+    "ls-pim": System("ls-pim", attention_on_pim=True, sparse=True,
+                     placement_policy=PLACEMENT_FASTEST_FIRST,
+                     new_token_policy=NEW_TOKEN_FASTEST_FREE),
+    "pam": _PAM,
+    "pam-no-pamattention": dataclasses.replace(_PAM, name="pam-no-pamattention",
+                                               use_pamattention=False),
+    "pam-no-mapping": dataclasses.replace(_PAM, name="pam-no-mapping", greedy_mapping=False),
+    "pam-no-scheduling": dataclasses.replace(_PAM, name="pam-no-scheduling", swap_budget=0),
+}
+"""Systems and ablations by name."""
+
+MAIN_SYSTEMS = ("vllm-offload", "attacc", "l-pim", "ls-pim", "pam")
+
+
+def get_system(name: str) -> System:
+    if name not in SYSTEMS:
+        raise UnknownNameError("system", name, SYSTEMS)
+    return SYSTEMS[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class Knobs:
+    """Modelling choices that are neither hardware nor system policy ([D], overridable).
+
+    Fields:
+      naive_run_tokens: consecutive tokens sharing a bank group under sequential fill.
+      migration_overlap: fraction of a step's attention time that can hide migration.
+      target_x, target_y: PAM's x:y:1 target; None = effective PIM throughput ratios of the
+        tiers (equal expected attention time per tier, PAM_SPEC §5 [D]).
+    """
+
+    naive_run_tokens: int = 64
+    migration_overlap: float = 0.9
+    target_x: float | None = None
+    target_y: float | None = None
+
+
+def hbm_kv_bytes(platform: Platform, model: Model) -> float:
+    """HBM bytes left for KV: HBM - weights - activation reserve (PAM_SPEC §2 [D])."""
+    hbm = platform.hbm.capacity_gb * 1e9
+    return hbm * (1.0 - platform.gpu.activation_reserve) - model.weight_bytes
+
+
+def tier_kv_capacity_bytes(platform: Platform, model: Model) -> np.ndarray:
+    """KV bytes each tier can hold, f64 [T]."""
+    hbm = hbm_kv_bytes(platform, model)
+    if hbm <= 0:
+        raise CapacityError(
+            f"model {model.name} ({model.weight_bytes / 1e9:.0f} GB of weights) does not fit "
+            f"{platform.hbm.capacity_gb:.0f} GB of HBM with a "
+            f"{platform.gpu.activation_reserve:.0%} activation reserve")
+    return np.array([hbm, platform.ddr.capacity_gb * 1e9, platform.ssd.capacity_gb * 1e9])
+
+
+def make_params(system: System | str, model: Model | str = "llama3-70b",
+                platform: Platform | None = None, access: AccessModel | None = None,
+                *, max_batch: int = 64, page_size: int = 1, knobs: Knobs | None = None
+                ) -> SimParams:
+    """Build the numeric parameter pytree for one configuration.
+
+    Args:
+      system: a System or its name.
+      model: a Model or its name.
+      platform: hardware (default the PAM DGX-H100 preset).
+      access: access model (default calibrated AccessModel()).
+      max_batch: concurrent requests allowed.
+      page_size: tokens per KV unit (must match the EngineConfig).
+      knobs: modelling choices (default Knobs()).
+
+    Raises:
+      UnknownNameError, ConfigError, CapacityError.
+    """
+    system = get_system(system) if isinstance(system, str) else system
+    model = get_model(model) if isinstance(model, str) else model
+    platform = platform or get_platform()
+    access = access or AccessModel()
+    knobs = knobs or Knobs()
+    if not isinstance(max_batch, (int, np.integer)) or max_batch < 1:
+        raise ConfigError("max_batch", max_batch, "must be an integer >= 1")
+    if not isinstance(page_size, int) or page_size < 1:
+        raise ConfigError("page_size", page_size, "must be an integer >= 1")
+    for name in system.tiers:
+        if name not in ("hbm", "ddr", "ssd"):
+            raise UnknownNameError("tier", name, ("hbm", "ddr", "ssd"))
+
+    tiers = platform.tiers
+    gpu = platform.gpu
+    energy = platform.energy
+    unit_bytes = model.kv_bytes_per_token * page_size
+    capacity = np.minimum(tier_kv_capacity_bytes(platform, model) // unit_bytes, 2**31 - 1)
+    eff = np.array([t.effective_gbps for t in tiers]) * 1e9
+    target_x = knobs.target_x if knobs.target_x is not None else eff[0] / eff[2]
+    target_y = knobs.target_y if knobs.target_y is not None else eff[1] / eff[2]
+    f32 = lambda v: jnp.asarray(v, jnp.float32)  # noqa: E731
+    i32 = lambda v: jnp.asarray(v, jnp.int32)  # noqa: E731
+    return SimParams(
+        attention_on_pim=jnp.asarray(system.attention_on_pim),
+        select_fraction=f32(access.select_fraction if system.sparse else 1.0),
+        placement_policy=i32(system.placement_policy),
+        new_token_policy=i32(system.new_token_policy),
+        tier_enabled=jnp.asarray([t.name in system.tiers for t in tiers]),
+        swap_budget=i32(system.swap_budget),
+        target_x=f32(target_x),
+        target_y=f32(target_y),
+        ema_lambda=f32(access.ema_lambda),
+        use_pamattention=jnp.asarray(system.use_pamattention),
+        greedy_mapping=jnp.asarray(system.greedy_mapping),
+        naive_run_units=i32(max(1, knobs.naive_run_tokens // page_size)),
+        migration_slowdown=f32(system.migration_slowdown),
+        migration_overlap=f32(knobs.migration_overlap),
+        max_batch=i32(max_batch),
+        sigma=f32(access.sigma),
+        persistence=f32(access.persistence),
+        sink_tokens=f32(access.sink_tokens),
+        sink_bonus=f32(access.sink_bonus),
+        recency_bonus=f32(access.recency_bonus),
+        recency_tokens=f32(access.recency_tokens),
+        capacity_units=i32(capacity),
+        bank_groups=f32([t.bank_group_units for t in tiers]),
+        device_rate=f32([t.device_effective_gbps * 1e9 for t in tiers]),
+        num_devices=f32([t.num_devices for t in tiers]),
+        link_rate=f32([t.link_total_gbps * 1e9 for t in tiers]),
+        link_latency=f32([t.link_latency_us * 1e-6 for t in tiers]),
+        pim_read_pj=f32([t.pim_read_pj_per_bit for t in tiers]),
+        host_read_pj=f32([t.host_read_pj_per_bit for t in tiers]),
+        num_gpus=f32(gpu.num_gpus),
+        tp=f32(gpu.tensor_parallel),
+        pp=f32(gpu.pipeline_parallel),
+        gpu_flops=f32(gpu.peak_tflops * 1e12 * gpu.gemm_efficiency),
+        gpu_mem_rate=f32(gpu.hbm_tbps * 1e12 * gpu.stream_efficiency),
+        nvlink_rate=f32(gpu.nvlink_gbps * 1e9),
+        pcie_rate=f32(gpu.pcie_gbps * 1e9),
+        gpu_link_latency=f32(gpu.link_latency_us * 1e-6),
+        kernel_overhead=f32(gpu.kernel_overhead_us * 1e-6),
+        layers=f32(model.layers),
+        q_heads=f32(model.q_heads),
+        head_dim=f32(model.head_dim),
+        hidden=f32(model.hidden),
+        kv_bytes_per_token=f32(model.kv_bytes_per_token),
+        fc_flops_per_token=f32(model.fc_flops_per_token),
+        streamed_weight_bytes=f32(model.streamed_weight_bytes),
+        gpu_pj_per_flop=f32(energy.gpu_pj_per_flop),
+        gpu_hbm_read_pj=f32(energy.gpu_hbm_read),
+        bank_group_read_pj=f32(energy.hbm_pim_bank_group_read),
+        nvlink_pj=f32(energy.nvlink),
+        pcie_pj=f32(energy.pcie),
+        pim_pu_factor=f32(energy.pim_pu_factor),
+    )
+
+
+def max_bank_groups(platform: Platform | None = None) -> int:
+    """G for EngineConfig: the largest bank-group count of any tier."""
+    platform = platform or get_platform()
+    return max(t.bank_group_units for t in platform.tiers)

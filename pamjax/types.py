@@ -1,0 +1,251 @@
+"""Engine data types: static shape config, the numeric parameter pytree, state and metrics.
+
+Shapes use R = request slots (the largest batch), U = KV units per slot (a unit is
+``page_size`` consecutive tokens; page_size 1 is token granularity), T = 3 tiers in
+``hardware.TIER_NAMES`` order, G = bank-group units per device (padded to the largest tier),
+W = activation window (decode steps), N = requests in the workload, C = energy components.
+
+Everything in :class:`SimParams` is a JAX array, so ``jax.vmap`` over a stacked params pytree
+sweeps systems, batch sizes and hardware design points with one compilation. Everything that
+fixes an array shape lives in :class:`EngineConfig` and is static.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+from flax import struct
+
+from pamjax.errors import ConfigError
+
+ENERGY_COMPONENTS = (
+    "gpu_compute",  # FC layers, prefill and (GPU-side) attention arithmetic
+    "gpu_memory",  # weights and GPU-side KV read from HBM by the GPUs
+    "pim_attention",  # KV and label reads inside PIM devices plus PU arithmetic
+    "reduction",  # intra-device partial-result traffic to the reduction units
+    "transfer",  # Q broadcast, partials, offloaded KV over PCIe, all-reduce, prefill KV writes
+    "migration",  # tokens moved between tiers by the scheduler or by demotion
+)
+
+PLACEMENT_FASTEST_FIRST = 0  # fill the fastest enabled tier, then the next (baselines)
+PLACEMENT_IMPORTANCE_RATIO = 1  # PAM: most important units first, to the x:y:1 ratio
+
+NEW_TOKEN_FASTEST_FREE = 0  # the fastest enabled tier with room (baselines)
+NEW_TOKEN_HBM_DISPLACE = 1  # PAM: HBM, displacing the request's least important HBM unit
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Static sizes of a simulation (each distinct value compiles once).
+
+    Fields:
+      num_slots: R, request slots; the largest batch any params in a vmap may use.
+      units_per_slot: U, KV units per slot; ceil(max context / page_size).
+      page_size: tokens per KV unit (1 = token granularity).
+      num_requests: N, requests in the workload arrays.
+      bank_groups: G, padded bank-group units per device (largest tier's count).
+      window: W, decode steps of bank-group activation history (PAM: 10).
+      max_swaps: static bound on the per-request swap budget of each scheduling phase.
+      admit_window: requests considered for admission per step (FCFS look-ahead).
+      bisection_iters: iterations of the per-request threshold searches.
+      recorded_steps: rows of recorded scores (0 = synthetic access model).
+    """
+
+    num_slots: int
+    units_per_slot: int
+    page_size: int = 1
+    num_requests: int = 1
+    bank_groups: int = 256
+    window: int = 10
+    max_swaps: int = 16
+    admit_window: int = 64
+    bisection_iters: int = 24
+    recorded_steps: int = 0
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            minimum = 0 if f.name == "recorded_steps" else 1
+            if not isinstance(value, int) or value < minimum:
+                raise ConfigError(f"engine.{f.name}", value, f"must be an integer >= {minimum}")
+
+
+@struct.dataclass
+class SimParams:
+    """Numeric parameters of one simulated configuration (vmappable pytree).
+
+    Policy (see systems.py for the five systems):
+      attention_on_pim: bool [], attention runs in PIM tiers (else on the GPUs, offloaded KV
+        fetched over PCIe).
+      select_fraction: f32 [], fraction of each request's tokens attended per step (1 = dense).
+      placement_policy, new_token_policy: i32 [], PLACEMENT_* / NEW_TOKEN_* codes.
+      tier_enabled: bool [T], tiers that may hold KV.
+      swap_budget: i32 [], swaps per request per scheduling phase per step (0 = off).
+      target_x, target_y: f32 [], PAM importance target IS_HBM:IS_DDR:IS_SSD = x:y:1.
+      ema_lambda: f32 [], importance EMA weight of the current score (PAM: 0.6).
+      use_pamattention: bool [], device-local reduction (else partials leave every bank group
+        and are merged centrally).
+      greedy_mapping: bool [], least-activated bank-group mapping (else sequential fill).
+      naive_run_units: i32 [], consecutive units sharing a bank group under sequential fill.
+      migration_slowdown: f32 [], 1 for the PAM interface, 20 for a CPU-side re-layout.
+      migration_overlap: f32 [], fraction of attention time that can hide migration.
+      max_batch: i32 [], concurrent requests allowed (<= num_slots).
+    Access model (locality.py): sigma, persistence, sink_tokens, sink_bonus, recency_bonus,
+      recency_tokens, all f32 [].
+    Tiers, f32 [T]: capacity_units (KV units the tier may hold), bank_groups (units per
+      device), device_rate (effective PIM attention bytes/s per device), num_devices,
+      link_rate (bytes/s, all devices, per direction), link_latency (s), pim_read_pj and
+      host_read_pj (pJ/bit).
+    GPU, f32 []: num_gpus, tp, pp, gpu_flops (achievable FLOP/s per GPU), gpu_mem_rate
+      (achievable HBM bytes/s per GPU), nvlink_rate, pcie_rate (bytes/s per GPU, per
+      direction), gpu_link_latency, kernel_overhead (s per layer).
+    Model, f32 []: layers, q_heads, head_dim, hidden, kv_bytes_per_token,
+      fc_flops_per_token, streamed_weight_bytes.
+    Energy, f32 [] pJ: gpu_pj_per_flop, gpu_hbm_read_pj, bank_group_read_pj, nvlink_pj,
+      pcie_pj (per bit), pim_pu_factor (dimensionless).
+    """
+
+    attention_on_pim: jnp.ndarray
+    select_fraction: jnp.ndarray
+    placement_policy: jnp.ndarray
+    new_token_policy: jnp.ndarray
+    tier_enabled: jnp.ndarray
+    swap_budget: jnp.ndarray
+    target_x: jnp.ndarray
+    target_y: jnp.ndarray
+    ema_lambda: jnp.ndarray
+    use_pamattention: jnp.ndarray
+    greedy_mapping: jnp.ndarray
+    naive_run_units: jnp.ndarray
+    migration_slowdown: jnp.ndarray
+    migration_overlap: jnp.ndarray
+    max_batch: jnp.ndarray
+    sigma: jnp.ndarray
+    persistence: jnp.ndarray
+    sink_tokens: jnp.ndarray
+    sink_bonus: jnp.ndarray
+    recency_bonus: jnp.ndarray
+    recency_tokens: jnp.ndarray
+    capacity_units: jnp.ndarray
+    bank_groups: jnp.ndarray
+    device_rate: jnp.ndarray
+    num_devices: jnp.ndarray
+    link_rate: jnp.ndarray
+    link_latency: jnp.ndarray
+    pim_read_pj: jnp.ndarray
+    host_read_pj: jnp.ndarray
+    num_gpus: jnp.ndarray
+    tp: jnp.ndarray
+    pp: jnp.ndarray
+    gpu_flops: jnp.ndarray
+    gpu_mem_rate: jnp.ndarray
+    nvlink_rate: jnp.ndarray
+    pcie_rate: jnp.ndarray
+    gpu_link_latency: jnp.ndarray
+    kernel_overhead: jnp.ndarray
+    layers: jnp.ndarray
+    q_heads: jnp.ndarray
+    head_dim: jnp.ndarray
+    hidden: jnp.ndarray
+    kv_bytes_per_token: jnp.ndarray
+    fc_flops_per_token: jnp.ndarray
+    streamed_weight_bytes: jnp.ndarray
+    gpu_pj_per_flop: jnp.ndarray
+    gpu_hbm_read_pj: jnp.ndarray
+    bank_group_read_pj: jnp.ndarray
+    nvlink_pj: jnp.ndarray
+    pcie_pj: jnp.ndarray
+    pim_pu_factor: jnp.ndarray
+
+
+@struct.dataclass
+class Workload:
+    """Device-side request arrays (sorted by arrival), each [N].
+
+    Fields: arrival_s f32 (s), prompt_tokens i32, output_tokens i32.
+    """
+
+    arrival_s: jnp.ndarray
+    prompt_tokens: jnp.ndarray
+    output_tokens: jnp.ndarray
+
+
+STATUS_WAITING, STATUS_RUNNING, STATUS_FINISHED, STATUS_REJECTED = 0, 1, 2, 3
+
+
+@struct.dataclass
+class EngineState:
+    """The whole serving system at a decode-step boundary.
+
+    Slots [R]: slot_request i32 (workload index, -1 = free), slot_generated i32 (output
+      tokens produced so far), slot_context i32 (tokens in the KV cache).
+    Units [R, U]: unit_tier i8 (-1 = no unit), unit_bank_group i16, unit_latent f32
+      (access-model log-importance), unit_importance f32 (PAM importance EMA I),
+      unit_selected bool (attended at the previous step).
+    activation i32 [W, T, G]: selected units per bank group over the last W decode steps.
+    Clock: clock_whole f32 (integer seconds), clock_frac f32 (in [0, 1) s); split so that
+      hour-long runs keep sub-microsecond resolution in float32.
+    step i32 []: steps taken; next_request i32 []: FCFS pointer into the workload.
+    Requests [N]: req_status i8 (STATUS_*), req_first_token_s f32, req_finish_s f32.
+    overflow bool []: a request needed more units than a slot holds (rerun with larger U).
+    seed u32 []: access-model seed.
+    """
+
+    slot_request: jnp.ndarray
+    slot_generated: jnp.ndarray
+    slot_context: jnp.ndarray
+    unit_tier: jnp.ndarray
+    unit_bank_group: jnp.ndarray
+    unit_latent: jnp.ndarray
+    unit_importance: jnp.ndarray
+    unit_selected: jnp.ndarray
+    activation: jnp.ndarray
+    clock_whole: jnp.ndarray
+    clock_frac: jnp.ndarray
+    step: jnp.ndarray
+    next_request: jnp.ndarray
+    req_status: jnp.ndarray
+    req_first_token_s: jnp.ndarray
+    req_finish_s: jnp.ndarray
+    overflow: jnp.ndarray
+    seed: jnp.ndarray
+
+
+@struct.dataclass
+class StepMetrics:
+    """What one step reports (stacked over steps by the rollout).
+
+    step_time_s f32 []: wall time the step takes on the simulated hardware (0 when idle and
+      the clock jumps to the next arrival; idle_s holds that jump).
+    decode_requests i32 []: requests that generated a token by decode this step.
+    prefill_requests i32 []: requests admitted and prefilled this step.
+    output_tokens i32 []: tokens produced (decode + first tokens from prefill).
+    tier_units i32 [T]: KV units held per tier after the step.
+    tier_attention_s f32 [T]: attention time per tier this step.
+    selected_units i32 [], persisted_units i32 [], previously_selected_units i32 []: units
+      attended this step, those of them also attended at the previous step, and the units
+      of decoding requests attended at the previous step (persistence = ratio of the last
+      two; a context-locality statistic).
+    selected_mass f32 []: sum over decode requests of the attention mass their selection
+      covers (divide by decode_requests for the mean share).
+    migrated_units i32 [] and migrated_from_ssd i32 []: units moved between tiers.
+    energy_pj f32 [C]: energy per component, pJ.
+    rejected i32 []: requests rejected this step because they can never fit.
+    """
+
+    step_time_s: jnp.ndarray
+    idle_s: jnp.ndarray
+    decode_requests: jnp.ndarray
+    prefill_requests: jnp.ndarray
+    output_tokens: jnp.ndarray
+    tier_units: jnp.ndarray
+    tier_attention_s: jnp.ndarray
+    selected_units: jnp.ndarray
+    persisted_units: jnp.ndarray
+    previously_selected_units: jnp.ndarray
+    selected_mass: jnp.ndarray
+    migrated_units: jnp.ndarray
+    migrated_from_ssd: jnp.ndarray
+    energy_pj: jnp.ndarray
+    rejected: jnp.ndarray

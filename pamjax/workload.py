@@ -1,0 +1,744 @@
+"""Request workloads: seeded synthetic datasets and real trace loaders (PAM_SPEC §6).
+
+A :class:`Workload` is a host-side (numpy) table of requests sorted by arrival: when each request
+arrives, how many prompt tokens it brings and how many output tokens it will generate. It is
+padded to fixed shapes before it reaches the jitted engine; nothing here touches JAX.
+
+Synthetic datasets
+------------------
+The publication gives only means and ranges [P]: the three online dialogue sets average 183 input
+/ 299 output tokens over the three, with an average context (prompt + output) of 534 tokens for
+ShareGPT and 738 for WildChat; the offline long-text sets have sequences of 1,500-8,000 tokens.
+Everything else below is a pamjax default [D].
+
+Shape [D]: every length is an independent log-normal draw clipped to ``[min, max]`` and rounded to
+whole tokens. Request lengths in serving traces are right-skewed and heavy-tailed (a few very long
+prompts or answers dominate KV memory), which a log-normal captures with one shape parameter;
+clipping keeps the tail inside what a serving front-end would accept. ``sigma`` is the standard
+deviation of the underlying normal (dimensionless). The location ``mu`` is not stored: it is solved
+(bisection on the closed-form mean of a clipped log-normal) so that the *clipped* distribution has
+exactly the stated mean; the table's means are the true means, not pre-clipping values. Prompt and
+output lengths are drawn independently.
+
+Split of the online means [D]: HumanEval prompts are a function signature plus docstring and its
+completions are short function bodies, so it takes 130 / 44; ShareGPT keeps a prompt mean close to
+the ~160 tokens serving studies report for it; WildChat gets the remaining prompt tokens. Outputs
+then follow from the context targets, and the three-set averages come out at exactly 183 / 299.
+The offline bounds satisfy ``prompt_min + output_min = 1500`` and ``prompt_max + output_max =
+8000``, so every offline sequence lies in [1500, 8000] by construction.
+
+==========  =======  ======================  ======================  =========  ==================
+dataset     mode     prompt mean σ [min,max] output mean σ [min,max] context    sampled means
+==========  =======  ======================  ======================  =========  ==================
+sharegpt    online   161  1.00 [4, 1024]     373  0.90 [4, 1024]     534        161.1 / 373.4
+wildchat    online   258  1.10 [4, 2048]     480  0.80 [4, 2048]     738        258.2 / 480.4
+humaneval   online   130  0.35 [40, 450]     44   0.60 [8, 256]      174        130.0 / 44.0
+arxiv-sum   offline  4000 0.45 [1400, 7500]  220  0.35 [100, 500]    4220       4000.7 / 220.1
+write-doc   offline  120  0.50 [20, 500]     3000 0.45 [1480, 7500]  3120       120.0 / 3001.4
+==========  =======  ======================  ======================  =========  ==================
+
+Sampled means: prompt / output means of ``synthetic(name, 200_000, seed=0)``.
+
+Arrivals [D]: with ``rate_per_s`` the requests form an open-loop Poisson process (independent
+exponential gaps, the first request one gap after t = 0); without it every request arrives at
+t = 0, which models a closed-loop or offline batch. Lengths are drawn before gaps, so for one seed
+the same requests come back whether or not a rate is given.
+
+Traces
+------
+:func:`load_trace` reads two CSV formats, chosen by the header: the Azure LLM inference trace
+(``TIMESTAMP,ContextTokens,GeneratedTokens``, arrivals become seconds since the first request) and
+the plain ``arrival_s,prompt_tokens,output_tokens`` format that :func:`save_trace` writes (arrivals
+kept as written). Both must be in non-decreasing time order: a trace out of order is refused with
+the offending line rather than silently re-sorted, because a reordered log usually means a merged
+or corrupted file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import math
+import os
+import pathlib
+import re
+
+import numpy as np
+
+from pamjax.errors import ConfigError, TraceFormatError, UnknownNameError
+
+DEFAULT_TRACE_ENV = "PAMJAX_TRACE"
+
+_INT32_MAX = int(np.iinfo(np.int32).max)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Workload:
+    """A batch of requests sorted by arrival time.
+
+    The arrays are copied on construction and made read-only, so a workload is immutable.
+
+    Attributes:
+      arrival_s: float64 [N], seconds from the start of the run, finite, >= 0, non-decreasing;
+        all zeros for a closed-loop or offline batch.
+      prompt_tokens: int32 [N], prompt (input) length of each request in tokens, >= 1.
+      output_tokens: int32 [N], number of tokens each request generates, >= 1.
+      name: label of the workload (dataset name or trace file stem).
+    """
+
+    arrival_s: np.ndarray
+    prompt_tokens: np.ndarray
+    output_tokens: np.ndarray
+    name: str = "workload"
+
+    def __post_init__(self):
+        if not isinstance(self.name, str):
+            raise ConfigError("Workload.name", self.name, "must be a string")
+        arrival = _as_vector("Workload.arrival_s", self.arrival_s)
+        prompt = _as_vector("Workload.prompt_tokens", self.prompt_tokens)
+        output = _as_vector("Workload.output_tokens", self.output_tokens)
+        n = arrival.shape[0]
+        if n < 1:
+            raise ConfigError("Workload.arrival_s", n, "a workload needs at least one request")
+        for field, arr in (("Workload.prompt_tokens", prompt), ("Workload.output_tokens", output)):
+            if arr.shape[0] != n:
+                raise ConfigError(field, arr.shape[0], f"length differs from arrival_s ({n})")
+        object.__setattr__(self, "arrival_s", _check_arrivals(arrival))
+        object.__setattr__(self, "prompt_tokens", _check_tokens("Workload.prompt_tokens", prompt))
+        object.__setattr__(self, "output_tokens", _check_tokens("Workload.output_tokens", output))
+
+    def __repr__(self) -> str:
+        # The default dataclass repr would print every array element of a 20k-request trace.
+        return (
+            f"Workload(name={self.name!r}, num_requests={self.num_requests}, "
+            f"mean_prompt={self.mean_prompt:.1f}, mean_output={self.mean_output:.1f}, "
+            f"last_arrival_s={float(self.arrival_s[-1]):.3f})"
+        )
+
+    @property
+    def num_requests(self) -> int:
+        """Number of requests N."""
+        return int(self.arrival_s.shape[0])
+
+    @property
+    def mean_prompt(self) -> float:
+        """Mean prompt length in tokens."""
+        return float(self.prompt_tokens.mean())
+
+    @property
+    def mean_output(self) -> float:
+        """Mean output length in tokens."""
+        return float(self.output_tokens.mean())
+
+    @property
+    def max_context(self) -> int:
+        """Longest request context (prompt + output) in tokens; sizes per-request KV capacity."""
+        return int((self.prompt_tokens.astype(np.int64) + self.output_tokens).max())
+
+    def head(self, n: int) -> Workload:
+        """Returns the first ``n`` requests (all of them when ``n`` >= N).
+
+        Args:
+          n: number of requests to keep, >= 1.
+
+        Returns:
+          A new :class:`Workload` with min(n, N) requests and the same name.
+        """
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ConfigError("n", n, "must be an integer >= 1")
+        return Workload(
+            self.arrival_s[:n], self.prompt_tokens[:n], self.output_tokens[:n], self.name
+        )
+
+
+def _as_vector(field: str, value) -> np.ndarray:
+    arr = np.asarray(value)
+    if arr.ndim != 1:
+        raise ConfigError(field, arr.shape, "must be a 1-D array")
+    if arr.dtype.kind not in "iuf":
+        raise ConfigError(field, str(arr.dtype), "must hold real numbers")
+    return arr
+
+
+def _first_bad(mask: np.ndarray) -> int:
+    return int(np.flatnonzero(mask)[0])
+
+
+def _check_arrivals(arr: np.ndarray) -> np.ndarray:
+    arr = np.array(arr, dtype=np.float64)
+    if not np.isfinite(arr).all():
+        i = _first_bad(~np.isfinite(arr))
+        raise ConfigError("Workload.arrival_s", float(arr[i]), f"request {i} is not finite")
+    if (arr < 0).any():
+        i = _first_bad(arr < 0)
+        raise ConfigError("Workload.arrival_s", float(arr[i]), f"request {i} is negative")
+    back = np.diff(arr) < 0
+    if back.any():
+        i = _first_bad(back) + 1
+        raise ConfigError(
+            "Workload.arrival_s",
+            float(arr[i]),
+            f"request {i} arrives before request {i - 1} ({arr[i - 1]!r}); sort by arrival",
+        )
+    arr.setflags(write=False)
+    return arr
+
+
+def _check_tokens(field: str, arr: np.ndarray) -> np.ndarray:
+    if arr.dtype.kind == "f":
+        bad = ~np.isfinite(arr) | (arr != np.round(arr))
+        if bad.any():
+            i = _first_bad(bad)
+            raise ConfigError(field, float(arr[i]), f"request {i} is not a whole token count")
+    out_of_range = (arr < 1) | (arr > _INT32_MAX)
+    if out_of_range.any():
+        i = _first_bad(out_of_range)
+        raise ConfigError(field, arr[i].item(), f"request {i} must have 1..{_INT32_MAX} tokens")
+    out = np.array(arr, dtype=np.int32)
+    out.setflags(write=False)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetStats:
+    """Length distributions of one synthetic dataset (clipped log-normals, see module docstring).
+
+    Attributes:
+      name: dataset name, the key in :data:`DATASETS`.
+      mode: ``"online"`` (interactive dialogue, usually given an arrival rate) or ``"offline"``
+        (long-text batch jobs).
+      prompt_mean: mean prompt length after clipping, tokens.
+      prompt_sigma: log-space standard deviation of the prompt length (shape), dimensionless.
+      prompt_min: shortest prompt, tokens.
+      prompt_max: longest prompt, tokens.
+      output_mean: mean output length after clipping, tokens.
+      output_sigma: log-space standard deviation of the output length (shape), dimensionless.
+      output_min: shortest output, tokens.
+      output_max: longest output, tokens.
+      source: where the numbers come from ([P] publication, [D] pamjax default).
+    """
+
+    name: str
+    mode: str
+    prompt_mean: float
+    prompt_sigma: float
+    prompt_min: int
+    prompt_max: int
+    output_mean: float
+    output_sigma: float
+    output_min: int
+    output_max: int
+    source: str
+
+    def __post_init__(self):
+        if self.mode not in ("online", "offline"):
+            raise ConfigError(f"{self.name}.mode", self.mode, "must be 'online' or 'offline'")
+        for part in ("prompt", "output"):
+            mean, sigma = getattr(self, f"{part}_mean"), getattr(self, f"{part}_sigma")
+            lo, hi = getattr(self, f"{part}_min"), getattr(self, f"{part}_max")
+            if not 1 <= lo < hi:
+                raise ConfigError(f"{self.name}.{part}_min", lo, f"need 1 <= min < max ({hi})")
+            # A clipped distribution can only reach a mean strictly between its bounds.
+            if not lo < mean < hi:
+                raise ConfigError(f"{self.name}.{part}_mean", mean, f"must lie in ({lo}, {hi})")
+            if not (math.isfinite(sigma) and sigma > 0):
+                raise ConfigError(f"{self.name}.{part}_sigma", sigma, "must be finite and > 0")
+
+    @property
+    def mean_context(self) -> float:
+        """Mean context (prompt + output) in tokens."""
+        return self.prompt_mean + self.output_mean
+
+
+DATASETS: dict[str, DatasetStats] = {
+    s.name: s
+    for s in (
+        DatasetStats(
+            name="sharegpt",
+            mode="online",
+            prompt_mean=161,
+            prompt_sigma=1.00,
+            prompt_min=4,
+            prompt_max=1024,
+            output_mean=373,
+            output_sigma=0.90,
+            output_min=4,
+            output_max=1024,
+            source=(
+                "[P] context 534 (PAM §6); [D] prompt mean near the ~160 tokens serving studies "
+                "report for ShareGPT, bounds of the usual 1024-token prompt/output filter"
+            ),
+        ),
+        DatasetStats(
+            name="wildchat",
+            mode="online",
+            prompt_mean=258,
+            prompt_sigma=1.10,
+            prompt_min=4,
+            prompt_max=2048,
+            output_mean=480,
+            output_sigma=0.80,
+            output_min=4,
+            output_max=2048,
+            source=(
+                "[P] context 738 (PAM §6); [D] prompt takes the rest of the 183-token online "
+                "average, wider tails than ShareGPT (longer pasted documents)"
+            ),
+        ),
+        DatasetStats(
+            name="humaneval",
+            mode="online",
+            prompt_mean=130,
+            prompt_sigma=0.35,
+            prompt_min=40,
+            prompt_max=450,
+            output_mean=44,
+            output_sigma=0.60,
+            output_min=8,
+            output_max=256,
+            source=(
+                "[P] 183/299 average over the three online sets (PAM §6); [D] signature+docstring "
+                "prompts and short function-body completions"
+            ),
+        ),
+        DatasetStats(
+            name="arxiv-sum",
+            mode="offline",
+            prompt_mean=4000,
+            prompt_sigma=0.45,
+            prompt_min=1400,
+            prompt_max=7500,
+            output_mean=220,
+            output_sigma=0.35,
+            output_min=100,
+            output_max=500,
+            source=(
+                "[P] 1,500-8,000-token sequences (PAM §6); [D] long paper in, abstract-sized "
+                "summary out"
+            ),
+        ),
+        DatasetStats(
+            name="write-doc",
+            mode="offline",
+            prompt_mean=120,
+            prompt_sigma=0.50,
+            prompt_min=20,
+            prompt_max=500,
+            output_mean=3000,
+            output_sigma=0.45,
+            output_min=1480,
+            output_max=7500,
+            source=(
+                "[P] 1,500-8,000-token sequences (PAM §6); [D] short instruction in, long "
+                "generated document out"
+            ),
+        ),
+    )
+}
+
+
+def _normal_cdf(x: float) -> float:
+    return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
+
+
+def _clipped_lognormal_mean(mu: float, sigma: float, lo: float, hi: float) -> float:
+    # E[clip(X, lo, hi)] for X = exp(N(mu, sigma^2)): the two clipped masses plus the partial
+    # expectation exp(mu + sigma^2/2) * P(lo < X' < hi) of the size-biased variable X'.
+    a = (math.log(lo) - mu) / sigma
+    b = (math.log(hi) - mu) / sigma
+    inside = _normal_cdf(b - sigma) - _normal_cdf(a - sigma)
+    return lo * _normal_cdf(a) + hi * (1.0 - _normal_cdf(b)) + math.exp(mu + sigma**2 / 2) * inside
+
+
+def _solve_mu(mean: float, sigma: float, lo: float, hi: float) -> float:
+    # The clipped mean rises monotonically from lo to hi as mu sweeps the real line, so bisection
+    # over a bracket ten sigmas beyond both bounds converges to the unique solution.
+    left, right = math.log(lo) - 10 * sigma, math.log(hi) + 10 * sigma
+    for _ in range(100):
+        mid = 0.5 * (left + right)
+        if _clipped_lognormal_mean(mid, sigma, lo, hi) < mean:
+            left = mid
+        else:
+            right = mid
+    return 0.5 * (left + right)
+
+
+def _sample_lengths(
+    rng: np.random.Generator, n: int, mean: float, sigma: float, lo: int, hi: int
+) -> np.ndarray:
+    mu = _solve_mu(mean, sigma, lo, hi)
+    return np.rint(np.clip(rng.lognormal(mu, sigma, n), lo, hi)).astype(np.int32)
+
+
+def synthetic(
+    name: str, num_requests: int, *, seed: int, rate_per_s: float | None = None
+) -> Workload:
+    """Draws a seeded synthetic workload from one of :data:`DATASETS`.
+
+    Args:
+      name: dataset name: ``sharegpt``, ``wildchat``, ``humaneval`` (online) or ``arxiv-sum``,
+        ``write-doc`` (offline).
+      num_requests: N, number of requests, >= 1.
+      seed: non-negative integer seed for ``numpy.random.default_rng``; the result is a pure
+        function of (name, num_requests, seed, rate_per_s).
+      rate_per_s: mean arrival rate of an open-loop Poisson process in requests per second, > 0;
+        ``None`` puts every request at t = 0 (closed loop / offline batch).
+
+    Returns:
+      A :class:`Workload` of N requests named ``name``: ``arrival_s`` float64 [N] seconds,
+      ``prompt_tokens`` and ``output_tokens`` int32 [N] tokens.
+
+    Raises:
+      UnknownNameError: ``name`` is not a known dataset.
+      ConfigError: ``num_requests``, ``seed`` or ``rate_per_s`` is invalid.
+    """
+    if name not in DATASETS:
+        raise UnknownNameError("workload", name, DATASETS)
+    if isinstance(num_requests, bool) or not isinstance(num_requests, (int, np.integer)):
+        raise ConfigError("num_requests", num_requests, "must be an integer")
+    if num_requests < 1:
+        raise ConfigError("num_requests", num_requests, "must be >= 1")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ConfigError("seed", seed, "must be a non-negative integer")
+    if rate_per_s is not None and not (
+        isinstance(rate_per_s, (int, float, np.number))
+        and math.isfinite(rate_per_s)
+        and rate_per_s > 0
+    ):
+        raise ConfigError("rate_per_s", rate_per_s, "must be a finite number > 0, or None")
+    stats = DATASETS[name]
+    rng = np.random.default_rng(seed)
+    prompt = _sample_lengths(
+        rng,
+        num_requests,
+        stats.prompt_mean,
+        stats.prompt_sigma,
+        stats.prompt_min,
+        stats.prompt_max,
+    )
+    output = _sample_lengths(
+        rng,
+        num_requests,
+        stats.output_mean,
+        stats.output_sigma,
+        stats.output_min,
+        stats.output_max,
+    )
+    if rate_per_s is None:
+        arrival = np.zeros(num_requests, dtype=np.float64)
+    else:
+        arrival = np.cumsum(rng.exponential(1.0 / float(rate_per_s), num_requests))
+    return Workload(arrival, prompt, output, name)
+
+
+_AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
+_PLAIN_COLUMNS = ("arrival_s", "prompt_tokens", "output_tokens")
+_FORMATS = {"Azure": _AZURE_COLUMNS, "plain": _PLAIN_COLUMNS}
+
+# ISO-like timestamps as Azure writes them; the fraction may have any number of digits (Azure
+# writes 7, one more than datetime.fromisoformat takes before Python 3.11) and a UTC offset is
+# optional (the 2024 Azure traces append "+00:00").
+_TIMESTAMP = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})[ T](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?\s*(Z|[+-]\d{2}:?\d{2})?"
+)
+
+
+def default_azure_trace_path() -> pathlib.Path | None:
+    """Locates the Azure conversation trace without copying it into the repository.
+
+    Returns:
+      ``$PAMJAX_TRACE`` as a path when that variable is set (whether or not the file exists),
+      else ``<repo root>/../shared/traces/azure_llm_2023_conv.csv`` when that file exists,
+      else ``None``.
+    """
+    env = os.environ.get(DEFAULT_TRACE_ENV)
+    if env:
+        return pathlib.Path(env)
+    repo_root = pathlib.Path(__file__).resolve().parent.parent
+    candidate = (repo_root / ".." / "shared" / "traces" / "azure_llm_2023_conv.csv").resolve()
+    return candidate if candidate.is_file() else None
+
+
+def load_trace(
+    path: str | os.PathLike, *, max_requests: int | None = None, time_scale: float = 1.0
+) -> Workload:
+    """Loads a request trace, detecting the format from its header.
+
+    Formats (header names match case-insensitively, in any column order; extra columns are
+    ignored, blank lines skipped, a UTF-8 byte-order mark and CRLF line ends accepted):
+
+    * Azure LLM inference trace: ``TIMESTAMP,ContextTokens,GeneratedTokens`` with timestamps such
+      as ``2023-11-16 18:15:46.6805900`` (any number of fractional digits, optional ``Z`` or
+      ``+HH:MM`` offset). Arrival = seconds since the first request, exact to the nanosecond.
+    * Plain: ``arrival_s,prompt_tokens,output_tokens``, arrival in seconds (>= 0) kept as written.
+
+    Rows must be in non-decreasing time order. Token counts must be whole numbers >= 1.
+
+    Args:
+      path: the CSV file.
+      max_requests: read only the first this many data rows (and validate only those);
+        ``None`` reads all.
+      time_scale: factor applied to every arrival time, > 0; 0.5 replays the trace twice as fast.
+
+    Returns:
+      A :class:`Workload` named after the file stem: ``arrival_s`` float64 [N] seconds,
+      ``prompt_tokens`` and ``output_tokens`` int32 [N] tokens.
+
+    Raises:
+      TraceFormatError: the file is missing, unreadable, empty, binary, has a missing or unknown
+        header, a malformed row (with its 1-based line number), or no data rows.
+      ConfigError: ``max_requests`` or ``time_scale`` is invalid.
+    """
+    if max_requests is not None and (
+        isinstance(max_requests, bool)
+        or not isinstance(max_requests, (int, np.integer))
+        or max_requests < 1
+    ):
+        raise ConfigError("max_requests", max_requests, "must be an integer >= 1, or None")
+    if not (
+        isinstance(time_scale, (int, float, np.number))
+        and math.isfinite(time_scale)
+        and time_scale > 0
+    ):
+        raise ConfigError("time_scale", time_scale, "must be a finite number > 0")
+    path = pathlib.Path(path)
+    lines = _read_lines(path)
+    header_index = next((i for i, text in enumerate(lines) if text.strip()), None)
+    if header_index is None:
+        raise TraceFormatError(path, 0, "empty file")
+    fmt, columns = _parse_header(path, header_index + 1, lines[header_index])
+    limit = max_requests if max_requests is not None else len(lines)
+    if fmt == "Azure":
+        times, prompt, output = _parse_azure_rows(path, lines, header_index + 1, columns, limit)
+    else:
+        times, prompt, output = _parse_plain_rows(path, lines, header_index + 1, columns, limit)
+    if not times:
+        raise TraceFormatError(path, 0, "no data rows after the header")
+    arrival = np.asarray(times, dtype=np.float64)
+    if fmt == "Azure":
+        # Integer nanoseconds were made relative in the parser, so float64 keeps full precision.
+        arrival = arrival / 1e9
+    return Workload(
+        arrival * float(time_scale),
+        np.asarray(prompt, dtype=np.int32),
+        np.asarray(output, dtype=np.int32),
+        path.stem,
+    )
+
+
+def _read_lines(path: pathlib.Path) -> list[str]:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise TraceFormatError(path, 0, "file not found") from None
+    except IsADirectoryError:
+        raise TraceFormatError(path, 0, "is a directory, not a trace file") from None
+    except OSError as err:
+        raise TraceFormatError(path, 0, f"cannot read: {err.strerror or err}") from None
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    nul = data.find(b"\x00")
+    if nul >= 0:
+        line = data.count(b"\n", 0, nul) + 1
+        raise TraceFormatError(path, line, "binary content (NUL byte); expected a CSV text file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise TraceFormatError(path, line, "not UTF-8 text; expected a CSV text file") from None
+    # split("\n") rather than splitlines(): the latter also breaks on form feeds and other
+    # separators, which would shift the reported line numbers.
+    return [line.rstrip("\r") for line in text.split("\n")]
+
+
+def _parse_header(path: pathlib.Path, line: int, text: str) -> tuple[str, list[int]]:
+    names = [field.strip().lower() for field in text.split(",")]
+    for name in names:
+        if names.count(name) > 1:
+            raise TraceFormatError(path, line, f"header repeats column {name!r}")
+    matches = {fmt: sum(c.lower() in names for c in cols) for fmt, cols in _FORMATS.items()}
+    fmt = max(matches, key=matches.get)
+    expected = " or ".join(f"{f} ({','.join(c)})" for f, c in _FORMATS.items())
+    if matches[fmt] == 0:
+        first = text.split(",")[0].strip()
+        if _TIMESTAMP.fullmatch(first) or _is_float(first):
+            raise TraceFormatError(path, line, f"no header row; the first line must be {expected}")
+        raise TraceFormatError(path, line, f"unknown header {text.strip()!r}; expected {expected}")
+    missing = [c for c in _FORMATS[fmt] if c.lower() not in names]
+    if missing:
+        raise TraceFormatError(
+            path, line, f"header lacks column(s) {', '.join(missing)} of the {fmt} format"
+        )
+    return fmt, [names.index(c.lower()) for c in _FORMATS[fmt]]
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _split_row(path: pathlib.Path, line: int, text: str, width: int) -> list[str]:
+    fields = text.split(",")
+    if len(fields) < width:
+        raise TraceFormatError(
+            path, line, f"truncated row: {len(fields)} field(s), the header has {width}"
+        )
+    if len(fields) > width:
+        raise TraceFormatError(path, line, f"{len(fields)} fields, the header has only {width}")
+    return fields
+
+
+def _token_count(path: pathlib.Path, line: int, column: str, text: str) -> int:
+    text = text.strip()
+    try:
+        value = int(text)
+    except ValueError:
+        value = _whole_float(path, line, column, text)
+    if value < 1:
+        raise TraceFormatError(path, line, f"{column} must be >= 1 token, got {value}")
+    if value > _INT32_MAX:
+        raise TraceFormatError(path, line, f"{column} {value} exceeds {_INT32_MAX}")
+    return value
+
+
+def _whole_float(path: pathlib.Path, line: int, column: str, text: str) -> int:
+    # Accept "374.0": some exporters write integer columns as floats.
+    try:
+        value = float(text)
+    except ValueError:
+        what = "is empty" if not text else f"{text!r} is not a number"
+        raise TraceFormatError(path, line, f"{column} {what}") from None
+    if not value.is_integer():
+        raise TraceFormatError(path, line, f"{column} {text!r} is not a whole number")
+    return int(value)
+
+
+def _parse_plain_rows(
+    path: pathlib.Path, lines: list[str], start: int, columns: list[int], limit: int
+) -> tuple[list[float], list[int], list[int]]:
+    width = len(lines[start - 1].split(","))
+    i_arrival, i_prompt, i_output = columns
+    times: list[float] = []
+    prompt: list[int] = []
+    output: list[int] = []
+    previous = 0.0
+    for index in range(start, len(lines)):
+        if len(times) >= limit:
+            break
+        text = lines[index]
+        if not text.strip():
+            continue
+        line = index + 1
+        fields = _split_row(path, line, text, width)
+        raw = fields[i_arrival].strip()
+        try:
+            arrival = float(raw)
+        except ValueError:
+            what = "is empty" if not raw else f"{raw!r} is not a number"
+            raise TraceFormatError(path, line, f"arrival_s {what}") from None
+        if not math.isfinite(arrival):
+            raise TraceFormatError(path, line, f"arrival_s {raw!r} is not finite")
+        if arrival < 0:
+            raise TraceFormatError(path, line, f"arrival_s {raw!r} is negative")
+        if arrival < previous:
+            raise TraceFormatError(
+                path, line, f"arrival_s {raw!r} goes back in time (previous row {previous!r})"
+            )
+        previous = arrival
+        times.append(arrival)
+        prompt.append(_token_count(path, line, "prompt_tokens", fields[i_prompt]))
+        output.append(_token_count(path, line, "output_tokens", fields[i_output]))
+    return times, prompt, output
+
+
+def _parse_azure_rows(
+    path: pathlib.Path, lines: list[str], start: int, columns: list[int], limit: int
+) -> tuple[list[int], list[int], list[int]]:
+    width = len(lines[start - 1].split(","))
+    i_time, i_prompt, i_output = columns
+    times: list[int] = []
+    prompt: list[int] = []
+    output: list[int] = []
+    # A trace spans a handful of calendar days, so validating each date once is enough.
+    day_cache: dict[str, int] = {}
+    first_ns = previous_ns = None
+    for index in range(start, len(lines)):
+        if len(times) >= limit:
+            break
+        text = lines[index]
+        if not text.strip():
+            continue
+        line = index + 1
+        fields = _split_row(path, line, text, width)
+        ns = _timestamp_ns(path, line, fields[i_time].strip(), day_cache)
+        if first_ns is None:
+            first_ns = previous_ns = ns
+        if ns < previous_ns:
+            raise TraceFormatError(
+                path, line, f"TIMESTAMP {fields[i_time].strip()!r} goes back in time"
+            )
+        previous_ns = ns
+        times.append(ns - first_ns)
+        prompt.append(_token_count(path, line, "ContextTokens", fields[i_prompt]))
+        output.append(_token_count(path, line, "GeneratedTokens", fields[i_output]))
+    return times, prompt, output
+
+
+def _timestamp_ns(path: pathlib.Path, line: int, text: str, day_cache: dict[str, int]) -> int:
+    """Parses one Azure timestamp into integer nanoseconds since 0001-01-01 UTC.
+
+    ``datetime.strptime``'s ``%f`` takes at most six fractional digits and Azure writes seven;
+    integer arithmetic on the regex groups keeps every digit exactly.
+    """
+    match = _TIMESTAMP.fullmatch(text)
+    if match is None:
+        raise TraceFormatError(
+            path, line, f"TIMESTAMP {text!r} is not a date-time like 2023-11-16 18:15:46.6805900"
+        )
+    year, month, day, hour, minute, second, fraction, zone = match.groups()
+    date_key = text[:10]
+    days = day_cache.get(date_key)
+    if days is None:
+        try:
+            days = datetime.date(int(year), int(month), int(day)).toordinal()
+        except ValueError as err:
+            raise TraceFormatError(path, line, f"TIMESTAMP {text!r}: {err}") from None
+        day_cache[date_key] = days
+    h, m, s = int(hour), int(minute), int(second)
+    if h > 23 or m > 59 or s > 59:
+        raise TraceFormatError(path, line, f"TIMESTAMP {text!r} has an invalid time of day")
+    seconds = days * 86_400 + h * 3_600 + m * 60 + s
+    if zone and zone != "Z":
+        sign = -1 if zone[0] == "-" else 1
+        digits = zone[1:].replace(":", "")
+        seconds -= sign * (int(digits[:2]) * 3_600 + int(digits[2:]) * 60)
+    nanos = int((fraction or "0")[:9].ljust(9, "0"))
+    return seconds * 1_000_000_000 + nanos
+
+
+def save_trace(workload: Workload, path: str | os.PathLike) -> pathlib.Path:
+    """Writes a workload in the plain ``arrival_s,prompt_tokens,output_tokens`` CSV format.
+
+    Arrival times are written with ``repr``, the shortest text that reads back to the same
+    float64, so ``load_trace(save_trace(w, p))`` reproduces ``w`` exactly.
+
+    Args:
+      workload: the requests to write (N rows).
+      path: destination file; its parent directory must exist. An existing file is replaced.
+
+    Returns:
+      The path written, as a :class:`pathlib.Path`.
+    """
+    path = pathlib.Path(path)
+    rows = zip(
+        workload.arrival_s.tolist(),
+        workload.prompt_tokens.tolist(),
+        workload.output_tokens.tolist(),
+        strict=True,
+    )
+    body = "".join(f"{a!r},{p},{o}\n" for a, p, o in rows)
+    path.write_text(",".join(_PLAIN_COLUMNS) + "\n" + body, encoding="utf-8")
+    return path
