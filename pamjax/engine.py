@@ -28,7 +28,7 @@ from pamjax import locality, placement, scheduler
 from pamjax.costs import StepCounts, step_cost
 from pamjax.types import (NEW_TOKEN_HBM_DISPLACE, STATUS_FINISHED, STATUS_REJECTED,
                           STATUS_RUNNING, EngineConfig, EngineState, SimParams, StepMetrics,
-                          Workload)
+                          DeviceWorkload)
 
 NUM_TIERS = 3
 _NO_UNIT = -1
@@ -86,8 +86,8 @@ def _unit_logits(config, params, state_latent, context, generated, recorded):
     return locality.logits(params, state_latent, context, config.page_size)
 
 
-def step(config: EngineConfig, params: SimParams, state: EngineState, workload: Workload,
-         recorded=None):
+def step(config: EngineConfig, params: SimParams, state: EngineState,
+         workload: DeviceWorkload, recorded=None):
     """Advance the serving system by one iteration.
 
     Args:
@@ -137,25 +137,36 @@ def step(config: EngineConfig, params: SimParams, state: EngineState, workload: 
     admit_rank = jnp.clip(jnp.cumsum(admit) - 1, 0, r_slots - 1)
     cand_slot = jnp.where(admit, slot_of_rank[admit_rank], r_slots)  # r_slots = dropped
 
-    # Prompt units of admitted candidates, placed before anything else takes capacity.
+    # Prompt units of admitted candidates, placed before anything else takes capacity. Most
+    # steps admit nobody, so the placement work is skipped then (a select under vmap).
     c_tokens = locality.unit_tokens(jnp.where(admit, c_prompt, 0), page, n_units)
     c_present = c_tokens > 0
-    c_latent = locality.initial_latent(params, state.seed, cand_c[:, None], unit_idx[None, :])
-    c_generated = jnp.ones_like(cand_c)
-    c_logits = _unit_logits(config, params, c_latent, c_prompt, c_generated, recorded)
-    c_mass = locality.attention_mass(c_logits, c_tokens)
-    used_before = tier_units(state.unit_tier)
-    c_tier = placement.initial_tiers(params, c_mass, c_present,
-                                     jnp.maximum(capacity - used_before, 0), target_share(params))
-    c_bg = placement.assign_bank_groups(
-        params, c_tier.ravel(), c_present.ravel(), state.activation,
-        (cand_c[:, None] * n_units + unit_idx[None, :]).ravel()).reshape(c_tier.shape)
+    free_now = jnp.maximum(capacity - tier_units(state.unit_tier), 0)
+
+    def place_prompts(_):
+        latent = locality.initial_latent(params, state.seed, cand_c[:, None], unit_idx[None, :])
+        the_logits = _unit_logits(config, params, latent, c_prompt, jnp.ones_like(cand_c),
+                                  recorded)
+        mass = jnp.where(c_present, locality.attention_mass(the_logits, c_tokens), 0.0)
+        tier = placement.initial_tiers(params, mass, c_present, free_now, target_share(params),
+                                       config.bisection_iters)
+        bank_group = placement.assign_bank_groups(
+            params, tier.ravel(), c_present.ravel(), state.activation,
+            (cand_c[:, None] * n_units + unit_idx[None, :]).ravel()).reshape(tier.shape)
+        return tier, bank_group, latent, mass
+
+    def nothing_to_place(_):
+        shape = (a_window, n_units)
+        return (jnp.full(shape, _NO_UNIT, jnp.int8), jnp.zeros(shape, jnp.int16),
+                jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32))
+
+    c_tier, c_bg, c_latent, c_mass = lax.cond(jnp.any(admit), place_prompts, nothing_to_place,
+                                              None)
 
     unit_tier = state.unit_tier.at[cand_slot].set(c_tier, mode="drop")
     unit_bg = state.unit_bank_group.at[cand_slot].set(c_bg, mode="drop")
     unit_latent = state.unit_latent.at[cand_slot].set(c_latent, mode="drop")
-    unit_importance = state.unit_importance.at[cand_slot].set(
-        jnp.where(c_present, c_mass, 0.0), mode="drop")
+    unit_importance = state.unit_importance.at[cand_slot].set(c_mass, mode="drop")
     slot_request = state.slot_request.at[cand_slot].set(cand, mode="drop")
     slot_generated = state.slot_generated.at[cand_slot].set(1, mode="drop")
     slot_context = state.slot_context.at[cand_slot].set(c_prompt, mode="drop")
@@ -335,8 +346,8 @@ def step(config: EngineConfig, params: SimParams, state: EngineState, workload: 
     return new_state, metrics
 
 
-def rollout(config: EngineConfig, params: SimParams, state: EngineState, workload: Workload,
-            num_steps: int, recorded=None):
+def rollout(config: EngineConfig, params: SimParams, state: EngineState,
+            workload: DeviceWorkload, num_steps: int, recorded=None):
     """Run ``num_steps`` steps with ``lax.scan``; returns (state, StepMetrics stacked [S])."""
 
     def body(carry, _):

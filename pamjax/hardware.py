@@ -369,12 +369,10 @@ class Platform:
         """The same node replicated ``factor`` times: GPUs and every tier's devices."""
         if not isinstance(factor, int) or factor < 1:
             raise ConfigError("scale factor", factor, "must be an integer >= 1")
-        gpu = self.gpu
-        return self.with_overrides({
-            "gpu.num_gpus": gpu.num_gpus * factor,
-            "gpu.tensor_parallel": gpu.tensor_parallel * factor,
-            **{f"{t}.num_devices": getattr(self, t).num_devices * factor for t in TIER_NAMES},
-        })
+        gpu = dataclasses.replace(self.gpu, num_gpus=self.gpu.num_gpus * factor,
+                                  tensor_parallel=self.gpu.tensor_parallel * factor)
+        return dataclasses.replace(self, gpu=gpu).with_overrides(
+            {f"{t}.num_devices": getattr(self, t).num_devices * factor for t in TIER_NAMES})
 
     def with_parallelism(self, tensor_parallel: int, pipeline_parallel: int) -> "Platform":
         """The same hardware with another TP x PP split (GPU count follows)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from pamjax.locality import threshold_bracket, top_count
 from pamjax.types import PLACEMENT_IMPORTANCE_RATIO
 
 NUM_TIERS = 3
@@ -29,11 +30,12 @@ def allocate_in_order(demand, free):
     return jnp.clip(free - before, 0, demand)
 
 
-def prompt_tier_counts(params, demand_hbm, demand_ddr, units, free):
+def prompt_tier_counts(demand_hbm, demand_ddr, units, free):
     """Units of each prompt per tier, honouring shared capacity, fastest tier first.
 
     Each request asks for ``demand_hbm`` HBM and ``demand_ddr`` DDR units of its ``units``;
-    what the HBM cannot grant spills to DDR, what DDR cannot grant spills to SSD.
+    what the HBM cannot grant spills to DDR, what DDR cannot grant spills to SSD. SSD
+    room is not checked here: admission reserved every admitted request's whole KV.
 
     Args:
       demand_hbm, demand_ddr, units: i32 [M]; free: i32 [T] free units per tier.
@@ -47,45 +49,50 @@ def prompt_tier_counts(params, demand_hbm, demand_ddr, units, free):
     return hbm, ddr, units - hbm - ddr
 
 
-def initial_tiers(params, importance, present, free, target_share):
+def initial_tiers(params, importance, present, free, target_share, iters: int):
     """Tier of every prompt unit of the requests being admitted.
 
     Fastest-first (baselines): units in position order fill HBM, then DDR, then SSD.
     Importance ratio (PAM, PAM_SPEC §5): units in decreasing prefill importance go to HBM
     until HBM holds ``target_share[0]`` of the request's importance, then to DDR until it
     holds ``target_share[1]``, the rest to SSD; shortfalls of capacity spill downwards.
-    Disabled tiers have no free units, so everything spills past them.
+    Disabled tiers have no free units, so everything spills past them. Ranking by importance
+    uses bisection (locality.top_count), not a sort.
 
     Args:
       importance: f32 [A, U] prefill attention mass of each unit (rows sum to 1).
       present: bool [A, U] units that exist (prompt units of admitted requests).
       free: i32 [T] free units per tier.
       target_share: f32 [T] desired importance share per tier (sums to 1).
+      iters: bisection iterations.
 
     Returns:
       i8 [A, U] tiers (-1 where not present).
     """
-    num_units = importance.shape[-1]
-    position = jnp.arange(num_units, dtype=jnp.int32)
+    position = jnp.arange(importance.shape[-1], dtype=jnp.int32)[None, :]
     by_importance = params.placement_policy == PLACEMENT_IMPORTANCE_RATIO
-    # Order units within each request: by position, or by decreasing importance.
-    key = jnp.where(by_importance, -importance, position[None, :].astype(jnp.float32))
-    key = jnp.where(present, key, jnp.inf)
-    order = jnp.argsort(key, axis=-1)
-    rank = jnp.zeros_like(order).at[jnp.arange(order.shape[0])[:, None], order].set(
-        position[None, :])
-
     units = present.sum(-1).astype(jnp.int32)
-    sorted_mass = jnp.take_along_axis(jnp.where(present, importance, 0.0), order, axis=-1)
-    mass_before = jnp.cumsum(sorted_mass, axis=-1) - sorted_mass
-    want_hbm = jnp.sum((mass_before < target_share[0]) & (position < units[:, None]), -1)
-    want_fast = jnp.sum(
-        (mass_before < target_share[0] + target_share[1]) & (position < units[:, None]), -1)
-    demand_hbm = jnp.where(by_importance, want_hbm, units).astype(jnp.int32)
-    demand_ddr = jnp.where(by_importance, want_fast - want_hbm, units).astype(jnp.int32)
+    mass = jnp.where(present, importance, 0.0)
 
-    hbm, ddr, _ = prompt_tier_counts(params, demand_hbm, demand_ddr, units, free)
-    tier = jnp.where(rank < hbm[:, None], 0, jnp.where(rank < (hbm + ddr)[:, None], 1, 2))
+    # Units needed, most important first, to cover each tier's importance share.
+    def units_to_cover(share):
+        lo, _ = threshold_bracket(mass, mass, share * mass.sum(-1), iters)
+        covering = present & (mass >= lo[:, None])
+        # A share of 0 needs no unit; a positive share needs at least one.
+        return jnp.where(share > 0, jnp.maximum(covering.sum(-1), 1), 0).astype(jnp.int32)
+
+    want_hbm = jnp.minimum(units_to_cover(target_share[0]), units)
+    want_fast = jnp.maximum(jnp.minimum(units_to_cover(target_share[0] + target_share[1]),
+                                        units), want_hbm)
+    demand_hbm = jnp.where(by_importance, want_hbm, units)
+    demand_ddr = jnp.where(by_importance, want_fast - want_hbm, units)
+    hbm, ddr, _ = prompt_tier_counts(demand_hbm, demand_ddr, units, free)
+
+    in_hbm = jnp.where(by_importance, top_count(mass, present, hbm, iters),
+                       position < hbm[:, None])
+    in_fast = jnp.where(by_importance, top_count(mass, present, hbm + ddr, iters),
+                        position < (hbm + ddr)[:, None])
+    tier = jnp.where(in_hbm, 0, jnp.where(in_fast, 1, 2))
     return jnp.where(present, tier, -1).astype(jnp.int8)
 
 

@@ -17,7 +17,8 @@ import numpy as np
 from pamjax import engine, metrics as metrics_lib
 from pamjax.errors import ConfigError
 from pamjax.locality import AccessModel, recorded_unit_logits
-from pamjax.types import STATUS_FINISHED, STATUS_REJECTED, EngineConfig, SimParams, Workload
+from pamjax.types import (STATUS_FINISHED, STATUS_REJECTED, DeviceWorkload, EngineConfig,
+                          SimParams)
 from pamjax.workload import Workload as HostWorkload
 
 MAX_TRACKED_UNITS = 1 << 21
@@ -57,8 +58,8 @@ def make_config(workload: HostWorkload, num_slots: int, *, page_size: int | None
                         **overrides)
 
 
-def device_workload(workload: HostWorkload) -> Workload:
-    return Workload(arrival_s=jnp.asarray(workload.arrival_s, jnp.float32),
+def device_workload(workload: HostWorkload) -> DeviceWorkload:
+    return DeviceWorkload(arrival_s=jnp.asarray(workload.arrival_s, jnp.float32),
                     prompt_tokens=jnp.asarray(workload.prompt_tokens, jnp.int32),
                     output_tokens=jnp.asarray(workload.output_tokens, jnp.int32))
 

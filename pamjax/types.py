@@ -60,7 +60,7 @@ class EngineConfig:
     window: int = 10
     max_swaps: int = 16
     admit_window: int = 64
-    bisection_iters: int = 24
+    bisection_iters: int = 20
     recorded_steps: int = 0
 
     def __post_init__(self):
@@ -160,7 +160,7 @@ class SimParams:
 
 
 @struct.dataclass
-class Workload:
+class DeviceWorkload:
     """Device-side request arrays (sorted by arrival), each [N].
 
     Fields: arrival_s f32 (s), prompt_tokens i32, output_tokens i32.

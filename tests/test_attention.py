@@ -39,7 +39,7 @@ from pamjax.errors import ConfigError
 TOLERANCE = {"float32": (2e-6, 2e-6), "bfloat16": (1e-5, 2.0**-8), "float16": (1e-5, 2.0**-11)}
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
 PROPERTY = settings(max_examples=30, deadline=None, database=None)
-SHAPES = settings(max_examples=15, deadline=None, database=None)
+SHAPES = settings(max_examples=10, deadline=None, database=None)
 pam_jit = jax.jit(pam_attention, static_argnames=("num_tiers", "blocks_per_tier", "mesh"))
 flash_jit = jax.jit(flash_decoding_attention, static_argnames=("num_splits",))
 local_per_mask = jax.jit(jax.vmap(local_attention, in_axes=(None, None, None, 0)))
@@ -116,8 +116,9 @@ def check_exact(q, k, v, tier, valid, *, num_tiers, blocks_per_tier=4, num_split
 # --------------------------------------------------------------------------- exactness
 
 
-@pytest.mark.parametrize("group", [1, 4, 8])
-@pytest.mark.parametrize("num_tiers", [1, 2, 3, 4])
+@pytest.mark.parametrize(
+    ("group", "num_tiers"), [(1, 1), (1, 4), (4, 1), (4, 2), (4, 4), (8, 3), (8, 4)]
+)
 def test_pam_attention_exact_mha_and_gqa(group, num_tiers):
     q, k, v, tier, valid = make_case(10 * group + num_tiers, group=group, num_tiers=num_tiers)
     check_exact(q, k, v, tier, valid, num_tiers=num_tiers)
@@ -146,7 +147,7 @@ def test_pam_attention_exact_random_shapes(seed, b, n, hkv, group, d, num_tiers,
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
-@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("group", [1, 8])
 def test_reduced_precision_inputs(dtype, group):
     q, k, v, tier, valid = make_case(7 + group, b=3, n=96, hkv=1, group=group, d=32,
                                      num_tiers=4, dtype=dtype)

@@ -1,0 +1,39 @@
+"""pamjax: a JAX-vectorised whole-system simulator of PAM (Processing Across Memory).
+
+The serving system is a pure function ``engine.step(config, params, state, workload)`` over
+fixed-shape arrays; time is ``lax.scan``; experiment axes are ``vmap`` over ``SimParams``.
+"""
+
+from pamjax.attention import (Partial, empty_partial, finalize, flash_decoding_attention,
+                              local_attention, merge_partials, pam_attention)
+from pamjax.engine import init_state, rollout, rollout_batch, rollout_jit, step
+from pamjax.errors import (CapacityError, ConfigError, PamjaxError, TraceFormatError,
+                           UnknownNameError)
+from pamjax.hardware import PLATFORMS, TIER_NAMES, Platform, Tier, get_platform
+from pamjax.locality import AccessModel, load_recorded_scores
+from pamjax.models import MODELS, Model, get_model
+from pamjax.simulation import SimResult, make_config, run, simulate
+from pamjax.systems import MAIN_SYSTEMS, SYSTEMS, Knobs, System, get_system, make_params
+from pamjax.types import EngineConfig, EngineState, SimParams, StepMetrics
+from pamjax.workload import DATASETS, Workload, load_trace, save_trace, synthetic
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # PAMattention numerics
+    "Partial", "local_attention", "merge_partials", "finalize", "empty_partial",
+    "pam_attention", "flash_decoding_attention",
+    # Hardware, models, systems
+    "Platform", "Tier", "PLATFORMS", "TIER_NAMES", "get_platform",
+    "Model", "MODELS", "get_model",
+    "System", "SYSTEMS", "MAIN_SYSTEMS", "Knobs", "get_system", "make_params",
+    # Workloads and the access model
+    "Workload", "DATASETS", "synthetic", "load_trace", "save_trace",
+    "AccessModel", "load_recorded_scores",
+    # Engine
+    "EngineConfig", "EngineState", "SimParams", "StepMetrics",
+    "init_state", "step", "rollout", "rollout_jit", "rollout_batch",
+    "SimResult", "make_config", "run", "simulate",
+    # Errors
+    "PamjaxError", "ConfigError", "UnknownNameError", "TraceFormatError", "CapacityError",
+]

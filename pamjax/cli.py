@@ -1,0 +1,248 @@
+"""The ``pamjax`` command line.
+
+Every command prints a compact table; errors in the input are one line on stderr and a
+non-zero exit status (2), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+from pamjax.errors import PamjaxError
+
+EXAMPLES = {
+    "simulate": "pamjax simulate --system pam --model llama3-70b --workload sharegpt "
+                "--batch 64 --max-requests 128 --json out/pam.json",
+    "presets": "pamjax presets",
+    "attention-demo": "pamjax attention-demo --tiers 3 --tokens 4096",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line (no usage dump)."""
+
+    def error(self, message):
+        print(f"pamjax: error: {message} (see: {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+    """Fixed-width text table of ``rows`` (dicts) over ``columns``."""
+    def cell(v):
+        if isinstance(v, float):
+            return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
+        return str(v)
+
+    body = [[cell(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(b[i]) for b in body)) if body else len(c)
+              for i, c in enumerate(columns)]
+    line = "  ".join(c.rjust(w) for c, w in zip(columns, widths))
+    out = [line, "  ".join("-" * w for w in widths)]
+    out += ["  ".join(v.rjust(w) for v, w in zip(b, widths)) for b in body]
+    return "\n".join(out)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{value} must be a finite number > 0")
+    return value
+
+
+def _load_workload(args):
+    from pamjax import workload as wl
+
+    if args.trace:
+        loaded = wl.load_trace(args.trace, max_requests=args.max_requests)
+        if args.rate:
+            raise PamjaxError("--rate applies to synthetic workloads; a trace has its own "
+                              "arrival times")
+        return loaded
+    return wl.synthetic(args.workload, args.max_requests or 256, seed=args.seed,
+                        rate_per_s=args.rate)
+
+
+def cmd_simulate(args) -> int:
+    from pamjax.simulation import simulate
+
+    workload = _load_workload(args)
+    result = simulate(args.system, args.model, workload, max_batch=args.batch,
+                      page_size=args.page_size, seed=args.seed, progress=args.progress)
+    s = result.summary
+    row = {
+        "system": args.system, "requests": f"{s['requests_finished']}/{s['requests_total']}",
+        "tok/s": s["throughput_tokens_per_s"], "TTFT p50 ms": s["ttft_ms"]["p50"],
+        "TPOT p50 ms": s["tpot_ms"]["p50"], "TPOT p99 ms": s["tpot_ms"]["p99"],
+        "J/token": s["energy_j_per_token"],
+        "HBM/DDR/SSD tokens": "/".join(f"{s['tier_token_share'][t]:.2f}"
+                                       for t in ("hbm", "ddr", "ssd")),
+    }
+    columns = list(row)
+    if args.slo_ms:
+        s["slo_ms"] = args.slo_ms
+        s["slo_met"] = bool(s["tpot_ms"]["p99"] <= args.slo_ms)
+        row["SLO met"] = "yes" if s["slo_met"] else "no"
+        columns.append("SLO met")
+    print(f"{args.model} on {workload.name}: {workload.num_requests} requests, "
+          f"batch <= {args.batch}, {s['decode_steps']} decode steps, "
+          f"{s['simulated_seconds']:.2f} simulated s, {s['wall_seconds']:.1f} wall s")
+    print(format_table([row], columns))
+    if s["requests_rejected"]:
+        print(f"{s['requests_rejected']} request(s) rejected: their KV can never fit the "
+              f"system's tiers")
+    if s["overflow"]:
+        print("warning: a request outgrew its slot (overflow flag); results are incomplete")
+    if args.json:
+        s.update(system=args.system, model=args.model, workload=workload.name,
+                 batch=args.batch, seed=args.seed)
+        _write_json(args.json, s)
+    return 0
+
+
+def cmd_presets(args) -> int:
+    from pamjax.hardware import get_platform
+    from pamjax.models import MODELS
+    from pamjax.systems import SYSTEMS
+    from pamjax.workload import DATASETS
+
+    platform = get_platform()
+    print("tiers (platform pam-dgx-h100):")
+    print(format_table([{
+        "tier": t.name, "devices": t.num_devices, "capacity GB": t.capacity_gb,
+        "PIM GB/s per device": t.device_effective_gbps, "PIM GB/s tier": t.effective_gbps,
+        "bank groups/device": t.bank_group_units, "link GB/s": t.link_total_gbps,
+    } for t in platform.tiers], ["tier", "devices", "capacity GB", "PIM GB/s per device",
+                                 "PIM GB/s tier", "bank groups/device", "link GB/s"]))
+    print("\nmodels:")
+    print(format_table([{
+        "model": m.name, "layers": m.layers, "heads q/kv": f"{m.q_heads}/{m.kv_heads}",
+        "params B": m.params / 1e9, "KV KiB/token": m.kv_bytes_per_token / 1024,
+    } for m in MODELS.values()], ["model", "layers", "heads q/kv", "params B",
+                                  "KV KiB/token"]))
+    print("\nsystems:")
+    print(format_table([{
+        "system": s.name, "attention": "PIM" if s.attention_on_pim else "GPU",
+        "sparse": s.sparse, "tiers": "+".join(s.tiers), "swaps/step": s.swap_budget,
+        "PAMattention": s.use_pamattention, "greedy mapping": s.greedy_mapping,
+    } for s in SYSTEMS.values()], ["system", "attention", "sparse", "tiers", "swaps/step",
+                                   "PAMattention", "greedy mapping"]))
+    print("\nworkloads:")
+    print(format_table([{
+        "workload": d.name, "mode": d.mode, "prompt mean": d.prompt_mean,
+        "output mean": d.output_mean,
+    } for d in DATASETS.values()], ["workload", "mode", "prompt mean", "output mean"]))
+    return 0
+
+
+def cmd_attention_demo(args) -> int:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from pamjax.attention import pam_attention
+
+    key = jax.random.PRNGKey(args.seed)
+    kq, kk, kv, kt = jax.random.split(key, 4)
+    b, hq, hkv, d, n = 2, 8, 2, 128, args.tokens
+    q = jax.random.normal(kq, (b, hq, d))
+    k = jax.random.normal(kk, (b, n, hkv, d))
+    v = jax.random.normal(kv, (b, n, hkv, d))
+    tier = jax.random.randint(kt, (b, n), 0, args.tiers)
+    out = jax.jit(pam_attention, static_argnames="num_tiers")(q, k, v, tier,
+                                                               num_tiers=args.tiers)
+    ref = jax.nn.dot_product_attention(q[:, None], k, v)[:, 0]
+    err = float(jnp.max(jnp.abs(out - ref)))
+    counts = np.bincount(np.asarray(tier).ravel(), minlength=args.tiers)
+    print(format_table([{"tier": i, "tokens": int(c)} for i, c in enumerate(counts)],
+                       ["tier", "tokens"]))
+    print(f"PAMattention over {args.tiers} tiers vs jax.nn.dot_product_attention: "
+          f"max |error| = {err:.2e}")
+    return 0
+
+
+def _write_json(path, payload) -> None:
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    print(f"wrote {path}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pamjax.models import MODELS
+    from pamjax.systems import SYSTEMS
+    from pamjax.workload import DATASETS
+
+    parser = _Parser(prog="pamjax", description="JAX simulator of PAM (Processing Across "
+                     "Memory) LLM serving and its baselines.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def add(name, help_text, func):
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           epilog=f"example: {EXAMPLES[name]}")
+        p.set_defaults(func=func)
+        return p
+
+    p = add("simulate", "simulate one system on one model and workload", cmd_simulate)
+    p.add_argument("--system", required=True, choices=sorted(SYSTEMS), metavar="S",
+                   help=f"one of: {', '.join(SYSTEMS)}")
+    p.add_argument("--model", default="llama3-70b", choices=sorted(MODELS), metavar="M",
+                   help=f"one of: {', '.join(MODELS)} (default llama3-70b)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--workload", default="sharegpt", choices=sorted(DATASETS),
+                        metavar="W", help=f"synthetic dataset: {', '.join(DATASETS)}")
+    source.add_argument("--trace", metavar="PATH",
+                        help="Azure (TIMESTAMP,ContextTokens,GeneratedTokens) or plain "
+                             "(arrival_s,prompt_tokens,output_tokens) CSV")
+    p.add_argument("--batch", type=_positive_int, default=64,
+                   help="largest number of concurrent requests (default 64)")
+    p.add_argument("--rate", type=_positive_float,
+                   help="Poisson arrivals per second (default: all at t=0, offline)")
+    p.add_argument("--slo-ms", type=_positive_float, help="TPOT p99 SLO to check, ms")
+    p.add_argument("--max-requests", type=_positive_int,
+                   help="requests to simulate (synthetic default 256; trace default all)")
+    p.add_argument("--page-size", type=_positive_int,
+                   help="tokens per KV unit (default: 1 unless the run is very large)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="PATH", help="write the summary as JSON")
+    p.add_argument("--progress", action="store_true", help="show progress on stderr")
+
+    add("presets", "list hardware tiers, models, systems and workloads", cmd_presets)
+
+    p = add("attention-demo", "PAMattention over tiers vs exact attention", cmd_attention_demo)
+    p.add_argument("--tiers", type=_positive_int, default=3)
+    p.add_argument("--tokens", type=_positive_int, default=4096)
+    p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except PamjaxError as exc:
+        print(f"pamjax: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pamjax: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
