@@ -40,7 +40,6 @@ token axis into contiguous chunks that ignores tier boundaries.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -185,9 +184,9 @@ def finalize(partial: Partial) -> jax.Array:
     Returns:
       float32 ``[..., Hq, D]``; rows that attended no token (``l = 0``) give 0, not NaN.
     """
-    l = partial.l[..., None]
-    nonempty = l > 0
-    return jnp.where(nonempty, partial.o / jnp.where(nonempty, l, 1.0), 0.0)
+    total = partial.l[..., None]
+    nonempty = total > 0
+    return jnp.where(nonempty, partial.o / jnp.where(nonempty, total, 1.0), 0.0)
 
 
 def pam_attention(
@@ -253,6 +252,12 @@ def pam_attention(
         raise ConfigError("tier.shape", tier.shape, f"expected [B, N] = {valid.shape}")
     if not jnp.issubdtype(tier.dtype, jnp.integer):
         raise ConfigError("tier.dtype", tier.dtype, "expected an integer dtype")
+    if mesh is not None:
+        size = mesh.shape[mesh.axis_names[0]]
+        if num_tiers % size:
+            raise ConfigError(
+                "num_tiers", num_tiers, f"not divisible by the mesh's first axis size {size}"
+            )
     block = _bank_group(tier, num_tiers, blocks_per_tier)
     # [T, B, N]: tier-major so that the tier axis is the one a mesh shards.
     attended = (tier == jnp.arange(num_tiers)[:, None, None]) & valid
@@ -261,11 +266,6 @@ def pam_attention(
         merged = merge_partials(tier_partials(q, k, v, attended, block), axis=0)
     else:
         axis_name = mesh.axis_names[0]
-        size = mesh.shape[axis_name]
-        if num_tiers % size:
-            raise ConfigError(
-                "num_tiers", num_tiers, f"not divisible by mesh axis {axis_name!r} of size {size}"
-            )
 
         def per_device(q, k, v, attended, block):
             local = merge_partials(tier_partials(q, k, v, attended, block), axis=0)

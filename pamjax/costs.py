@@ -75,9 +75,10 @@ class StepCounts:
 
 @struct.dataclass
 class StepCost:
-    """Step time (s), per-tier attention time (s, [T]) and energy (pJ, [C])."""
+    """Step time (s), attention time (s), per-tier attention time (s, [T]), energy (pJ, [C])."""
 
     time_s: jnp.ndarray
+    attention_s: jnp.ndarray
     tier_attention_s: jnp.ndarray
     energy_pj: jnp.ndarray
 
@@ -182,4 +183,4 @@ def step_cost(params: SimParams, counts: StepCounts) -> StepCost:
     migration_pj = bits * jnp.sum(moved_bytes * pair_pj)
     energy = jnp.stack([gpu_compute, gpu_memory, pim_attention, reduction, transfer,
                         migration_pj])
-    return StepCost(time_s=time, tier_attention_s=tier_time, energy_pj=energy)
+    return StepCost(time_s=time, attention_s=attention, tier_attention_s=tier_time, energy_pj=energy)

@@ -244,10 +244,13 @@ def step(config: EngineConfig, params: SimParams, state: EngineState,
     segment = tier_i * groups + unit_bg.astype(jnp.int32)
     bg_tokens = jax.ops.segment_sum(sel_tokens.ravel(), segment.ravel(),
                                     num_segments=NUM_TIERS * groups).reshape(NUM_TIERS, groups)
-    request_bg = jnp.zeros((r_slots, NUM_TIERS * groups), bool).at[rows[:, None], segment].max(
-        selected)
-    active_bg = request_bg.reshape(r_slots, NUM_TIERS, groups).sum((0, 2))
-    tier_requests = request_bg.reshape(r_slots, NUM_TIERS, groups).any(-1).sum(0)
+    # Partials a request's attention produces per device: one per bank group holding its
+    # attended units, i.e. min(attended units, bank groups) -- exact under the greedy
+    # round-robin mapping, an upper bound under sequential fill (PAM_SPEC §4 ablation).
+    row_tier_selected = jnp.stack(
+        [jnp.sum(selected & (tier_i == t), axis=-1) for t in range(NUM_TIERS)], axis=-1)
+    active_bg = jnp.minimum(row_tier_selected, params.bank_groups.astype(jnp.int32)).sum(0)
+    tier_requests = jnp.sum(row_tier_selected > 0, axis=0)
     sel_units_bg = jax.ops.segment_sum(selected.ravel().astype(jnp.int32), segment.ravel(),
                                        num_segments=NUM_TIERS * groups)
     activation = state.activation.at[state.step % config.window].set(
@@ -333,6 +336,7 @@ def step(config: EngineConfig, params: SimParams, state: EngineState,
         prefill_requests=jnp.sum(admit).astype(jnp.int32),
         output_tokens=(jnp.sum(decoding) + jnp.sum(admit)).astype(jnp.int32),
         tier_units=tier_units(new_state.unit_tier),
+        attention_s=jnp.where(busy, cost.attention_s, 0.0),
         tier_attention_s=jnp.where(busy, cost.tier_attention_s, 0.0),
         selected_units=jnp.sum(selected).astype(jnp.int32),
         persisted_units=persisted.astype(jnp.int32),

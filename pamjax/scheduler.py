@@ -20,6 +20,8 @@ token count (PAM_SPEC [D]) cancels in both ratios and is omitted.
 
 from __future__ import annotations
 
+import functools
+
 import jax.numpy as jnp
 from jax import lax
 
@@ -28,10 +30,33 @@ _ABSENT = -3.0e38  # top_k key for units that are not candidates
 
 def _swap_phase(importance, tier, bank_group, present, fast, slow, budget, max_swaps,
                 keeps_going):
-    """One phase: returns updated (tier, bank_group) and the swaps made per request [R]."""
+    """One phase: returns updated (tier, bank_group) and the swaps made per request [R].
+
+    ``lax.top_k`` dominates the cost of a step, so the phase is skipped (``lax.cond``) when
+    no request would make its first swap; under ``vmap`` the cond becomes a select and the
+    phase always runs.
+    """
+    on_fast = present & (tier == fast)
+    on_slow = present & (tier == slow)
+    least_fast = jnp.min(jnp.where(on_fast, importance, jnp.inf), axis=-1, keepdims=True)
+    most_slow = jnp.max(jnp.where(on_slow, importance, -jnp.inf), axis=-1, keepdims=True)
+    first_swap = (most_slow > least_fast) & keeps_going(jnp.zeros_like(least_fast)) \
+        & (budget > 0)
+    swap = functools.partial(_swap_candidates, fast=fast, slow=slow, max_swaps=max_swaps,
+                             keeps_going=keeps_going)
+    return lax.cond(jnp.any(first_swap), swap, _no_swap, importance, tier, bank_group,
+                    on_fast, on_slow, budget)
+
+
+def _no_swap(importance, tier, bank_group, on_fast, on_slow, budget):
+    return tier, bank_group, jnp.zeros(tier.shape[0], jnp.int32)
+
+
+def _swap_candidates(importance, tier, bank_group, on_fast, on_slow, budget, *, fast, slow,
+                     max_swaps, keeps_going):
     rows = jnp.arange(tier.shape[0])[:, None]
-    fast_key = jnp.where(present & (tier == fast), -importance, _ABSENT)
-    slow_key = jnp.where(present & (tier == slow), importance, _ABSENT)
+    fast_key = jnp.where(on_fast, -importance, _ABSENT)
+    slow_key = jnp.where(on_slow, importance, _ABSENT)
     fast_val, fast_idx = lax.top_k(fast_key, max_swaps)  # least important fast units
     slow_val, slow_idx = lax.top_k(slow_key, max_swaps)  # most important slow units
     pair_exists = (fast_val > _ABSENT / 2) & (slow_val > _ABSENT / 2)
@@ -51,14 +76,13 @@ def _swap_phase(importance, tier, bank_group, present, fast, slow, budget, max_s
     # A moved unit takes its partner's bank-group slot, so bank-group occupancy is unchanged.
     bank_group = bank_group.at[rows, fast_col].set(slow_bg, mode="drop")
     bank_group = bank_group.at[rows, slow_col].set(fast_bg, mode="drop")
-    return tier, bank_group, do.sum(-1)
+    return tier, bank_group, do.sum(-1).astype(jnp.int32)
 
 
 def tier_importance(importance, tier, present):
     """IS per request and tier, f32 [R, T]."""
-    tiers = jnp.arange(3, dtype=tier.dtype)
-    on = present[..., None] & (tier[..., None] == tiers)
-    return jnp.sum(jnp.where(on, importance[..., None], 0.0), axis=1)
+    return jnp.stack([jnp.sum(jnp.where(present & (tier == t), importance, 0.0), axis=-1)
+                      for t in range(3)], axis=-1)
 
 
 def schedule(params, importance, tier, bank_group, present, max_swaps: int):
@@ -89,3 +113,63 @@ def schedule(params, importance, tier, bank_group, present, max_swaps: int):
         importance, tier, bank_group, present, 0, 1, budget, max_swaps,
         lambda g: y * (hbm + g) < x * (ddr - g))
     return tier, bank_group, ds, hd
+
+
+def calibrate_targets(tier_rates, access, *, context: int = 1024, label_fraction: float,
+                      seed: int = 0, grid: int = 256, max_ratio: float = 1e6):
+    """PAM's offline x:y:1 target chosen so that expected attention time per tier is equal.
+
+    PAM_SPEC §5 [D] asks for x, y that equalise the expected attention time of the tiers.
+    A tier's time is (selected KV bytes + selection-label bytes of every token it holds)
+    / its effective PIM rate, so throughput-proportional importance shares alone do not
+    equalise it: label reads scale with the token *count* a tier holds. This draws one
+    request of ``context`` tokens from the access model (importance = attention mass),
+    ranks its tokens by importance, assumes the selector attends the top
+    ``select_fraction``, and searches the split (HBM gets the top ``a`` tokens, DDR the next
+    ``b``, SSD the rest) that minimises the largest tier time; x and y are the importance
+    ratios of that split. Capacity is ignored here: when a tier is full, placement spills
+    downwards at run time.
+
+    Args:
+      tier_rates: effective PIM bytes/s per tier [T].
+      access: AccessModel.
+      context: tokens of the calibration request.
+      label_fraction: label bytes per KV byte read for every held token (costs.py).
+      grid: candidate split points per tier (resolution of the search).
+      max_ratio: cap on x and y when the best split leaves the SSD no importance.
+
+    Returns:
+      (x, y) floats.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    pos = np.arange(context)
+    age = context - 1 - pos
+    logit = access.sigma * rng.standard_normal(context) \
+        + access.sink_bonus * (pos < access.sink_tokens) \
+        + access.recency_bonus * np.exp(-age / access.recency_tokens)
+    mass = np.exp(logit - logit.max())
+    mass = np.sort(mass / mass.sum())[::-1]
+    cum = np.concatenate([[0.0], np.cumsum(mass)])
+    selected = max(1, int(np.ceil(access.select_fraction * context)))
+    cuts = np.unique(np.linspace(0, context, grid + 1).round().astype(int))
+    a, b = np.meshgrid(cuts, cuts, indexing="ij")
+    valid = a + b <= context
+    c = np.clip(context - a - b, 0, None)
+    sel_h = np.minimum(a, selected)
+    sel_d = np.clip(selected - a, 0, b)
+    sel_s = selected - sel_h - sel_d
+    rates = np.asarray(tier_rates, np.float64)
+    times = np.stack([(sel_h + label_fraction * a) / rates[0],
+                      (sel_d + label_fraction * b) / rates[1],
+                      (sel_s + label_fraction * c) / rates[2]])
+    worst = np.where(valid, times.max(0), np.inf)
+    i, j = np.unravel_index(np.argmin(worst), worst.shape)
+    best_a, best_b = int(a[i, j]), int(b[i, j])
+    is_h = cum[best_a]
+    is_d = cum[best_a + best_b] - is_h
+    is_s = 1.0 - is_h - is_d
+    if is_s <= is_h / max_ratio:
+        return max_ratio, max_ratio * is_d / max(is_h, 1e-30)
+    return float(is_h / is_s), float(is_d / is_s)

@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax.numpy as jnp
 import numpy as np
@@ -29,6 +30,8 @@ from pamjax.errors import CapacityError, ConfigError, UnknownNameError
 from pamjax.hardware import Platform, get_platform
 from pamjax.locality import AccessModel
 from pamjax.models import Model, get_model
+from pamjax.costs import LABEL_FRACTION_OF_KV
+from pamjax.scheduler import calibrate_targets
 from pamjax.types import (NEW_TOKEN_FASTEST_FREE, NEW_TOKEN_HBM_DISPLACE,
                           PLACEMENT_FASTEST_FIRST, PLACEMENT_IMPORTANCE_RATIO, SimParams)
 
@@ -103,14 +106,53 @@ class Knobs:
     Fields:
       naive_run_tokens: consecutive tokens sharing a bank group under sequential fill.
       migration_overlap: fraction of a step's attention time that can hide migration.
-      target_x, target_y: PAM's x:y:1 target; None = effective PIM throughput ratios of the
-        tiers (equal expected attention time per tier, PAM_SPEC §5 [D]).
+      target_x, target_y: PAM's x:y:1 target; None = derived by ``target_rule``.
+      target_rule: ``"equal-time"`` (default): the split that equalises expected attention
+        time per tier, selection-label reads included (scheduler.calibrate_targets, the
+        intent of PAM_SPEC §5 [D]); ``"throughput"``: x, y = ratios of the tiers' effective
+        PIM throughput (the literal reading, which ignores label reads).
+      calibration_context: tokens of the request used by the equal-time calibration.
     """
 
     naive_run_tokens: int = 64
     migration_overlap: float = 0.9
     target_x: float | None = None
     target_y: float | None = None
+    target_rule: str = "equal-time"
+    calibration_context: int = 1024
+
+    def __post_init__(self):
+        if self.target_rule not in TARGET_RULES:
+            raise UnknownNameError("target rule", self.target_rule, TARGET_RULES)
+        if self.naive_run_tokens < 1:
+            raise ConfigError("knobs.naive_run_tokens", self.naive_run_tokens, "must be >= 1")
+        if not 0 <= self.migration_overlap <= 1:
+            raise ConfigError("knobs.migration_overlap", self.migration_overlap,
+                              "must be in [0, 1]")
+        for field in ("target_x", "target_y"):
+            value = getattr(self, field)
+            if value is not None and not (np.isfinite(value) and value > 0):
+                raise ConfigError(f"knobs.{field}", value, "must be a finite number > 0")
+
+
+TARGET_RULES = ("equal-time", "throughput")
+
+
+@functools.lru_cache(maxsize=64)
+def _equal_time_targets(rates: tuple, access: AccessModel, context: int):
+    return calibrate_targets(rates, access, context=context,
+                             label_fraction=LABEL_FRACTION_OF_KV)
+
+
+def pam_targets(platform: Platform, access: AccessModel, knobs: Knobs) -> tuple[float, float]:
+    """PAM's (x, y) for a platform: explicit knobs, else the knobs' target rule."""
+    eff = tuple(t.effective_gbps * 1e9 for t in platform.tiers)
+    if knobs.target_rule == "throughput":
+        x, y = eff[0] / eff[2], eff[1] / eff[2]
+    else:
+        x, y = _equal_time_targets(eff, access, knobs.calibration_context)
+    return (knobs.target_x if knobs.target_x is not None else x,
+            knobs.target_y if knobs.target_y is not None else y)
 
 
 def hbm_kv_bytes(platform: Platform, model: Model) -> float:
@@ -166,9 +208,7 @@ def make_params(system: System | str, model: Model | str = "llama3-70b",
     energy = platform.energy
     unit_bytes = model.kv_bytes_per_token * page_size
     capacity = np.minimum(tier_kv_capacity_bytes(platform, model) // unit_bytes, 2**31 - 1)
-    eff = np.array([t.effective_gbps for t in tiers]) * 1e9
-    target_x = knobs.target_x if knobs.target_x is not None else eff[0] / eff[2]
-    target_y = knobs.target_y if knobs.target_y is not None else eff[1] / eff[2]
+    target_x, target_y = pam_targets(platform, access, knobs)
     f32 = lambda v: jnp.asarray(v, jnp.float32)  # noqa: E731
     i32 = lambda v: jnp.asarray(v, jnp.int32)  # noqa: E731
     return SimParams(

@@ -58,7 +58,7 @@ class EngineConfig:
     num_requests: int = 1
     bank_groups: int = 256
     window: int = 10
-    max_swaps: int = 16
+    max_swaps: int = 8
     admit_window: int = 64
     bisection_iters: int = 20
     recorded_steps: int = 0
@@ -222,6 +222,8 @@ class StepMetrics:
     prefill_requests i32 []: requests admitted and prefilled this step.
     output_tokens i32 []: tokens produced (decode + first tokens from prefill).
     tier_units i32 [T]: KV units held per tier after the step.
+    attention_s f32 []: attention time on the step's critical path (tiers in parallel for
+      PIM attention; fetch then compute for GPU attention).
     tier_attention_s f32 [T]: attention time per tier this step.
     selected_units i32 [], persisted_units i32 [], previously_selected_units i32 []: units
       attended this step, those of them also attended at the previous step, and the units
@@ -240,6 +242,7 @@ class StepMetrics:
     prefill_requests: jnp.ndarray
     output_tokens: jnp.ndarray
     tier_units: jnp.ndarray
+    attention_s: jnp.ndarray
     tier_attention_s: jnp.ndarray
     selected_units: jnp.ndarray
     persisted_units: jnp.ndarray

@@ -83,8 +83,19 @@ def assert_close(out, ref, dtype):
     np.testing.assert_allclose(out, ref, atol=atol, rtol=rtol)
 
 
-def make_case(seed, *, b=2, n=64, hkv=2, group=4, d=16, num_tiers=3, density=0.7,
-              tiers=None, dtype=jnp.float32):
+def make_case(
+    seed,
+    *,
+    b=2,
+    n=64,
+    hkv=2,
+    group=4,
+    d=16,
+    num_tiers=3,
+    density=0.7,
+    tiers=None,
+    dtype=jnp.float32,
+):
     """Random q, k, v (rounded to ``dtype``), tier and valid arrays."""
     rng = np.random.default_rng(seed)
     q = jnp.asarray(rng.normal(size=(b, hkv * group, d)), dtype)
@@ -99,8 +110,7 @@ def check_exact(q, k, v, tier, valid, *, num_tiers, blocks_per_tier=4, num_split
     """pam_attention and flash_decoding_attention against both references."""
     dtype = q.dtype
     ref = reference_attention(q, k, v, valid)
-    pam = pam_jit(q, k, v, tier, num_tiers=num_tiers, valid=valid,
-                  blocks_per_tier=blocks_per_tier)
+    pam = pam_jit(q, k, v, tier, num_tiers=num_tiers, valid=valid, blocks_per_tier=blocks_per_tier)
     flash = flash_jit(q, k, v, valid, num_splits=num_splits)
     assert pam.dtype == q.dtype and pam.shape == q.shape
     assert flash.dtype == q.dtype and flash.shape == q.shape
@@ -137,20 +147,31 @@ def test_pam_attention_exact_mha_and_gqa(group, num_tiers):
     num_splits=st.integers(1, 9),
     density=st.sampled_from([1.0, 0.5, 0.05]),
 )
-def test_pam_attention_exact_random_shapes(seed, b, n, hkv, group, d, num_tiers,
-                                           blocks_per_tier, num_splits, density):
+def test_pam_attention_exact_random_shapes(
+    seed, b, n, hkv, group, d, num_tiers, blocks_per_tier, num_splits, density
+):
     tiers = np.random.default_rng(seed).choice(num_tiers, size=num_tiers, replace=True)
-    q, k, v, tier, valid = make_case(seed, b=b, n=n, hkv=hkv, group=group, d=d,
-                                     num_tiers=num_tiers, density=density, tiers=tiers)
-    check_exact(q, k, v, tier, valid, num_tiers=num_tiers, blocks_per_tier=blocks_per_tier,
-                num_splits=num_splits)
+    q, k, v, tier, valid = make_case(
+        seed, b=b, n=n, hkv=hkv, group=group, d=d, num_tiers=num_tiers, density=density, tiers=tiers
+    )
+    check_exact(
+        q,
+        k,
+        v,
+        tier,
+        valid,
+        num_tiers=num_tiers,
+        blocks_per_tier=blocks_per_tier,
+        num_splits=num_splits,
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
 @pytest.mark.parametrize("group", [1, 8])
 def test_reduced_precision_inputs(dtype, group):
-    q, k, v, tier, valid = make_case(7 + group, b=3, n=96, hkv=1, group=group, d=32,
-                                     num_tiers=4, dtype=dtype)
+    q, k, v, tier, valid = make_case(
+        7 + group, b=3, n=96, hkv=1, group=group, d=32, num_tiers=4, dtype=dtype
+    )
     check_exact(q, k, v, tier, valid, num_tiers=4)
 
 
@@ -191,15 +212,26 @@ def large_logit_case(dtype):
     v = rng.normal(size=(b, n, hkv, d))
     valid = rng.random((b, n)) < 0.8
     tier = rng.integers(0, 3, size=(b, n))
-    return (jnp.asarray(q, dtype), jnp.asarray(k, dtype), jnp.asarray(v, dtype),
-            jnp.asarray(tier, jnp.int32), jnp.asarray(valid))
+    return (
+        jnp.asarray(q, dtype),
+        jnp.asarray(k, dtype),
+        jnp.asarray(v, dtype),
+        jnp.asarray(tier, jnp.int32),
+        jnp.asarray(valid),
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
 def test_large_logits_do_not_overflow(dtype):
     q, k, v, tier, valid = large_logit_case(dtype)
-    logits = np.einsum("bhd,bnhd->bhn", np.asarray(q, np.float64),
-                       np.repeat(np.asarray(k, np.float64), 4, axis=2)) / 4
+    logits = (
+        np.einsum(
+            "bhd,bnhd->bhn",
+            np.asarray(q, np.float64),
+            np.repeat(np.asarray(k, np.float64), 4, axis=2),
+        )
+        / 4
+    )
     assert np.abs(logits).min() > 1e4  # exp() of these overflows/underflows in float32
     check_exact(q, k, v, tier, valid, num_tiers=3)
 
@@ -227,8 +259,17 @@ def measure_worst_error(seeds=range(8)):
     for dtype in DTYPES:
         errors = np.zeros(3)
         for seed in seeds:
-            q, k, v, tier, valid = make_case(seed, b=4, n=200, hkv=2, group=1 + 3 * (seed % 2),
-                                             d=64, num_tiers=3, density=0.6, dtype=dtype)
+            q, k, v, tier, valid = make_case(
+                seed,
+                b=4,
+                n=200,
+                hkv=2,
+                group=1 + 3 * (seed % 2),
+                d=64,
+                num_tiers=3,
+                density=0.6,
+                dtype=dtype,
+            )
             ref = reference_attention(q, k, v, valid)
             outs = (
                 pam_jit(q, k, v, tier, num_tiers=3, valid=valid),
@@ -292,9 +333,10 @@ def test_local_attention_matches_reference():
 
 def test_local_attention_under_vmap():
     q, k, v, _, valid = make_case(1, b=3, n=20, num_tiers=1, density=0.5)
-    batched = jax.vmap(local_attention)(q, k, v, valid)
+    batched = jax.jit(jax.vmap(local_attention))(q, k, v, valid)
+    single_jit = jax.jit(local_attention)
     for i in range(3):
-        single = local_attention(q[i], k[i], v[i], valid[i])
+        single = single_jit(q[i], k[i], v[i], valid[i])
         assert_same_partial(take(batched, i), single)
 
 
@@ -311,8 +353,7 @@ def test_empty_block_is_identity(n):
 
 
 @PROPERTY
-@given(seed=st.integers(0, 2**31 - 1), parts=st.integers(1, 6),
-       scale=st.sampled_from([1.0, 30.0]))
+@given(seed=st.integers(0, 2**31 - 1), parts=st.integers(1, 6), scale=st.sampled_from([1.0, 30.0]))
 def test_merge_of_any_split_equals_attention_over_union(seed, parts, scale):
     stacked, (q, k, v, valid) = random_partials(seed, parts, scale=scale)
     merged = merge(stacked, axis=0)
@@ -342,8 +383,7 @@ def test_merge_is_associative(seed, scale):
 def test_merge_is_commutative(seed, parts, data):
     stacked, _ = random_partials(seed, parts, empty_prob=0.4)
     order = data.draw(st.permutations(range(parts)))
-    assert_same_partial(merge(take(stacked, np.asarray(order)), 0),
-                        merge(stacked, 0))
+    assert_same_partial(merge(take(stacked, np.asarray(order)), 0), merge(stacked, 0))
 
 
 @PROPERTY
@@ -353,8 +393,9 @@ def test_identity_element(seed, parts, data):
     where = data.draw(st.integers(0, parts))
     extra = data.draw(st.integers(1, 3))
     identity = empty_partial(4, 8, (extra,))
-    padded = jax.tree.map(lambda x, e: jnp.concatenate([x[:where], e, x[where:]]),
-                          stacked, identity)
+    padded = jax.tree.map(
+        lambda x, e: jnp.concatenate([x[:where], e, x[where:]]), stacked, identity
+    )
     merged, expected = merge(padded, 0), merge(stacked, 0)
     for field in ("o", "m", "l"):  # identities contribute exactly nothing
         np.testing.assert_array_equal(getattr(merged, field), getattr(expected, field))
@@ -399,8 +440,7 @@ def test_pam_attention_compiles_once():
 
     for seed in (0, 1):
         q, k, v, tier, valid = make_case(seed, num_tiers=3)
-        assert_close(attend(q, k, v, tier, valid), reference_attention(q, k, v, valid),
-                     jnp.float32)
+        assert_close(attend(q, k, v, tier, valid), reference_attention(q, k, v, valid), jnp.float32)
 
 
 def test_flash_decoding_compiles_once():
@@ -421,7 +461,8 @@ BAD_CALLS = {
     "num_tiers zero": lambda q, k, v, t, ok: pam_attention(q, k, v, t, num_tiers=0),
     "num_tiers float": lambda q, k, v, t, ok: pam_attention(q, k, v, t, num_tiers=2.0),
     "blocks_per_tier": lambda q, k, v, t, ok: pam_attention(
-        q, k, v, t, num_tiers=3, blocks_per_tier=0),
+        q, k, v, t, num_tiers=3, blocks_per_tier=0
+    ),
     "hq not multiple of hkv": lambda q, k, v, t, ok: pam_attention(q[:, :3], k, v, t, num_tiers=3),
     "v shape": lambda q, k, v, t, ok: pam_attention(q, k, v[:, :7], t, num_tiers=3),
     "batch": lambda q, k, v, t, ok: pam_attention(q[:1], k, v, t, num_tiers=3),

@@ -30,13 +30,18 @@ def test_sharded_over_four_host_devices_equals_unsharded():
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, str(SCRIPT)],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["devices"] == 4
     assert result["config_error"], "num_tiers=3 on a 2-device mesh must raise ConfigError"
-    assert len(result["cases"]) == 4
+    assert len(result["cases"]) == 3
     for case in result["cases"]:
         assert case["max_abs_diff"] <= 1e-6, case
         assert case["finite"] and case["empty_row_zero"] and case["uses_collectives"], case
@@ -49,6 +54,7 @@ def test_single_device_mesh_equals_unsharded():
     v = rng.normal(size=(2, 30, 2, 8)).astype(np.float32)
     tier = rng.integers(0, 2, size=(2, 30)).astype(np.int32)
     mesh = Mesh(np.array(jax.devices()[:1]), ("tiers",))
-    sharded = pam_attention(q, k, v, tier, num_tiers=2, mesh=mesh)
-    unsharded = pam_attention(q, k, v, tier, num_tiers=2)
+    attend = jax.jit(pam_attention, static_argnames=("num_tiers", "mesh"))
+    sharded = attend(q, k, v, tier, num_tiers=2, mesh=mesh)
+    unsharded = attend(q, k, v, tier, num_tiers=2)
     np.testing.assert_allclose(sharded, unsharded, atol=1e-6, rtol=1e-6)

@@ -1,0 +1,651 @@
+"""A plain numpy/Python reference of the serving step, written for reading, not for speed.
+
+This module computes what :func:`pamjax.engine.step` computes, with explicit loops over
+request slots and KV units instead of masks, scatters and cumulative sums, so that it doubles
+as readable documentation of the simulated serving model and as an independent check of the
+vectorised engine (``tests/test_engine_reference.py`` runs both side by side).
+
+The model, one step at a time (PAM_SPEC §3 and §5):
+
+1. **Admission (FCFS, prefill priority).** Requests are taken in arrival order, at most
+   ``admit_window`` per step, while they have arrived. A request whose whole KV (prompt plus
+   output minus one token, in units of ``page_size`` tokens) can never fit, because it exceeds
+   the capacity of all enabled tiers together or the units of one slot, is rejected. The
+   others are admitted while a slot is free under ``max_batch`` and their whole KV fits the
+   capacity left after the reservations of the running requests (reserving at admission means
+   a running request never runs out of room); the first request that cannot be admitted stops
+   the walk. An admitted request takes the lowest free slot, its prompt is prefilled (which
+   produces its first token) and its prompt units are placed.
+2. **Prompt placement.** Fastest-first (baselines): units in position order fill the free
+   space of HBM, then DDR, and the rest goes to SSD. Importance ratio (PAM): units in
+   decreasing prefill attention mass go to HBM until HBM holds the ``x / (x + y + 1)`` share
+   of the request's mass, then to DDR until HBM and DDR hold ``(x + y) / (x + y + 1)``, the
+   rest to SSD; what HBM cannot take goes to DDR and what DDR cannot take goes to SSD.
+   Requests are placed one after the other in FCFS order, each seeing what the earlier ones
+   left free.
+3. **Decode: the new KV token.** Each request that was running at the start of the step
+   decodes one token. When the token opens a new unit, that unit is placed, in slot order:
+   fastest-first puts it on the fastest tier with free room; PAM puts it on HBM and, when HBM
+   is full, demotes the request's least important HBM unit to DDR (or SSD when DDR is full).
+4. **Bank-group mapping.** Every unit placed in this step gets a bank group of its device:
+   greedily (PAM), the units of a tier, in the order they are placed, go round-robin over the
+   tier's bank groups sorted by their selected-unit count over the last ``window`` decode
+   steps; sequentially (ablation, baselines), ``naive_run_units`` consecutive units of a
+   request share a bank group regardless of activity. The units of the admitted prompts are
+   mapped as one batch and the decode units (new units, then demoted ones) as a second batch.
+5. **Access model.** Every unit of a decoding request has a latent log-importance that drifts
+   by one AR(1) step per decode step (a unit created in this step keeps its fresh draw); its
+   logit adds the sink and recency bonuses (:mod:`pamjax.locality`); its attention mass is the
+   softmax of the logits over the request, a unit of n tokens counting n times. The selector
+   attends units in decreasing logit until ``select_fraction`` of the request's tokens are
+   covered (all units when attention is dense). PAM's importance factor is the EMA
+   ``I = lambda * mass + (1 - lambda) * I``.
+6. **Attention load.** Selected tokens are counted per (tier, bank group) on the placement
+   *before* this step's scheduling; these counts are also this step's activation row.
+7. **Online scheduling (PAM).** Per decoding request, with IS_t the sum of the importance
+   factors of the request's units on tier t and x* = IS_HBM / IS_SSD, y* = IS_DDR / IS_SSD:
+   phase 1 swaps the least important DDR unit with the most important SSD unit while
+   x* + y* < x + y; phase 2 swaps the least important HBM unit with the most important DDR
+   unit while x* / y* < x / y. A phase stops as soon as the slower tier's candidate is not
+   more important than the faster tier's, or after ``min(swap_budget, max_swaps)`` swaps. A
+   swapped unit takes its partner's bank group.
+8. **Time, energy, clock.** The step's counts (decode requests and contexts, tokens and
+   selected tokens per tier, the busiest bank group of each tier, bank groups and requests
+   with selected tokens, prefill tokens, and the tokens that ended the step on another tier
+   than they started it on) go through :func:`pamjax.costs.step_cost`. The selection labels
+   are read where the tokens sit when they are selected, i.e. before scheduling. A step that
+   neither decodes nor admits takes no time and moves the clock to the arrival of the oldest
+   request that was waiting when the step began.
+9. **Completion.** A request that has produced all its output tokens is finished; its slot and
+   its KV are freed. First-token and finish times are the clock at the end of the step.
+
+Units are ``page_size`` consecutive tokens (page_size 1 is token granularity). Importance and
+attention mass are kept in float64; the access model's latents and logits are the float32
+values that the :mod:`pamjax.locality` functions produce, since those functions are the
+definition of the synthetic access model. Recorded attention scores are not supported here.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+
+import jax
+import numpy as np
+
+from pamjax import locality
+from pamjax.costs import StepCounts, step_cost
+from pamjax.errors import ConfigError
+from pamjax.types import (NEW_TOKEN_HBM_DISPLACE, PLACEMENT_IMPORTANCE_RATIO, STATUS_FINISHED,
+                          STATUS_REJECTED, STATUS_RUNNING, STATUS_WAITING, EngineConfig,
+                          SimParams)
+
+NUM_TIERS = 3
+HBM, DDR, SSD = 0, 1, 2
+NO_UNIT = -1
+
+
+@dataclasses.dataclass
+class RefState:
+    """The reference system between two steps (numpy mirror of ``EngineState``).
+
+    Fields:
+      slot_request: int [R], workload index of the request in each slot (-1 = free).
+      slot_generated: int [R], output tokens produced so far.
+      slot_context: int [R], tokens in the slot's KV cache.
+      unit_tier: int [R, U], tier of each KV unit (-1 = no unit).
+      unit_bank_group: int [R, U], bank group of each unit inside its device.
+      unit_latent: float32 [R, U], access-model latent log-importance (0 where no unit).
+      unit_importance: float64 [R, U], PAM importance factor I (0 where no unit).
+      unit_selected: bool [R, U], attended at the previous step.
+      activation: int [W, T, G], selected units per bank group over the last W decode steps
+        (row ``step % W`` holds step ``step``).
+      clock_s: float, simulated time, s.
+      step: int, steps taken.
+      next_request: int, FCFS pointer: requests before it were admitted or rejected.
+      req_status: int [N], STATUS_* of each request.
+      req_first_token_s: float64 [N], time of the first token, s (NaN until then).
+      req_finish_s: float64 [N], time of the last token, s (NaN until then).
+      seed: int, access-model seed.
+    """
+
+    slot_request: np.ndarray
+    slot_generated: np.ndarray
+    slot_context: np.ndarray
+    unit_tier: np.ndarray
+    unit_bank_group: np.ndarray
+    unit_latent: np.ndarray
+    unit_importance: np.ndarray
+    unit_selected: np.ndarray
+    activation: np.ndarray
+    clock_s: float
+    step: int
+    next_request: int
+    req_status: np.ndarray
+    req_first_token_s: np.ndarray
+    req_finish_s: np.ndarray
+    seed: int
+
+
+@dataclasses.dataclass
+class RefMetrics:
+    """What one reference step reports; fields as in :class:`pamjax.types.StepMetrics`.
+
+    Fields:
+      step_time_s, idle_s: float, s.
+      decode_requests, prefill_requests, output_tokens: int.
+      tier_units: int [T], units per tier after the step.
+      tier_attention_s: float [T], attention time per tier, s.
+      selected_units, persisted_units, previously_selected_units: int.
+      selected_mass: float, attention mass covered by the selections, summed over requests.
+      migrated_units, migrated_from_ssd: int.
+      energy_pj: float [C], energy per component (types.ENERGY_COMPONENTS), pJ.
+      rejected: int.
+    """
+
+    step_time_s: float
+    idle_s: float
+    decode_requests: int
+    prefill_requests: int
+    output_tokens: int
+    tier_units: np.ndarray
+    tier_attention_s: np.ndarray
+    selected_units: int
+    persisted_units: int
+    previously_selected_units: int
+    selected_mass: float
+    migrated_units: int
+    migrated_from_ssd: int
+    energy_pj: np.ndarray
+    rejected: int
+
+
+def reference_init(config: EngineConfig, seed: int = 0) -> RefState:
+    """An empty system at time 0: every slot free, every request waiting.
+
+    Args:
+      config: static sizes (the same EngineConfig the engine uses).
+      seed: access-model seed.
+
+    Returns:
+      RefState.
+    """
+    r, u, n = config.num_slots, config.units_per_slot, config.num_requests
+    return RefState(
+        slot_request=np.full(r, -1, np.int64),
+        slot_generated=np.zeros(r, np.int64),
+        slot_context=np.zeros(r, np.int64),
+        unit_tier=np.full((r, u), NO_UNIT, np.int64),
+        unit_bank_group=np.zeros((r, u), np.int64),
+        unit_latent=np.zeros((r, u), np.float32),
+        unit_importance=np.zeros((r, u), np.float64),
+        unit_selected=np.zeros((r, u), bool),
+        activation=np.zeros((config.window, NUM_TIERS, config.bank_groups), np.int64),
+        clock_s=0.0,
+        step=0,
+        next_request=0,
+        req_status=np.full(n, STATUS_WAITING, np.int64),
+        req_first_token_s=np.full(n, np.nan),
+        req_finish_s=np.full(n, np.nan),
+        seed=int(seed),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers
+# ---------------------------------------------------------------------------------------------
+
+def units_for(tokens: int, page_size: int) -> int:
+    """KV units that hold ``tokens`` tokens."""
+    return -(-tokens // page_size)
+
+
+def tokens_per_unit(context: int, page_size: int, num_units: int) -> np.ndarray:
+    """Tokens in each unit of a request whose KV holds ``context`` tokens, int [U]."""
+    tokens = np.zeros(num_units, np.int64)
+    for u in range(num_units):
+        tokens[u] = min(page_size, max(context - u * page_size, 0))
+    return tokens
+
+
+def count_units_per_tier(unit_tier: np.ndarray) -> list[int]:
+    """Units held on each tier, over the whole tier table."""
+    counts = [0] * NUM_TIERS
+    for tier in unit_tier.ravel():
+        if tier != NO_UNIT:
+            counts[tier] += 1
+    return counts
+
+
+def _row_logits(p: SimParams, latent_row: np.ndarray, context: int, page_size: int):
+    """Attention logits of one request's units (locality.logits on a single row)."""
+    return np.asarray(locality.logits(p, latent_row[None, :], np.array([context]),
+                                      page_size))[0]
+
+
+def _row_mass(logits_row: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """Attention mass of one request's units, float64 [U] (locality.attention_mass)."""
+    mass = locality.attention_mass(logits_row[None, :], tokens[None, :])
+    return np.asarray(mass, np.float64)[0]
+
+
+def _select(logits_row: np.ndarray, tokens: np.ndarray, select_fraction: float) -> np.ndarray:
+    """The selector: units in decreasing logit until the token target is covered.
+
+    The target is ``max(ceil(select_fraction * context), 1)`` tokens; dense attention
+    (``select_fraction >= 1``) attends every unit.
+    """
+    present = [u for u in range(len(tokens)) if tokens[u] > 0]
+    chosen = np.zeros(len(tokens), bool)
+    if select_fraction >= 1.0:
+        chosen[present] = True
+        return chosen
+    target = max(math.ceil(select_fraction * int(tokens.sum())), 1)
+    covered = 0
+    for u in sorted(present, key=lambda u: -logits_row[u]):
+        if covered >= target:
+            break
+        chosen[u] = True
+        covered += tokens[u]
+    return chosen
+
+
+def _map_bank_groups(p: SimParams, placements: list[tuple[int, int]],
+                     activation: np.ndarray) -> list[int]:
+    """Bank groups for a batch of units placed together.
+
+    Args:
+      p: parameters (``bank_groups`` per tier, ``greedy_mapping``, ``naive_run_units``).
+      placements: (tier, sequence index = request id * U + unit index) of each unit, in
+        placement order.
+      activation: int [W, T, G] activation history at the start of the step.
+
+    Returns:
+      The bank group of each unit.
+    """
+    groups = [int(p.bank_groups[t]) for t in range(NUM_TIERS)]
+    if bool(p.greedy_mapping):
+        # Least-activated first (lowest index among equals), then round-robin.
+        order = []
+        for t in range(NUM_TIERS):
+            load = [int(activation[:, t, g].sum()) for g in range(groups[t])]
+            order.append(sorted(range(groups[t]), key=lambda g: (load[g], g)))
+        placed = [0] * NUM_TIERS
+        result = []
+        for tier, _ in placements:
+            result.append(order[tier][placed[tier] % groups[tier]])
+            placed[tier] += 1
+        return result
+    run = max(int(p.naive_run_units), 1)
+    return [(sequence // run) % groups[tier] for tier, sequence in placements]
+
+
+def _tier_importance(importance_row, tier_row, present) -> list[float]:
+    """IS per tier of one request: sum of the importance factors of its units there."""
+    sums = [0.0] * NUM_TIERS
+    for u in range(len(tier_row)):
+        if present[u]:
+            sums[tier_row[u]] += importance_row[u]
+    return sums
+
+
+def _swap_phase(importance_row, tier_row, bank_group_row, present, fast: int, slow: int,
+                budget: int, wants_more) -> int:
+    """One phase of PAM's online scheduling on one request, in place; returns the swaps made.
+
+    While ``wants_more(IS)`` holds and the budget is not exhausted, swap the least important
+    unit of the fast tier with the most important unit of the slow tier, provided the slow
+    one is strictly more important (lowest unit index among equal importances).
+    """
+    swaps = 0
+    while swaps < budget and wants_more(_tier_importance(importance_row, tier_row, present)):
+        fast_units = [u for u in range(len(tier_row)) if present[u] and tier_row[u] == fast]
+        slow_units = [u for u in range(len(tier_row)) if present[u] and tier_row[u] == slow]
+        if not fast_units or not slow_units:
+            break
+        f = min(fast_units, key=lambda u: (importance_row[u], u))
+        s = min(slow_units, key=lambda u: (-importance_row[u], u))
+        if not importance_row[s] > importance_row[f]:
+            break
+        tier_row[f], tier_row[s] = slow, fast
+        bank_group_row[f], bank_group_row[s] = bank_group_row[s], bank_group_row[f]
+        swaps += 1
+    return swaps
+
+
+def _schedule_request(p: SimParams, config: EngineConfig, importance_row, tier_row,
+                      bank_group_row, present) -> None:
+    """PAM's two swap phases on one decoding request (PAM_SPEC §5), in place."""
+    x, y = float(p.target_x), float(p.target_y)
+    budget = min(int(p.swap_budget), config.max_swaps)
+
+    def phase1(share):  # x* + y* < x + y; with no SSD importance x* is infinite
+        hbm, ddr, ssd = share
+        return ssd > 0 and (hbm / ssd + ddr / ssd) < x + y
+
+    def phase2(share):  # x* / y* = IS_HBM / IS_DDR < x / y; infinite with no DDR importance
+        hbm, ddr, _ = share
+        return ddr > 0 and hbm / ddr < x / y
+
+    _swap_phase(importance_row, tier_row, bank_group_row, present, DDR, SSD, budget, phase1)
+    _swap_phase(importance_row, tier_row, bank_group_row, present, HBM, DDR, budget, phase2)
+
+
+def _prompt_tiers(p: SimParams, mass: np.ndarray, num_units: int, free: list[int]) -> list[int]:
+    """Tiers of one prompt's units (step 2 of the module docstring); updates ``free``."""
+    if int(p.placement_policy) == PLACEMENT_IMPORTANCE_RATIO:
+        order = sorted(range(num_units), key=lambda u: (-mass[u], u))
+        x, y = float(p.target_x), float(p.target_y)
+        share_hbm, share_fast = x / (x + y + 1.0), (x + y) / (x + y + 1.0)
+        want_hbm = want_fast = 0
+        mass_before = 0.0
+        for u in order:
+            want_hbm += mass_before < share_hbm
+            want_fast += mass_before < share_fast
+            mass_before += mass[u]
+        want_ssd = num_units - want_fast
+    else:
+        order = list(range(num_units))
+        want_hbm, want_ssd = num_units, 0
+    on_hbm = min(want_hbm, free[HBM])
+    on_ddr = min(num_units - on_hbm - want_ssd, free[DDR])
+    free[HBM] -= on_hbm
+    free[DDR] -= on_ddr
+    tiers = [SSD] * num_units
+    for rank, u in enumerate(order):
+        if rank < on_hbm:
+            tiers[u] = HBM
+        elif rank < on_hbm + on_ddr:
+            tiers[u] = DDR
+    return tiers
+
+
+def _numpy_params(params: SimParams) -> SimParams:
+    return jax.tree.map(np.asarray, params)
+
+
+# ---------------------------------------------------------------------------------------------
+# The step
+# ---------------------------------------------------------------------------------------------
+
+def reference_step(config: EngineConfig, params: SimParams, state: RefState, workload):
+    """Advance the reference system by one step (see the module docstring for the model).
+
+    Args:
+      config: static sizes (recorded scores are not supported: ``recorded_steps`` must be 0).
+      params: numeric parameters of one configuration (not batched).
+      state: RefState before the step (not modified).
+      workload: anything with ``arrival_s``, ``prompt_tokens`` and ``output_tokens`` arrays
+        of length ``config.num_requests`` (a host or a device Workload).
+
+    Returns:
+      (RefState after the step, RefMetrics of the step).
+
+    Raises:
+      ConfigError: ``config.recorded_steps`` is not 0.
+    """
+    if config.recorded_steps:
+        raise ConfigError("engine.recorded_steps", config.recorded_steps,
+                          "the reference implements the synthetic access model only")
+    p = _numpy_params(params)
+    s = copy.deepcopy(state)
+    num_slots, num_units, page = config.num_slots, config.units_per_slot, config.page_size
+    arrival = np.asarray(workload.arrival_s, np.float64)
+    prompt = np.asarray(workload.prompt_tokens, np.int64)
+    output = np.asarray(workload.output_tokens, np.int64)
+    num_requests = len(arrival)
+    capacity = [int(p.capacity_units[t]) if bool(p.tier_enabled[t]) else 0
+                for t in range(NUM_TIERS)]
+    now = s.clock_s
+
+    def kv_units_needed(i):  # the whole KV of request i: prompt + all but the last output
+        return units_for(int(prompt[i] + output[i] - 1), page)
+
+    running = [r for r in range(num_slots) if s.slot_request[r] >= 0]
+
+    # ------------------------------------------------------------ 1. admission (FCFS)
+    reserved = sum(kv_units_needed(s.slot_request[r]) for r in running)
+    room = min(int(p.max_batch), num_slots) - len(running)
+    admitted, rejected = [], []
+    admitted_units = 0
+    for i in range(s.next_request, min(s.next_request + config.admit_window, num_requests)):
+        if arrival[i] > now:
+            break
+        need = kv_units_needed(i)
+        if need > sum(capacity) or need > num_units:
+            rejected.append(i)
+            continue
+        if reserved + admitted_units + need > sum(capacity) or len(admitted) >= room:
+            break
+        admitted.append(i)
+        admitted_units += need
+    taken = len(admitted) + len(rejected)
+    free_slots = [r for r in range(num_slots) if s.slot_request[r] < 0]
+    admitted_slots = list(zip(admitted, free_slots))
+
+    # ------------------------------------------------------------ 2. prompt placement
+    free = [max(capacity[t] - n, 0) for t, n in enumerate(count_units_per_tier(s.unit_tier))]
+    prefill_tier_tokens = np.zeros(NUM_TIERS)
+    prefill_tokens = prefill_pairs = 0.0
+    prompt_placements = []  # (slot, unit, tier, sequence index) in placement order
+    for i, slot in admitted_slots:
+        n_prompt = int(prompt[i])
+        tokens = tokens_per_unit(n_prompt, page, num_units)
+        n_prompt_units = units_for(n_prompt, page)
+        latent = np.asarray(locality.initial_latent(p, s.seed, i, np.arange(num_units)),
+                            np.float32)
+        mass = _row_mass(_row_logits(p, latent, n_prompt, page), tokens)
+        tiers = _prompt_tiers(p, mass, n_prompt_units, free)
+        for u in range(n_prompt_units):
+            s.unit_tier[slot, u] = tiers[u]
+            s.unit_latent[slot, u] = latent[u]
+            s.unit_importance[slot, u] = mass[u]
+            prefill_tier_tokens[tiers[u]] += tokens[u]
+            prompt_placements.append((slot, u, tiers[u], i * num_units + u))
+        s.slot_request[slot] = i
+        s.slot_generated[slot] = 1  # prefill produces the first token
+        s.slot_context[slot] = n_prompt
+        s.req_status[i] = STATUS_RUNNING
+        prefill_tokens += n_prompt
+        prefill_pairs += n_prompt * (n_prompt + 1) / 2.0
+    bank_groups = _map_bank_groups(p, [(t, q) for _, _, t, q in prompt_placements],
+                                   s.activation)
+    for (slot, u, _, _), group in zip(prompt_placements, bank_groups):
+        s.unit_bank_group[slot, u] = group
+
+    # ------------------------------------------------------------ 3. decode: the new token
+    decoding = running  # requests admitted in this step decode from the next step on
+    tier_before = s.unit_tier.copy()
+    free = [max(capacity[t] - n, 0) for t, n in enumerate(count_units_per_tier(s.unit_tier))]
+    opened = {}  # slot -> index of the unit opened in this step
+    new_units, demoted = [], []  # (slot, unit, tier, sequence index)
+    for r in decoding:
+        s.slot_context[r] += 1
+        context = int(s.slot_context[r])
+        if (context - 1) % page:
+            continue  # the token joins the request's last unit
+        u = (context - 1) // page
+        i = int(s.slot_request[r])
+        opened[r] = u
+        if int(p.new_token_policy) == NEW_TOKEN_HBM_DISPLACE:
+            tier = HBM
+            if free[HBM] > 0:
+                free[HBM] -= 1
+            else:
+                lower = DDR if free[DDR] > 0 else SSD
+                if lower == DDR:
+                    free[DDR] -= 1
+                on_hbm = [c for c in range(num_units) if s.unit_tier[r, c] == HBM]
+                if on_hbm:
+                    victim = min(on_hbm, key=lambda c: (s.unit_importance[r, c], c))
+                    s.unit_tier[r, victim] = lower
+                    demoted.append((r, victim, lower, i * num_units + victim))
+                else:
+                    tier = lower
+        else:
+            tier = next((t for t in (HBM, DDR) if free[t] > 0), SSD)
+            if tier != SSD:
+                free[tier] -= 1
+        s.unit_tier[r, u] = tier
+        s.unit_latent[r, u] = np.float32(locality.initial_latent(p, s.seed, i, u))
+        new_units.append((r, u, tier, i * num_units + u))
+
+    # ------------------------------------------------------------ 4. decode bank groups
+    decode_placements = new_units + demoted
+    bank_groups = _map_bank_groups(p, [(t, q) for _, _, t, q in decode_placements],
+                                   s.activation)
+    for (r, u, _, _), group in zip(decode_placements, bank_groups):
+        s.unit_bank_group[r, u] = group
+
+    # ------------------------------------------------------------ 5. access model
+    lam = float(p.ema_lambda)
+    tokens = np.zeros((num_slots, num_units), np.int64)
+    selected = np.zeros((num_slots, num_units), bool)
+    selected_mass = 0.0
+    for r in decoding:
+        i = int(s.slot_request[r])
+        context = int(s.slot_context[r])
+        tokens[r] = tokens_per_unit(context, page, num_units)
+        evolved = np.asarray(locality.evolve_latent(
+            p, s.unit_latent[r], s.seed, i, np.arange(num_units), s.step), np.float32)
+        for u in range(num_units):
+            if tokens[r, u] > 0 and opened.get(r) != u:
+                s.unit_latent[r, u] = evolved[u]
+        logits_row = _row_logits(p, s.unit_latent[r], context, page)
+        mass = _row_mass(logits_row, tokens[r])
+        selected[r] = _select(logits_row, tokens[r], float(p.select_fraction))
+        for u in range(num_units):
+            if tokens[r, u] > 0:
+                s.unit_importance[r, u] = lam * mass[u] + (1.0 - lam) * s.unit_importance[r, u]
+                if selected[r, u]:
+                    selected_mass += mass[u]
+
+    # ------------------------------------------------------------ 6. attention load
+    groups = config.bank_groups
+    bg_tokens = np.zeros((NUM_TIERS, groups), np.int64)
+    bg_units = np.zeros((NUM_TIERS, groups), np.int64)
+    tier_tokens = np.zeros(NUM_TIERS)
+    tier_requests = np.zeros(NUM_TIERS)
+    active_bank_groups = np.zeros(NUM_TIERS)
+    for r in decoding:
+        touched = set()
+        for u in range(num_units):
+            if tokens[r, u] == 0:
+                continue
+            tier, group = s.unit_tier[r, u], s.unit_bank_group[r, u]
+            tier_tokens[tier] += tokens[r, u]
+            if selected[r, u]:
+                bg_tokens[tier, group] += tokens[r, u]
+                bg_units[tier, group] += 1
+                touched.add((tier, group))
+        for t in range(NUM_TIERS):
+            on_t = sum(1 for tier, _ in touched if tier == t)
+            active_bank_groups[t] += on_t
+            tier_requests[t] += on_t > 0
+    s.activation[s.step % config.window] = bg_units
+
+    # ------------------------------------------------------------ 7. online scheduling
+    for r in decoding:
+        _schedule_request(p, config, s.unit_importance[r], s.unit_tier[r],
+                          s.unit_bank_group[r], tokens[r] > 0)
+
+    migrated_tokens = np.zeros((NUM_TIERS, NUM_TIERS))
+    migrated_units = migrated_from_ssd = 0
+    for r in range(num_slots):
+        for u in range(num_units):
+            start, end = tier_before[r, u], s.unit_tier[r, u]
+            if start != NO_UNIT and end != start:
+                migrated_tokens[start, end] += tokens[r, u]
+                migrated_units += 1
+                migrated_from_ssd += start == SSD
+
+    # ------------------------------------------------------------ 8. time, energy, clock
+    counts = StepCounts(
+        decode_requests=np.float64(len(decoding)),
+        decode_context=np.float64(sum(int(s.slot_context[r]) for r in decoding)),
+        tier_tokens=tier_tokens,
+        tier_selected=bg_tokens.sum(axis=1).astype(np.float64),
+        tier_busiest_bank_group=bg_tokens.max(axis=1).astype(np.float64),
+        tier_requests=tier_requests,
+        tier_active_bank_groups=active_bank_groups,
+        prefill_tokens=np.float64(prefill_tokens),
+        prefill_pairs=np.float64(prefill_pairs),
+        prefill_tier_tokens=prefill_tier_tokens,
+        migrated_tokens=migrated_tokens,
+        sparse=np.float64(float(p.select_fraction) < 1.0),
+    )
+    with jax.enable_x64(True):
+        cost = jax.tree.map(lambda v: np.asarray(v, np.float64), step_cost(p, counts))
+    busy = bool(decoding) or bool(admitted)
+    step_time = float(cost.time_s) if busy else 0.0
+    idle = 0.0
+    if not busy and state.next_request + taken < num_requests:
+        idle = max(float(arrival[state.next_request]) - now, 0.0)
+    s.clock_s = now + step_time + idle
+    end = s.clock_s
+
+    # ------------------------------------------------------------ 9. completion
+    selected_units = int(selected.sum())
+    persisted = int((selected & state.unit_selected).sum())
+    previously_selected = int(sum(state.unit_selected[r].sum() for r in decoding))
+    for r in decoding:
+        s.slot_generated[r] += 1
+    for i, _ in admitted_slots:
+        s.req_first_token_s[i] = end
+    for i in rejected:
+        s.req_status[i] = STATUS_REJECTED
+    for r in range(num_slots):
+        i = int(s.slot_request[r])
+        if i >= 0 and s.slot_generated[r] >= output[i]:
+            s.req_status[i] = STATUS_FINISHED
+            s.req_finish_s[i] = end
+            s.slot_request[r] = -1
+            s.slot_generated[r] = s.slot_context[r] = 0
+            s.unit_tier[r] = NO_UNIT
+            s.unit_bank_group[r] = 0
+            s.unit_latent[r] = 0.0
+            s.unit_importance[r] = 0.0
+            selected[r] = False
+    s.unit_selected = selected
+    s.step += 1
+    s.next_request += taken
+
+    metrics = RefMetrics(
+        step_time_s=step_time,
+        idle_s=idle,
+        decode_requests=len(decoding),
+        prefill_requests=len(admitted),
+        output_tokens=len(decoding) + len(admitted),
+        tier_units=np.array(count_units_per_tier(s.unit_tier)),
+        tier_attention_s=cost.tier_attention_s if busy else np.zeros(NUM_TIERS),
+        selected_units=selected_units,
+        persisted_units=persisted,
+        previously_selected_units=previously_selected,
+        selected_mass=selected_mass,
+        migrated_units=migrated_units,
+        migrated_from_ssd=migrated_from_ssd,
+        energy_pj=cost.energy_pj if busy else np.zeros_like(cost.energy_pj),
+        rejected=len(rejected),
+    )
+    return s, metrics
+
+
+def reference_rollout(config: EngineConfig, params: SimParams, workload, num_steps: int,
+                      seed: int = 0):
+    """Run ``num_steps`` reference steps from :func:`reference_init`.
+
+    Args:
+      config, params, workload: as for :func:`reference_step`.
+      num_steps: steps to take.
+      seed: access-model seed.
+
+    Returns:
+      (final RefState, list of the RefMetrics of every step).
+    """
+    state = reference_init(config, seed)
+    history = []
+    for _ in range(num_steps):
+        state, metrics = reference_step(config, params, state, workload)
+        history.append(metrics)
+    return state, history

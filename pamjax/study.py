@@ -1,0 +1,193 @@
+"""Batch sweeps and peak throughput under a latency SLO (PAM_SPEC §8).
+
+Every (system, batch) point of a sweep is one SimParams; all of them are stacked and run by
+one ``vmap``-ed, jitted rollout (engine.rollout_batch), so a whole SLO search is a single
+compiled program, not a loop of separate compilations.
+
+Serving setup of a sweep point: ``requests_per_slot x batch`` requests of the dataset, all
+waiting at t = 0 (an offline queue, so continuous batching keeps ``batch`` requests running),
+simulated for a fixed horizon of steps.
+
+Definitions used for the SLO (documented here because results depend on them):
+
+* TPOT of a request = its mean time per output token after the first: (finish - first
+  token) / (output - 1) for requests that finished in the horizon, (end of horizon - first
+  token) / (generated - 1) for those still running with at least two tokens. Decode steps
+  that also prefill newly admitted prompts are longer (vLLM's prefill priority stalls
+  decoding) and count in it. ``tpot_p99_ms`` is the 99th percentile over those requests.
+* A batch *meets* an SLO of S ms when ``tpot_p99_ms <= S`` and it *fits* when the engine ran
+  ``batch`` requests concurrently at some step (admission reserves every request's whole KV;
+  a batch that the enabled tiers cannot hold never reaches ``batch``): otherwise ``oom``.
+* Peak throughput under the SLO = output tokens per simulated second (decode and first
+  tokens over the whole horizon) at the largest batch of the grid that meets and fits; the
+  result is flagged ``at_grid_edge`` when that is the grid's largest batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+
+import jax
+import numpy as np
+
+from pamjax import engine
+from pamjax.errors import ConfigError
+from pamjax.hardware import TIER_NAMES, Platform
+from pamjax.locality import AccessModel
+from pamjax.systems import Knobs, make_params, max_bank_groups
+from pamjax.simulation import device_workload, make_config
+from pamjax.types import ENERGY_COMPONENTS
+from pamjax.workload import Workload, synthetic
+
+UNIT_BUDGET = 3 << 20
+"""Tracked KV units across all vmapped points before the page size grows (memory/speed)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepPoint:
+    system: str
+    batch: int
+
+
+def sweep_page_size(points: int, slots: int, max_context: int, budget: int = UNIT_BUDGET,
+                    minimum: int = 1) -> int:
+    """Smallest power-of-two page keeping points x slots x units within ``budget``."""
+    page = minimum
+    while points * slots * -(-max_context // page) > budget:
+        page *= 2
+    return page
+
+
+def run_sweep(systems, model, workload: Workload | str, batches, *, steps: int = 256,
+              requests_per_slot: int = 2, seed: int = 0, platform: Platform | None = None,
+              access: AccessModel | None = None, knobs: Knobs | None = None,
+              page_size: int | None = None, chunk_steps: int = 64,
+              progress: bool = False) -> list[dict]:
+    """Simulate every (system, batch) pair in one vmapped rollout; one result row each.
+
+    Args:
+      systems: system names (or System objects).
+      model: model name or Model.
+      workload: a host Workload (used as given, arrivals included) or a dataset name
+        (``requests_per_slot x max(batches)`` requests, all at t = 0).
+      batches: batch sizes (max concurrent requests).
+      steps: simulated steps (horizon) per point.
+      page_size: tokens per KV unit (default: the smallest within UNIT_BUDGET).
+
+    Returns:
+      one dict per point: system, batch, throughput_tokens_per_s, tpot_p99_ms, tpot_p50_ms,
+      peak_concurrency, oom, energy_j_per_token (+ per component), tier shares, attention
+      time per tier, migrated fraction, page_size.
+    """
+    batches = sorted(set(int(b) for b in batches))
+    if not batches or batches[0] < 1:
+        raise ConfigError("batches", batches, "need at least one batch size >= 1")
+    if steps < 1:
+        raise ConfigError("steps", steps, "must be >= 1")
+    slots = batches[-1]
+    if isinstance(workload, str):
+        workload = synthetic(workload, requests_per_slot * slots, seed=seed)
+    points = [SweepPoint(getattr(s, "name", s), b) for s in systems for b in batches]
+    page = page_size or sweep_page_size(len(points), slots, workload.max_context)
+    config = make_config(workload, slots, page_size=page,
+                         bank_groups=max_bank_groups(platform))
+    params = [make_params(p.system, model, platform, access, max_batch=p.batch,
+                          page_size=page, knobs=knobs) for p in points]
+    stacked = jax.tree.map(lambda *xs: np.stack(xs), *params)
+    state = jax.tree.map(lambda *xs: np.stack(xs),
+                         *[engine.init_state(config, seed) for _ in points])
+    dev_workload = device_workload(workload)
+    chunks, done, start = [], 0, time.perf_counter()
+    while done < steps:
+        n = min(chunk_steps, steps - done)
+        state, chunk = engine.rollout_batch(config, stacked, state, dev_workload, n)
+        chunks.append(jax.device_get(chunk))
+        done += n
+        if progress:
+            print(f"\r  sweep: {len(points)} configurations, step {done}/{steps}, "
+                  f"{time.perf_counter() - start:.0f} s", end="", file=sys.stderr, flush=True)
+    if progress:
+        print(file=sys.stderr)
+    metrics = jax.tree.map(lambda *xs: np.concatenate(xs, axis=1), *chunks)
+    state = jax.device_get(state)
+    return [_point_row(p, jax.tree.map(lambda x: x[i], metrics),
+                       jax.tree.map(lambda x: x[i], state), workload, page)
+            for i, p in enumerate(points)]
+
+
+def request_tpot_s(state, workload: Workload) -> np.ndarray:
+    """TPOT (s) of every request with at least two output tokens so far (see module doc)."""
+    now = float(state.clock_whole) + float(state.clock_frac)
+    first = np.asarray(state.req_first_token_s, np.float64)
+    finish = np.asarray(state.req_finish_s, np.float64)
+    out = np.asarray(workload.output_tokens)
+    done = np.isfinite(finish) & (out > 1)
+    tpot = [(finish[done] - first[done]) / (out[done] - 1)]
+    slots = np.asarray(state.slot_request)
+    generated = np.asarray(state.slot_generated)
+    live = (slots >= 0) & (generated >= 2)
+    tpot.append((now - first[slots[live]]) / (generated[live] - 1))
+    return np.concatenate(tpot)
+
+
+def _percentile(values, q):
+    return float(np.percentile(values, q)) if values.size else float("nan")
+
+
+def _point_row(point: SweepPoint, m, state, workload: Workload, page: int) -> dict:
+    step_time = np.asarray(m.step_time_s, np.float64)
+    tpot = request_tpot_s(state, workload)
+    decode = np.asarray(m.decode_requests, np.float64)
+    tokens = float(np.sum(m.output_tokens))
+    elapsed = float(np.sum(step_time) + np.sum(m.idle_s))
+    concurrency = np.asarray(m.decode_requests) + np.asarray(m.prefill_requests)
+    peak = int(concurrency.max()) if concurrency.size else 0
+    energy = np.asarray(m.energy_pj, np.float64).sum(0) * 1e-12 / max(tokens, 1.0)
+    held = (np.asarray(m.tier_units, np.float64) * step_time[:, None]).sum(0)
+    attention = np.asarray(m.tier_attention_s, np.float64).sum(0)
+    units = np.maximum(np.asarray(m.tier_units, np.float64).sum(-1), 1.0)
+    migrated = np.asarray(m.migrated_units, np.float64) / units
+    row = {
+        "system": point.system,
+        "batch": point.batch,
+        "throughput_tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
+        "tpot_p99_ms": _percentile(tpot, 99) * 1e3,
+        "tpot_p50_ms": _percentile(tpot, 50) * 1e3,
+        "peak_concurrency": peak,
+        "oom": peak < point.batch,
+        "energy_j_per_token": float(energy.sum()),
+        "attention_time_s": float(np.sum(m.attention_s, dtype=np.float64)),
+        "migrated_token_fraction_per_step": float(migrated[decode > 0].mean())
+        if np.any(decode > 0) else 0.0,
+        "page_size": page,
+    }
+    row.update({f"energy_{c}": float(e) for c, e in zip(ENERGY_COMPONENTS, energy)})
+    total_held, total_attention = held.sum(), attention.sum()
+    for i, tier in enumerate(TIER_NAMES):
+        row[f"{tier}_token_share"] = float(held[i] / total_held) if total_held else 0.0
+        row[f"{tier}_attention_share"] = float(attention[i] / total_attention) \
+            if total_attention else 0.0
+    return row
+
+
+def peak_under_slo(rows: list[dict], slo_ms: float) -> dict[str, dict]:
+    """Per system: the row of the largest batch that fits and meets the SLO.
+
+    Returns:
+      {system: row + {max_batch, at_grid_edge}}; a system with no such batch gets
+      ``max_batch = 0``, throughput 0 and ``oom`` True when its smallest batch did not fit.
+    """
+    result = {}
+    for system in dict.fromkeys(r["system"] for r in rows):
+        mine = sorted((r for r in rows if r["system"] == system), key=lambda r: r["batch"])
+        ok = [r for r in mine if not r["oom"] and r["tpot_p99_ms"] <= slo_ms]
+        if ok:
+            best = dict(ok[-1], max_batch=ok[-1]["batch"],
+                        at_grid_edge=ok[-1]["batch"] == mine[-1]["batch"])
+        else:
+            best = dict(mine[0], max_batch=0, throughput_tokens_per_s=0.0,
+                        at_grid_edge=False, oom=mine[0]["oom"])
+        result[system] = best
+    return result
