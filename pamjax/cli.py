@@ -7,13 +7,15 @@ non-zero exit status (2), never a traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import sys
 
 from pamjax.errors import PamjaxError
 
 EXAMPLES = {
+    "run": "pamjax run --out pamjax-out",
+    "compare": "pamjax compare --model opt-175b --workload wildchat --slo-ms 100 "
+               "--systems pam,l-pim --batches 8,16,32,64",
     "simulate": "pamjax simulate --system pam --model llama3-70b --workload sharegpt "
                 "--batch 64 --max-requests 128 --json out/pam.json",
     "presets": "pamjax presets",
@@ -177,15 +179,108 @@ def cmd_attention_demo(args) -> int:
 
 
 def _write_json(path, payload) -> None:
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    print(f"wrote {path}")
+    from pamjax.report import write_json
+
+    print(f"wrote {write_json(path, payload)}")
+
+
+def _batches(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of "
+                                         "integers") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: batch sizes must be integers >= 1")
+    return values
+
+
+def _systems(text: str) -> list[str]:
+    from pamjax.systems import SYSTEMS
+
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [n for n in names if n not in SYSTEMS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown system {unknown[0] if unknown else text!r}; choose from "
+            f"{', '.join(SYSTEMS)}")
+    return names
+
+
+COMPARE_COLUMNS = ["system", "max batch", "tok/s", "TPOT p99 ms", "J/token",
+                   "HBM/DDR/SSD tokens", "attention share HBM/DDR/SSD"]
+
+
+def cmd_compare(args) -> int:
+    import numpy as np
+
+    from pamjax import plots, study
+    from pamjax.report import write_csv
+    from pamjax.workload import Workload, load_trace
+
+    if args.trace:
+        trace = load_trace(args.trace, max_requests=args.max_requests)
+        # The SLO search keeps every batch full: the trace gives the request lengths, and
+        # all requests queue at t=0.
+        workload = Workload(np.zeros(trace.num_requests), trace.prompt_tokens,
+                            trace.output_tokens, name=trace.name)
+    else:
+        workload = args.workload
+    rows = study.run_sweep(args.systems, args.model, workload, args.batches, steps=args.steps,
+                           seed=args.seed, progress=not args.quiet)
+    best = study.peak_under_slo(rows, args.slo_ms)
+    name = workload if isinstance(workload, str) else workload.name
+    table = []
+    for system, row in best.items():
+        if row["max_batch"] == 0:
+            batch = "OOM" if row["oom"] else "none"
+        else:
+            batch = f"{'>=' if row['at_grid_edge'] else ''}{row['max_batch']}"
+        table.append({
+            "system": system, "max batch": batch, "tok/s": row["throughput_tokens_per_s"],
+            "TPOT p99 ms": row["tpot_p99_ms"] if row["max_batch"] else "-",
+            "J/token": row["energy_j_per_token"] if row["max_batch"] else "-",
+            "HBM/DDR/SSD tokens": "/".join(f"{row[f'{t}_token_share']:.2f}"
+                                           for t in ("hbm", "ddr", "ssd")),
+            "attention share HBM/DDR/SSD": "/".join(f"{row[f'{t}_attention_share']:.2f}"
+                                                    for t in ("hbm", "ddr", "ssd")),
+        })
+    print(f"{args.model} on {name}, TPOT p99 SLO {args.slo_ms:g} ms, batches "
+          f"{','.join(map(str, sorted(set(args.batches))))}, {args.steps} steps per point, "
+          f"page size {rows[0]['page_size']} tokens")
+    print(format_table(table, COMPARE_COLUMNS))
+    out = pathlib.Path(args.out)
+    columns = list(rows[0])
+    print(f"wrote {write_csv(out / 'compare_sweep.csv', rows, columns)}")
+    summary = {"model": args.model, "workload": name, "slo_ms": args.slo_ms,
+               "batches": sorted(set(args.batches)), "steps": args.steps, "seed": args.seed,
+               "best": best, "sweep": rows}
+    _write_json(args.json or out / "compare.json", summary)
+    plots.grouped_bars(out / "compare.png", [f"{args.model}\n{name}"],
+                       {s: [r["throughput_tokens_per_s"] if r["max_batch"] else None]
+                        for s, r in best.items()},
+                       ylabel="output tokens / s at max batch",
+                       title=f"Peak throughput under a {args.slo_ms:g} ms TPOT p99 SLO")
+    plots.throughput_vs_batch(out / "compare_batches.png", rows, slo_ms=args.slo_ms,
+                              title=f"{args.model} on {name}")
+    print(f"wrote {out / 'compare.png'} and {out / 'compare_batches.png'}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from pamjax.systems import MAIN_SYSTEMS
+
+    args.model, args.workload, args.trace, args.max_requests = "llama3-70b", "sharegpt", None, None
+    args.slo_ms, args.systems = 150.0, list(MAIN_SYSTEMS)
+    return cmd_compare(args)
+
+
+DEFAULT_BATCHES = [16, 32, 64, 128, 256, 512, 1024, 2048]
 
 
 def build_parser() -> argparse.ArgumentParser:
     from pamjax.models import MODELS
-    from pamjax.systems import SYSTEMS
+    from pamjax.systems import MAIN_SYSTEMS, SYSTEMS
     from pamjax.workload import DATASETS
 
     parser = _Parser(prog="pamjax", description="JAX simulator of PAM (Processing Across "
@@ -221,6 +316,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="write the summary as JSON")
     p.add_argument("--progress", action="store_true", help="show progress on stderr")
+
+    def add_compare_args(p, fixed: bool):
+        if not fixed:
+            p.add_argument("--model", default="llama3-70b", choices=sorted(MODELS),
+                           metavar="M", help=f"one of: {', '.join(MODELS)}")
+            source = p.add_mutually_exclusive_group()
+            source.add_argument("--workload", default="sharegpt", choices=sorted(DATASETS),
+                                metavar="W", help=f"dataset: {', '.join(DATASETS)}")
+            source.add_argument("--trace", metavar="PATH", help="take request lengths "
+                                "from a trace CSV (all queued at t=0)")
+            p.add_argument("--max-requests", type=_positive_int,
+                           help="requests read from --trace")
+            p.add_argument("--slo-ms", type=_positive_float, default=150.0)
+            p.add_argument("--systems", type=_systems, default=list(MAIN_SYSTEMS),
+                           help="comma-separated system names")
+        p.add_argument("--batches", type=_batches, default=DEFAULT_BATCHES,
+                       help="comma-separated batch sizes to search")
+        p.add_argument("--steps", type=_positive_int, default=192,
+                       help="simulated steps per batch size (default 192)")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--out", default="pamjax-out", help="output folder")
+        p.add_argument("--json", metavar="PATH", help="summary JSON (default OUT/compare.json)")
+        p.add_argument("--quiet", action="store_true", help="no progress display")
+
+    p = add("run", "the main job: five systems, llama3-70b, sharegpt, 150 ms SLO", cmd_run)
+    add_compare_args(p, fixed=True)
+    p = add("compare", "peak throughput under an SLO for any model, workload and systems",
+            cmd_compare)
+    add_compare_args(p, fixed=False)
 
     add("presets", "list hardware tiers, models, systems and workloads", cmd_presets)
 

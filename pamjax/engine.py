@@ -126,7 +126,12 @@ def step(config: EngineConfig, params: SimParams, state: EngineState,
     fits = jnp.cumsum(jnp.where(reject, 0, c_need)) <= jnp.sum(capacity) - reserved
     room = jnp.minimum(params.max_batch, r_slots) - jnp.sum(running)
     has_slot = jnp.cumsum(arrived & ~reject) <= room
-    taken = jnp.cumprod((arrived & (reject | (fits & has_slot))).astype(jnp.int32)).astype(bool)
+    # vLLM's max_num_batched_tokens: prompts prefilled in one step stay within a token budget
+    # (the first admitted prompt always may, however long).
+    prompt_before = jnp.cumsum(jnp.where(reject, 0, c_prompt)) - jnp.where(reject, 0, c_prompt)
+    in_budget = (prompt_before + c_prompt <= params.prefill_token_budget) | (prompt_before == 0)
+    taken = jnp.cumprod((arrived & (reject | (fits & has_slot & in_budget))).astype(jnp.int32)
+                        ).astype(bool)
     admit = taken & ~reject
     rejected_now = taken & reject
 

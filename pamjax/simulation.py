@@ -51,7 +51,7 @@ def make_config(workload: HostWorkload, num_slots: int, *, page_size: int | None
         raise ConfigError("num_slots", num_slots, "must be >= 1")
     page = page_size or choose_page_size(num_slots, workload.max_context)
     units = -(-workload.max_context // page)
-    admit = min(num_slots, 32, workload.num_requests)
+    admit = min(num_slots, 64, workload.num_requests)
     return EngineConfig(num_slots=num_slots, units_per_slot=units, page_size=page,
                         num_requests=workload.num_requests, bank_groups=bank_groups,
                         admit_window=max(admit, 1), recorded_steps=recorded_steps,

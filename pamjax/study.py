@@ -1,8 +1,9 @@
 """Batch sweeps and peak throughput under a latency SLO (PAM_SPEC §8).
 
-Every (system, batch) point of a sweep is one SimParams; all of them are stacked and run by
-one ``vmap``-ed, jitted rollout (engine.rollout_batch), so a whole SLO search is a single
-compiled program, not a loop of separate compilations.
+Every (system, batch) point of a sweep is one SimParams; points are stacked and run by
+``vmap``-ed, jitted rollouts (engine.rollout_batch): batch sizes within a factor of 8 share
+one compiled program (slot_classes), so an SLO search over 1..2048 compiles 3-4 times, not
+once per point.
 
 Serving setup of a sweep point: ``requests_per_slot x batch`` requests of the dataset, all
 waiting at t = 0 (an offline queue, so continuous batching keeps ``batch`` requests running),
@@ -41,7 +42,7 @@ from pamjax.simulation import device_workload, make_config
 from pamjax.types import ENERGY_COMPONENTS
 from pamjax.workload import Workload, synthetic
 
-UNIT_BUDGET = 3 << 20
+UNIT_BUDGET = 9 << 19
 """Tracked KV units across all vmapped points before the page size grows (memory/speed)."""
 
 
@@ -60,12 +61,27 @@ def sweep_page_size(points: int, slots: int, max_context: int, budget: int = UNI
     return page
 
 
+def slot_classes(batches, ratio: int = 8) -> list[list[int]]:
+    """Group sorted batch sizes so each group spans less than a factor ``ratio``.
+
+    Each group runs as one vmapped rollout with as many slots as its largest batch, so a
+    small batch does not pay for the largest batch's slots; a sweep compiles once per group.
+    """
+    groups: list[list[int]] = []
+    for b in sorted(set(batches)):
+        if groups and b < ratio * groups[-1][0]:
+            groups[-1].append(b)
+        else:
+            groups.append([b])
+    return groups
+
+
 def run_sweep(systems, model, workload: Workload | str, batches, *, steps: int = 256,
               requests_per_slot: int = 2, seed: int = 0, platform: Platform | None = None,
               access: AccessModel | None = None, knobs: Knobs | None = None,
-              page_size: int | None = None, chunk_steps: int = 64,
+              page_size: int | None = None, chunk_steps: int = 64, class_ratio: int = 8,
               progress: bool = False) -> list[dict]:
-    """Simulate every (system, batch) pair in one vmapped rollout; one result row each.
+    """Simulate every (system, batch) pair with vmapped rollouts; one result row each.
 
     Args:
       systems: system names (or System objects).
@@ -74,24 +90,39 @@ def run_sweep(systems, model, workload: Workload | str, batches, *, steps: int =
         (``requests_per_slot x max(batches)`` requests, all at t = 0).
       batches: batch sizes (max concurrent requests).
       steps: simulated steps (horizon) per point.
-      page_size: tokens per KV unit (default: the smallest within UNIT_BUDGET).
+      page_size: tokens per KV unit (default: the smallest keeping all tracked units
+        within UNIT_BUDGET); one page size for the whole sweep.
+      class_ratio: batch sizes within this factor share one compiled, vmapped rollout.
 
     Returns:
-      one dict per point: system, batch, throughput_tokens_per_s, tpot_p99_ms, tpot_p50_ms,
-      peak_concurrency, oom, energy_j_per_token (+ per component), tier shares, attention
-      time per tier, migrated fraction, page_size.
+      one dict per (system, batch), in that order: system, batch, throughput_tokens_per_s,
+      tpot_p99_ms, tpot_p50_ms, peak_concurrency, oom, energy_j_per_token (+ per component),
+      attention_time_s, tier token and attention shares, migrated fraction, page_size.
     """
     batches = sorted(set(int(b) for b in batches))
     if not batches or batches[0] < 1:
         raise ConfigError("batches", batches, "need at least one batch size >= 1")
     if steps < 1:
         raise ConfigError("steps", steps, "must be >= 1")
-    slots = batches[-1]
+    systems = [getattr(s, "name", s) for s in systems]
     if isinstance(workload, str):
-        workload = synthetic(workload, requests_per_slot * slots, seed=seed)
-    points = [SweepPoint(getattr(s, "name", s), b) for s in systems for b in batches]
-    page = page_size or sweep_page_size(len(points), slots, workload.max_context)
-    config = make_config(workload, slots, page_size=page,
+        workload = synthetic(workload, requests_per_slot * batches[-1], seed=seed)
+    groups = slot_classes(batches, class_ratio)
+    rows_tracked = sum(len(systems) * len(g) * g[-1] for g in groups)
+    page = page_size or sweep_page_size(rows_tracked, 1, workload.max_context)
+    by_point = {}
+    for index, group in enumerate(groups):
+        points = [SweepPoint(s, b) for s in systems for b in group]
+        label = f"batch {group[0]}-{group[-1]} ({index + 1}/{len(groups)})"
+        rows = _run_group(points, model, workload, steps, seed, platform, access, knobs, page,
+                          chunk_steps, label if progress else None)
+        by_point.update({(r["system"], r["batch"]): r for r in rows})
+    return [by_point[(s, b)] for s in systems for b in batches]
+
+
+def _run_group(points, model, workload, steps, seed, platform, access, knobs, page,
+               chunk_steps, label):
+    config = make_config(workload, max(p.batch for p in points), page_size=page,
                          bank_groups=max_bank_groups(platform))
     params = [make_params(p.system, model, platform, access, max_batch=p.batch,
                           page_size=page, knobs=knobs) for p in points]
@@ -105,10 +136,10 @@ def run_sweep(systems, model, workload: Workload | str, batches, *, steps: int =
         state, chunk = engine.rollout_batch(config, stacked, state, dev_workload, n)
         chunks.append(jax.device_get(chunk))
         done += n
-        if progress:
-            print(f"\r  sweep: {len(points)} configurations, step {done}/{steps}, "
+        if label:
+            print(f"\r  {label}: {len(points)} configurations, step {done}/{steps}, "
                   f"{time.perf_counter() - start:.0f} s", end="", file=sys.stderr, flush=True)
-    if progress:
+    if label:
         print(file=sys.stderr)
     metrics = jax.tree.map(lambda *xs: np.concatenate(xs, axis=1), *chunks)
     state = jax.device_get(state)

@@ -112,6 +112,8 @@ class Knobs:
         intent of PAM_SPEC §5 [D]); ``"throughput"``: x, y = ratios of the tiers' effective
         PIM throughput (the literal reading, which ignores label reads).
       calibration_context: tokens of the request used by the equal-time calibration.
+      prefill_token_budget: prompt tokens prefilled per step at most ([D] 8192, a common
+        vLLM max_num_batched_tokens).
     """
 
     naive_run_tokens: int = 64
@@ -120,10 +122,14 @@ class Knobs:
     target_y: float | None = None
     target_rule: str = "equal-time"
     calibration_context: int = 1024
+    prefill_token_budget: int = 8192
 
     def __post_init__(self):
         if self.target_rule not in TARGET_RULES:
             raise UnknownNameError("target rule", self.target_rule, TARGET_RULES)
+        if self.prefill_token_budget < 1:
+            raise ConfigError("knobs.prefill_token_budget", self.prefill_token_budget,
+                              "must be >= 1")
         if self.naive_run_tokens < 1:
             raise ConfigError("knobs.naive_run_tokens", self.naive_run_tokens, "must be >= 1")
         if not 0 <= self.migration_overlap <= 1:
@@ -227,6 +233,7 @@ def make_params(system: System | str, model: Model | str = "llama3-70b",
         migration_slowdown=f32(system.migration_slowdown),
         migration_overlap=f32(knobs.migration_overlap),
         max_batch=i32(max_batch),
+        prefill_token_budget=i32(knobs.prefill_token_budget),
         sigma=f32(access.sigma),
         persistence=f32(access.persistence),
         sink_tokens=f32(access.sink_tokens),

@@ -91,6 +91,8 @@ class SimParams:
       migration_slowdown: f32 [], 1 for the PAM interface, 20 for a CPU-side re-layout.
       migration_overlap: f32 [], fraction of attention time that can hide migration.
       max_batch: i32 [], concurrent requests allowed (<= num_slots).
+      prefill_token_budget: i32 [], prompt tokens prefilled per step at most (vLLM's
+        max_num_batched_tokens); a longer single prompt is still admitted alone.
     Access model (locality.py): sigma, persistence, sink_tokens, sink_bonus, recency_bonus,
       recency_tokens, all f32 [].
     Tiers, f32 [T]: capacity_units (KV units the tier may hold), bank_groups (units per
@@ -121,6 +123,7 @@ class SimParams:
     migration_slowdown: jnp.ndarray
     migration_overlap: jnp.ndarray
     max_batch: jnp.ndarray
+    prefill_token_budget: jnp.ndarray
     sigma: jnp.ndarray
     persistence: jnp.ndarray
     sink_tokens: jnp.ndarray

@@ -1,0 +1,76 @@
+"""PNG figures (matplotlib, headless Agg backend; imported only when a figure is drawn)."""
+
+from __future__ import annotations
+
+import pathlib
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def grouped_bars(path, groups: list[str], series: dict[str, list[float]], *, ylabel: str,
+                 title: str, missing_label: str = "OOM", log: bool = False) -> pathlib.Path:
+    """Grouped bar chart: one group per entry of ``groups``, one bar per series.
+
+    A value of None draws no bar and writes ``missing_label`` at its place (e.g. OOM).
+    """
+    plt = _pyplot()
+    names = list(series)
+    width = 0.8 / max(len(names), 1)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(groups) * max(len(names), 1) + 3), 4.2))
+    for i, name in enumerate(names):
+        xs = [g + (i - (len(names) - 1) / 2) * width for g in range(len(groups))]
+        values = series[name]
+        ax.bar([x for x, v in zip(xs, values) if v is not None],
+               [v for v in values if v is not None], width, label=name)
+        for x, v in zip(xs, values):
+            if v is None:
+                ax.text(x, 0, missing_label, rotation=90, ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels(groups, rotation=20 if max(map(len, groups), default=0) > 10 else 0,
+                       ha="right" if max(map(len, groups), default=0) > 10 else "center",
+                       fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    if log:
+        ax.set_yscale("log")
+    ax.legend(fontsize=8, ncol=min(len(names), 5))
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def throughput_vs_batch(path, rows: list[dict], *, slo_ms: float, title: str) -> pathlib.Path:
+    """Two panels: throughput and TPOT p99 against batch size, one line per system."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for system in dict.fromkeys(r["system"] for r in rows):
+        mine = [r for r in rows if r["system"] == system and not r["oom"]]
+        batches = [r["batch"] for r in mine]
+        left.plot(batches, [r["throughput_tokens_per_s"] for r in mine], marker="o",
+                  label=system)
+        right.plot(batches, [r["tpot_p99_ms"] for r in mine], marker="o", label=system)
+    right.axhline(slo_ms, color="k", ls="--", lw=1, label=f"SLO {slo_ms:g} ms")
+    for ax, label in ((left, "output tokens / s"), (right, "TPOT p99 (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch (max concurrent requests)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
