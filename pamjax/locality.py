@@ -222,6 +222,9 @@ def top_count(values, present, count, iters: int):
 def select(params, unit_logits, tokens, iters: int):
     """Retrieval selector: highest-logit units covering select_fraction of the tokens.
 
+    Units clearly above the bisection bracket are taken; units inside it (ties, e.g. equal
+    recorded scores) are taken in position order until the token target is covered.
+
     Args:
       unit_logits: f32 [R, U]; tokens: i32 [R, U] tokens per unit (0 = no unit).
 
@@ -229,11 +232,16 @@ def select(params, unit_logits, tokens, iters: int):
       bool [R, U], the attended units (every unit when select_fraction >= 1).
     """
     weights = tokens.astype(jnp.float32)
-    context = weights.sum(-1)
-    target = jnp.maximum(jnp.ceil(params.select_fraction * context), 1.0)
-    thr, _ = threshold_bracket(unit_logits, weights, target, iters)
-    dense = params.select_fraction >= 1.0
-    return (tokens > 0) & (dense | (unit_logits >= thr[:, None]))
+    present = tokens > 0
+    target = jnp.maximum(jnp.ceil(params.select_fraction * weights.sum(-1)), 1.0)
+    lo, hi = threshold_bracket(unit_logits, weights, target, iters)
+    sure = present & (unit_logits >= hi[:, None])
+    band = present & ~sure & (unit_logits >= lo[:, None])
+    missing = target - jnp.sum(jnp.where(sure, weights, 0.0), axis=-1)
+    band_weight = jnp.where(band, weights, 0.0)
+    band_before = jnp.cumsum(band_weight, axis=-1) - band_weight
+    chosen = sure | (band & (band_before < missing[:, None]))
+    return present & ((params.select_fraction >= 1.0) | chosen)
 
 
 def update_importance(params, importance, mass, present):

@@ -136,6 +136,7 @@ class RefMetrics:
       step_time_s, idle_s: float, s.
       decode_requests, prefill_requests, output_tokens: int.
       tier_units: int [T], units per tier after the step.
+      attention_s: float, attention time on the step's critical path, s.
       tier_attention_s: float [T], attention time per tier, s.
       selected_units, persisted_units, previously_selected_units: int.
       selected_mass: float, attention mass covered by the selections, summed over requests.
@@ -150,6 +151,7 @@ class RefMetrics:
     prefill_requests: int
     output_tokens: int
     tier_units: np.ndarray
+    attention_s: float
     tier_attention_s: np.ndarray
     selected_units: int
     persisted_units: int
@@ -336,14 +338,20 @@ def _prompt_tiers(p: SimParams, mass: np.ndarray, num_units: int, free: list[int
     """Tiers of one prompt's units (step 2 of the module docstring); updates ``free``."""
     if int(p.placement_policy) == PLACEMENT_IMPORTANCE_RATIO:
         order = sorted(range(num_units), key=lambda u: (-mass[u], u))
+        total = sum(mass[u] for u in order)
+
+        def units_to_cover(share):  # most important first, until ``share`` of the mass
+            covered, count = 0.0, 0
+            for u in order:
+                if covered >= share * total:
+                    break
+                covered += mass[u]
+                count += 1
+            return max(count, 1) if share > 0 else 0
+
         x, y = float(p.target_x), float(p.target_y)
-        share_hbm, share_fast = x / (x + y + 1.0), (x + y) / (x + y + 1.0)
-        want_hbm = want_fast = 0
-        mass_before = 0.0
-        for u in order:
-            want_hbm += mass_before < share_hbm
-            want_fast += mass_before < share_fast
-            mass_before += mass[u]
+        want_hbm = units_to_cover(x / (x + y + 1.0))
+        want_fast = max(units_to_cover((x + y) / (x + y + 1.0)), want_hbm)
         want_ssd = num_units - want_fast
     else:
         order = list(range(num_units))
@@ -408,7 +416,7 @@ def reference_step(config: EngineConfig, params: SimParams, state: RefState, wor
     reserved = sum(kv_units_needed(s.slot_request[r]) for r in running)
     room = min(int(p.max_batch), num_slots) - len(running)
     admitted, rejected = [], []
-    admitted_units = 0
+    admitted_units = admitted_prompt_tokens = 0
     for i in range(s.next_request, min(s.next_request + config.admit_window, num_requests)):
         if arrival[i] > now:
             break
@@ -418,8 +426,11 @@ def reference_step(config: EngineConfig, params: SimParams, state: RefState, wor
             continue
         if reserved + admitted_units + need > sum(capacity) or len(admitted) >= room:
             break
+        if admitted and admitted_prompt_tokens + prompt[i] > int(p.prefill_token_budget):
+            break
         admitted.append(i)
         admitted_units += need
+        admitted_prompt_tokens += int(prompt[i])
     taken = len(admitted) + len(rejected)
     free_slots = [r for r in range(num_slots) if s.slot_request[r] < 0]
     admitted_slots = list(zip(admitted, free_slots))
@@ -618,6 +629,7 @@ def reference_step(config: EngineConfig, params: SimParams, state: RefState, wor
         prefill_requests=len(admitted),
         output_tokens=len(decoding) + len(admitted),
         tier_units=np.array(count_units_per_tier(s.unit_tier)),
+        attention_s=float(cost.attention_s) if busy else 0.0,
         tier_attention_s=cost.tier_attention_s if busy else np.zeros(NUM_TIERS),
         selected_units=selected_units,
         persisted_units=persisted,

@@ -55,6 +55,7 @@ def _no_swap(importance, tier, bank_group, on_fast, on_slow, budget):
 def _swap_candidates(importance, tier, bank_group, on_fast, on_slow, budget, *, fast, slow,
                      max_swaps, keeps_going):
     rows = jnp.arange(tier.shape[0])[:, None]
+    max_swaps = min(max_swaps, tier.shape[1])
     fast_key = jnp.where(on_fast, -importance, _ABSENT)
     slow_key = jnp.where(on_slow, importance, _ABSENT)
     fast_val, fast_idx = lax.top_k(fast_key, max_swaps)  # least important fast units
