@@ -6,6 +6,8 @@
 * ``attacc``: GPU + HBM-PIM. FC layers on the GPUs, dense attention in HBM-PIM. KV lives in
   HBM only, so the batch is capacity-bound: a request that would not fit waits, and a batch
   whose KV exceeds HBM (net of weights and the activation reserve) is out of memory.
+  AttAcc reduces partial results inside each stack (its buffer-die accumulators), which is
+  the engine's device-local reduction; with a single tier nothing crosses devices.
 * ``l-pim``: layered PIM in HBM, DDR and SSD; KV fills the fastest tier first; dense attention
   in every tier; no PAMattention (partials of every bank group are merged centrally), no PAM
   KV management (sequential bank-group fill, no scheduling).
@@ -75,7 +77,8 @@ SYSTEMS = {
                            new_token_policy=NEW_TOKEN_FASTEST_FREE),
     "attacc": System("attacc", attention_on_pim=True, sparse=False,
                      placement_policy=PLACEMENT_FASTEST_FIRST,
-                     new_token_policy=NEW_TOKEN_FASTEST_FREE, tiers=("hbm",)),
+                     new_token_policy=NEW_TOKEN_FASTEST_FREE, tiers=("hbm",),
+                     use_pamattention=True),
     "l-pim": System("l-pim", attention_on_pim=True, sparse=False,
                     placement_policy=PLACEMENT_FASTEST_FIRST,
                     new_token_policy=NEW_TOKEN_FASTEST_FREE),
