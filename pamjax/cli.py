@@ -19,6 +19,7 @@ EXAMPLES = {
     "simulate": "pamjax simulate --system pam --model llama3-70b --workload sharegpt "
                 "--batch 64 --max-requests 128 --json out/pam.json",
     "presets": "pamjax presets",
+    "reproduce": "pamjax reproduce all --quick --out repro",
     "attention-demo": "pamjax attention-demo --tiers 3 --tokens 4096",
 }
 
@@ -267,6 +268,19 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_reproduce(args) -> int:
+    import time
+
+    from pamjax.reproduce import reproduce
+
+    start = time.perf_counter()
+    written = reproduce(args.study, args.out, quick=args.quick, progress=not args.quiet)
+    for name, path in written.items():
+        print(f"{name}: {path} and {path.with_suffix('.png')}")
+    print(f"done in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
 def cmd_run(args) -> int:
     from pamjax.systems import MAIN_SYSTEMS
 
@@ -347,6 +361,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_compare_args(p, fixed=False)
 
     add("presets", "list hardware tiers, models, systems and workloads", cmd_presets)
+
+    from pamjax.reproduce import STUDIES
+
+    p = add("reproduce", "reproduce the PAM study: online, offline, energy, ablation, "
+            "scaling or all", cmd_reproduce)
+    p.add_argument("study", choices=[*STUDIES, "all"], metavar="STUDY",
+                   help=f"one of: {', '.join(STUDIES)}, all")
+    p.add_argument("--quick", action="store_true",
+                   help="shorter simulated horizons (same grid)")
+    p.add_argument("--out", default="pamjax-out", help="output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
 
     p = add("attention-demo", "PAMattention over tiers vs exact attention", cmd_attention_demo)
     p.add_argument("--tiers", type=_positive_int, default=3)

@@ -11,18 +11,21 @@ The model, one step at a time (PAM_SPEC §3 and §5):
    ``admit_window`` per step, while they have arrived. A request whose whole KV (prompt plus
    output minus one token, in units of ``page_size`` tokens) can never fit, because it exceeds
    the capacity of all enabled tiers together or the units of one slot, is rejected. The
-   others are admitted while a slot is free under ``max_batch`` and their whole KV fits the
+   others are admitted while a slot is free under ``max_batch``, their whole KV fits the
    capacity left after the reservations of the running requests (reserving at admission means
-   a running request never runs out of room); the first request that cannot be admitted stops
-   the walk. An admitted request takes the lowest free slot, its prompt is prefilled (which
-   produces its first token) and its prompt units are placed.
+   a running request never runs out of room), and the prompts admitted in this step stay
+   within ``prefill_token_budget`` tokens (the first admitted prompt always may); the first
+   request that cannot be admitted stops the walk. An admitted request takes the lowest free
+   slot, its prompt is prefilled (which produces its first token) and its prompt units are
+   placed.
 2. **Prompt placement.** Fastest-first (baselines): units in position order fill the free
-   space of HBM, then DDR, and the rest goes to SSD. Importance ratio (PAM): units in
-   decreasing prefill attention mass go to HBM until HBM holds the ``x / (x + y + 1)`` share
-   of the request's mass, then to DDR until HBM and DDR hold ``(x + y) / (x + y + 1)``, the
-   rest to SSD; what HBM cannot take goes to DDR and what DDR cannot take goes to SSD.
-   Requests are placed one after the other in FCFS order, each seeing what the earlier ones
-   left free.
+   space of HBM, then DDR, and the rest goes to SSD. Importance ratio (PAM): the request
+   wants on HBM the fewest most-important units (by prefill attention mass) that hold the
+   ``x / (x + y + 1)`` share of its mass, on HBM and DDR together the fewest that hold
+   ``(x + y) / (x + y + 1)``, and the rest on SSD; what HBM cannot take goes to DDR and what
+   DDR cannot take goes to SSD, most important units first. The units wanted on SSD go there
+   whether or not SSD has room (as in the engine). Requests are placed one after the other in
+   FCFS order, each seeing what the earlier ones left free.
 3. **Decode: the new KV token.** Each request that was running at the start of the step
    decodes one token. When the token opens a new unit, that unit is placed, in slot order:
    fastest-first puts it on the fastest tier with free room; PAM puts it on HBM and, when HBM
@@ -59,10 +62,11 @@ The model, one step at a time (PAM_SPEC §3 and §5):
 9. **Completion.** A request that has produced all its output tokens is finished; its slot and
    its KV are freed. First-token and finish times are the clock at the end of the step.
 
-Units are ``page_size`` consecutive tokens (page_size 1 is token granularity). Importance and
-attention mass are kept in float64; the access model's latents and logits are the float32
-values that the :mod:`pamjax.locality` functions produce, since those functions are the
-definition of the synthetic access model. Recorded attention scores are not supported here.
+Units are ``page_size`` consecutive tokens (page_size 1 is token granularity). Rankings are
+exact sorts (ties by unit index) where the engine bisects, and importance, attention mass and
+the cost arithmetic are float64; the access model's latents and logits are the float32 values
+that the :mod:`pamjax.locality` functions produce, since those functions are the definition of
+the synthetic access model. Recorded attention scores are not supported here.
 """
 
 from __future__ import annotations
@@ -84,6 +88,14 @@ from pamjax.types import (NEW_TOKEN_HBM_DISPLACE, PLACEMENT_IMPORTANCE_RATIO, ST
 NUM_TIERS = 3
 HBM, DDR, SSD = 0, 1, 2
 NO_UNIT = -1
+
+# Compiled once per shape only so that the per-request calls below are cheap; what they compute
+# is the definition in locality.py and costs.py, unchanged.
+_initial_latent = jax.jit(locality.initial_latent)
+_evolve_latent = jax.jit(locality.evolve_latent)
+_logits = jax.jit(locality.logits, static_argnums=3)
+_attention_mass = jax.jit(locality.attention_mass)
+_step_cost = jax.jit(step_cost)
 
 
 @dataclasses.dataclass
@@ -222,13 +234,12 @@ def count_units_per_tier(unit_tier: np.ndarray) -> list[int]:
 
 def _row_logits(p: SimParams, latent_row: np.ndarray, context: int, page_size: int):
     """Attention logits of one request's units (locality.logits on a single row)."""
-    return np.asarray(locality.logits(p, latent_row[None, :], np.array([context]),
-                                      page_size))[0]
+    return np.asarray(_logits(p, latent_row[None, :], np.array([context]), page_size))[0]
 
 
 def _row_mass(logits_row: np.ndarray, tokens: np.ndarray) -> np.ndarray:
     """Attention mass of one request's units, float64 [U] (locality.attention_mass)."""
-    mass = locality.attention_mass(logits_row[None, :], tokens[None, :])
+    mass = _attention_mass(logits_row[None, :], tokens[None, :])
     return np.asarray(mass, np.float64)[0]
 
 
@@ -444,8 +455,7 @@ def reference_step(config: EngineConfig, params: SimParams, state: RefState, wor
         n_prompt = int(prompt[i])
         tokens = tokens_per_unit(n_prompt, page, num_units)
         n_prompt_units = units_for(n_prompt, page)
-        latent = np.asarray(locality.initial_latent(p, s.seed, i, np.arange(num_units)),
-                            np.float32)
+        latent = np.asarray(_initial_latent(p, np.uint32(s.seed), i, np.arange(num_units)), np.float32)
         mass = _row_mass(_row_logits(p, latent, n_prompt, page), tokens)
         tiers = _prompt_tiers(p, mass, n_prompt_units, free)
         for u in range(n_prompt_units):
@@ -499,7 +509,7 @@ def reference_step(config: EngineConfig, params: SimParams, state: RefState, wor
             if tier != SSD:
                 free[tier] -= 1
         s.unit_tier[r, u] = tier
-        s.unit_latent[r, u] = np.float32(locality.initial_latent(p, s.seed, i, u))
+        s.unit_latent[r, u] = np.float32(_initial_latent(p, np.uint32(s.seed), i, u))
         new_units.append((r, u, tier, i * num_units + u))
 
     # ------------------------------------------------------------ 4. decode bank groups
@@ -518,8 +528,8 @@ def reference_step(config: EngineConfig, params: SimParams, state: RefState, wor
         i = int(s.slot_request[r])
         context = int(s.slot_context[r])
         tokens[r] = tokens_per_unit(context, page, num_units)
-        evolved = np.asarray(locality.evolve_latent(
-            p, s.unit_latent[r], s.seed, i, np.arange(num_units), s.step), np.float32)
+        evolved = np.asarray(_evolve_latent(p, s.unit_latent[r], np.uint32(s.seed), i,
+                                            np.arange(num_units), s.step), np.float32)
         for u in range(num_units):
             if tokens[r, u] > 0 and opened.get(r) != u:
                 s.unit_latent[r, u] = evolved[u]
@@ -587,7 +597,7 @@ def reference_step(config: EngineConfig, params: SimParams, state: RefState, wor
         sparse=np.float64(float(p.select_fraction) < 1.0),
     )
     with jax.enable_x64(True):
-        cost = jax.tree.map(lambda v: np.asarray(v, np.float64), step_cost(p, counts))
+        cost = jax.tree.map(lambda v: np.asarray(v, np.float64), _step_cost(p, counts))
     busy = bool(decoding) or bool(admitted)
     step_time = float(cost.time_s) if busy else 0.0
     idle = 0.0

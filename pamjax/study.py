@@ -48,8 +48,13 @@ UNIT_BUDGET = 9 << 19
 
 @dataclasses.dataclass(frozen=True)
 class SweepPoint:
+    """One configuration of a sweep (platform None = the default preset)."""
+
     system: str
     batch: int
+    model: str
+    platform: Platform | None = None
+    label: str = ""
 
 
 def sweep_page_size(points: int, slots: int, max_context: int, budget: int = UNIT_BUDGET,
@@ -78,14 +83,15 @@ def slot_classes(batches, ratio: int = 8) -> list[list[int]]:
 
 def run_sweep(systems, model, workload: Workload | str, batches, *, steps: int = 256,
               requests_per_slot: int = 2, seed: int = 0, platform: Platform | None = None,
-              access: AccessModel | None = None, knobs: Knobs | None = None,
-              page_size: int | None = None, chunk_steps: int = 64, class_ratio: int = 8,
-              progress: bool = False) -> list[dict]:
-    """Simulate every (system, batch) pair with vmapped rollouts; one result row each.
+              platforms: dict | None = None, access: AccessModel | None = None,
+              knobs: Knobs | None = None, page_size: int | None = None,
+              chunk_steps: int = 64, class_ratio: int = 8, progress: bool = False
+              ) -> list[dict]:
+    """Simulate every (model, system, batch) point with vmapped rollouts; one row each.
 
     Args:
       systems: system names (or System objects).
-      model: model name or Model.
+      model: model name, or a list of model names (all vmapped together).
       workload: a host Workload (used as given, arrivals included) or a dataset name
         (``requests_per_slot x max(batches)`` requests, all at t = 0).
       batches: batch sizes (max concurrent requests).
@@ -93,6 +99,8 @@ def run_sweep(systems, model, workload: Workload | str, batches, *, steps: int =
       page_size: tokens per KV unit (default: the smallest keeping all tracked units
         within UNIT_BUDGET); one page size for the whole sweep.
       class_ratio: batch sizes within this factor share one compiled, vmapped rollout.
+      platforms: {label: Platform} to sweep hardware design points too (rows get
+        ``platform`` = label); default: ``platform`` (or the preset) alone.
 
     Returns:
       one dict per (system, batch), in that order: system, batch, throughput_tokens_per_s,
@@ -105,26 +113,34 @@ def run_sweep(systems, model, workload: Workload | str, batches, *, steps: int =
     if steps < 1:
         raise ConfigError("steps", steps, "must be >= 1")
     systems = [getattr(s, "name", s) for s in systems]
+    models = [model] if isinstance(model, str) else list(model)
+    hardware = platforms or {"": platform}
     if isinstance(workload, str):
         workload = synthetic(workload, requests_per_slot * batches[-1], seed=seed)
     groups = slot_classes(batches, class_ratio)
-    rows_tracked = sum(len(systems) * len(g) * g[-1] for g in groups)
+    variants = len(systems) * len(models) * len(hardware)
+    rows_tracked = sum(variants * len(g) * g[-1] for g in groups)
     page = page_size or sweep_page_size(rows_tracked, 1, workload.max_context)
     by_point = {}
     for index, group in enumerate(groups):
-        points = [SweepPoint(s, b) for s in systems for b in group]
+        points = [SweepPoint(s, b, m, hw, label) for label, hw in hardware.items()
+                  for m in models for s in systems for b in group]
         label = f"batch {group[0]}-{group[-1]} ({index + 1}/{len(groups)})"
-        rows = _run_group(points, model, workload, steps, seed, platform, access, knobs, page,
-                          chunk_steps, label if progress else None)
-        by_point.update({(r["system"], r["batch"]): r for r in rows})
-    return [by_point[(s, b)] for s in systems for b in batches]
+        rows = _run_group(points, workload, steps, seed, access, knobs, page, chunk_steps,
+                          label if progress else None)
+        by_point.update({_key(r): r for r in rows})
+    return [by_point[(hw, m, s, b)] for hw in hardware for m in models for s in systems
+            for b in batches]
 
 
-def _run_group(points, model, workload, steps, seed, platform, access, knobs, page,
-               chunk_steps, label):
+def _key(row):
+    return row["platform"], row["model"], row["system"], row["batch"]
+
+
+def _run_group(points, workload, steps, seed, access, knobs, page, chunk_steps, label):
     config = make_config(workload, max(p.batch for p in points), page_size=page,
-                         bank_groups=max_bank_groups(platform))
-    params = [make_params(p.system, model, platform, access, max_batch=p.batch,
+                         bank_groups=max(max_bank_groups(p.platform) for p in points))
+    params = [make_params(p.system, p.model, p.platform, access, max_batch=p.batch,
                           page_size=page, knobs=knobs) for p in points]
     stacked = jax.tree.map(lambda *xs: np.stack(xs), *params)
     state = jax.tree.map(lambda *xs: np.stack(xs),
@@ -181,6 +197,8 @@ def _point_row(point: SweepPoint, m, state, workload: Workload, page: int) -> di
     units = np.maximum(np.asarray(m.tier_units, np.float64).sum(-1), 1.0)
     migrated = np.asarray(m.migrated_units, np.float64) / units
     row = {
+        "platform": point.label,
+        "model": point.model,
         "system": point.system,
         "batch": point.batch,
         "throughput_tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
@@ -204,7 +222,8 @@ def _point_row(point: SweepPoint, m, state, workload: Workload, page: int) -> di
 
 
 def peak_under_slo(rows: list[dict], slo_ms: float) -> dict[str, dict]:
-    """Per system: the row of the largest batch that fits and meets the SLO.
+    """Per system (rows of one model and platform): the largest batch that fits and meets
+    the SLO.
 
     Returns:
       {system: row + {max_batch, at_grid_edge}}; a system with no such batch gets

@@ -1,0 +1,201 @@
+"""The PAM study reproduced: online, offline, energy, ablation and scaling (PAM_SPEC §7-8).
+
+Each study writes ``DIR/<study>.csv`` (columns exactly as listed in STUDY_COLUMNS) and
+``DIR/<study>.png``. ``quick`` shortens the simulated horizon (steps), never the grid.
+
+Study setups ([D] where the publication gives no number):
+
+* online: 3 models x ShareGPT/WildChat/HumanEval x SLO 100/150/200 ms x 5 systems; batch
+  grid BATCH_GRID searched by one vmapped sweep per dataset (all models and systems
+  together); an offline queue keeps the batch full (study.py documents the SLO metric).
+* offline: LLaMA3-70B at batch 256/512/1024 and OPT-175B at 16/32/64 on arxiv-sum and
+  write-doc; the whole batch may be prefilled at once (no prefill token budget), and the
+  throughput counts every output token over the horizon, prefill time included.
+* energy: LLaMA3-70B and OPT-175B; online = WildChat at each system's largest batch under
+  150 ms; offline = arxiv-sum at the middle offline batch. Joules per output token by
+  component.
+* ablation: LLaMA3-70B on arxiv-sum at batch 32 and 512 (512 overflows HBM, so placement
+  and scheduling matter); attention time summed over the horizon, speedup = LS-PIM's
+  attention time / the variant's.
+* scaling: LLaMA3-70B on write-doc, a batch of 1024 requests, (TP, PP) over 4-32 GPUs, with
+  every tier's device count scaled by GPUs / 8 (the PAM node has 8 GPUs).
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+import time
+
+from pamjax import plots
+from pamjax.errors import UnknownNameError
+from pamjax.hardware import get_platform
+from pamjax.report import write_csv
+from pamjax.study import peak_under_slo, run_sweep
+from pamjax.systems import MAIN_SYSTEMS, Knobs
+
+STUDIES = ("online", "offline", "energy", "ablation", "scaling")
+MODELS3 = ("qwen2.5-32b", "llama3-70b", "opt-175b")
+ONLINE_DATASETS = ("sharegpt", "wildchat", "humaneval")
+OFFLINE = {"llama3-70b": (256, 512, 1024), "opt-175b": (16, 32, 64)}
+OFFLINE_DATASETS = ("arxiv-sum", "write-doc")
+SLOS_MS = (100.0, 150.0, 200.0)
+BATCH_GRID = (8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+ABLATION_VARIANTS = ("ls-pim", "pam-no-pamattention", "pam-no-mapping", "pam-no-scheduling",
+                     "pam")
+ABLATION_BATCHES = (32, 512)
+SCALING_SYSTEMS = ("l-pim", "pam")
+SCALING_CONFIGS = ((4, 1), (8, 1), (4, 2), (2, 4), (16, 1), (8, 2), (4, 4), (32, 1), (8, 4))
+ENERGY_MODELS = ("llama3-70b", "opt-175b")
+
+STUDY_COLUMNS = {
+    "online": ["model", "dataset", "slo_ms", "system", "max_batch",
+               "throughput_tokens_per_s", "oom"],
+    "offline": ["model", "dataset", "batch", "system", "throughput_tokens_per_s", "oom"],
+    "energy": ["model", "dataset", "mode", "system", "energy_j_per_token", "gpu_compute",
+               "gpu_memory", "pim_attention", "reduction", "transfer", "migration"],
+    "ablation": ["model", "dataset", "batch", "variant", "attention_time_s",
+                 "speedup_vs_ls_pim"],
+    "scaling": ["model", "dataset", "tp", "pp", "system", "throughput_tokens_per_s"],
+}
+
+OFFLINE_KNOBS = Knobs(prefill_token_budget=10**9)
+
+
+def _steps(quick: bool, full: int, short: int) -> int:
+    return short if quick else full
+
+
+def online(quick: bool, progress: bool) -> list[dict]:
+    rows = []
+    for dataset in ONLINE_DATASETS:
+        sweep = run_sweep(MAIN_SYSTEMS, list(MODELS3), dataset, BATCH_GRID,
+                          steps=_steps(quick, 256, 64), progress=progress)
+        for model in MODELS3:
+            mine = [r for r in sweep if r["model"] == model]
+            for slo in SLOS_MS:
+                for system, best in peak_under_slo(mine, slo).items():
+                    rows.append({"model": model, "dataset": dataset, "slo_ms": slo,
+                                 "system": system, "max_batch": best["max_batch"],
+                                 "throughput_tokens_per_s": best["throughput_tokens_per_s"],
+                                 "oom": best["max_batch"] == 0 and best["oom"]})
+    return rows
+
+
+def offline(quick: bool, progress: bool) -> list[dict]:
+    rows = []
+    for model, batches in OFFLINE.items():
+        for dataset in OFFLINE_DATASETS:
+            sweep = run_sweep(MAIN_SYSTEMS, model, dataset, batches,
+                              steps=_steps(quick, 192, 48), knobs=OFFLINE_KNOBS,
+                              progress=progress)
+            rows += [{"model": model, "dataset": dataset, "batch": r["batch"],
+                      "system": r["system"],
+                      "throughput_tokens_per_s": 0.0 if r["oom"] else
+                      r["throughput_tokens_per_s"], "oom": r["oom"]} for r in sweep]
+    return rows
+
+
+def energy(quick: bool, progress: bool) -> list[dict]:
+    rows = []
+    components = STUDY_COLUMNS["energy"][5:]
+    for model in ENERGY_MODELS:
+        sweep = run_sweep(MAIN_SYSTEMS, model, "wildchat", BATCH_GRID,
+                          steps=_steps(quick, 256, 64), progress=progress)
+        picked = peak_under_slo(sweep, 150.0).values()
+        batch = OFFLINE[model][1]
+        picked = list(picked) + run_sweep(MAIN_SYSTEMS, model, "arxiv-sum", [batch],
+                                          steps=_steps(quick, 192, 48), knobs=OFFLINE_KNOBS,
+                                          progress=progress)
+        for r in picked:
+            online_row = "max_batch" in r
+            fits = not r["oom"] and (not online_row or r["max_batch"] > 0)
+            row = {"model": model, "dataset": "wildchat" if online_row else "arxiv-sum",
+                   "mode": "online" if online_row else "offline", "system": r["system"],
+                   "energy_j_per_token": r["energy_j_per_token"] if fits else None}
+            row.update({c: r[f"energy_{c}"] if fits else None for c in components})
+            rows.append(row)
+    return rows
+
+
+def ablation(quick: bool, progress: bool) -> list[dict]:
+    sweep = run_sweep(ABLATION_VARIANTS, "llama3-70b", "arxiv-sum", ABLATION_BATCHES,
+                      steps=_steps(quick, 192, 48), knobs=OFFLINE_KNOBS, progress=progress)
+    base = {r["batch"]: r["attention_time_s"] for r in sweep if r["system"] == "ls-pim"}
+    return [{"model": "llama3-70b", "dataset": "arxiv-sum", "batch": r["batch"],
+             "variant": r["system"], "attention_time_s": r["attention_time_s"],
+             "speedup_vs_ls_pim": base[r["batch"]] / r["attention_time_s"]
+             if r["attention_time_s"] > 0 else None} for r in sweep]
+
+
+def scaled_platform(tp: int, pp: int):
+    """The PAM node's hardware in proportion to tp x pp GPUs (8 GPUs = one node)."""
+    base = get_platform()
+    gpus = tp * pp
+    overrides = {f"{t.name}.num_devices": max(1, round(t.num_devices * gpus / 8))
+                 for t in base.tiers}
+    return base.with_parallelism(tp, pp).with_overrides(overrides)
+
+
+def scaling(quick: bool, progress: bool) -> list[dict]:
+    platforms = {f"{tp}x{pp}": scaled_platform(tp, pp) for tp, pp in SCALING_CONFIGS}
+    sweep = run_sweep(SCALING_SYSTEMS, "llama3-70b", "write-doc", [1024], platforms=platforms,
+                      requests_per_slot=1, steps=_steps(quick, 192, 48), knobs=OFFLINE_KNOBS,
+                      progress=progress)
+    rows = []
+    for r in sweep:
+        tp, pp = (int(v) for v in r["platform"].split("x"))
+        rows.append({"model": "llama3-70b", "dataset": "write-doc", "tp": tp, "pp": pp,
+                     "system": r["system"],
+                     "throughput_tokens_per_s": 0.0 if r["oom"] else
+                     r["throughput_tokens_per_s"]})
+    return rows
+
+
+def _plot(study: str, rows: list[dict], path: pathlib.Path) -> None:
+    def bars(group_key, series_key, value_key, ylabel, title, log=False):
+        groups = list(dict.fromkeys(group_key(r) for r in rows))
+        names = list(dict.fromkeys(r[series_key] for r in rows))
+        table = {(group_key(r), r[series_key]): r.get(value_key) for r in rows}
+        series = {n: [table.get((g, n)) or None for g in groups] for n in names}
+        plots.grouped_bars(path, groups, series, ylabel=ylabel, title=title, log=log)
+
+    if study == "online":
+        bars(lambda r: f"{r['model']}\n{r['dataset']} {r['slo_ms']:g}ms", "system",
+             "throughput_tokens_per_s", "output tokens / s (log)",
+             "Peak throughput under the TPOT p99 SLO (0 or OOM: no bar)", log=True)
+    elif study == "offline":
+        bars(lambda r: f"{r['model']}\n{r['dataset']} b{r['batch']}", "system",
+             "throughput_tokens_per_s", "output tokens / s (log)",
+             "Offline throughput at fixed batch (OOM: no bar)", log=True)
+    elif study == "energy":
+        bars(lambda r: f"{r['model']}\n{r['mode']}", "system", "energy_j_per_token",
+             "J per output token", "Energy per output token")
+    elif study == "ablation":
+        bars(lambda r: f"batch {r['batch']}", "variant", "speedup_vs_ls_pim",
+             "attention speedup over LS-PIM", "Ablation (LLaMA3-70B, arxiv-sum)")
+    else:
+        bars(lambda r: f"TP{r['tp']} PP{r['pp']}", "system", "throughput_tokens_per_s",
+             "output tokens / s", "Scaling (LLaMA3-70B, write-doc, 1024 requests)")
+
+
+def reproduce(study: str, out_dir, *, quick: bool = False, progress: bool = True
+              ) -> dict[str, pathlib.Path]:
+    """Run one study (or ``all``) and write its CSV and PNG; returns {study: csv path}."""
+    names = STUDIES if study == "all" else (study,)
+    for name in names:
+        if name not in STUDIES:
+            raise UnknownNameError("study", name, (*STUDIES, "all"))
+    out = pathlib.Path(out_dir)
+    written = {}
+    for name in names:
+        start = time.perf_counter()
+        if progress:
+            print(f"[{name}] running{' (quick)' if quick else ''}...", file=sys.stderr)
+        rows = globals()[name](quick, progress)
+        written[name] = write_csv(out / f"{name}.csv", rows, STUDY_COLUMNS[name])
+        _plot(name, rows, out / f"{name}.png")
+        if progress:
+            print(f"[{name}] wrote {written[name]} and {name}.png in "
+                  f"{time.perf_counter() - start:.0f} s", file=sys.stderr)
+    return written
