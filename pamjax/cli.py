@@ -10,7 +10,7 @@ import argparse
 import pathlib
 import sys
 
-from pamjax.errors import PamjaxError
+from pamjax.errors import ConfigError, PamjaxError
 
 EXAMPLES = {
     "run": "pamjax run --out pamjax-out",
@@ -74,8 +74,8 @@ def _load_workload(args):
     if args.trace:
         loaded = wl.load_trace(args.trace, max_requests=args.max_requests)
         if args.rate:
-            raise PamjaxError("--rate applies to synthetic workloads; a trace has its own "
-                              "arrival times")
+            raise ConfigError("--rate", args.rate, "applies to synthetic workloads; a trace "
+                              "has its own arrival times")
         return loaded
     return wl.synthetic(args.workload, args.max_requests or 256, seed=args.seed,
                         rate_per_s=args.rate)

@@ -345,9 +345,19 @@ def _schedule_request(p: SimParams, config: EngineConfig, importance_row, tier_r
     _swap_phase(importance_row, tier_row, bank_group_row, present, HBM, DDR, budget, phase2)
 
 
-def _prompt_tiers(p: SimParams, mass: np.ndarray, num_units: int, free: list[int]) -> list[int]:
-    """Tiers of one prompt's units (step 2 of the module docstring); updates ``free``."""
-    if int(p.placement_policy) == PLACEMENT_IMPORTANCE_RATIO:
+def prompt_tiers(params: SimParams, mass, num_units: int, free: list[int]) -> list[int]:
+    """Tiers of one prompt's units (step 2 of the module docstring).
+
+    Args:
+      params: parameters (``placement_policy``, ``target_x``, ``target_y``).
+      mass: float [>= num_units], prefill attention mass of each unit.
+      num_units: units of the prompt.
+      free: free units per tier [T]; the units placed on HBM and DDR are taken from it.
+
+    Returns:
+      The tier of each unit.
+    """
+    if int(params.placement_policy) == PLACEMENT_IMPORTANCE_RATIO:
         order = sorted(range(num_units), key=lambda u: (-mass[u], u))
         total = sum(mass[u] for u in order)
 
@@ -360,7 +370,7 @@ def _prompt_tiers(p: SimParams, mass: np.ndarray, num_units: int, free: list[int
                 count += 1
             return max(count, 1) if share > 0 else 0
 
-        x, y = float(p.target_x), float(p.target_y)
+        x, y = float(params.target_x), float(params.target_y)
         want_hbm = units_to_cover(x / (x + y + 1.0))
         want_fast = max(units_to_cover((x + y) / (x + y + 1.0)), want_hbm)
         want_ssd = num_units - want_fast
@@ -455,9 +465,10 @@ def reference_step(config: EngineConfig, params: SimParams, state: RefState, wor
         n_prompt = int(prompt[i])
         tokens = tokens_per_unit(n_prompt, page, num_units)
         n_prompt_units = units_for(n_prompt, page)
-        latent = np.asarray(_initial_latent(p, np.uint32(s.seed), i, np.arange(num_units)), np.float32)
+        latent = np.asarray(_initial_latent(p, np.uint32(s.seed), i, np.arange(num_units)),
+                            np.float32)
         mass = _row_mass(_row_logits(p, latent, n_prompt, page), tokens)
-        tiers = _prompt_tiers(p, mass, n_prompt_units, free)
+        tiers = prompt_tiers(p, mass, n_prompt_units, free)
         for u in range(n_prompt_units):
             s.unit_tier[slot, u] = tiers[u]
             s.unit_latent[slot, u] = latent[u]

@@ -1,0 +1,16 @@
+"""The PAM 'scaling' study (see pamjax/reproduce.py for the setup and CSV columns).
+
+Usage: python experiments/scaling.py [--quick] [--out DIR]
+Writes DIR/scaling.csv and DIR/scaling.png (default DIR: experiments/out).
+"""
+
+import argparse
+
+from pamjax.reproduce import reproduce
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="shorter simulated horizons")
+    parser.add_argument("--out", default="experiments/out")
+    args = parser.parse_args()
+    reproduce("scaling", args.out, quick=args.quick)

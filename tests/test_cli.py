@@ -1,0 +1,88 @@
+"""The pamjax command line: help, the simulate JSON contract, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pamjax.cli import build_parser, main
+
+SIMULATE_KEYS = {
+    "requests_total", "requests_finished", "requests_rejected", "requests_unfinished",
+    "output_tokens", "throughput_tokens_per_s", "ttft_ms", "tpot_ms", "energy_j_per_token",
+    "tier_token_share", "tier_attention_time_share", "migrated_token_fraction_per_step",
+    "simulated_seconds", "wall_seconds", "decode_steps",
+}
+
+
+def test_every_command_has_help_with_an_example(capsys):
+    commands = build_parser()._subparsers._group_actions[0].choices
+    for name in commands:
+        with pytest.raises(SystemExit) as exit_info:
+            main([name, "--help"])
+        assert exit_info.value.code == 0
+        assert "example: pamjax" in capsys.readouterr().out
+
+
+def test_console_script_help_runs():
+    out = subprocess.run([sys.executable, "-m", "pamjax.cli", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    assert "simulate" in out and "reproduce" in out
+
+
+def test_simulate_writes_the_documented_json(tmp_path, capsys):
+    path = tmp_path / "pam.json"
+    rc = main(["simulate", "--system", "pam", "--model", "llama3-8b", "--workload",
+               "humaneval", "--batch", "4", "--max-requests", "6", "--slo-ms", "150",
+               "--json", str(path)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "tok/s" in out and "SLO met" in out
+    summary = json.loads(path.read_text())
+    assert SIMULATE_KEYS <= set(summary)
+    assert summary["requests_finished"] == summary["requests_total"] == 6
+    assert set(summary["tpot_ms"]) == {"mean", "p50", "p99"}
+    assert set(summary["tier_token_share"]) == {"hbm", "ddr", "ssd"}
+    assert summary["output_tokens"] > 0 and summary["throughput_tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["simulate", "--system", "nope"], "invalid choice"),
+    (["simulate", "--system", "pam", "--batch", "0"], "must be >= 1"),
+    (["simulate", "--system", "pam", "--batch", "x"], "not an integer"),
+    (["simulate", "--system", "pam", "--rate", "-1"], "must be a finite number > 0"),
+    (["simulate", "--system", "pam", "--rate", "nan"], "must be a finite number > 0"),
+    (["simulate", "--system", "pam", "--trace", "/no/such/file.csv"], "file not found"),
+    (["compare", "--systems", "pam,bogus"], "unknown system"),
+    (["compare", "--batches", "4,-2"], "batch sizes must be integers >= 1"),
+    (["reproduce", "everything"], "invalid choice"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_input_is_one_line_and_nonzero(argv, needle, capsys):
+    try:
+        rc = main(argv)
+    except SystemExit as exc:
+        rc = exc.code
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert needle in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_malformed_trace_is_refused_with_line(tmp_path, capsys):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("arrival_s,prompt_tokens,output_tokens\n0.0,10,5\n0.5,ten,5\n")
+    rc = main(["simulate", "--system", "pam", "--trace", str(bad)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "bad.csv:3" in err and len(err.strip().splitlines()) == 1
+
+
+def test_presets_lists_everything(capsys):
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    for word in ("hbm", "ddr", "ssd", "llama3-70b", "opt-175b", "vllm-offload", "pam",
+                 "sharegpt", "write-doc"):
+        assert word in out
