@@ -611,10 +611,10 @@ def reference_step(config: EngineConfig, params: SimParams, state: RefState, wor
         cost = jax.tree.map(lambda v: np.asarray(v, np.float64), _step_cost(p, counts))
     busy = bool(decoding) or bool(admitted)
     step_time = float(cost.time_s) if busy else 0.0
-    idle = 0.0
+    s.clock_s = now + step_time
     if not busy and state.next_request + taken < num_requests:
-        idle = max(float(arrival[state.next_request]) - now, 0.0)
-    s.clock_s = now + step_time + idle
+        s.clock_s = max(now, float(arrival[state.next_request]))
+    idle = s.clock_s - now - step_time
     end = s.clock_s
 
     # ------------------------------------------------------------ 9. completion
