@@ -257,11 +257,11 @@ def cmd_compare(args) -> int:
                "batches": sorted(set(args.batches)), "steps": args.steps, "seed": args.seed,
                "best": best, "sweep": rows}
     _write_json(args.json or out / "compare.json", summary)
-    plots.grouped_bars(out / "compare.png", [f"{args.model}\n{name}"],
-                       {s: [r["throughput_tokens_per_s"] if r["max_batch"] else None]
-                        for s, r in best.items()},
-                       ylabel="output tokens / s at max batch",
-                       title=f"Peak throughput under a {args.slo_ms:g} ms TPOT p99 SLO")
+    plots.grouped_bars(out / "compare.png", {f"{args.model} on {name}": (
+        ["peak tokens/s", "max batch"],
+        {s: [r["throughput_tokens_per_s"] or None, r["max_batch"] or None]
+         for s, r in best.items()})}, ylabel="tokens/s | requests (log)", log=True,
+        title=f"Peak throughput and max batch under a {args.slo_ms:g} ms TPOT p99 SLO")
     plots.throughput_vs_batch(out / "compare_batches.png", rows, slo_ms=args.slo_ms,
                               title=f"{args.model} on {name}")
     print(f"wrote {out / 'compare.png'} and {out / 'compare_batches.png'}")

@@ -14,38 +14,43 @@ def _pyplot():
     return plt
 
 
-def grouped_bars(path, groups: list[str], series: dict[str, list[float]], *, ylabel: str,
+def grouped_bars(path, panels: dict[str, tuple[list[str], dict[str, list]]], *, ylabel: str,
                  title: str, missing_label: str = "OOM", log: bool = False) -> pathlib.Path:
-    """Grouped bar chart: one group per entry of ``groups``, one bar per series.
+    """Grouped bar charts, one panel per entry of ``panels`` stacked vertically.
 
-    A value of None draws no bar and writes ``missing_label`` at its place (e.g. OOM).
+    Args:
+      panels: {panel title: (group labels, {series name: values per group})}. A value of
+        None draws no bar and writes ``missing_label`` at its place (e.g. OOM).
     """
     plt = _pyplot()
-    names = list(series)
-    width = 0.8 / max(len(names), 1)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(groups) * max(len(names), 1) + 3), 4.2))
-    for i, name in enumerate(names):
-        xs = [g + (i - (len(names) - 1) / 2) * width for g in range(len(groups))]
-        values = series[name]
-        ax.bar([x for x, v in zip(xs, values) if v is not None],
-               [v for v in values if v is not None], width, label=name)
-        for x, v in zip(xs, values):
-            if v is None:
-                ax.text(x, 0, missing_label, rotation=90, ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(range(len(groups)))
-    ax.set_xticklabels(groups, rotation=20 if max(map(len, groups), default=0) > 10 else 0,
-                       ha="right" if max(map(len, groups), default=0) > 10 else "center",
-                       fontsize=8)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    if log:
-        ax.set_yscale("log")
-    ax.legend(fontsize=8, ncol=min(len(names), 5))
-    ax.grid(axis="y", alpha=0.3)
+    widest = max(len(groups) * max(len(series), 1) for groups, series in panels.values())
+    fig, axes = plt.subplots(len(panels), 1, squeeze=False,
+                             figsize=(min(max(6.0, 0.22 * widest + 2), 16), 3.4 * len(panels)))
+    for ax, (panel, (groups, series)) in zip(axes[:, 0], panels.items()):
+        names = list(series)
+        width = 0.8 / max(len(names), 1)
+        for i, name in enumerate(names):
+            xs = [g + (i - (len(names) - 1) / 2) * width for g in range(len(groups))]
+            values = series[name]
+            ax.bar([x for x, v in zip(xs, values) if v is not None],
+                   [v for v in values if v is not None], width, label=name)
+            for x, v in zip(xs, values):
+                if v is None:
+                    ax.text(x, 0.02, missing_label, rotation=90, ha="center", va="bottom",
+                            fontsize=6, transform=ax.get_xaxis_transform())
+        ax.set_xticks(range(len(groups)))
+        ax.set_xticklabels(groups, fontsize=7)
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.set_title(panel, fontsize=9)
+        if log:
+            ax.set_yscale("log")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0, 0].legend(fontsize=7, ncol=min(len(names), 5), loc="upper right")
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 

@@ -155,30 +155,37 @@ def scaling(quick: bool, progress: bool) -> list[dict]:
 
 
 def _plot(study: str, rows: list[dict], path: pathlib.Path) -> None:
-    def bars(group_key, series_key, value_key, ylabel, title, log=False):
-        groups = list(dict.fromkeys(group_key(r) for r in rows))
-        names = list(dict.fromkeys(r[series_key] for r in rows))
-        table = {(group_key(r), r[series_key]): r.get(value_key) for r in rows}
-        series = {n: [table.get((g, n)) or None for g in groups] for n in names}
-        plots.grouped_bars(path, groups, series, ylabel=ylabel, title=title, log=log)
+    def bars(panel_key, group_key, series_key, value_key, ylabel, title, log=False):
+        panels = {}
+        for panel in dict.fromkeys(panel_key(r) for r in rows):
+            mine = [r for r in rows if panel_key(r) == panel]
+            groups = list(dict.fromkeys(group_key(r) for r in mine))
+            names = list(dict.fromkeys(r[series_key] for r in mine))
+            table = {(group_key(r), r[series_key]): r.get(value_key) for r in mine}
+            panels[panel] = (groups, {n: [table.get((g, n)) or None for g in groups]
+                                      for n in names})
+        plots.grouped_bars(path, panels, ylabel=ylabel, title=title, log=log)
 
     if study == "online":
-        bars(lambda r: f"{r['model']}\n{r['dataset']} {r['slo_ms']:g}ms", "system",
-             "throughput_tokens_per_s", "output tokens / s (log)",
-             "Peak throughput under the TPOT p99 SLO (0 or OOM: no bar)", log=True)
+        bars(lambda r: r["dataset"], lambda r: f"{r['model']}\n{r['slo_ms']:g} ms", "system",
+             "throughput_tokens_per_s", "tokens/s (log)",
+             "Peak throughput under the TPOT p99 SLO (OOM: no batch fits)", log=True)
     elif study == "offline":
-        bars(lambda r: f"{r['model']}\n{r['dataset']} b{r['batch']}", "system",
-             "throughput_tokens_per_s", "output tokens / s (log)",
-             "Offline throughput at fixed batch (OOM: no bar)", log=True)
+        bars(lambda r: r["dataset"], lambda r: f"{r['model']}\nbatch {r['batch']}", "system",
+             "throughput_tokens_per_s", "decode tokens/s (log)",
+             "Offline decode throughput at fixed batch (OOM: out of memory)", log=True)
     elif study == "energy":
-        bars(lambda r: f"{r['model']}\n{r['mode']}", "system", "energy_j_per_token",
-             "J per output token", "Energy per output token")
+        bars(lambda r: r["mode"], lambda r: f"{r['model']}\n{r['dataset']}", "system",
+             "energy_j_per_token", "J / output token", "Energy per output token")
     elif study == "ablation":
-        bars(lambda r: f"batch {r['batch']}", "variant", "speedup_vs_ls_pim",
-             "attention speedup over LS-PIM", "Ablation (LLaMA3-70B, arxiv-sum)")
+        bars(lambda r: f"{r['model']}, {r['dataset']}", lambda r: f"batch {r['batch']}",
+             "variant", "speedup_vs_ls_pim", "attention speedup vs LS-PIM",
+             "Ablation: attention-time speedup over LS-PIM")
     else:
-        bars(lambda r: f"TP{r['tp']} PP{r['pp']}", "system", "throughput_tokens_per_s",
-             "output tokens / s", "Scaling (LLaMA3-70B, write-doc, 1024 requests)")
+        bars(lambda r: f"{r['model']}, {r['dataset']}, 1024 requests",
+             lambda r: f"TP{r['tp']} PP{r['pp']}\n{r['tp'] * r['pp']} GPUs", "system",
+             "throughput_tokens_per_s", "decode tokens/s",
+             "Scaling with hardware in proportion to the GPUs")
 
 
 def reproduce(study: str, out_dir, *, quick: bool = False, progress: bool = True
