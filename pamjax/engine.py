@@ -147,6 +147,7 @@ def step(config: EngineConfig, params: SimParams, state: EngineState,
     c_tokens = locality.unit_tokens(jnp.where(admit, c_prompt, 0), page, n_units)
     c_present = c_tokens > 0
     free_now = jnp.maximum(capacity - tier_units(state.unit_tier), 0)
+    bg_order = placement.bank_group_order(params, state.activation)
 
     def place_prompts(_):
         latent = locality.initial_latent(params, state.seed, cand_c[:, None], unit_idx[None, :])
@@ -156,7 +157,7 @@ def step(config: EngineConfig, params: SimParams, state: EngineState,
         tier = placement.initial_tiers(params, mass, c_present, free_now, target_share(params),
                                        config.bisection_iters)
         bank_group = placement.assign_bank_groups(
-            params, tier.ravel(), c_present.ravel(), state.activation,
+            params, tier.ravel(), c_present.ravel(), bg_order,
             (cand_c[:, None] * n_units + unit_idx[None, :]).ravel()).reshape(tier.shape)
         return tier, bank_group, latent, mass
 
@@ -212,7 +213,7 @@ def step(config: EngineConfig, params: SimParams, state: EngineState,
         params,
         jnp.concatenate([new_tier, lower_tier]).astype(jnp.int8),
         jnp.concatenate([opens_unit, demote]),
-        state.activation,
+        bg_order,
         jnp.concatenate([req * n_units + new_u, req * n_units + victim]))
     unit_tier = unit_tier.at[rows, victim_col].set(lower_tier.astype(jnp.int8), mode="drop")
     unit_bg = unit_bg.at[rows, victim_col].set(mapped[r_slots:], mode="drop")

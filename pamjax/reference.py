@@ -108,7 +108,8 @@ class RefState:
       slot_context: int [R], tokens in the slot's KV cache.
       unit_tier: int [R, U], tier of each KV unit (-1 = no unit).
       unit_bank_group: int [R, U], bank group of each unit inside its device.
-      unit_latent: float32 [R, U], access-model latent log-importance (0 where no unit).
+      unit_latent: float32 [R, U], access-model latent log-importance (unused where no
+        unit).
       unit_importance: float64 [R, U], PAM importance factor I (0 where no unit).
       unit_selected: bool [R, U], attended at the previous step.
       activation: int [W, T, G], selected units per bank group over the last W decode steps
@@ -304,8 +305,8 @@ def _tier_importance(importance_row, tier_row, present) -> list[float]:
 
 
 def _swap_phase(importance_row, tier_row, bank_group_row, present, fast: int, slow: int,
-                budget: int, wants_more) -> int:
-    """One phase of PAM's online scheduling on one request, in place; returns the swaps made.
+                budget: int, wants_more) -> None:
+    """One phase of PAM's online scheduling on one request, in place.
 
     While ``wants_more(IS)`` holds and the budget is not exhausted, swap the least important
     unit of the fast tier with the most important unit of the slow tier, provided the slow
@@ -324,7 +325,6 @@ def _swap_phase(importance_row, tier_row, bank_group_row, present, fast: int, sl
         tier_row[f], tier_row[s] = slow, fast
         bank_group_row[f], bank_group_row[s] = bank_group_row[s], bank_group_row[f]
         swaps += 1
-    return swaps
 
 
 def _schedule_request(p: SimParams, config: EngineConfig, importance_row, tier_row,
@@ -454,7 +454,7 @@ def reference_step(config: EngineConfig, params: SimParams, state: RefState, wor
         admitted_prompt_tokens += int(prompt[i])
     taken = len(admitted) + len(rejected)
     free_slots = [r for r in range(num_slots) if s.slot_request[r] < 0]
-    admitted_slots = list(zip(admitted, free_slots))
+    admitted_slots = list(zip(admitted, free_slots[:len(admitted)], strict=True))
 
     # ------------------------------------------------------------ 2. prompt placement
     free = [max(capacity[t] - n, 0) for t, n in enumerate(count_units_per_tier(s.unit_tier))]
@@ -483,7 +483,7 @@ def reference_step(config: EngineConfig, params: SimParams, state: RefState, wor
         prefill_pairs += n_prompt * (n_prompt + 1) / 2.0
     bank_groups = _map_bank_groups(p, [(t, q) for _, _, t, q in prompt_placements],
                                    s.activation)
-    for (slot, u, _, _), group in zip(prompt_placements, bank_groups):
+    for (slot, u, _, _), group in zip(prompt_placements, bank_groups, strict=True):
         s.unit_bank_group[slot, u] = group
 
     # ------------------------------------------------------------ 3. decode: the new token
@@ -527,7 +527,7 @@ def reference_step(config: EngineConfig, params: SimParams, state: RefState, wor
     decode_placements = new_units + demoted
     bank_groups = _map_bank_groups(p, [(t, q) for _, _, t, q in decode_placements],
                                    s.activation)
-    for (r, u, _, _), group in zip(decode_placements, bank_groups):
+    for (r, u, _, _), group in zip(decode_placements, bank_groups, strict=True):
         s.unit_bank_group[r, u] = group
 
     # ------------------------------------------------------------ 5. access model
@@ -612,9 +612,10 @@ def reference_step(config: EngineConfig, params: SimParams, state: RefState, wor
     busy = bool(decoding) or bool(admitted)
     step_time = float(cost.time_s) if busy else 0.0
     s.clock_s = now + step_time
+    idle = 0.0
     if not busy and state.next_request + taken < num_requests:
-        s.clock_s = max(now, float(arrival[state.next_request]))
-    idle = s.clock_s - now - step_time
+        s.clock_s = max(now, float(arrival[state.next_request]))  # jump to the next arrival
+        idle = s.clock_s - now
     end = s.clock_s
 
     # ------------------------------------------------------------ 9. completion
