@@ -154,8 +154,9 @@ def step(config: EngineConfig, params: SimParams, state: EngineState,
         the_logits = _unit_logits(config, params, latent, c_prompt, jnp.ones_like(cand_c),
                                   recorded)
         mass = jnp.where(c_present, locality.attention_mass(the_logits, c_tokens), 0.0)
-        tier = placement.initial_tiers(params, mass, c_present, free_now, target_share(params),
-                                       config.bisection_iters)
+        log_mass = the_logits + jnp.log(jnp.maximum(c_tokens, 1).astype(jnp.float32))
+        tier = placement.initial_tiers(params, log_mass, c_present, free_now,
+                                       target_share(params), config.bisection_iters)
         bank_group = placement.assign_bank_groups(
             params, tier.ravel(), c_present.ravel(), bg_order,
             (cand_c[:, None] * n_units + unit_idx[None, :]).ravel()).reshape(tier.shape)
@@ -251,12 +252,13 @@ def step(config: EngineConfig, params: SimParams, state: EngineState,
     bg_tokens = jax.ops.segment_sum(sel_tokens.ravel(), segment.ravel(),
                                     num_segments=NUM_TIERS * groups).reshape(NUM_TIERS, groups)
     # Partials a request's attention produces per device: one per bank group holding its
-    # attended units, i.e. min(attended units, bank groups) -- exact under the greedy
-    # round-robin mapping, an upper bound under sequential fill (PAM_SPEC §4 ablation).
-    row_tier_selected = jnp.stack(
-        [jnp.sum(selected & (tier_i == t), axis=-1) for t in range(NUM_TIERS)], axis=-1)
-    active_bg = jnp.minimum(row_tier_selected, params.bank_groups.astype(jnp.int32)).sum(0)
-    tier_requests = jnp.sum(row_tier_selected > 0, axis=0)
+    # attended units (a [R, T x G] presence table; PAM_SPEC §4 and its ablation).
+    request_bg = jnp.zeros((r_slots, NUM_TIERS * groups), bool).at[rows[:, None], segment].max(
+        selected).reshape(r_slots, NUM_TIERS, groups)
+    active_bg = request_bg.sum((0, 2))
+    tier_requests = request_bg.any(-1).sum(0)
+    # Label reads happen where the tokens sit while they are scored, before scheduling.
+    tier_tokens = tier_sums(unit_tier, tokens)
     sel_units_bg = jax.ops.segment_sum(selected.ravel().astype(jnp.int32), segment.ravel(),
                                        num_segments=NUM_TIERS * groups)
     activation = state.activation.at[state.step % config.window].set(
@@ -277,7 +279,7 @@ def step(config: EngineConfig, params: SimParams, state: EngineState,
     counts = StepCounts(
         decode_requests=jnp.sum(decoding).astype(jnp.float32),
         decode_context=jnp.sum(jnp.where(decoding, context, 0)).astype(jnp.float32),
-        tier_tokens=tier_sums(unit_tier, tokens).astype(jnp.float32),
+        tier_tokens=tier_tokens.astype(jnp.float32),
         tier_selected=jnp.sum(bg_tokens, -1).astype(jnp.float32),
         tier_busiest_bank_group=jnp.max(bg_tokens, -1).astype(jnp.float32),
         tier_requests=tier_requests.astype(jnp.float32),

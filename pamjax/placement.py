@@ -30,37 +30,42 @@ def allocate_in_order(demand, free):
     return jnp.clip(free - before, 0, demand)
 
 
-def prompt_tier_counts(demand_hbm, demand_ddr, units, free):
-    """Units of each prompt per tier, honouring shared capacity, fastest tier first.
+def prompt_tier_counts(demand_hbm, demand_ssd, units, free):
+    """Units of each prompt per tier, honouring every tier's free room.
 
-    Each request asks for ``demand_hbm`` HBM and ``demand_ddr`` DDR units of its ``units``;
-    what the HBM cannot grant spills to DDR, what DDR cannot grant spills to SSD. SSD
-    room is not checked here: admission reserved every admitted request's whole KV.
+    Each request asks for ``demand_hbm`` HBM units and ``demand_ssd`` SSD units, the rest on
+    DDR; what HBM cannot grant goes to DDR, what DDR cannot grant to SSD, and what SSD
+    cannot take goes back up to DDR, then HBM (admission reserved every admitted request's
+    whole KV across the enabled tiers, so the total always fits).
 
     Args:
-      demand_hbm, demand_ddr, units: i32 [M]; free: i32 [T] free units per tier.
+      demand_hbm, demand_ssd, units: i32 [M]; free: i32 [T] free units per tier.
 
     Returns:
-      (hbm, ddr, ssd) i32 [M] each.
+      (hbm, ddr, ssd) i32 [M] each, summing to ``units``.
     """
     hbm = allocate_in_order(demand_hbm, free[0])
-    ddr = allocate_in_order(units - hbm - jnp.maximum(units - demand_hbm - demand_ddr, 0),
-                            free[1])
-    return hbm, ddr, units - hbm - ddr
+    ddr = allocate_in_order(jnp.maximum(units - hbm - demand_ssd, 0), free[1])
+    ssd = allocate_in_order(units - hbm - ddr, free[2])
+    left = units - hbm - ddr - ssd
+    more_ddr = allocate_in_order(left, free[1] - ddr.sum())
+    more_hbm = allocate_in_order(left - more_ddr, free[0] - hbm.sum())
+    return hbm + more_hbm, ddr + more_ddr, ssd
 
 
-def initial_tiers(params, importance, present, free, target_share, iters: int):
+def initial_tiers(params, log_mass, present, free, target_share, iters: int):
     """Tier of every prompt unit of the requests being admitted.
 
     Fastest-first (baselines): units in position order fill HBM, then DDR, then SSD.
-    Importance ratio (PAM, PAM_SPEC §5): units in decreasing prefill importance go to HBM
-    until HBM holds ``target_share[0]`` of the request's importance, then to DDR until it
-    holds ``target_share[1]``, the rest to SSD; shortfalls of capacity spill downwards.
-    Disabled tiers have no free units, so everything spills past them. Ranking by importance
-    uses bisection (locality.top_count), not a sort.
+    Importance ratio (PAM, PAM_SPEC §5): the most important units go to HBM until HBM holds
+    ``target_share[0]`` of the request's importance, the least important go to SSD while the
+    SSD holds at most ``target_share[2]`` of it, the rest to DDR; shortfalls of capacity
+    spill to the neighbouring tiers. Disabled tiers have no free units. Ranking uses
+    bisection on log-mass (uniform resolution down to tiny tail masses), not a sort.
 
     Args:
-      importance: f32 [A, U] prefill attention mass of each unit (rows sum to 1).
+      log_mass: f32 [A, U] log of each unit's prefill attention mass, up to a per-row
+        constant (logit + log tokens).
       present: bool [A, U] units that exist (prompt units of admitted requests).
       free: i32 [T] free units per tier.
       target_share: f32 [T] desired importance share per tier (sums to 1).
@@ -69,28 +74,31 @@ def initial_tiers(params, importance, present, free, target_share, iters: int):
     Returns:
       i8 [A, U] tiers (-1 where not present).
     """
-    position = jnp.arange(importance.shape[-1], dtype=jnp.int32)[None, :]
+    position = jnp.arange(log_mass.shape[-1], dtype=jnp.int32)[None, :]
     by_importance = params.placement_policy == PLACEMENT_IMPORTANCE_RATIO
     units = present.sum(-1).astype(jnp.int32)
-    mass = jnp.where(present, importance, 0.0)
+    log_mass = jnp.where(present, log_mass, -jnp.inf)
+    peak = jnp.max(log_mass, axis=-1, keepdims=True)
+    mass = jnp.where(present, jnp.exp(log_mass - jnp.where(jnp.isfinite(peak), peak, 0.0)), 0.0)
+    total = mass.sum(-1)
+    values = jnp.where(present, log_mass, 0.0)
 
-    # Units needed, most important first, to cover each tier's importance share.
-    def units_to_cover(share):
-        lo, _ = threshold_bracket(mass, mass, share * mass.sum(-1), iters)
-        covering = present & (mass >= lo[:, None])
-        # A share of 0 needs no unit; a positive share needs at least one.
-        return jnp.where(share > 0, jnp.maximum(covering.sum(-1), 1), 0).astype(jnp.int32)
+    # Fewest most-important units covering HBM's share.
+    lo, _ = threshold_bracket(values, mass, target_share[0] * total, iters)
+    cover_hbm = jnp.sum(present & (values >= lo[:, None]), -1)
+    # Most least-important units staying within SSD's share.
+    _, hi = threshold_bracket(-values, mass, target_share[2] * total, iters)
+    within_ssd = jnp.sum(present & (-values >= hi[:, None]), -1)
+    want_ssd = jnp.minimum(within_ssd, units).astype(jnp.int32)
+    want_hbm = jnp.minimum(cover_hbm, units - want_ssd).astype(jnp.int32)
 
-    want_hbm = jnp.minimum(units_to_cover(target_share[0]), units)
-    want_fast = jnp.maximum(jnp.minimum(units_to_cover(target_share[0] + target_share[1]),
-                                        units), want_hbm)
     demand_hbm = jnp.where(by_importance, want_hbm, units)
-    demand_ddr = jnp.where(by_importance, want_fast - want_hbm, units)
-    hbm, ddr, _ = prompt_tier_counts(demand_hbm, demand_ddr, units, free)
+    demand_ssd = jnp.where(by_importance, want_ssd, 0)
+    hbm, ddr, _ = prompt_tier_counts(demand_hbm, demand_ssd, units, free)
 
-    in_hbm = jnp.where(by_importance, top_count(mass, present, hbm, iters),
+    in_hbm = jnp.where(by_importance, top_count(values, present, hbm, iters),
                        position < hbm[:, None])
-    in_fast = jnp.where(by_importance, top_count(mass, present, hbm + ddr, iters),
+    in_fast = jnp.where(by_importance, top_count(values, present, hbm + ddr, iters),
                         position < (hbm + ddr)[:, None])
     tier = jnp.where(in_hbm, 0, jnp.where(in_fast, 1, 2))
     return jnp.where(present, tier, -1).astype(jnp.int8)
