@@ -84,9 +84,13 @@ def _load_workload(args):
 def cmd_simulate(args) -> int:
     from pamjax.simulation import simulate
 
+    from pamjax.locality import load_recorded_scores
+
     workload = _load_workload(args)
+    scores = load_recorded_scores(args.scores) if args.scores else None
     result = simulate(args.system, args.model, workload, max_batch=args.batch,
-                      page_size=args.page_size, seed=args.seed, progress=args.progress)
+                      page_size=args.page_size, seed=args.seed, progress=args.progress,
+                      recorded_scores=scores)
     s = result.summary
     row = {
         "system": args.system, "requests": f"{s['requests_finished']}/{s['requests_total']}",
@@ -106,6 +110,10 @@ def cmd_simulate(args) -> int:
           f"batch <= {args.batch}, {s['decode_steps']} decode steps, "
           f"{s['simulated_seconds']:.2f} simulated s, {s['wall_seconds']:.1f} wall s")
     print(format_table([row], columns))
+    print(f"locality: a unit attended at one step is attended at the next with probability "
+          f"{s['selection_persistence']:.3f}; the attended set holds "
+          f"{100 * s['selected_mass_share']:.1f}% of the attention mass; "
+          f"{100 * s['migrated_token_fraction_per_step']:.3f}% of tokens migrate per step")
     if s["requests_rejected"]:
         print(f"{s['requests_rejected']} request(s) rejected: their KV can never fit the "
               f"system's tiers")
@@ -327,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests to simulate (synthetic default 256; trace default all)")
     p.add_argument("--page-size", type=_positive_int,
                    help="tokens per KV unit (default: 1 unless the run is very large)")
+    p.add_argument("--scores", metavar="PATH", help="recorded per-step token attention "
+                   "logits [steps, tokens] (.npy, or .npz with 'scores') from your own model, "
+                   "replacing the synthetic access model")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="write the summary as JSON")
     p.add_argument("--progress", action="store_true", help="show progress on stderr")

@@ -18,14 +18,19 @@ The model, one step at a time (PAM_SPEC §3 and §5):
    request that cannot be admitted stops the walk. An admitted request takes the lowest free
    slot, its prompt is prefilled (which produces its first token) and its prompt units are
    placed.
-2. **Prompt placement.** Fastest-first (baselines): units in position order fill the free
-   space of HBM, then DDR, and the rest goes to SSD. Importance ratio (PAM): the request
-   wants on HBM the fewest most-important units (by prefill attention mass) that hold the
-   ``x / (x + y + 1)`` share of its mass, on HBM and DDR together the fewest that hold
-   ``(x + y) / (x + y + 1)``, and the rest on SSD; what HBM cannot take goes to DDR and what
-   DDR cannot take goes to SSD, most important units first. The units wanted on SSD go there
-   whether or not SSD has room (as in the engine). Requests are placed one after the other in
-   FCFS order, each seeing what the earlier ones left free.
+2. **Prompt placement.** Each admitted prompt first says what it wants. Fastest-first
+   (baselines): everything on HBM, ranked by position. Importance ratio (PAM): units are
+   ranked by decreasing log-mass (logit + log tokens, ties by position); with the target
+   shares ``(x, y, 1) / (x + y + 1)``, the request wants on HBM the fewest most important
+   units whose mass covers the HBM share of its mass (cumulative >= share), and on SSD the
+   largest number of least important units whose mass stays strictly below the SSD share
+   (counting from the least important end, so tiny tail masses are resolved); the HBM wish
+   is capped at the units not wanted on SSD, and DDR is wanted for the rest. Capacity is then
+   granted tier by tier over all the step's prompts in FCFS order: HBM to every prompt, then
+   DDR for what is neither on HBM nor wanted on SSD, then SSD for the rest, and what SSD
+   cannot take goes back up to DDR's remaining room and then HBM's (admission reserved the
+   whole KV, so everything fits). The top-ranked units of a prompt go to HBM, the next to
+   DDR and the rest to SSD, in the granted numbers.
 3. **Decode: the new KV token.** Each request that was running at the start of the step
    decodes one token. When the token opens a new unit, that unit is placed, in slot order:
    fastest-first puts it on the fastest tier with free room; PAM puts it on HBM and, when HBM
@@ -44,7 +49,9 @@ The model, one step at a time (PAM_SPEC §3 and §5):
    covered (all units when attention is dense). PAM's importance factor is the EMA
    ``I = lambda * mass + (1 - lambda) * I``.
 6. **Attention load.** Selected tokens are counted per (tier, bank group) on the placement
-   *before* this step's scheduling; these counts are also this step's activation row.
+   *before* this step's scheduling; these counts are also this step's activation row. A
+   request's attention yields one partial result per bank group holding its attended units,
+   on each tier.
 7. **Online scheduling (PAM).** Per decoding request, with IS_t the sum of the importance
    factors of the request's units on tier t and x* = IS_HBM / IS_SSD, y* = IS_DDR / IS_SSD:
    phase 1 swaps the least important DDR unit with the most important SSD unit while
@@ -345,49 +352,108 @@ def _schedule_request(p: SimParams, config: EngineConfig, importance_row, tier_r
     _swap_phase(importance_row, tier_row, bank_group_row, present, HBM, DDR, budget, phase2)
 
 
-def prompt_tiers(params: SimParams, mass, num_units: int, free: list[int]) -> list[int]:
-    """Tiers of one prompt's units (step 2 of the module docstring).
+def target_shares(params: SimParams) -> tuple[float, float, float]:
+    """Importance share per tier implied by PAM's x:y:1 target (float64)."""
+    x, y = float(params.target_x), float(params.target_y)
+    total = x + y + 1.0
+    return x / total, y / total, 1.0 / total
+
+
+def prompt_wants(params: SimParams, log_mass) -> tuple[list[int], int, int]:
+    """What one prompt asks of the tiers before capacity is granted (step 2 of the docstring).
 
     Args:
       params: parameters (``placement_policy``, ``target_x``, ``target_y``).
-      mass: float [>= num_units], prefill attention mass of each unit.
-      num_units: units of the prompt.
-      free: free units per tier [T]; the units placed on HBM and DDR are taken from it.
+      log_mass: float [n], log of each prompt unit's attention mass up to a constant
+        (logit + log tokens), one entry per prompt unit.
 
     Returns:
-      The tier of each unit.
+      (rank order of the units, units wanted on HBM, units wanted on SSD). PAM ranks by
+      decreasing log-mass (ties by position); fastest-first ranks by position and wants
+      everything on HBM.
     """
-    if int(params.placement_policy) == PLACEMENT_IMPORTANCE_RATIO:
-        order = sorted(range(num_units), key=lambda u: (-mass[u], u))
-        total = sum(mass[u] for u in order)
+    num_units = len(log_mass)
+    if int(params.placement_policy) != PLACEMENT_IMPORTANCE_RATIO:
+        return list(range(num_units)), num_units, 0
+    log_mass = [float(v) for v in log_mass]
+    order = sorted(range(num_units), key=lambda u: (-log_mass[u], u))
+    peak = max(log_mass, default=0.0)
+    mass = [math.exp(v - peak) for v in log_mass]
+    total = sum(mass)
+    share_hbm, _, share_ssd = target_shares(params)
 
-        def units_to_cover(share):  # most important first, until ``share`` of the mass
-            covered, count = 0.0, 0
-            for u in order:
-                if covered >= share * total:
-                    break
-                covered += mass[u]
-                count += 1
-            return max(count, 1) if share > 0 else 0
+    # HBM: the fewest most important units whose mass covers share_hbm of the request's.
+    want_hbm, covered = 0, 0.0
+    while want_hbm < num_units and covered < share_hbm * total:
+        covered += mass[order[want_hbm]]
+        want_hbm += 1
+    # SSD: the most least-important units whose mass stays strictly below share_ssd of it.
+    want_ssd, tail = 0, 0.0
+    for u in reversed(order):
+        if not tail + mass[u] < share_ssd * total:
+            break
+        tail += mass[u]
+        want_ssd += 1
+    return order, min(want_hbm, num_units - want_ssd), want_ssd
 
-        x, y = float(params.target_x), float(params.target_y)
-        want_hbm = units_to_cover(x / (x + y + 1.0))
-        want_fast = max(units_to_cover((x + y) / (x + y + 1.0)), want_hbm)
-        want_ssd = num_units - want_fast
-    else:
-        order = list(range(num_units))
-        want_hbm, want_ssd = num_units, 0
-    on_hbm = min(want_hbm, free[HBM])
-    on_ddr = min(num_units - on_hbm - want_ssd, free[DDR])
-    free[HBM] -= on_hbm
-    free[DDR] -= on_ddr
-    tiers = [SSD] * num_units
-    for rank, u in enumerate(order):
-        if rank < on_hbm:
-            tiers[u] = HBM
-        elif rank < on_hbm + on_ddr:
-            tiers[u] = DDR
-    return tiers
+
+def grant_prompt_counts(demand_hbm: list[int], demand_ssd: list[int], units: list[int],
+                        free: list[int]) -> list[tuple[int, int, int]]:
+    """Units of each prompt per tier, granted tier by tier over all prompts in FCFS order.
+
+    A pass over the prompts grants HBM; a second grants DDR the units that are neither on
+    HBM nor wanted on SSD (so what HBM could not take goes to DDR); a third grants SSD what
+    is left (what DDR could not take included); what SSD could not take then goes back up,
+    to DDR's remaining room and then to HBM's. Each pass hands a tier's remaining room to
+    the prompts one after the other.
+
+    Args:
+      demand_hbm, demand_ssd, units: per prompt, in FCFS order.
+      free: free units per tier [T] before the prompts; consumed in place.
+
+    Returns:
+      (hbm, ddr, ssd) units of each prompt.
+    """
+    def take(tier, want):
+        got = min(max(want, 0), free[tier])
+        free[tier] -= got
+        return got
+
+    n = len(units)
+    hbm = [take(HBM, demand_hbm[k]) for k in range(n)]
+    ddr = [take(DDR, units[k] - hbm[k] - demand_ssd[k]) for k in range(n)]
+    ssd = [take(SSD, units[k] - hbm[k] - ddr[k]) for k in range(n)]
+    left = [units[k] - hbm[k] - ddr[k] - ssd[k] for k in range(n)]
+    more_ddr = [take(DDR, left[k]) for k in range(n)]
+    more_hbm = [take(HBM, left[k] - more_ddr[k]) for k in range(n)]
+    return [(hbm[k] + more_hbm[k], ddr[k] + more_ddr[k], ssd[k]) for k in range(n)]
+
+
+def prompt_tiers(params: SimParams, log_masses, free: list[int]) -> list[list[int]]:
+    """Tiers of the units of the prompts admitted in one step (step 2 of the docstring).
+
+    Args:
+      params: parameters (``placement_policy``, ``target_x``, ``target_y``).
+      log_masses: per admitted prompt in FCFS order, float [n] log-mass of its n units.
+      free: free units per tier [T]; the granted units are taken from it.
+
+    Returns:
+      Per prompt, the tier of each of its units.
+    """
+    wants = [prompt_wants(params, log_mass) for log_mass in log_masses]
+    counts = grant_prompt_counts([want_hbm for _, want_hbm, _ in wants],
+                                 [want_ssd for _, _, want_ssd in wants],
+                                 [len(log_mass) for log_mass in log_masses], free)
+    placed = []
+    for (order, _, _), (on_hbm, on_ddr, _) in zip(wants, counts, strict=True):
+        tiers = [SSD] * len(order)
+        for rank, u in enumerate(order):
+            if rank < on_hbm:
+                tiers[u] = HBM
+            elif rank < on_hbm + on_ddr:
+                tiers[u] = DDR
+        placed.append(tiers)
+    return placed
 
 
 def _numpy_params(params: SimParams) -> SimParams:
@@ -461,14 +527,21 @@ def reference_step(config: EngineConfig, params: SimParams, state: RefState, wor
     prefill_tier_tokens = np.zeros(NUM_TIERS)
     prefill_tokens = prefill_pairs = 0.0
     prompt_placements = []  # (slot, unit, tier, sequence index) in placement order
+    prompts = []  # (request, slot, tokens, units, latent, logits) in FCFS order
     for i, slot in admitted_slots:
         n_prompt = int(prompt[i])
-        tokens = tokens_per_unit(n_prompt, page, num_units)
-        n_prompt_units = units_for(n_prompt, page)
         latent = np.asarray(_initial_latent(p, np.uint32(s.seed), i, np.arange(num_units)),
                             np.float32)
-        mass = _row_mass(_row_logits(p, latent, n_prompt, page), tokens)
-        tiers = prompt_tiers(p, mass, n_prompt_units, free)
+        prompts.append((i, slot, tokens_per_unit(n_prompt, page, num_units),
+                        units_for(n_prompt, page), latent,
+                        _row_logits(p, latent, n_prompt, page)))
+    placed = prompt_tiers(
+        p, [[float(logits_row[u]) + math.log(tokens[u]) for u in range(n_units)]
+            for _, _, tokens, n_units, _, logits_row in prompts], free)
+    for (i, slot, tokens, n_prompt_units, latent, logits_row), tiers in zip(prompts, placed,
+                                                                            strict=True):
+        n_prompt = int(prompt[i])
+        mass = _row_mass(logits_row, tokens)
         for u in range(n_prompt_units):
             s.unit_tier[slot, u] = tiers[u]
             s.unit_latent[slot, u] = latent[u]
