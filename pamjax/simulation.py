@@ -37,7 +37,8 @@ class SimResult:
 
 def choose_page_size(num_slots: int, max_context: int,
                      max_units: int = MAX_TRACKED_UNITS) -> int:
-    """Token granularity unless R x U would exceed ``max_units``; then a power-of-two page."""
+    """Token granularity unless slots x units would exceed ``max_units``; then the smallest
+    power-of-two page that fits."""
     page = 1
     while num_slots * -(-max_context // page) > max_units:
         page *= 2

@@ -39,7 +39,7 @@ from pamjax.errors import ConfigError
 from pamjax.hardware import TIER_NAMES, Platform
 from pamjax.locality import AccessModel
 from pamjax.systems import Knobs, make_params, max_bank_groups
-from pamjax.simulation import device_workload, make_config
+from pamjax.simulation import choose_page_size, device_workload, make_config
 from pamjax.types import ENERGY_COMPONENTS
 from pamjax.workload import Workload, synthetic
 
@@ -56,15 +56,6 @@ class SweepPoint:
     model: str
     platform: Platform | None = None
     label: str = ""
-
-
-def sweep_page_size(points: int, slots: int, max_context: int, budget: int = UNIT_BUDGET,
-                    minimum: int = 1) -> int:
-    """Smallest power-of-two page keeping points x slots x units within ``budget``."""
-    page = minimum
-    while points * slots * -(-max_context // page) > budget:
-        page *= 2
-    return page
 
 
 def slot_classes(batches, ratio: int = 8) -> list[list[int]]:
@@ -122,7 +113,7 @@ def run_sweep(systems, model, workload: Workload | str, batches, *, steps: int =
     groups = slot_classes(batches, class_ratio)
     variants = len(systems) * len(models) * len(hardware)
     rows_tracked = sum(variants * len(g) * g[-1] for g in groups)
-    page = page_size or sweep_page_size(rows_tracked, 1, workload.max_context)
+    page = page_size or choose_page_size(rows_tracked, workload.max_context, UNIT_BUDGET)
     by_point = {}
     for index, group in enumerate(groups):
         points = [SweepPoint(s, b, m, hw, label) for label, hw in hardware.items()
