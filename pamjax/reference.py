@@ -70,10 +70,13 @@ The model, one step at a time (PAM_SPEC §3 and §5):
    its KV are freed. First-token and finish times are the clock at the end of the step.
 
 Units are ``page_size`` consecutive tokens (page_size 1 is token granularity). Rankings are
-exact sorts (ties by unit index) where the engine bisects, and importance, attention mass and
-the cost arithmetic are float64; the access model's latents and logits are the float32 values
-that the :mod:`pamjax.locality` functions produce, since those functions are the definition of
-the synthetic access model. Recorded attention scores are not supported here.
+exact sorts (ties by unit index) where the engine bisects, and importance, attention mass,
+prompt log-masses, target shares and the cost arithmetic are float64; the access model's
+latents and logits are the float32 values that the :mod:`pamjax.locality` functions produce,
+since those functions are the definition of the synthetic access model. (The engine sums
+float32 masses, so a prompt whose cumulative mass falls within float32 rounding of a target
+share may get one unit more or less on HBM or SSD there.) Recorded attention scores are not
+supported here.
 """
 
 from __future__ import annotations
