@@ -1,0 +1,437 @@
+"""Physical bounds (pamjax/bounds.py): hand arithmetic, monotonicity, and the engine against them.
+
+The engine checks run five sweeps that share one compiled program: every workload has
+``REQUESTS`` requests and is padded to ``MAX_CONTEXT`` tokens by a last request (behind 255
+others, so a 48-step horizon does not reach it; it would be an ordinary request if it did),
+and every sweep vmaps 20 points over 64 slots, so only the first sweep compiles. Three draw mixed lengths from datasets (seeds 0-2,
+FC-bound at these batches); two use equal lengths, one sized so that OPT-175B fills AttAcc's
+HBM at batch 63, one on hardware with shrunken HBM and DDR so that KV spills to DDR and SSD
+and attention, PCIe and the SSD tier bind.
+
+Which simulated throughput is held against which bound, and why that is rigorous:
+
+* ``decode_throughput_tokens_per_s`` (decode tokens over the time of decode-only steps)
+  against ``prefill=False``. Each decode-only step with ``b_s <= batch`` requests takes at
+  least ``T_iter(b_s)`` at its requests' mean context, and a ratio of sums is at most the
+  largest ratio. Mixed lengths: the bound is the max over ``b' <= batch``, at a context
+  every such step is sure to exceed: ``b'`` running requests hold at least one output token
+  beyond their prompts, so their mean context is at least 1 + the mean of the ``b'``
+  smallest prompts of the workload. Equal lengths: no request finishes within the horizon,
+  so after admission every decode-only step runs exactly ``peak_concurrency`` requests at a
+  context of at least ``p + 1``, and the bound is taken at exactly that batch. No horizon
+  averaging enters, so the tolerance only covers float32 step times.
+* ``throughput_tokens_per_s`` (first tokens and decode tokens over the whole run) against
+  ``prefill=True``, on equal-length workloads only: there each request costs exactly
+  ``P(p)`` prefill FLOPs and at most ``o`` of the run's tokens come from one prefill, so the
+  run's prefill share is at least the steady state's. For mixed lengths the few requests of
+  a 48-step horizon are no steady-state sample, so that comparison would not be rigorous.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import math
+
+import numpy as np
+import pytest
+
+from pamjax import bounds
+from pamjax.errors import CapacityError, ConfigError, UnknownNameError
+from pamjax.hardware import get_platform
+from pamjax.models import get_model
+from pamjax.study import run_sweep
+from pamjax.systems import MAIN_SYSTEMS, SYSTEMS, get_system, tier_kv_capacity_bytes
+from pamjax.workload import DATASETS, Workload, synthetic
+
+REQUESTS = 256
+MAX_CONTEXT = 8192
+PAGE = 64
+STEPS = 48
+TOLERANCE = 1e-3
+"""Simulated throughput may exceed its bound by this fraction: float32 step times only."""
+MIN_EFFICIENCY = 0.6
+"""Every system comes within this fraction of its bound in at least one configuration.
+Measured: 0.80 to 0.95 (FC weight streaming binding for llama3-70b and opt-175b; SSD-PIM or
+PCIe binding when KV spills); the slack is NVLink all-reduce latency, per-layer kernel
+overhead and link latencies, which the bound leaves out."""
+
+CONSTANT_PROMPT, CONSTANT_OUTPUT = 128, 769
+"""Equal-length requests of 896 KV tokens (14 pages): OPT-175B's 57,082 HBM KV tokens hold
+exactly 63 of them, so AttAcc fits batch 63 and is out of memory at 64."""
+
+SPILL_PROMPT, SPILL_OUTPUT = 2000, 1000
+SPILL_PLATFORMS = {
+    # 512 rows per HBM bank: 19.3 GB of HBM net of the reserve, 3.3 GB of it for KV.
+    "small-hbm": {"hbm.device.rows_per_bank": 512},
+    # ... and one 2.1 GB DIMM: most of a batch of 64 x 2000 tokens must go to the SSDs.
+    "small-hbm-ddr": {"hbm.device.rows_per_bank": 512, "ddr.num_devices": 1,
+                      "ddr.device.rows_per_bank": 16384},
+}
+
+ABLATIONS = ("pam", "pam-no-pamattention", "pam-no-mapping", "pam-no-scheduling", "ls-pim")
+
+
+def _padded(prompt, output, name):
+    """Workload of REQUESTS requests at t = 0 whose last one pads the context to
+    MAX_CONTEXT."""
+    half = MAX_CONTEXT // 2
+    return Workload(np.zeros(REQUESTS), np.append(prompt[:REQUESTS - 1], half),
+                    np.append(output[:REQUESTS - 1], half), name=name)
+
+
+def _dataset(name, seed):
+    wl = synthetic(name, REQUESTS - 1, seed=seed)
+    return _padded(wl.prompt_tokens, wl.output_tokens, f"{name}-seed{seed}")
+
+
+def _constant(prompt, output):
+    n = REQUESTS - 1
+    return _padded(np.full(n, prompt), np.full(n, output), f"constant-{prompt}-{output}")
+
+
+SWEEPS = {
+    # name: (systems, models, workload, batches, {label: platform overrides} or None, equal
+    # lengths (prompt, output) or None); 5 x 2 x 2 = 20 points each.
+    "sharegpt": (MAIN_SYSTEMS, ("llama3-8b", "llama3-70b"), lambda: _dataset("sharegpt", 0),
+                 (16, 64), None, None),
+    "arxiv-sum": (MAIN_SYSTEMS, ("llama3-8b", "qwen2.5-32b"),
+                  lambda: _dataset("arxiv-sum", 1), (16, 64), None, None),
+    "humaneval": (ABLATIONS, ("llama3-70b", "llama3-8b"), lambda: _dataset("humaneval", 2),
+                  (16, 64), None, None),
+    "capacity": (MAIN_SYSTEMS, ("opt-175b", "qwen2.5-32b"),
+                 lambda: _constant(CONSTANT_PROMPT, CONSTANT_OUTPUT), (63, 64), None,
+                 (CONSTANT_PROMPT, CONSTANT_OUTPUT)),
+    "spill": (MAIN_SYSTEMS, ("llama3-8b",), lambda: _constant(SPILL_PROMPT, SPILL_OUTPUT),
+              (16, 64), SPILL_PLATFORMS, (SPILL_PROMPT, SPILL_OUTPUT)),
+}
+
+
+@pytest.fixture(scope="module")
+def sweeps():
+    """{sweep name: [(row, bound arguments for the row's workload and platform)]}."""
+    result = {}
+    for name, (systems, models, make, batches, overrides, lengths) in SWEEPS.items():
+        workload = make()
+        platforms = None if overrides is None else {
+            label: get_platform(overrides=o) for label, o in overrides.items()}
+        rows = run_sweep(list(systems), list(models), workload, batches, steps=STEPS,
+                         page_size=PAGE, platforms=platforms)
+        result[name] = [(row, dict(workload=workload, lengths=lengths,
+                                   platform=platforms[row["platform"]] if platforms else None))
+                        for row in rows]
+    return result
+
+
+def _decode_bound(row, workload, lengths, platform):
+    """Rigorous bound (tokens/s) on a row's decode-only throughput (see module docstring)."""
+    if lengths is not None:
+        prompt, output = lengths
+        return bounds.bound(row["system"], row["model"], mean_prompt=prompt,
+                            mean_output=output, mean_context=prompt + 1,
+                            batch=row["peak_concurrency"], exact_batch=True, prefill=False,
+                            platform=platform).tokens_per_s
+    batches = np.arange(1, row["batch"] + 1)
+    smallest = np.sort(workload.prompt_tokens)[:row["batch"]]
+    context = 1.0 + np.cumsum(smallest) / batches
+    return float(bounds.throughput_curve(
+        row["system"], row["model"], batches, mean_prompt=workload.mean_prompt,
+        mean_output=workload.mean_output, mean_context=context, prefill=False,
+        platform=platform).max())
+
+
+# ------------------------------------------------------------------------------------------
+# Closed forms by hand
+# ------------------------------------------------------------------------------------------
+
+# LLaMA3-70B from its public config: per layer Q,O 2*8192*64*128, K,V 2*8192*8*128,
+# SwiGLU FFN 3*8192*28672; LM head 128256*8192 (untied).
+LLAMA70_PARAMS = 80 * (2 * 8192 * 64 * 128 + 2 * 8192 * 8 * 128 + 3 * 8192 * 28672) \
+    + 128256 * 8192
+LLAMA70_KV = 2 * 80 * 8 * 128 * 2  # bytes per token
+GPU_FLOPS = 8 * 989e12 * 0.7  # 8 H100s at 70% of dense BF16 peak
+GPU_BYTES = 3.35e12 * 0.85  # one H100's HBM3 at 85% of peak
+
+
+def test_gpu_bounds_by_hand():
+    # vLLM-offload, LLaMA3-70B, one request at 1000 tokens, decode only. FC: 2 FLOPs and 2
+    # bytes per streamed parameter; the weights are read by TP = 4 GPUs in sequence over the
+    # PP = 2 stages. Attention: the KV is read by all 8 GPUs from their HBM.
+    flops = bytes_ = 2 * LLAMA70_PARAMS
+    fc = max(flops / GPU_FLOPS, bytes_ / (4 * GPU_BYTES))
+    kv = 1000 * LLAMA70_KV / (8 * GPU_BYTES)
+    attention_flops = 4 * 80 * 64 * 128 * 1000 / GPU_FLOPS
+    iteration = fc + max(kv, attention_flops)
+    b = bounds.bound("vllm-offload", "llama3-70b", mean_prompt=500, mean_output=1000,
+                     mean_context=1000, batch=1, prefill=False)
+    assert b.batch == 1 and b.batch_limit == "batch"
+    assert b.iteration_s == pytest.approx(iteration, rel=1e-9)
+    assert b.tokens_per_s == pytest.approx(1 / iteration, rel=1e-9)
+    assert b.per_resource["gpu_hbm"] == pytest.approx(1 / (bytes_ / (4 * GPU_BYTES) + kv),
+                                                      rel=1e-9)
+    assert b.per_resource["gpu_compute"] == pytest.approx(
+        1 / (flops / GPU_FLOPS + attention_flops), rel=1e-9)
+    assert b.per_resource["pcie"] == math.inf  # 1000 tokens fit GPU HBM
+    assert b.binding_resource == "gpu_hbm"
+
+
+def test_prefill_amortisation_by_hand():
+    # The same request with prefill charged: P(p) = F p + 4 L Hq D p (p + 1) / 2 FLOPs once
+    # per request, and o - 1 of its o tokens come from decode iterations.
+    p, o = 500, 1000
+    prefill = (2 * LLAMA70_PARAMS * p + 4 * 80 * 64 * 128 * p * (p + 1) / 2) / GPU_FLOPS
+    decode = bounds.bound("vllm-offload", "llama3-70b", mean_prompt=p, mean_output=o,
+                          mean_context=1000, batch=1, prefill=False)
+    whole = bounds.bound("vllm-offload", "llama3-70b", mean_prompt=p, mean_output=o,
+                         mean_context=1000, batch=1)
+    tau = prefill / o + (1 - 1 / o) * decode.iteration_s
+    assert whole.tokens_per_s == pytest.approx(1 / tau, rel=1e-9)
+
+
+def test_capacity_forced_ssd_bound_by_hand():
+    # PAM, LLaMA3-8B, one request of 20 M tokens: more than HBM and DDR hold, so the rest
+    # must sit on the SSDs and have its selection labels (1/8 of the key, 1/16 of K+V) read
+    # there. SSD-PIM rate: 8 SSDs x 8 channels x min(4 dies x 16 KB / 30 us, 2400 MT/s x
+    # 1 byte) = 139.8 GB/s, below the 8 x 18 GFLOPS compute cap.
+    model = get_model("llama3-8b")
+    kv = 2 * 32 * 8 * 128 * 2
+    hbm, ddr, _ = tier_kv_capacity_bytes(get_platform(), model) / kv
+    ssd_rate = 8 * 8 * min(4 * 16384 / 30e-6, 2.4e9)
+    context = 20_000_000
+    ssd_time = (context - hbm - ddr) * kv / 16 / ssd_rate
+    b = bounds.bound("pam", model, mean_prompt=15_000_000, mean_output=10_000_000,
+                     mean_context=context, batch=1, prefill=False)
+    assert b.batch == 1
+    assert b.per_resource["pim_ssd"] == pytest.approx(1 / ssd_time, rel=1e-9)
+    assert b.per_resource["pim_hbm"] == b.per_resource["pim_ddr"] == math.inf
+    assert b.per_resource["pim_tiers"] == pytest.approx(b.per_resource["pim_ssd"], rel=1e-9)
+    assert b.binding_resource == "pim_ssd"
+
+
+def test_capacity_batch_by_hand():
+    # A request holds p + o - 1 KV tokens at its last decode step.
+    model = get_model("opt-175b")
+    hbm_tokens = tier_kv_capacity_bytes(get_platform(), model)[0] / model.kv_bytes_per_token
+    expected = math.floor(hbm_tokens / (CONSTANT_PROMPT + CONSTANT_OUTPUT - 1))
+    assert expected == 63
+    assert bounds.capacity_batch("attacc", model, mean_prompt=CONSTANT_PROMPT,
+                                 mean_output=CONSTANT_OUTPUT) == expected
+    b = bounds.bound("attacc", model, mean_prompt=CONSTANT_PROMPT,
+                     mean_output=CONSTANT_OUTPUT)
+    assert b.capacity_batch == b.max_batch == 63 and b.batch_limit == "kv_capacity"
+
+
+# ------------------------------------------------------------------------------------------
+# Structure: monotonicity, SLO, batch search
+# ------------------------------------------------------------------------------------------
+
+FASTER = {
+    "gpu.hbm_tbps": 6.7, "gpu.peak_tflops": 1978.0, "gpu.pcie_gbps": 126.0,
+    "hbm.device.compute_cap_gflops": 3200.0, "ddr.device.compute_cap_gflops": 408.0,
+    "ssd.device.tR_us": 15.0, "ddr.link_gbps": 51.2, "ssd.link_gbps": 28.0,
+    "ddr.num_devices": 80, "hbm.num_devices": 48,
+}
+
+
+@pytest.mark.parametrize("field", sorted(FASTER))
+def test_more_bandwidth_or_compute_never_lowers_a_bound(field):
+    faster = get_platform(overrides={field: FASTER[field]})
+    grid = 2.0**-12  # resolution of the batch search above 4096
+    for system in SYSTEMS:
+        for model, workload in (("llama3-8b", "arxiv-sum"), ("opt-175b", "sharegpt")):
+            stats = DATASETS[workload]
+            for kw in ({}, {"batch": 64}, {"slo_ms": 100.0}, {"batch": 512, "slo_ms": 50.0}):
+                args = dict(mean_prompt=stats.prompt_mean, mean_output=stats.output_mean, **kw)
+                base = bounds.bound(system, model, **args)
+                more = bounds.bound(system, model, platform=faster, **args)
+                assert more.tokens_per_s >= base.tokens_per_s * (1 - grid), \
+                    (system, model, kw, base, more)
+
+
+def test_bound_is_nondecreasing_in_batch_and_fractions():
+    stats = dict(mean_prompt=4000, mean_output=220)
+    for system in SYSTEMS:
+        values = [bounds.bound(system, "llama3-70b", batch=b, **stats).tokens_per_s
+                  for b in (1, 2, 8, 64, 512, 4096, 40_000)]
+        assert values == sorted(values), system
+        low = bounds.bound(system, "llama3-70b", batch=256, compute_fraction=0.5,
+                           bandwidth_fraction=0.5, **stats)
+        peak = bounds.bound(system, "llama3-70b", batch=256, compute_fraction=1.0,
+                            bandwidth_fraction=1.0, **stats)
+        assert low.tokens_per_s <= peak.tokens_per_s
+
+
+def test_slo_limits_the_batch():
+    stats = dict(mean_prompt=161, mean_output=373)
+    free = bounds.bound("pam", "opt-175b", **stats)
+    tight = bounds.bound("pam", "opt-175b", slo_ms=40.0, **stats)
+    assert tight.batch_limit == "slo" and tight.slo_batch == tight.max_batch
+    assert tight.max_batch < free.max_batch
+    assert tight.iteration_s <= 40e-3 and tight.tokens_per_s <= free.tokens_per_s
+    # One more request would break the SLO even at the lower bound (decode-only throughput
+    # at b is b / T_iter(b)).
+    edge = np.array([tight.max_batch, tight.max_batch + 1])
+    iteration = edge / bounds.throughput_curve("pam", "opt-175b", edge, prefill=False, **stats)
+    assert iteration[0] <= 40e-3 < iteration[1]
+    # No batch at all meets an SLO below one request's weight streaming.
+    none = bounds.bound("pam", "opt-175b", slo_ms=1.0, **stats)
+    assert none.tokens_per_s == 0 and none.max_batch == 0 and none.binding_resource == "slo"
+
+
+def test_bound_maximises_over_batches_up_to_the_limit():
+    # vLLM-offload past GPU HBM: KV spills to PCIe and throughput per batch falls, so the
+    # bound is reached below the capacity batch.
+    b = bounds.bound("vllm-offload", "llama3-70b", mean_prompt=4000, mean_output=3000)
+    curve = bounds.throughput_curve("vllm-offload", "llama3-70b", [b.batch, b.max_batch],
+                                    mean_prompt=4000, mean_output=3000)
+    assert b.batch < b.max_batch and curve[0] > curve[1]
+    assert b.tokens_per_s == pytest.approx(curve[0], rel=1e-12)
+    spilled = bounds.bound("vllm-offload", "llama3-70b", mean_prompt=4000, mean_output=3000,
+                           batch=b.max_batch)
+    assert spilled.tokens_per_s == pytest.approx(b.tokens_per_s)
+
+
+def test_declared_migration_is_a_resource():
+    stats = dict(mean_prompt=161, mean_output=373, batch=64)
+    none = bounds.bound("pam", "llama3-70b", **stats)
+    moved = bounds.bound("pam", "llama3-70b", migrated_tokens_per_decode_token=50.0, **stats)
+    assert "migration" not in none.per_resource
+    # 50 tokens of 320 KiB per output token over HBM<->DDR (40 DIMMs x 25.6 GB/s).
+    per_token = 50 * 327680 / (40 * 25.6e9) * 64 * (1 - 1 / 373) / 64
+    assert moved.per_resource["migration"] == pytest.approx(1 / per_token, rel=1e-9)
+    assert moved.tokens_per_s <= none.tokens_per_s
+    assert "migration" not in bounds.bound("attacc", "llama3-70b",  # one tier: nothing moves
+                                           migrated_tokens_per_decode_token=50.0,
+                                           **stats).per_resource
+
+
+# ------------------------------------------------------------------------------------------
+# Claims, tables, errors, independence
+# ------------------------------------------------------------------------------------------
+
+def test_check_claim():
+    stats = dict(model="llama3-70b", mean_prompt=161, mean_output=373, slo_ms=100.0)
+    a = bounds.bound("pam", **stats)
+    ok = bounds.check_claim("pam", "vllm-offload", 2.0, b_tokens_per_s=a.tokens_per_s / 3,
+                            **stats)
+    assert ok.attainable and ok.binding_resource == a.binding_resource
+    no = bounds.check_claim("pam", "vllm-offload", 4.0, b_tokens_per_s=a.tokens_per_s / 3,
+                            **stats)
+    assert not no.attainable and "at most 3x" in no.explanation
+    attainable, explanation, resource = bounds.check_claim(
+        "pam", "vllm-offload", 1.0, b_tokens_per_s=1e9, **stats)
+    assert not attainable and "exceeds vllm-offload's own bound" in explanation
+    with pytest.raises(ConfigError, match="ratio"):
+        bounds.check_claim("pam", "attacc", 0.0, b_tokens_per_s=1.0, **stats)
+
+
+def test_bounds_table_rows():
+    rows = bounds.bounds_table(MAIN_SYSTEMS, "llama3-70b", "sharegpt", 150.0)
+    assert [r["system"] for r in rows] == list(MAIN_SYSTEMS)
+    for row in rows:
+        assert set(row) >= {"bound_tokens_per_s", "binding_resource", "batch_limit",
+                            *(f"{r}_tokens_per_s" for r in bounds.RESOURCES)}
+        finite = [v for k, v in row.items() if k.endswith("_tokens_per_s") and v is not None]
+        assert row["bound_tokens_per_s"] <= min(finite) * (1 + 1e-12)
+    by_system = {r["system"]: r for r in rows}
+    assert by_system["vllm-offload"]["pim_tiers_tokens_per_s"] is None
+    assert by_system["attacc"]["pcie_tokens_per_s"] is None
+    same = bounds.bounds_table(["pam"], "llama3-70b", DATASETS["sharegpt"], 150.0)
+    assert same[0] == by_system["pam"]
+    columns = bounds.bound_columns("pam", "llama3-70b", 64, 1000.0, mean_prompt=161,
+                                   mean_output=373)
+    assert columns["efficiency"] == pytest.approx(1000.0 / columns["bound_tokens_per_s"])
+
+
+def test_errors_name_the_input():
+    stats = dict(mean_prompt=161, mean_output=373)
+    with pytest.raises(UnknownNameError):
+        bounds.bound("nope", "llama3-70b", **stats)
+    with pytest.raises(UnknownNameError):
+        bounds.bounds_table(["pam"], "llama3-70b", "no-such-dataset")
+    for bad in (dict(batch=0), dict(slo_ms=-1.0), dict(compute_fraction=1.5),
+                dict(mean_context=0.0), dict(migrated_tokens_per_decode_token=-1.0)):
+        with pytest.raises(ConfigError):
+            bounds.bound("pam", "llama3-70b", **stats, **bad)
+    with pytest.raises(ConfigError, match="mean_output"):
+        bounds.bound("pam", "llama3-70b", mean_prompt=161, mean_output=0.5)
+    with pytest.raises(CapacityError):
+        bounds.bound("pam", "opt-175b", platform=get_platform(
+            overrides={"hbm.num_devices": 8}), **stats)
+
+
+def test_bounds_share_no_code_with_the_engine():
+    tree = ast.parse(inspect.getsource(bounds))
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {a.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                 for a in node.names}
+    assert not imported & {"pamjax.costs", "pamjax.engine", "pamjax.placement",
+                           "pamjax.scheduler", "pamjax.simulation", "pamjax.study"}
+
+
+# ------------------------------------------------------------------------------------------
+# The engine against the bounds
+# ------------------------------------------------------------------------------------------
+
+def test_engine_decode_throughput_never_exceeds_its_bound(sweeps):
+    for name, points in sweeps.items():
+        for row, args in points:
+            bound = _decode_bound(row, **args)
+            simulated = row["decode_throughput_tokens_per_s"]
+            assert simulated > 0, (name, row["system"])
+            assert simulated <= bound * (1 + TOLERANCE), \
+                (name, row["platform"], row["model"], row["system"], row["batch"], simulated,
+                 bound)
+
+
+def test_engine_whole_run_throughput_never_exceeds_its_bound(sweeps):
+    for name in ("capacity", "spill"):
+        for row, args in sweeps[name]:
+            prompt, output = args["lengths"]
+            stats = dict(mean_prompt=prompt, mean_output=output, mean_context=prompt + 1,
+                         batch=row["batch"], platform=args["platform"])
+            whole = bounds.bound(row["system"], row["model"], **stats)
+            # The run's larger prefill share can only lower throughput when a prefill costs
+            # more than a decode token, which holds by orders of magnitude here.
+            decode = bounds.bound(row["system"], row["model"], prefill=False, **stats)
+            prefill_s = get_model(row["model"]).prefill_flops(prompt) / GPU_FLOPS
+            assert prefill_s > 1 / decode.tokens_per_s
+            assert row["throughput_tokens_per_s"] <= whole.tokens_per_s * (1 + TOLERANCE), \
+                (name, row["platform"], row["model"], row["system"], row["batch"],
+                 row["throughput_tokens_per_s"], whole.tokens_per_s)
+
+
+def test_every_system_comes_close_to_its_bound(sweeps):
+    best = {}
+    for points in sweeps.values():
+        for row, args in points:
+            efficiency = row["decode_throughput_tokens_per_s"] / _decode_bound(row, **args)
+            best[row["system"]] = max(best.get(row["system"], 0.0), efficiency)
+    assert set(best) == set(SYSTEMS)
+    assert min(best.values()) >= MIN_EFFICIENCY, best
+
+
+def test_spilled_kv_binds_where_it_is_forced(sweeps):
+    # One DIMM and a sliver of HBM: 64 requests of 2000 tokens must keep most of their KV on
+    # the SSDs, so vLLM-offload is bound by fetching it and dense L-PIM by SSD-PIM.
+    rows = {(r["platform"], r["system"], r["batch"]): (r, a) for r, a in sweeps["spill"]}
+    for system, resource in (("vllm-offload", "pcie"), ("l-pim", "pim_ssd")):
+        row, args = rows[("small-hbm-ddr", system, 64)]
+        b = bounds.bound(system, "llama3-8b", mean_prompt=SPILL_PROMPT,
+                         mean_output=SPILL_OUTPUT, mean_context=SPILL_PROMPT + 1, batch=64,
+                         exact_batch=True, prefill=False, platform=args["platform"])
+        assert b.binding_resource == resource
+        assert row["ssd_token_share"] > 0.5
+        assert row["decode_throughput_tokens_per_s"] >= 0.5 * b.tokens_per_s
+
+
+def test_capacity_bound_is_the_attacc_oom_batch(sweeps):
+    rows = [row for row, _ in sweeps["capacity"]]
+    attacc = {r["batch"]: r for r in rows
+              if r["system"] == "attacc" and r["model"] == "opt-175b"}
+    capacity = bounds.capacity_batch(get_system("attacc"), "opt-175b",
+                                     mean_prompt=CONSTANT_PROMPT, mean_output=CONSTANT_OUTPUT)
+    assert not attacc[capacity]["oom"] and attacc[capacity]["peak_concurrency"] == capacity
+    assert attacc[capacity + 1]["oom"]
+    # The other systems spill to DDR and SSD, so the same batch fits.
+    assert not any(r["oom"] for r in rows if r["system"] != "attacc")
