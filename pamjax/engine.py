@@ -159,7 +159,8 @@ def step(config: EngineConfig, params: SimParams, state: EngineState,
                                        target_share(params), config.bisection_iters)
         bank_group = placement.assign_bank_groups(
             params, tier.ravel(), c_present.ravel(), bg_order,
-            (cand_c[:, None] * n_units + unit_idx[None, :]).ravel()).reshape(tier.shape)
+            jnp.broadcast_to(cand_c[:, None], tier.shape).ravel(),
+            jnp.broadcast_to(unit_idx[None, :], tier.shape).ravel()).reshape(tier.shape)
         return tier, bank_group, latent, mass
 
     def nothing_to_place(_):
@@ -215,7 +216,8 @@ def step(config: EngineConfig, params: SimParams, state: EngineState,
         jnp.concatenate([new_tier, lower_tier]).astype(jnp.int8),
         jnp.concatenate([opens_unit, demote]),
         bg_order,
-        jnp.concatenate([req * n_units + new_u, req * n_units + victim]))
+        jnp.concatenate([req, req]),
+        jnp.concatenate([new_u, victim]).astype(jnp.int32))
     unit_tier = unit_tier.at[rows, victim_col].set(lower_tier.astype(jnp.int8), mode="drop")
     unit_bg = unit_bg.at[rows, victim_col].set(mapped[r_slots:], mode="drop")
     unit_tier = unit_tier.at[rows, new_col].set(new_tier.astype(jnp.int8), mode="drop")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from pamjax.locality import threshold_bracket, top_count
+from pamjax.locality import threshold_bracket, top_count, unit_hash
 from pamjax.types import PLACEMENT_IMPORTANCE_RATIO
 
 NUM_TIERS = 3
@@ -117,20 +117,30 @@ def bank_group_order(params, activation):
     return jnp.argsort(activation.sum(0) + padding, axis=-1, stable=True).astype(jnp.int32)
 
 
-def assign_bank_groups(params, tier, is_new, order, sequence_index):
+def naive_start(request):
+    """Bank group where sequential fill starts a request: a hash of its id (uint32).
+
+    Independent of any array size, so the baseline mapping does not change with how the
+    simulation is padded.
+    """
+    return unit_hash(0, request, 0, 0x5EED)
+
+
+def assign_bank_groups(params, tier, is_new, order, request, unit):
     """Bank group of new units inside their device (PAM's intra-device mapping).
 
     Greedy (PAM): the new units of a tier, taken in row-major order, go round-robin over that
     tier's bank groups sorted by their activation count over the last W decode steps
     (``order``, from bank_group_order), so the least-activated groups receive tokens first
-    and a batch of new tokens does not herd onto one group. Sequential fill (ablation):
-    ``naive_run_units`` consecutive units of a request share a bank group, as a fill-order
-    layout would, ignoring activation.
+    and a batch of new tokens does not herd onto one group. Sequential fill (ablation and
+    baselines): ``naive_run_units`` consecutive units of a request share a bank group, the
+    request's runs following each other from a start group given by its id (naive_start),
+    ignoring activation.
 
     Args:
       tier: i8 [M] tier of each unit; is_new: bool [M] units to map.
       order: i32 [T, G] bank groups by increasing activation.
-      sequence_index: i32 [M] global sequential position of each unit (request-major).
+      request: i32 [M] request id of each unit; unit: i32 [M] its unit index.
 
     Returns:
       i16 [M] bank groups (meaningful where ``is_new``; the caller masks).
@@ -141,5 +151,7 @@ def assign_bank_groups(params, tier, is_new, order, sequence_index):
     rank = (jnp.cumsum(one_hot, axis=0) - one_hot)[jnp.arange(tier.shape[0]), tier_i]
     tier_count = count[tier_i]
     greedy = order[tier_i, rank % tier_count]
-    naive = (sequence_index // jnp.maximum(params.naive_run_units, 1)) % tier_count
+    run = unit // jnp.maximum(params.naive_run_units, 1)
+    naive = ((naive_start(request) % tier_count.astype(jnp.uint32)).astype(jnp.int32) + run) \
+        % tier_count
     return jnp.where(params.greedy_mapping, greedy, naive).astype(jnp.int16)

@@ -91,6 +91,7 @@ import numpy as np
 from pamjax import locality
 from pamjax.costs import StepCounts, step_cost
 from pamjax.errors import ConfigError
+from pamjax.placement import naive_start
 from pamjax.types import (NEW_TOKEN_HBM_DISPLACE, PLACEMENT_IMPORTANCE_RATIO, STATUS_FINISHED,
                           STATUS_REJECTED, STATUS_RUNNING, STATUS_WAITING, EngineConfig,
                           SimParams)
@@ -281,8 +282,7 @@ def _map_bank_groups(p: SimParams, placements: list[tuple[int, int]],
 
     Args:
       p: parameters (``bank_groups`` per tier, ``greedy_mapping``, ``naive_run_units``).
-      placements: (tier, sequence index = request id * U + unit index) of each unit, in
-        placement order.
+      placements: (tier, request id, unit index) of each unit, in placement order.
       activation: int [W, T, G] activation history at the start of the step.
 
     Returns:
@@ -297,12 +297,14 @@ def _map_bank_groups(p: SimParams, placements: list[tuple[int, int]],
             order.append(sorted(range(groups[t]), key=lambda g: (load[g], g)))
         placed = [0] * NUM_TIERS
         result = []
-        for tier, _ in placements:
+        for tier, _, _ in placements:
             result.append(order[tier][placed[tier] % groups[tier]])
             placed[tier] += 1
         return result
+    # Sequential fill: runs of ``naive_run_units`` units, from the request's start group.
     run = max(int(p.naive_run_units), 1)
-    return [(sequence // run) % groups[tier] for tier, sequence in placements]
+    return [(int(naive_start(np.int32(request))) % groups[tier] + unit // run) % groups[tier]
+            for tier, request, unit in placements]
 
 
 def _tier_importance(importance_row, tier_row, present) -> list[float]:
@@ -529,7 +531,7 @@ def reference_step(config: EngineConfig, params: SimParams, state: RefState, wor
     free = [max(capacity[t] - n, 0) for t, n in enumerate(count_units_per_tier(s.unit_tier))]
     prefill_tier_tokens = np.zeros(NUM_TIERS)
     prefill_tokens = prefill_pairs = 0.0
-    prompt_placements = []  # (slot, unit, tier, sequence index) in placement order
+    prompt_placements = []  # (slot, unit, tier, request id) in placement order
     prompts = []  # (request, slot, tokens, units, latent, logits) in FCFS order
     for i, slot in admitted_slots:
         n_prompt = int(prompt[i])
@@ -550,14 +552,14 @@ def reference_step(config: EngineConfig, params: SimParams, state: RefState, wor
             s.unit_latent[slot, u] = latent[u]
             s.unit_importance[slot, u] = mass[u]
             prefill_tier_tokens[tiers[u]] += tokens[u]
-            prompt_placements.append((slot, u, tiers[u], i * num_units + u))
+            prompt_placements.append((slot, u, tiers[u], i))
         s.slot_request[slot] = i
         s.slot_generated[slot] = 1  # prefill produces the first token
         s.slot_context[slot] = n_prompt
         s.req_status[i] = STATUS_RUNNING
         prefill_tokens += n_prompt
         prefill_pairs += n_prompt * (n_prompt + 1) / 2.0
-    bank_groups = _map_bank_groups(p, [(t, q) for _, _, t, q in prompt_placements],
+    bank_groups = _map_bank_groups(p, [(t, i, u) for _, u, t, i in prompt_placements],
                                    s.activation)
     for (slot, u, _, _), group in zip(prompt_placements, bank_groups, strict=True):
         s.unit_bank_group[slot, u] = group
@@ -567,7 +569,7 @@ def reference_step(config: EngineConfig, params: SimParams, state: RefState, wor
     tier_before = s.unit_tier.copy()
     free = [max(capacity[t] - n, 0) for t, n in enumerate(count_units_per_tier(s.unit_tier))]
     opened = {}  # slot -> index of the unit opened in this step
-    new_units, demoted = [], []  # (slot, unit, tier, sequence index)
+    new_units, demoted = [], []  # (slot, unit, tier, request id)
     for r in decoding:
         s.slot_context[r] += 1
         context = int(s.slot_context[r])
@@ -588,7 +590,7 @@ def reference_step(config: EngineConfig, params: SimParams, state: RefState, wor
                 if on_hbm:
                     victim = min(on_hbm, key=lambda c: (s.unit_importance[r, c], c))
                     s.unit_tier[r, victim] = lower
-                    demoted.append((r, victim, lower, i * num_units + victim))
+                    demoted.append((r, victim, lower, i))
                 else:
                     tier = lower
         else:
@@ -597,11 +599,11 @@ def reference_step(config: EngineConfig, params: SimParams, state: RefState, wor
                 free[tier] -= 1
         s.unit_tier[r, u] = tier
         s.unit_latent[r, u] = np.float32(_initial_latent(p, np.uint32(s.seed), i, u))
-        new_units.append((r, u, tier, i * num_units + u))
+        new_units.append((r, u, tier, i))
 
     # ------------------------------------------------------------ 4. decode bank groups
     decode_placements = new_units + demoted
-    bank_groups = _map_bank_groups(p, [(t, q) for _, _, t, q in decode_placements],
+    bank_groups = _map_bank_groups(p, [(t, i, u) for _, u, t, i in decode_placements],
                                    s.activation)
     for (r, u, _, _), group in zip(decode_placements, bank_groups, strict=True):
         s.unit_bank_group[r, u] = group
