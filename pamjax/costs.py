@@ -49,7 +49,8 @@ class StepCounts:
     decode_context []: sum of their context lengths, tokens.
     tier_tokens [T]: tokens of decoding requests held on each tier.
     tier_selected [T]: attended tokens on each tier.
-    tier_busiest_bank_group [T]: attended tokens in the busiest bank group of each tier.
+    tier_busiest_bank_group [T]: attended tokens in the busiest bank group of each tier
+      (pages spread over bank groups, placement.spread_over_pages).
     tier_requests [T]: decoding requests with attended tokens on each tier.
     tier_active_bank_groups [T]: sum over decoding requests of bank groups holding attended
       tokens of that request (partials produced per device).

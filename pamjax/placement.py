@@ -155,3 +155,32 @@ def assign_bank_groups(params, tier, is_new, order, request, unit):
     naive = ((naive_start(request) % tier_count.astype(jnp.uint32)).astype(jnp.int32) + run) \
         % tier_count
     return jnp.where(params.greedy_mapping, greedy, naive).astype(jnp.int16)
+
+
+def spread_over_pages(params, start_load, page_size: int):
+    """Attended tokens per bank group when a unit's tokens are spread over its page.
+
+    At token granularity a unit is one token in one bank group. A page of ``page_size``
+    tokens is a coarse-graining of that: under the greedy mapping its tokens would sit in
+    consecutive bank groups from the page's own, so each of ``page_size`` consecutive groups
+    (cyclically, within the tier's count) gets 1/page_size of its load. Under sequential
+    fill a page lies inside one run and keeps its load in one group.
+
+    Args:
+      start_load: f32 [T, G] attended tokens per (tier, bank group of the unit).
+      page_size: tokens per unit (static).
+
+    Returns:
+      f32 [T, G] attended tokens per (tier, bank group).
+    """
+    if page_size == 1:
+        return start_load
+    groups = start_load.shape[-1]
+    count = params.bank_groups.astype(jnp.int32)[:, None, None]  # [T, 1, 1]
+    g = jnp.arange(groups, dtype=jnp.int32)[None, :, None]
+    j = jnp.arange(page_size, dtype=jnp.int32)[None, None, :]
+    source = (g - j) % count  # [T, G, P]: groups whose pages reach g
+    tiers = jnp.arange(start_load.shape[0])[:, None, None]
+    spread = jnp.sum(start_load[tiers, source], axis=-1) / page_size
+    spread = jnp.where(g[..., 0] < count[..., 0], spread, 0.0)
+    return jnp.where(params.greedy_mapping, spread, start_load)

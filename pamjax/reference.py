@@ -49,7 +49,10 @@ The model, one step at a time (PAM_SPEC §3 and §5):
    covered (all units when attention is dense). PAM's importance factor is the EMA
    ``I = lambda * mass + (1 - lambda) * I``.
 6. **Attention load.** Selected tokens are counted per (tier, bank group) on the placement
-   *before* this step's scheduling; these counts are also this step's activation row. A
+   *before* this step's scheduling (selected units per group are this step's activation
+   row). Under the greedy mapping a page of ``page_size`` tokens stands for tokens in that
+   many consecutive bank groups, so its load is shared equally among them when finding the
+   busiest group (token granularity: no change). A
    request's attention yields one partial result per bank group holding its attended units,
    on each tier.
 7. **Online scheduling (PAM).** Per decoding request, with IS_t the sum of the importance
@@ -654,6 +657,17 @@ def reference_step(config: EngineConfig, params: SimParams, state: RefState, wor
             active_bank_groups[t] += on_t
             tier_requests[t] += on_t > 0
     s.activation[s.step % config.window] = bg_units
+    # Busiest bank group. Under the greedy mapping a page's tokens stand for tokens that would
+    # sit in page_size consecutive bank groups (cyclically within the tier), so each of those
+    # gets an equal share; under sequential fill a page stays in its one group.
+    bg_load = bg_tokens.astype(np.float64)
+    if bool(p.greedy_mapping) and page > 1:
+        bg_load = np.zeros_like(bg_load)
+        for t in range(NUM_TIERS):
+            count = int(p.bank_groups[t])
+            for group in range(count):
+                for j in range(page):
+                    bg_load[t, (group + j) % count] += bg_tokens[t, group] / page
 
     # ------------------------------------------------------------ 7. online scheduling
     for r in decoding:
@@ -676,7 +690,7 @@ def reference_step(config: EngineConfig, params: SimParams, state: RefState, wor
         decode_context=np.float64(sum(int(s.slot_context[r]) for r in decoding)),
         tier_tokens=tier_tokens,
         tier_selected=bg_tokens.sum(axis=1).astype(np.float64),
-        tier_busiest_bank_group=bg_tokens.max(axis=1).astype(np.float64),
+        tier_busiest_bank_group=bg_load.max(axis=1),
         tier_requests=tier_requests,
         tier_active_bank_groups=active_bank_groups,
         prefill_tokens=np.float64(prefill_tokens),
