@@ -4,11 +4,23 @@ The serving system is a pure function ``engine.step(config, params, state, workl
 fixed-shape arrays; time is ``lax.scan``; experiment axes are ``vmap`` over ``SimParams``.
 """
 
-from pamjax.attention import (Partial, empty_partial, finalize, flash_decoding_attention,
-                              local_attention, merge_partials, pam_attention)
+from pamjax.attention import (
+    Partial,
+    empty_partial,
+    finalize,
+    flash_decoding_attention,
+    local_attention,
+    merge_partials,
+    pam_attention,
+)
 from pamjax.engine import init_state, rollout, rollout_batch, rollout_jit, step
-from pamjax.errors import (CapacityError, ConfigError, PamjaxError, TraceFormatError,
-                           UnknownNameError)
+from pamjax.errors import (
+    CapacityError,
+    ConfigError,
+    PamjaxError,
+    TraceFormatError,
+    UnknownNameError,
+)
 from pamjax.hardware import PLATFORMS, TIER_NAMES, Platform, Tier, get_platform
 from pamjax.locality import AccessModel, load_recorded_scores
 from pamjax.models import MODELS, Model, get_model

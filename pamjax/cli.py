@@ -82,9 +82,8 @@ def _load_workload(args):
 
 
 def cmd_simulate(args) -> int:
-    from pamjax.simulation import simulate
-
     from pamjax.locality import load_recorded_scores
+    from pamjax.simulation import simulate
 
     workload = _load_workload(args)
     scores = load_recorded_scores(args.scores) if args.scores else None

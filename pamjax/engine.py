@@ -26,9 +26,17 @@ from jax import lax
 
 from pamjax import locality, placement, scheduler
 from pamjax.costs import StepCounts, step_cost
-from pamjax.types import (NEW_TOKEN_HBM_DISPLACE, STATUS_FINISHED, STATUS_REJECTED,
-                          STATUS_RUNNING, EngineConfig, EngineState, SimParams, StepMetrics,
-                          DeviceWorkload)
+from pamjax.types import (
+    NEW_TOKEN_HBM_DISPLACE,
+    STATUS_FINISHED,
+    STATUS_REJECTED,
+    STATUS_RUNNING,
+    DeviceWorkload,
+    EngineConfig,
+    EngineState,
+    SimParams,
+    StepMetrics,
+)
 
 NUM_TIERS = 3
 _NO_UNIT = -1

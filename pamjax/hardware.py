@@ -35,7 +35,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from pamjax.errors import ConfigError, UnknownNameError
 
@@ -340,7 +341,7 @@ class Platform:
     def tiers(self) -> tuple[Tier, Tier, Tier]:
         return (self.hbm, self.ddr, self.ssd)
 
-    def with_overrides(self, overrides: Mapping[str, Any]) -> "Platform":
+    def with_overrides(self, overrides: Mapping[str, Any]) -> Platform:
         """Return a copy with dotted fields replaced, e.g. ``{"ddr.num_devices": 80}``.
 
         Accepted paths: ``gpu.F``, ``energy.F``, ``<tier>.F`` and ``<tier>.device.F``.
@@ -365,7 +366,7 @@ class Platform:
             platform = dataclasses.replace(platform, **{head: part})
         return platform
 
-    def scaled(self, factor: int) -> "Platform":
+    def scaled(self, factor: int) -> Platform:
         """The same node replicated ``factor`` times: GPUs and every tier's devices."""
         if not isinstance(factor, int) or factor < 1:
             raise ConfigError("scale factor", factor, "must be an integer >= 1")
@@ -374,7 +375,7 @@ class Platform:
         return dataclasses.replace(self, gpu=gpu).with_overrides(
             {f"{t}.num_devices": getattr(self, t).num_devices * factor for t in TIER_NAMES})
 
-    def with_parallelism(self, tensor_parallel: int, pipeline_parallel: int) -> "Platform":
+    def with_parallelism(self, tensor_parallel: int, pipeline_parallel: int) -> Platform:
         """The same hardware with another TP x PP split (GPU count follows)."""
         return dataclasses.replace(self, gpu=dataclasses.replace(
             self.gpu, tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel,

@@ -83,7 +83,7 @@ class AccessModel:
         if not 0 < self.ema_lambda <= 1:
             raise ConfigError("access.ema_lambda", self.ema_lambda, "must be in (0, 1]")
 
-    def dense(self) -> "AccessModel":
+    def dense(self) -> AccessModel:
         return dataclasses.replace(self, select_fraction=1.0)
 
 

@@ -20,8 +20,13 @@ from __future__ import annotations
 import numpy as np
 
 from pamjax.hardware import TIER_NAMES
-from pamjax.types import (ENERGY_COMPONENTS, STATUS_FINISHED, STATUS_REJECTED,
-                          STATUS_RUNNING, STATUS_WAITING)
+from pamjax.types import (
+    ENERGY_COMPONENTS,
+    STATUS_FINISHED,
+    STATUS_REJECTED,
+    STATUS_RUNNING,
+    STATUS_WAITING,
+)
 
 
 def _stats(values: np.ndarray) -> dict:

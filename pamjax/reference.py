@@ -95,9 +95,16 @@ from pamjax import locality
 from pamjax.costs import StepCounts, step_cost
 from pamjax.errors import ConfigError
 from pamjax.placement import naive_start
-from pamjax.types import (NEW_TOKEN_HBM_DISPLACE, PLACEMENT_IMPORTANCE_RATIO, STATUS_FINISHED,
-                          STATUS_REJECTED, STATUS_RUNNING, STATUS_WAITING, EngineConfig,
-                          SimParams)
+from pamjax.types import (
+    NEW_TOKEN_HBM_DISPLACE,
+    PLACEMENT_IMPORTANCE_RATIO,
+    STATUS_FINISHED,
+    STATUS_REJECTED,
+    STATUS_RUNNING,
+    STATUS_WAITING,
+    EngineConfig,
+    SimParams,
+)
 
 NUM_TIERS = 3
 HBM, DDR, SSD = 0, 1, 2

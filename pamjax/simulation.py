@@ -14,11 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pamjax import engine, metrics as metrics_lib
+from pamjax import engine
+from pamjax import metrics as metrics_lib
 from pamjax.errors import ConfigError
 from pamjax.locality import AccessModel, recorded_unit_logits
-from pamjax.types import (STATUS_FINISHED, STATUS_REJECTED, DeviceWorkload, EngineConfig,
-                          SimParams)
+from pamjax.types import STATUS_FINISHED, STATUS_REJECTED, DeviceWorkload, EngineConfig, SimParams
 from pamjax.workload import Workload as HostWorkload
 
 MAX_TRACKED_UNITS = 1 << 21

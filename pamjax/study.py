@@ -38,8 +38,8 @@ from pamjax import engine
 from pamjax.errors import ConfigError
 from pamjax.hardware import TIER_NAMES, Platform
 from pamjax.locality import AccessModel
-from pamjax.systems import Knobs, make_params, max_bank_groups
 from pamjax.simulation import choose_page_size, device_workload, make_config
+from pamjax.systems import Knobs, make_params, max_bank_groups
 from pamjax.types import ENERGY_COMPONENTS
 from pamjax.workload import Workload, synthetic
 
@@ -100,7 +100,7 @@ def run_sweep(systems, model, workload: Workload | str, batches, *, steps: int =
       tpot_p99_ms, tpot_p50_ms, peak_concurrency, oom, energy_j_per_token (+ per component),
       attention_time_s, tier token and attention shares, migrated fraction, page_size.
     """
-    batches = sorted(set(int(b) for b in batches))
+    batches = sorted({int(b) for b in batches})
     if not batches or batches[0] < 1:
         raise ConfigError("batches", batches, "need at least one batch size >= 1")
     if steps < 1:
@@ -152,9 +152,13 @@ def _run_group(points, workload, steps, seed, access, knobs, page, chunk_steps, 
         print(file=sys.stderr)
     metrics = jax.tree.map(lambda *xs: np.concatenate(xs, axis=1), *chunks)
     state = jax.device_get(state)
-    return [_point_row(p, jax.tree.map(lambda x: x[i], metrics),
-                       jax.tree.map(lambda x: x[i], state), workload, page)
+    return [_point_row(p, _index(metrics, i), _index(state, i), workload, page)
             for i, p in enumerate(points)]
+
+
+def _index(tree, i: int):
+    """Configuration ``i`` of a pytree stacked over configurations."""
+    return jax.tree.map(lambda x: x[i], tree)
 
 
 def request_tpot_s(state, workload: Workload) -> np.ndarray:

@@ -28,14 +28,19 @@ import functools
 import jax.numpy as jnp
 import numpy as np
 
+from pamjax.costs import LABEL_FRACTION_OF_KV
 from pamjax.errors import CapacityError, ConfigError, UnknownNameError
 from pamjax.hardware import Platform, get_platform
 from pamjax.locality import AccessModel
 from pamjax.models import Model, get_model
-from pamjax.costs import LABEL_FRACTION_OF_KV
 from pamjax.scheduler import calibrate_targets
-from pamjax.types import (NEW_TOKEN_FASTEST_FREE, NEW_TOKEN_HBM_DISPLACE,
-                          PLACEMENT_FASTEST_FIRST, PLACEMENT_IMPORTANCE_RATIO, SimParams)
+from pamjax.types import (
+    NEW_TOKEN_FASTEST_FREE,
+    NEW_TOKEN_HBM_DISPLACE,
+    PLACEMENT_FASTEST_FIRST,
+    PLACEMENT_IMPORTANCE_RATIO,
+    SimParams,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,8 +223,8 @@ def make_params(system: System | str, model: Model | str = "llama3-70b",
     unit_bytes = model.kv_bytes_per_token * page_size
     capacity = np.minimum(tier_kv_capacity_bytes(platform, model) // unit_bytes, 2**31 - 1)
     target_x, target_y = pam_targets(platform, access, knobs)
-    f32 = lambda v: jnp.asarray(v, jnp.float32)  # noqa: E731
-    i32 = lambda v: jnp.asarray(v, jnp.int32)  # noqa: E731
+    f32 = lambda v: jnp.asarray(v, jnp.float32)
+    i32 = lambda v: jnp.asarray(v, jnp.int32)
     return SimParams(
         attention_on_pim=jnp.asarray(system.attention_on_pim),
         select_fraction=f32(access.select_fraction if system.sparse else 1.0),

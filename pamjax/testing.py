@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from pamjax.types import (STATUS_FINISHED, STATUS_REJECTED, STATUS_RUNNING, STATUS_WAITING,
-                          EngineConfig)
+from pamjax.types import (
+    STATUS_FINISHED,
+    STATUS_REJECTED,
+    STATUS_RUNNING,
+    STATUS_WAITING,
+    EngineConfig,
+)
 
 
 class InvariantError(AssertionError):

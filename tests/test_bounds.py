@@ -318,7 +318,7 @@ def test_check_claim():
     no = bounds.check_claim("pam", "vllm-offload", 4.0, b_tokens_per_s=a.tokens_per_s / 3,
                             **stats)
     assert not no.attainable and "at most 3x" in no.explanation
-    attainable, explanation, resource = bounds.check_claim(
+    attainable, explanation, _ = bounds.check_claim(
         "pam", "vllm-offload", 1.0, b_tokens_per_s=1e9, **stats)
     assert not attainable and "exceeds vllm-offload's own bound" in explanation
     with pytest.raises(ConfigError, match="ratio"):

@@ -10,9 +10,9 @@ import pytest
 
 from pamjax import engine
 from pamjax.hardware import get_platform
+from pamjax.models import get_model
 from pamjax.simulation import device_workload, make_config, run, simulate
 from pamjax.systems import SYSTEMS, Knobs, hbm_kv_bytes, make_params
-from pamjax.models import get_model
 from pamjax.testing import InvariantError, check_invariants
 from pamjax.types import STATUS_FINISHED, STATUS_REJECTED
 from pamjax.workload import Workload, synthetic

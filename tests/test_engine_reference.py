@@ -34,8 +34,14 @@ import pytest
 
 from pamjax import engine, locality, placement, reference, systems
 from pamjax.simulation import device_workload
-from pamjax.types import (ENERGY_COMPONENTS, PLACEMENT_IMPORTANCE_RATIO, STATUS_FINISHED,
-                          STATUS_RUNNING, EngineConfig, StepMetrics)
+from pamjax.types import (
+    ENERGY_COMPONENTS,
+    PLACEMENT_IMPORTANCE_RATIO,
+    STATUS_FINISHED,
+    STATUS_RUNNING,
+    EngineConfig,
+    StepMetrics,
+)
 from pamjax.workload import Workload
 
 SYSTEM_NAMES = ("pam", "ls-pim", "l-pim", "vllm-offload", "attacc", "pam-no-pamattention",

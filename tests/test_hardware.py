@@ -7,7 +7,7 @@ import math
 import pytest
 
 from pamjax.errors import ConfigError, UnknownNameError
-from pamjax.hardware import (DDR4_3200_PIM_DIMM, HBM3_PIM_STACK, SSD_PIM, get_platform)
+from pamjax.hardware import DDR4_3200_PIM_DIMM, HBM3_PIM_STACK, SSD_PIM, get_platform
 
 
 def test_hbm3_stack_organisation_and_clock():
