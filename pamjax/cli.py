@@ -216,13 +216,15 @@ def _systems(text: str) -> list[str]:
 
 
 COMPARE_COLUMNS = ["system", "max batch", "tok/s", "TPOT p99 ms", "J/token",
-                   "HBM/DDR/SSD tokens", "attention share HBM/DDR/SSD"]
+                   "HBM/DDR/SSD tokens", "attention share HBM/DDR/SSD", "bound tok/s",
+                   "efficiency", "binding"]
 
 
 def cmd_compare(args) -> int:
     import numpy as np
 
     from pamjax import plots, study
+    from pamjax.bounds import bound_columns, workload_means
     from pamjax.report import write_csv
     from pamjax.workload import Workload, load_trace
 
@@ -238,6 +240,13 @@ def cmd_compare(args) -> int:
                            seed=args.seed, progress=not args.quiet)
     best = study.peak_under_slo(rows, args.slo_ms)
     name = workload if isinstance(workload, str) else workload.name
+    mean_prompt, mean_output = workload_means(workload)
+    for system, row in best.items():
+        # The physical bound at the same batch (pamjax.bounds), with the smallest context a
+        # run that starts empty sees, so that a short horizon cannot exceed it.
+        row.update(bound_columns(system, args.model, max(row["max_batch"], 1),
+                                 row["throughput_tokens_per_s"], mean_prompt=mean_prompt,
+                                 mean_output=mean_output, mean_context=mean_prompt + 1))
     table = []
     for system, row in best.items():
         if row["max_batch"] == 0:
@@ -252,6 +261,9 @@ def cmd_compare(args) -> int:
                                            for t in ("hbm", "ddr", "ssd")),
             "attention share HBM/DDR/SSD": "/".join(f"{row[f'{t}_attention_share']:.2f}"
                                                     for t in ("hbm", "ddr", "ssd")),
+            "bound tok/s": row["bound_tokens_per_s"],
+            "efficiency": row["efficiency"] if row["max_batch"] else "-",
+            "binding": row["binding_resource"],
         })
     print(f"{args.model} on {name}, TPOT p99 SLO {args.slo_ms:g} ms, batches "
           f"{','.join(map(str, sorted(set(args.batches))))}, {args.steps} steps per point, "
