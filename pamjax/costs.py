@@ -16,7 +16,8 @@ Decode step (one token for each of the ``b`` decoding requests):
 * Attention in PIM (per tier, tiers in parallel, then the serial GPU part): the tier's time
   is the busiest bank group's bytes (its selected KV plus its share of the selection-label
   reads) over the bank group's share of the device's effective rate, plus sending Q to the
-  tier and getting partial results back over its link, plus two link latencies per layer.
+  tier (for every request holding KV there) and getting partial results back over its link,
+  plus two link latencies per layer; a tier holding no KV of a decoding request is idle.
   With PAMattention the reduction units merge partials inside each device, pipelined with
   the PUs (their time is hidden; their traffic costs bank-group read energy) and one partial
   per request, layer and head leaves the tier. Without it, every active bank group's partial
@@ -52,6 +53,8 @@ class StepCounts:
     tier_busiest_bank_group [T]: attended tokens in the busiest bank group of each tier
       (pages spread over bank groups, placement.spread_over_pages).
     tier_requests [T]: decoding requests with attended tokens on each tier.
+    tier_holders [T]: decoding requests with any KV on each tier (Q goes to every tier that
+      holds KV of the request: it scores the labels there even when it attends nothing).
     tier_active_bank_groups [T]: sum over decoding requests of bank groups holding attended
       tokens of that request (partials produced per device).
     prefill_tokens [], prefill_pairs []: sum of prompt lengths n and of n (n + 1) / 2.
@@ -66,6 +69,7 @@ class StepCounts:
     tier_selected: jnp.ndarray
     tier_busiest_bank_group: jnp.ndarray
     tier_requests: jnp.ndarray
+    tier_holders: jnp.ndarray
     tier_active_bank_groups: jnp.ndarray
     prefill_tokens: jnp.ndarray
     prefill_pairs: jnp.ndarray
@@ -128,13 +132,13 @@ def step_cost(params: SimParams, counts: StepCounts) -> StepCost:
     busiest_bytes = counts.tier_busiest_bank_group * kv / params.num_devices \
         + label_bytes / (params.num_devices * params.bank_groups)
     compute = busiest_bytes / bank_group_rate
-    q_bytes = counts.tier_requests * layers * heads * dim * 2.0
+    q_bytes = counts.tier_holders * layers * heads * dim * 2.0
     partial = layers * heads * (dim + 2.0) * PARTIAL_BYTES_PER_HEAD_DIM
     partials_out = jnp.where(params.use_pamattention, counts.tier_requests,
                              counts.tier_active_bank_groups) * partial
     link = (q_bytes + partials_out) / params.link_rate \
-        + jnp.where(counts.tier_requests > 0, 2.0 * layers * params.link_latency, 0.0)
-    pim_tier_time = jnp.where(counts.tier_requests > 0, compute + link, 0.0)
+        + jnp.where(counts.tier_holders > 0, 2.0 * layers * params.link_latency, 0.0)
+    pim_tier_time = jnp.where(counts.tier_holders > 0, compute + link, 0.0)
 
     # --- attention on the GPUs (offloaded KV fetched over PCIe) ----------------------------
     gpus = params.num_gpus

@@ -269,6 +269,8 @@ def step(config: EngineConfig, params: SimParams, state: EngineState,
     tier_requests = request_bg.any(-1).sum(0)
     # Label reads happen where the tokens sit while they are scored, before scheduling.
     tier_tokens = tier_sums(unit_tier, tokens)
+    tier_holders = jnp.stack([jnp.sum(jnp.any(present & (unit_tier == t), axis=-1))
+                              for t in range(NUM_TIERS)])
     sel_units_bg = jax.ops.segment_sum(selected.ravel().astype(jnp.int32), segment.ravel(),
                                        num_segments=NUM_TIERS * groups)
     activation = state.activation.at[state.step % config.window].set(
@@ -294,6 +296,7 @@ def step(config: EngineConfig, params: SimParams, state: EngineState,
         tier_busiest_bank_group=jnp.max(placement.spread_over_pages(
             params, bg_tokens.astype(jnp.float32), page), -1),
         tier_requests=tier_requests.astype(jnp.float32),
+        tier_holders=tier_holders.astype(jnp.float32),
         tier_active_bank_groups=active_bg.astype(jnp.float32),
         prefill_tokens=jnp.sum(c_n),
         prefill_pairs=jnp.sum(c_n * (c_n + 1.0) / 2.0),

@@ -647,14 +647,17 @@ def reference_step(config: EngineConfig, params: SimParams, state: RefState, wor
     bg_units = np.zeros((NUM_TIERS, groups), np.int64)
     tier_tokens = np.zeros(NUM_TIERS)
     tier_requests = np.zeros(NUM_TIERS)
+    tier_holders = np.zeros(NUM_TIERS)  # requests with any KV on the tier: Q goes there
     active_bank_groups = np.zeros(NUM_TIERS)
     for r in decoding:
         touched = set()
+        holds = set()
         for u in range(num_units):
             if tokens[r, u] == 0:
                 continue
             tier, group = s.unit_tier[r, u], s.unit_bank_group[r, u]
             tier_tokens[tier] += tokens[r, u]
+            holds.add(tier)
             if selected[r, u]:
                 bg_tokens[tier, group] += tokens[r, u]
                 bg_units[tier, group] += 1
@@ -663,6 +666,7 @@ def reference_step(config: EngineConfig, params: SimParams, state: RefState, wor
             on_t = sum(1 for tier, _ in touched if tier == t)
             active_bank_groups[t] += on_t
             tier_requests[t] += on_t > 0
+            tier_holders[t] += t in holds
     s.activation[s.step % config.window] = bg_units
     # Busiest bank group. Under the greedy mapping a page's tokens stand for tokens that would
     # sit in page_size consecutive bank groups (cyclically within the tier), so each of those
@@ -699,6 +703,7 @@ def reference_step(config: EngineConfig, params: SimParams, state: RefState, wor
         tier_selected=bg_tokens.sum(axis=1).astype(np.float64),
         tier_busiest_bank_group=bg_load.max(axis=1),
         tier_requests=tier_requests,
+        tier_holders=tier_holders,
         tier_active_bank_groups=active_bank_groups,
         prefill_tokens=np.float64(prefill_tokens),
         prefill_pairs=np.float64(prefill_pairs),
