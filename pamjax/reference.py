@@ -360,8 +360,8 @@ def _schedule_request(p: SimParams, config: EngineConfig, importance_row, tier_r
         return ssd > 0 and (hbm / ssd + ddr / ssd) < x + y
 
     def phase2(share):  # x* / y* = IS_HBM / IS_DDR < x / y; infinite with no DDR importance
-        hbm, ddr, _ = share
-        return ddr > 0 and hbm / ddr < x / y
+        hbm, ddr, _ = share  # y = 0 (no DDR share wanted): x / y is infinite
+        return ddr > 0 and (y == 0 or hbm / ddr < x / y)
 
     _swap_phase(importance_row, tier_row, bank_group_row, present, DDR, SSD, budget, phase1)
     _swap_phase(importance_row, tier_row, bank_group_row, present, HBM, DDR, budget, phase2)

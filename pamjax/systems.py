@@ -116,9 +116,10 @@ class Knobs:
       migration_overlap: fraction of a step's attention time that can hide migration.
       target_x, target_y: PAM's x:y:1 target; None = derived by ``target_rule``.
       target_rule: ``"equal-time"`` (default): the split that equalises expected attention
-        time per tier, selection-label reads included (scheduler.calibrate_targets, the
-        intent of PAM_SPEC §5 [D]); ``"throughput"``: x, y = ratios of the tiers' effective
-        PIM throughput (the literal reading, which ignores label reads).
+        time per tier at the configuration's batch, selection-label reads and per-layer
+        round trips included (scheduler.calibrate_targets, the intent of PAM_SPEC §5 [D]);
+        ``"throughput"``: x, y = ratios of the tiers' effective PIM throughput (the literal
+        reading, which ignores both).
       calibration_context: tokens of the request used by the equal-time calibration.
       prefill_token_budget: prompt tokens prefilled per step at most ([D] 8192, a common
         vLLM max_num_batched_tokens).
@@ -152,19 +153,29 @@ class Knobs:
 TARGET_RULES = ("equal-time", "throughput")
 
 
-@functools.lru_cache(maxsize=64)
-def _equal_time_targets(rates: tuple, access: AccessModel, context: int):
+@functools.lru_cache(maxsize=256)
+def _equal_time_targets(rates: tuple, access: AccessModel, context: int, kv_bytes: float,
+                        batch: int, fixed: tuple):
     return calibrate_targets(rates, access, context=context,
-                             label_fraction=LABEL_FRACTION_OF_KV)
+                             label_fraction=LABEL_FRACTION_OF_KV, kv_bytes_per_token=kv_bytes,
+                             batch=batch, tier_fixed_s=fixed)
 
 
-def pam_targets(platform: Platform, access: AccessModel, knobs: Knobs) -> tuple[float, float]:
-    """PAM's (x, y) for a platform: explicit knobs, else the knobs' target rule."""
+def pam_targets(platform: Platform, model: Model, access: AccessModel, knobs: Knobs,
+                batch: int) -> tuple[float, float]:
+    """PAM's (x, y) for a platform, model and batch: explicit knobs, else the target rule.
+
+    The equal-time rule counts each tier's per-step round trips (two link latencies per
+    layer) as the fixed cost of using it, so at small batches the slower tiers stay empty
+    unless capacity forces KV there.
+    """
     eff = tuple(t.effective_gbps * 1e9 for t in platform.tiers)
     if knobs.target_rule == "throughput":
         x, y = eff[0] / eff[2], eff[1] / eff[2]
     else:
-        x, y = _equal_time_targets(eff, access, knobs.calibration_context)
+        fixed = tuple(2.0 * model.layers * t.link_latency_us * 1e-6 for t in platform.tiers)
+        x, y = _equal_time_targets(eff, access, knobs.calibration_context,
+                                   float(model.kv_bytes_per_token), int(batch), fixed)
     return (knobs.target_x if knobs.target_x is not None else x,
             knobs.target_y if knobs.target_y is not None else y)
 
@@ -222,7 +233,7 @@ def make_params(system: System | str, model: Model | str = "llama3-70b",
     energy = platform.energy
     unit_bytes = model.kv_bytes_per_token * page_size
     capacity = np.minimum(tier_kv_capacity_bytes(platform, model) // unit_bytes, 2**31 - 1)
-    target_x, target_y = pam_targets(platform, access, knobs)
+    target_x, target_y = pam_targets(platform, model, access, knobs, int(max_batch))
     f32 = lambda v: jnp.asarray(v, jnp.float32)
     i32 = lambda v: jnp.asarray(v, jnp.int32)
     return SimParams(

@@ -489,8 +489,8 @@ def test_prompt_placement_ranks_tiny_masses_at_default_bisection():
     assert engine_prompt_tiers(params, [log_mass], [100] * 3) == [want]
 
 
-def test_prompt_placement_with_default_targets_in_float32():
-    """PAM's calibrated default target (x = 1e6, y ~ 761: SSD share ~ 1e-6, HBM ~ 0.99924).
+def test_prompt_placement_with_calibrated_style_targets_in_float32():
+    """A calibrated-style target (x = 1e6, y = 761: SSD share ~ 1e-6, HBM ~ 0.99924).
 
     Log-masses (relative to the peak) 0, -1, -3, -6, -8, -12, -15, -16, -20, scrambled. Total
     mass ~ 1.42042. HBM: 1 + e^-1 + e^-3 = 1.4177 < 0.99924 x 1.42042 = 1.41934, adding e^-6
@@ -499,7 +499,8 @@ def test_prompt_placement_with_default_targets_in_float32():
     """
     log_mass = np.array([-12.0, 0.0, -20.0, -3.0, -15.0, -1.0, -8.0, -16.0, -6.0])
     want = [DDR, HBM, SSD, HBM, SSD, HBM, DDR, SSD, HBM]
-    params = systems.make_params("pam", MODEL)
+    params = systems.make_params("pam", MODEL).replace(target_x=jnp.float32(1e6),
+                                                       target_y=jnp.float32(761.0))
     assert float(params.target_x) == 1e6 and 700 < float(params.target_y) < 800
     assert reference.prompt_tiers(jax.device_get(params), [log_mass], [100] * 3) == [want]
     # Log-masses are defined up to a per-request constant.
@@ -526,7 +527,10 @@ def test_prompt_placement_agrees_with_reference_on_random_prompts():
     target, a 2:1:1 target and fastest-first. Prompts whose HBM or SSD boundary lies within
     float32 rounding are left out (near_float32_boundary)."""
     rng = np.random.default_rng(11)
-    pam = systems.make_params("pam", MODEL)
+    # A calibrated target of the kind the equal-time rule gives at large batches (SSD share
+    # ~1e-6): at the small default batch it would put everything on HBM.
+    pam = systems.make_params("pam", MODEL).replace(target_x=jnp.float32(1e6),
+                                                    target_y=jnp.float32(761.0))
     compared = skipped = 0
     for params in (pam, pam.replace(target_x=jnp.float32(2.0), target_y=jnp.float32(1.0)),
                    systems.make_params("vllm-offload", MODEL)):
