@@ -44,6 +44,9 @@ def grouped_bars(path, panels: dict[str, tuple[list[str], dict[str, list]]], *, 
         ax.set_title(panel, fontsize=9)
         if log:
             ax.set_yscale("log")
+        # Head-room above the bars for the legend.
+        bottom, top = ax.get_ylim()
+        ax.set_ylim(bottom, top * (4.0 if log else 1.3))
         ax.grid(axis="y", alpha=0.3)
     axes[0, 0].legend(fontsize=7, ncol=min(len(names), 5), loc="upper right")
     fig.suptitle(title, fontsize=10)
