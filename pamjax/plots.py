@@ -49,13 +49,7 @@ def grouped_bars(path, panels: dict[str, tuple[list[str], dict[str, list]]], *, 
         ax.set_ylim(bottom, top * (4.0 if log else 1.3))
         ax.grid(axis="y", alpha=0.3)
     axes[0, 0].legend(fontsize=7, ncol=min(len(names), 5), loc="upper right")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, title, path)
 
 
 def throughput_vs_batch(path, rows: list[dict], *, slo_ms: float, title: str) -> pathlib.Path:
@@ -75,10 +69,15 @@ def throughput_vs_batch(path, rows: list[dict], *, slo_ms: float, title: str) ->
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    return _save(plt, fig, title, path)
+
+
+def _save(plt, fig, title: str, path) -> pathlib.Path:
+    """Title, lay out, write the PNG (creating its folder) and free the figure."""
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
