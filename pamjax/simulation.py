@@ -8,6 +8,7 @@ chunks to decide whether every request is done.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 
 import jax
@@ -113,15 +114,11 @@ def run(params: SimParams, workload: HostWorkload, config: EngineConfig, *, seed
         status = np.asarray(state.req_status)
         done = int(np.sum((status == STATUS_FINISHED) | (status == STATUS_REJECTED)))
         if progress:
-            import sys
-
             print(f"\r  steps {steps:>8d}  requests done {done}/{status.size}", end="",
                   file=sys.stderr, flush=True)
         if done == status.size:
             break
     if progress:
-        import sys
-
         print(file=sys.stderr)
     stacked = jax.tree.map(lambda *xs: np.concatenate(xs), *chunks)
     state = jax.device_get(state)
