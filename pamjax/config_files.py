@@ -1,0 +1,518 @@
+"""Hardware platforms and models from TOML or JSON files.
+
+The format follows the suffix: ``.toml`` or ``.json`` (anything else is refused). TOML needs
+Python 3.11+ (``tomllib``) or the ``tomli`` package on 3.10; JSON always works.
+
+Platform files
+--------------
+The useful form starts from a preset and overrides a few published figures; every key maps
+onto a field of :mod:`pamjax.hardware` (``gpu.F`` is a :class:`~pamjax.hardware.Gpu` field,
+``<tier>.F`` a :class:`~pamjax.hardware.Tier` field, ``<tier>.device.F`` a field of the tier's
+:class:`~pamjax.hardware.DramPimDevice` or :class:`~pamjax.hardware.SsdPimDevice`, and
+``energy.F`` an :class:`~pamjax.hardware.Energy` coefficient), with the units in the field
+names as documented there. A complete example::
+
+    # examples/hardware/pam-80-dimms.toml
+    base = "pam-dgx-h100"        # preset to start from (pamjax.hardware.PLATFORMS)
+    name = "pam-80-dimms"        # optional; default: the file stem
+
+    [ddr]
+    num_devices = 80             # 80 DDR4-PIM DIMMs instead of 40
+
+    [hbm.device]
+    tCCD_L = 8                   # command-clock cycles
+
+    [gpu]                        # all fields of a section are applied together, so a
+    num_gpus = 16                # consistent GPU count and TP x PP split can be given
+    tensor_parallel = 8
+    pipeline_parallel = 2
+
+    [energy]
+    ddr_pim_read = 1.5           # pJ/bit
+
+TOML dotted keys (``ddr.num_devices = 80``) are the same as the tables above, and JSON files
+use nested objects or dotted keys: ``{"base": "pam-dgx-h100", "ddr": {"num_devices": 80}}``.
+
+Without ``base`` the file is a full description: every field of ``gpu``, ``hbm``, ``ddr``,
+``ssd`` and their ``device`` tables must be given (``energy`` fields default to the
+published table); ``hbm`` and ``ddr`` hold DRAM-PIM devices and ``ssd`` an SSD-PIM device.
+:func:`write_config_file` writes a preset in this form (``examples/hardware/
+pam-dgx-h100-full.toml`` is one), which is the easiest way to start a new design.
+
+A derived figure is *not* recomputed from an override of the figure it was derived from at
+preset time: a tier's ``link_gbps`` and its ``*_pj_per_bit`` fields are plain fields of the
+tier, so overriding ``ddr.device.pin_gbps`` or ``energy.ddr_pim_read`` leaves them as they
+were; override them too (``ddr.link_gbps``, ``ddr.pim_read_pj_per_bit``) if they should
+follow. Everything computed by a method or property (capacity, internal rates, clocks)
+does follow.
+
+Model files
+-----------
+Top-level keys are the fields of :class:`~pamjax.models.Model`::
+
+    # examples/models/mistral-7b-like.toml
+    name = "mistral-7b-like"     # optional; default: the file stem
+    layers = 32
+    q_heads = 32
+    kv_heads = 8                 # must divide q_heads (grouped-query attention)
+    head_dim = 128
+    hidden = 4096
+    ffn = 14336
+    vocab = 32000
+    gated_ffn = true             # optional, default true (SwiGLU MLP)
+    tied_embeddings = false      # optional, default false
+    bytes_per_value = 2          # optional, default 2 (16-bit weights and KV)
+
+``base = "llama3-8b"`` starts from a preset (``pamjax.models.MODELS``), after which every
+field is optional.
+
+Validation
+----------
+Every problem raises :class:`ConfigFileError` (a :class:`~pamjax.errors.ConfigError`) whose
+message starts with the file path (and the line, for a syntax error the parser located) and
+names the dotted field, e.g. ``hw.toml: invalid ddr.num_devices=-1: must be > 0``: unknown
+fields (with the valid ones listed), wrong types (a string or a bool where a number is
+expected, a fraction where an integer is), zero, negative, NaN or infinite values, missing
+fields, unknown presets, and malformed, empty, binary, missing or unreadable files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import re
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+from pamjax import hardware, models
+from pamjax.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    try:
+        import tomli as tomllib
+    except ImportError:
+        tomllib = None
+
+SUFFIXES = (".toml", ".json")
+"""File suffixes this module reads and writes."""
+
+_TIER_SECTIONS = hardware.TIER_NAMES
+_SECTIONS = ("gpu", *_TIER_SECTIONS, "energy")
+_DEVICE_TYPES = {"hbm": hardware.DramPimDevice, "ddr": hardware.DramPimDevice,
+                 "ssd": hardware.SsdPimDevice}
+
+
+class ConfigFileError(ConfigError):
+    """A platform or model file that cannot be used.
+
+    Attributes:
+      path: the file, as given.
+      line: 1-based line of a syntax error (0 when the parser gave none or the problem is a
+        value rather than the syntax).
+      field: dotted field path (e.g. ``"hbm.device.tCCD_L"``), or ``None`` when the file as
+        a whole is wrong.
+      value: the rejected value (``None`` with no field).
+      reason: what is wrong.
+    """
+
+    def __init__(self, path, field: str | None, value, reason: str, line: int = 0):
+        super().__init__(field, value, reason)
+        self.path, self.line = str(path), int(line)
+        where = f"{self.path}:{self.line}" if self.line else self.path
+        what = f"invalid {field}={value!r}: {reason}" if field else reason
+        self.args = (f"{where}: {what}",)
+
+
+# -- reading ----------------------------------------------------------------------------------
+
+def _read_mapping(path: pathlib.Path) -> dict:
+    """Parse a TOML or JSON file into a dict; every failure is a ConfigFileError."""
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise ConfigFileError(path, None, None, f"unknown file type {path.suffix or '(none)'!r};"
+                              f" use one of {', '.join(SUFFIXES)}")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigFileError(path, None, None, "file not found") from None
+    except IsADirectoryError:
+        raise ConfigFileError(path, None, None, "is a directory, not a file") from None
+    except OSError as err:
+        raise ConfigFileError(path, None, None, f"cannot read: {err.strerror or err}") from None
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    nul = data.find(b"\x00")
+    if nul >= 0:
+        raise ConfigFileError(path, None, None, "binary content (NUL byte); expected a "
+                              f"{suffix[1:].upper()} text file", line=data.count(b"\n", 0, nul) + 1)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigFileError(path, None, None, "not UTF-8 text; expected a "
+                              f"{suffix[1:].upper()} text file",
+                              line=data.count(b"\n", 0, err.start) + 1) from None
+    if not text.strip():
+        raise ConfigFileError(path, None, None, "empty file")
+    if suffix == ".json":
+        try:
+            parsed = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigFileError(path, None, None, f"malformed JSON: {err.msg}",
+                                  line=err.lineno) from None
+        if not isinstance(parsed, dict):
+            raise ConfigFileError(path, None, None, "the JSON document must be an object "
+                                  f"{{...}}, not {type(parsed).__name__}")
+        return parsed
+    if tomllib is None:  # pragma: no cover - Python 3.10 without tomli
+        raise ConfigFileError(path, None, None, "reading TOML needs Python 3.11+ or the "
+                              "'tomli' package; use a .json file instead")
+    try:
+        parsed = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        message = str(err)
+        found = re.search(r"\(at line (\d+), column \d+\)", message)
+        if found:
+            message = message[:found.start()].rstrip()
+        raise ConfigFileError(path, None, None, f"malformed TOML: {message}",
+                              line=int(found.group(1)) if found else 0) from None
+    if not parsed:
+        raise ConfigFileError(path, None, None, "no settings (only comments or blank lines)")
+    return parsed
+
+
+def _flatten(path: pathlib.Path, data: Mapping, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}, "c.d": 2} -> {"a.b": 1, "c.d": 2}; a key given twice is an error."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            items = _flatten(path, value, f"{name}.")
+        else:
+            items = {name: value}
+        for k, v in items.items():
+            if k in flat:
+                raise ConfigFileError(path, k, v, "given twice")
+            flat[k] = v
+    return flat
+
+
+# -- field checks -----------------------------------------------------------------------------
+
+def _fields(cls) -> dict[str, str]:
+    """Field name -> annotation text (``from __future__ import annotations`` keeps text)."""
+    return {f.name: str(f.type) for f in dataclasses.fields(cls)}
+
+
+def _check_type(path, field: str, value, kind: str):
+    """Return ``value`` as the field's type, or raise naming the field and the type."""
+    if kind == "str":
+        if not isinstance(value, str) or not value:
+            raise ConfigFileError(path, field, value, "must be a non-empty string")
+        return value
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ConfigFileError(path, field, value, "must be true or false")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigFileError(path, field, value, f"must be a number, not {_type_name(value)}")
+    if not math.isfinite(value):
+        raise ConfigFileError(path, field, value, "must be a finite number")
+    if kind == "int":
+        if not isinstance(value, int):
+            raise ConfigFileError(path, field, value, "must be an integer")
+        return value
+    return float(value)
+
+
+def _type_name(value) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    return type(value).__name__
+
+
+def _build(path, cls, section: str, values: Mapping[str, Any], base=None):
+    """Construct ``cls`` from checked ``values`` (on top of ``base`` if given).
+
+    The dataclass's own validation (positive, finite, cross-field rules) runs in its
+    ``__post_init__`` and names fields ``<object name>.<field>``; this re-raises it with the
+    file and the dotted path of the section. An empty ``values`` on a ``base`` is a copy.
+    """
+    try:
+        return dataclasses.replace(base, **values) if base is not None else cls(**values)
+    except ConfigError as err:
+        # Field names hold no dots, so the last component is the field (or the cross-field
+        # rule, e.g. "tensor_parallel*pipeline_parallel") whatever the object's name is.
+        field = str(err.field).rsplit(".", 1)[-1]
+        raise ConfigFileError(path, f"{section}.{field}" if section else field, err.value,
+                              err.reason) from None
+
+
+def _default_name(source) -> str:
+    """The file stem, or "custom" for a dict that came from no file."""
+    return "custom" if source == "<dict>" else pathlib.Path(source).stem
+
+
+def _section_values(path, section: str, cls, flat: Mapping[str, Any],
+                    excluded: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Checked values of one section's fields, from dotted keys ``<section>.<field>``."""
+    kinds = {k: v for k, v in _fields(cls).items() if k not in excluded}
+    prefix = f"{section}." if section else ""
+    values = {}
+    for key, value in flat.items():
+        field = key[len(prefix):]
+        if field not in kinds:
+            raise ConfigFileError(path, key, value, "unknown field; choose one of: "
+                                  + ", ".join(kinds))
+        values[field] = _check_type(path, key, value, kinds[field])
+    return values
+
+
+def _require(path, section: str, cls, values: Mapping[str, Any],
+             excluded: tuple[str, ...] = ()) -> None:
+    """Raise for the first field without a default that ``values`` lacks."""
+    for f in dataclasses.fields(cls):
+        if f.name in excluded or f.name in values:
+            continue
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            dotted = f"{section}.{f.name}" if section else f.name
+            raise ConfigFileError(path, dotted, None, "missing (required without 'base')")
+
+
+# -- platforms --------------------------------------------------------------------------------
+
+def _split_sections(path, flat: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Group dotted keys by section: "" (top level), "gpu", "hbm", "hbm.device", ..."""
+    groups: dict[str, dict[str, Any]] = {"": {}}
+    top = ("base", "name")
+    for key, value in flat.items():
+        parts = key.split(".")
+        head = parts[0]
+        if len(parts) == 1:
+            if head in _SECTIONS:
+                raise ConfigFileError(path, key, value, "must be a table of fields, e.g. "
+                                      f"[{head}]")
+            if head not in top:
+                raise ConfigFileError(path, key, value, "unknown field; choose one of: "
+                                      + ", ".join((*top, *_SECTIONS)))
+            groups[""][key] = value
+            continue
+        if head not in _SECTIONS:
+            raise ConfigFileError(path, key, value, f"unknown section {head!r}; choose one of: "
+                                  + ", ".join(_SECTIONS))
+        section = head
+        if head in _TIER_SECTIONS and parts[1] == "device":
+            if len(parts) == 2:
+                raise ConfigFileError(path, key, value, "must be a table of fields, e.g. "
+                                      f"[{head}.device]")
+            section = f"{head}.device"
+        groups.setdefault(section, {})[key] = value
+    return groups
+
+
+def platform_from_dict(data: Mapping[str, Any], source: str | os.PathLike = "<dict>"
+                       ) -> hardware.Platform:
+    """Build a platform from a parsed file (nested tables and/or dotted keys).
+
+    Args:
+      data: the file's content, e.g. ``{"base": "pam-dgx-h100", "ddr": {"num_devices": 80}}``;
+        see the module docstring for the format.
+      source: the file name used in error messages.
+
+    Returns:
+      The :class:`~pamjax.hardware.Platform`.
+
+    Raises:
+      ConfigFileError: unknown field or preset, wrong type, invalid or missing value.
+    """
+    path = source
+    groups = _split_sections(path, _flatten(path, data))
+    top = groups.pop("")
+    name = _check_type(path, "name", top["name"], "str") if "name" in top else None
+    if "base" in top:
+        base_name = _check_type(path, "base", top["base"], "str")
+        if base_name not in hardware.PLATFORMS:
+            raise ConfigFileError(path, "base", base_name, "unknown platform preset; choose "
+                                  "one of: " + ", ".join(hardware.PLATFORMS))
+        base = hardware.get_platform(base_name)
+    else:
+        base = None
+        missing = [s for s in (*_SECTIONS[:-1], *(f"{t}.device" for t in _TIER_SECTIONS))
+                   if s not in groups]
+        if missing:
+            raise ConfigFileError(path, missing[0], None, "missing section (required "
+                                  "without 'base'; or start from base = \"pam-dgx-h100\")")
+
+    gpu_values = _section_values(path, "gpu", hardware.Gpu, groups.get("gpu", {}))
+    energy_values = _section_values(path, "energy", hardware.Energy, groups.get("energy", {}))
+    if base is None:
+        _require(path, "gpu", hardware.Gpu, gpu_values, excluded=("name",))
+        gpu_values.setdefault("name", "gpu")
+    parts = {"gpu": _build(path, hardware.Gpu, "gpu", gpu_values, base and base.gpu),
+             "energy": _build(path, hardware.Energy, "energy", energy_values,
+                              base and base.energy)}
+    for tier in _TIER_SECTIONS:
+        device_cls = _DEVICE_TYPES[tier]
+        device_values = _section_values(path, f"{tier}.device", device_cls,
+                                        groups.get(f"{tier}.device", {}))
+        tier_values = _section_values(path, tier, hardware.Tier, groups.get(tier, {}),
+                                      excluded=("name", "device"))
+        if base is None:
+            _require(path, f"{tier}.device", device_cls, device_values, excluded=("name",))
+            _require(path, tier, hardware.Tier, tier_values, excluded=("name", "device"))
+            device_values.setdefault("name", f"{tier}-device")
+            device = _build(path, device_cls, f"{tier}.device", device_values)
+            parts[tier] = _build(path, hardware.Tier, tier,
+                                 {"name": tier, "device": device, **tier_values})
+        else:
+            current = getattr(base, tier)
+            device = current.device
+            if device_values:
+                device = _build(path, device_cls, f"{tier}.device", device_values, device)
+            parts[tier] = _build(path, hardware.Tier, tier, {"device": device, **tier_values},
+                                 current)
+    return hardware.Platform(name=name or _default_name(path), **parts)
+
+
+def load_platform_file(path: str | os.PathLike) -> hardware.Platform:
+    """Read a platform from a ``.toml`` or ``.json`` file (format: module docstring).
+
+    Args:
+      path: the file.
+
+    Returns:
+      The :class:`~pamjax.hardware.Platform`, usable wherever a preset platform is
+      (``simulation.simulate(platform=...)``, ``systems.make_params``, ``bounds.bound``).
+
+    Raises:
+      ConfigFileError: the file is missing, unreadable, empty, binary or malformed (with the
+        parser's line number), or a field is unknown, of the wrong type or invalid.
+    """
+    path = pathlib.Path(path)
+    return platform_from_dict(_read_mapping(path), path)
+
+
+# -- models -----------------------------------------------------------------------------------
+
+def model_from_dict(data: Mapping[str, Any], source: str | os.PathLike = "<dict>"
+                    ) -> models.Model:
+    """Build a model from a parsed file: Model fields at the top level, optional ``base``.
+
+    Args:
+      data: e.g. ``{"layers": 32, "q_heads": 32, ...}``; see the module docstring.
+      source: the file name used in error messages.
+
+    Returns:
+      The :class:`~pamjax.models.Model`.
+
+    Raises:
+      ConfigFileError: unknown field or preset, wrong type, invalid or missing value.
+    """
+    path = source
+    flat = _flatten(path, data)
+    base = None
+    if "base" in flat:
+        base_name = _check_type(path, "base", flat.pop("base"), "str")
+        if base_name not in models.MODELS:
+            raise ConfigFileError(path, "base", base_name, "unknown model preset; choose one "
+                                  "of: " + ", ".join(models.MODELS))
+        base = models.get_model(base_name)
+    values = _section_values(path, "", models.Model, flat)
+    if base is None:
+        _require(path, "", models.Model, values, excluded=("name",))
+    values.setdefault("name", _default_name(path))
+    return _build(path, models.Model, "", values, base)
+
+
+def load_model_file(path: str | os.PathLike) -> models.Model:
+    """Read a model from a ``.toml`` or ``.json`` file (format: module docstring).
+
+    Args:
+      path: the file.
+
+    Returns:
+      The :class:`~pamjax.models.Model`, usable wherever a preset is accepted as an object
+      (``systems.make_params``, ``simulation.simulate``, ``bounds.bound``).
+
+    Raises:
+      ConfigFileError: as for :func:`load_platform_file`.
+    """
+    path = pathlib.Path(path)
+    return model_from_dict(_read_mapping(path), path)
+
+
+# -- writing ----------------------------------------------------------------------------------
+
+def platform_to_dict(platform: hardware.Platform) -> dict[str, Any]:
+    """The full description of ``platform``: ``{"name", "gpu", "hbm", "ddr", "ssd", "energy"}``
+    with every field, each tier's device under ``"device"``; reading it back gives an equal
+    Platform."""
+    out: dict[str, Any] = {"name": platform.name}
+    out["gpu"] = dataclasses.asdict(platform.gpu)
+    for tier in platform.tiers:
+        values = dataclasses.asdict(tier)
+        del values["name"]
+        out[tier.name] = values
+    out["energy"] = dataclasses.asdict(platform.energy)
+    return out
+
+
+def model_to_dict(model: models.Model) -> dict[str, Any]:
+    """Every field of ``model`` by name; reading it back gives an equal Model."""
+    return dataclasses.asdict(model)
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string literal is a valid TOML basic string
+    return repr(value)
+
+
+def _toml(data: Mapping[str, Any], table: str = "") -> list[str]:
+    scalars = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    lines = ([f"[{table}]"] if table and scalars else []) + scalars
+    for key, value in data.items():
+        if isinstance(value, dict):
+            sub = _toml(value, f"{table}.{key}" if table else key)
+            lines += ([""] if lines else []) + sub
+    return lines
+
+
+def write_config_file(obj: hardware.Platform | models.Model, path: str | os.PathLike
+                      ) -> pathlib.Path:
+    """Write a platform or model as a full description (TOML or JSON, by suffix).
+
+    Args:
+      obj: a :class:`~pamjax.hardware.Platform` or :class:`~pamjax.models.Model`.
+      path: destination ``.toml`` or ``.json`` file; its parent directory must exist.
+
+    Returns:
+      The path written; :func:`load_platform_file` / :func:`load_model_file` read it back
+      to an object equal to ``obj``.
+    """
+    path = pathlib.Path(path)
+    if path.suffix.lower() not in SUFFIXES:
+        raise ConfigFileError(path, None, None, f"unknown file type {path.suffix or '(none)'!r};"
+                              f" use one of {', '.join(SUFFIXES)}")
+    if isinstance(obj, hardware.Platform):
+        data = platform_to_dict(obj)
+    elif isinstance(obj, models.Model):
+        data = model_to_dict(obj)
+    else:
+        raise ConfigError("obj", type(obj).__name__, "must be a Platform or a Model")
+    if path.suffix.lower() == ".json":
+        path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    else:
+        path.write_text("\n".join(_toml(data)) + "\n", encoding="utf-8")
+    return path
