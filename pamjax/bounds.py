@@ -571,21 +571,77 @@ def bounds_table(systems: Iterable, model, workload, slo_ms: float | None = None
     return rows
 
 
-def bound_columns(system, model, batch: int, tokens_per_s: float, *, mean_prompt: float,
-                  mean_output: float, **kwargs) -> dict:
-    """Columns that set a simulated result beside its bound (for study rows and CSVs).
+def run_bound(system, model, *, prompts, outputs, concurrency: int, prefill: bool = True,
+              platform: Platform | None = None, **kwargs) -> Bound:
+    """Upper bound on the throughput of one simulated run, from the requests it served.
+
+    A run that prefilled the requests with lengths ``prompts``/``outputs`` and never had more
+    than ``concurrency`` of them running cannot beat this, whatever their mix:
+
+    * decode: a step with ``b' <= concurrency`` requests holds at least one output token per
+      request beyond its prompt, so its mean context is at least ``1 +`` the mean of the
+      ``b'`` smallest prompts; the bound is the best ``b'`` at that context (capacity and
+      SLO play no part: the run's own concurrency already obeyed them).
+    * whole run (``prefill=True``): at most ``sum(outputs)`` tokens come from
+      ``len(prompts)`` prefills costing at least ``P(mean prompt)`` each (P is convex), so
+      the prefill share per output token is at least the steady state's at the mean lengths.
 
     Args:
-      system, model: names or objects; batch: the result's max concurrent requests.
-      tokens_per_s: the simulated throughput (use ``prefill=False`` for decode-only).
-      mean_prompt, mean_output, **kwargs: as for :func:`bound`.
+      system, model: names or objects.
+      prompts, outputs: int [n] lengths of the requests the run admitted, tokens (n >= 1).
+      concurrency: the run's largest number of requests running at once (>= 1).
+      prefill: bound whole-run throughput (True) or decode-only throughput (False).
+      platform: hardware (default the preset); **kwargs: further :func:`throughput_curve`
+        arguments (access, compute_fraction, ...).
 
     Returns:
-      {"bound_tokens_per_s", "binding_resource", "efficiency"}: efficiency =
-      tokens_per_s / bound (NaN when the bound is 0).
+      Bound at the best batch ``b' <= concurrency`` (``batch_limit`` = "run",
+      ``capacity_batch`` from the mean lengths, ``slo_batch`` None).
     """
-    b = bound(system, model, mean_prompt=mean_prompt, mean_output=mean_output, batch=batch,
-              **kwargs)
+    prompts = np.asarray(prompts, np.float64)
+    outputs = np.asarray(outputs, np.float64)
+    if prompts.ndim != 1 or prompts.size == 0 or prompts.shape != outputs.shape:
+        raise ConfigError("prompts", prompts.shape, "need equal-length 1-D arrays of the "
+                          "admitted requests' prompt and output lengths (n >= 1)")
+    if not isinstance(concurrency, (int, np.integer)) or concurrency < 1:
+        raise ConfigError("concurrency", concurrency, "must be an integer >= 1")
+    batches = np.arange(1, min(int(concurrency), prompts.size) + 1, dtype=np.float64)
+    context = 1.0 + np.cumsum(np.sort(prompts))[:batches.size] / batches
+    stats = dict(mean_prompt=float(prompts.mean()), mean_output=float(outputs.mean()),
+                 platform=platform, prefill=prefill, **kwargs)
+    rates = throughput_curve(system, model, batches, mean_context=context, **stats)
+    best = int(np.argmax(rates >= rates.max() * (1.0 - _TIE)))
+    s = _setup(system, model, mean_context=context[best], **stats)
+    b = batches[best:best + 1]
+    per_resource = {key: float(1.0 / time[0]) if time[0] > 0 else math.inf
+                    for key, time in _resource_times(s, b, _iteration_terms(s, b)).items()}
+    binding = min(per_resource, key=lambda key: (per_resource[key], RESOURCES.index(key)))
+    return Bound(system=s.system.name, model=s.model.name, tokens_per_s=float(rates[best]),
+                 binding_resource=binding,
+                 per_resource={k: per_resource[k] for k in RESOURCES if k in per_resource},
+                 batch=int(b[0]), max_batch=int(concurrency), batch_limit="run",
+                 capacity_batch=_capacity_batch(s), slo_batch=None,
+                 iteration_s=float(_iteration_s(_iteration_terms(s, b))[0]))
+
+
+def bound_columns(system, model, tokens_per_s: float, *, prompts, outputs, concurrency: int,
+                  prefill: bool = True, prefix: str = "", **kwargs) -> dict:
+    """Columns that set a simulated result beside its bound (:func:`run_bound`).
+
+    Args:
+      system, model: names or objects.
+      tokens_per_s: the simulated throughput (whole-run with ``prefill=True``, decode-only
+        with ``prefill=False``).
+      prompts, outputs, concurrency, prefill, **kwargs: as for :func:`run_bound`.
+      prefix: prepended to the column names (e.g. "decode_").
+
+    Returns:
+      {prefix + "bound_tokens_per_s", prefix + "binding_resource", prefix + "efficiency"}:
+      efficiency = tokens_per_s / bound (NaN when the bound is 0).
+    """
+    b = run_bound(system, model, prompts=prompts, outputs=outputs, concurrency=concurrency,
+                  prefill=prefill, **kwargs)
     efficiency = tokens_per_s / b.tokens_per_s if b.tokens_per_s > 0 else math.nan
-    return {"bound_tokens_per_s": b.tokens_per_s, "binding_resource": b.binding_resource,
-            "efficiency": efficiency}
+    return {f"{prefix}bound_tokens_per_s": b.tokens_per_s,
+            f"{prefix}binding_resource": b.binding_resource,
+            f"{prefix}efficiency": efficiency}

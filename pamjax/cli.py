@@ -21,6 +21,8 @@ EXAMPLES = {
     "presets": "pamjax presets",
     "reproduce": "pamjax reproduce all --quick --out repro",
     "attention-demo": "pamjax attention-demo --tiers 3 --tokens 4096",
+    "bounds": "pamjax bounds --model opt-175b --workload sharegpt --slo-ms 150 "
+              "--claim pam/vllm-offload=2.2",
 }
 
 
@@ -81,16 +83,50 @@ def _load_workload(args):
                         rate_per_s=args.rate)
 
 
+def _model_and_platform(args):
+    """(Model or preset name, Platform or None) from --model / --model-file / --hardware."""
+    model, platform = args.model, None
+    if getattr(args, "model_file", None):
+        from pamjax.config_files import load_model_file
+
+        model = load_model_file(args.model_file)
+    if getattr(args, "hardware", None):
+        from pamjax.config_files import load_platform_file
+
+        platform = load_platform_file(args.hardware)
+    return model, platform
+
+
+def _name(obj) -> str:
+    return obj if isinstance(obj, str) else obj.name
+
+
 def cmd_simulate(args) -> int:
+    import numpy as np
+
+    from pamjax.bounds import bound_columns
     from pamjax.locality import load_recorded_scores
     from pamjax.simulation import simulate
+    from pamjax.types import STATUS_FINISHED, STATUS_RUNNING
 
+    model, platform = _model_and_platform(args)
     workload = _load_workload(args)
     scores = load_recorded_scores(args.scores) if args.scores else None
-    result = simulate(args.system, args.model, workload, max_batch=args.batch,
-                      page_size=args.page_size, seed=args.seed, progress=args.progress,
-                      recorded_scores=scores)
+    result = simulate(args.system, model, workload, max_batch=args.batch,
+                      platform=platform, page_size=args.page_size, seed=args.seed,
+                      progress=args.progress, recorded_scores=scores)
     s = result.summary
+    status = np.asarray(result.state.req_status)
+    admitted = (status == STATUS_RUNNING) | (status == STATUS_FINISHED)
+    if admitted.any():
+        # The run's physical bound (pamjax.bounds.run_bound): its admitted requests, never
+        # more than --batch at once; idle time between arrivals counts against efficiency.
+        s.update(bound_columns(args.system, model, s["throughput_tokens_per_s"],
+                               prompts=workload.prompt_tokens[admitted],
+                               outputs=workload.output_tokens[admitted],
+                               concurrency=args.batch, platform=platform))
+    else:
+        s.update(bound_tokens_per_s=None, binding_resource=None, efficiency=None)
     row = {
         "system": args.system, "requests": f"{s['requests_finished']}/{s['requests_total']}",
         "tok/s": s["throughput_tokens_per_s"], "TTFT p50 ms": s["ttft_ms"]["p50"],
@@ -98,6 +134,8 @@ def cmd_simulate(args) -> int:
         "J/token": s["energy_j_per_token"],
         "HBM/DDR/SSD tokens": "/".join(f"{s['tier_token_share'][t]:.2f}"
                                        for t in ("hbm", "ddr", "ssd")),
+        "bound tok/s": s["bound_tokens_per_s"] or "-", "efficiency": s["efficiency"] or "-",
+        "binding": s["binding_resource"] or "-",
     }
     columns = list(row)
     if args.slo_ms:
@@ -105,7 +143,7 @@ def cmd_simulate(args) -> int:
         s["slo_met"] = bool(s["tpot_ms"]["p99"] <= args.slo_ms)
         row["SLO met"] = "yes" if s["slo_met"] else "no"
         columns.append("SLO met")
-    print(f"{args.model} on {workload.name}: {workload.num_requests} requests, "
+    print(f"{_name(model)} on {workload.name}: {workload.num_requests} requests, "
           f"batch <= {args.batch}, {s['decode_steps']} decode steps, "
           f"{s['simulated_seconds']:.2f} simulated s, {s['wall_seconds']:.1f} wall s")
     print(format_table([row], columns))
@@ -119,7 +157,7 @@ def cmd_simulate(args) -> int:
     if s["overflow"]:
         print("warning: a request outgrew its slot (overflow flag); results are incomplete")
     if args.json:
-        s.update(system=args.system, model=args.model, workload=workload.name,
+        s.update(system=args.system, model=_name(model), workload=workload.name,
                  batch=args.batch, seed=args.seed)
         _write_json(args.json, s)
     return 0
@@ -224,7 +262,6 @@ def cmd_compare(args) -> int:
     import numpy as np
 
     from pamjax import plots, study
-    from pamjax.bounds import bound_columns, workload_means
     from pamjax.report import write_csv
     from pamjax.workload import Workload, load_trace
 
@@ -236,17 +273,11 @@ def cmd_compare(args) -> int:
                             trace.output_tokens, name=trace.name)
     else:
         workload = args.workload
-    rows = study.run_sweep(args.systems, args.model, workload, args.batches, steps=args.steps,
-                           seed=args.seed, progress=not args.quiet)
+    model, platform = _model_and_platform(args)
+    rows = study.run_sweep(args.systems, model, workload, args.batches, steps=args.steps,
+                           seed=args.seed, platform=platform, progress=not args.quiet)
     best = study.peak_under_slo(rows, args.slo_ms)
     name = workload if isinstance(workload, str) else workload.name
-    mean_prompt, mean_output = workload_means(workload)
-    for system, row in best.items():
-        # The physical bound at the same batch (pamjax.bounds), with the smallest context a
-        # run that starts empty sees, so that a short horizon cannot exceed it.
-        row.update(bound_columns(system, args.model, max(row["max_batch"], 1),
-                                 row["throughput_tokens_per_s"], mean_prompt=mean_prompt,
-                                 mean_output=mean_output, mean_context=mean_prompt + 1))
     table = []
     for system, row in best.items():
         if row["max_batch"] == 0:
@@ -261,29 +292,132 @@ def cmd_compare(args) -> int:
                                            for t in ("hbm", "ddr", "ssd")),
             "attention share HBM/DDR/SSD": "/".join(f"{row[f'{t}_attention_share']:.2f}"
                                                     for t in ("hbm", "ddr", "ssd")),
-            "bound tok/s": row["bound_tokens_per_s"],
+            "bound tok/s": row["bound_tokens_per_s"] if row["max_batch"] else "-",
             "efficiency": row["efficiency"] if row["max_batch"] else "-",
-            "binding": row["binding_resource"],
+            "binding": row["binding_resource"] if row["max_batch"] else "-",
         })
-    print(f"{args.model} on {name}, TPOT p99 SLO {args.slo_ms:g} ms, batches "
+    print(f"{_name(model)} on {name}, TPOT p99 SLO {args.slo_ms:g} ms, batches "
           f"{','.join(map(str, sorted(set(args.batches))))}, {args.steps} steps per point, "
           f"page size {rows[0]['page_size']} tokens")
     print(format_table(table, COMPARE_COLUMNS))
     out = pathlib.Path(args.out)
     columns = list(rows[0])
     print(f"wrote {write_csv(out / 'compare_sweep.csv', rows, columns)}")
-    summary = {"model": args.model, "workload": name, "slo_ms": args.slo_ms,
+    summary = {"model": _name(model), "workload": name, "slo_ms": args.slo_ms,
                "batches": sorted(set(args.batches)), "steps": args.steps, "seed": args.seed,
                "best": best, "sweep": rows}
     _write_json(args.json or out / "compare.json", summary)
-    plots.grouped_bars(out / "compare.png", {f"{args.model} on {name}": (
+    plots.grouped_bars(out / "compare.png", {f"{_name(model)} on {name}": (
         ["peak tokens/s", "max batch"],
         {s: [r["throughput_tokens_per_s"] or None, r["max_batch"] or None]
          for s, r in best.items()})}, ylabel="tokens/s | requests (log)", log=True,
         title=f"Peak throughput and max batch under a {args.slo_ms:g} ms TPOT p99 SLO")
     plots.throughput_vs_batch(out / "compare_batches.png", rows, slo_ms=args.slo_ms,
-                              title=f"{args.model} on {name}")
+                              title=f"{_name(model)} on {name}")
     print(f"wrote {out / 'compare.png'} and {out / 'compare_batches.png'}")
+    return 0
+
+
+BOUNDS_COLUMNS = ["system", "bound tok/s", "binding", "batch", "max batch", "limited by",
+                  "iteration ms", "gpu_compute", "gpu_hbm", "pcie", "pim_tiers", "pim_hbm",
+                  "pim_ddr", "pim_ssd"]
+
+
+def _claim(text: str) -> tuple[str, str, float]:
+    """Parse ``A/B=RATIO`` (system names, ratio > 0)."""
+    from pamjax.systems import SYSTEMS
+
+    try:
+        pair, ratio_text = text.split("=")
+        a, b = (v.strip() for v in pair.split("/"))
+        ratio = float(ratio_text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not SYSTEM_A/SYSTEM_B=RATIO") from None
+    for name in (a, b):
+        if name not in SYSTEMS:
+            raise argparse.ArgumentTypeError(f"unknown system {name!r} in {text!r}; choose "
+                                             f"from {', '.join(SYSTEMS)}")
+    if not (ratio > 0 and ratio != float("inf")):
+        raise argparse.ArgumentTypeError(f"ratio {ratio_text!r} in {text!r} must be a finite "
+                                         "number > 0")
+    return a, b, ratio
+
+
+def _claim_reference(args, system: str, model, platform, workload) -> tuple[float, str]:
+    """(tokens/s, how it was obtained) of the claim's reference system B."""
+    from pamjax import study
+
+    if args.reference_tokens_per_s:
+        return args.reference_tokens_per_s, "given by --reference-tokens-per-s"
+    rows = study.run_sweep([system], model, workload, args.batches, steps=args.steps,
+                           seed=args.seed, platform=platform, progress=not args.quiet)
+    if args.slo_ms:
+        best = study.peak_under_slo(rows, args.slo_ms)[system]
+        how = (f"simulated peak under the {args.slo_ms:g} ms SLO over batches "
+               f"{','.join(map(str, args.batches))} ({args.steps} steps)")
+    else:
+        best = max(rows, key=lambda r: r["throughput_tokens_per_s"])
+        how = (f"simulated peak over batches {','.join(map(str, args.batches))} "
+               f"({args.steps} steps)")
+    if best["throughput_tokens_per_s"] <= 0:
+        raise PamjaxError(f"--claim: {system} serves no batch of {args.batches}"
+                          f"{' under the SLO' if args.slo_ms else ''}, so it gives no "
+                          "reference throughput; pass --reference-tokens-per-s")
+    return best["throughput_tokens_per_s"], how
+
+
+def cmd_bounds(args) -> int:
+    from pamjax import bounds
+    from pamjax.workload import load_trace
+
+    model, platform = _model_and_platform(args)
+    workload = load_trace(args.trace, max_requests=args.max_requests) if args.trace \
+        else args.workload
+    mean_prompt, mean_output = bounds.workload_means(workload)
+    stats = dict(mean_prompt=mean_prompt, mean_output=mean_output, batch=args.batch,
+                 slo_ms=args.slo_ms, platform=platform)
+    results = [bounds.bound(system, model, **stats) for system in args.systems]
+
+    def rate(v):
+        return "-" if v is None else ("inf" if v == float("inf") else v)
+
+    table = [{"system": b.system, "bound tok/s": b.tokens_per_s,
+              "binding": b.binding_resource, "batch": b.batch, "max batch": b.max_batch,
+              "limited by": b.batch_limit, "iteration ms": b.iteration_s * 1e3,
+              **{r: rate(b.per_resource.get(r)) for r in BOUNDS_COLUMNS[7:]}}
+             for b in results]
+    name = workload if isinstance(workload, str) else workload.name
+    print(f"{_name(model)} on {name} (mean prompt {mean_prompt:.0f}, output "
+          f"{mean_output:.0f} tokens), batch <= {args.batch or 'KV capacity'}, SLO "
+          f"{f'{args.slo_ms:g} ms' if args.slo_ms else 'none'}: output tokens/s bounds "
+          "(per resource: what it alone allows)")
+    print(format_table(table, BOUNDS_COLUMNS))
+    payload = {"model": _name(model), "workload": name, "mean_prompt": mean_prompt,
+               "mean_output": mean_output, "batch": args.batch, "slo_ms": args.slo_ms,
+               "bounds": [dict(system=b.system, bound_tokens_per_s=b.tokens_per_s,
+                               binding_resource=b.binding_resource, batch=b.batch,
+                               max_batch=b.max_batch, batch_limit=b.batch_limit,
+                               capacity_batch=b.capacity_batch, slo_batch=b.slo_batch,
+                               iteration_ms=b.iteration_s * 1e3,
+                               per_resource_tokens_per_s={
+                                   k: (None if v == float("inf") else v)
+                                   for k, v in b.per_resource.items()})
+                          for b in results]}
+    if args.claim:
+        a, b, ratio = args.claim
+        reference, how = _claim_reference(args, b, model, platform, workload)
+        verdict = bounds.check_claim(a, b, ratio, b_tokens_per_s=reference, model=model,
+                                     **stats)
+        print(f"claim {a}/{b} = {ratio:g}: {'ATTAINABLE' if verdict.attainable else 'NOT attainable'}"
+              f" on this hardware ({b} reference {reference:,.0f} tokens/s, {how})")
+        print(f"  {verdict.explanation}")
+        payload["claim"] = {"system_a": a, "system_b": b, "ratio": ratio,
+                            "reference_tokens_per_s": reference, "reference": how,
+                            "attainable": verdict.attainable,
+                            "binding_resource": verdict.binding_resource,
+                            "explanation": verdict.explanation}
+    if args.json:
+        _write_json(args.json, payload)
     return 0
 
 
@@ -305,6 +439,7 @@ def cmd_run(args) -> int:
 
     args.model, args.workload, args.trace, args.max_requests = "llama3-70b", "sharegpt", None, None
     args.slo_ms, args.systems = 150.0, list(MAIN_SYSTEMS)
+    args.hardware = args.model_file = None
     return cmd_compare(args)
 
 
@@ -319,6 +454,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pamjax", description="JAX simulator of PAM (Processing Across "
                      "Memory) LLM serving and its baselines.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def add_config_files(p):
+        p.add_argument("--hardware", metavar="FILE", help="custom platform from a TOML or "
+                       "JSON file (see pamjax/config_files.py and examples/hardware/)")
+        p.add_argument("--model-file", metavar="FILE", help="custom model from a TOML or "
+                       "JSON file, replacing --model (see examples/models/)")
 
     def add(name, help_text, func):
         p = sub.add_parser(name, help=help_text, description=help_text,
@@ -352,6 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="write the summary as JSON")
     p.add_argument("--progress", action="store_true", help="show progress on stderr")
+    add_config_files(p)
 
     def add_compare_args(p, fixed: bool):
         if not fixed:
@@ -375,6 +517,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", default="pamjax-out", help="output folder")
         p.add_argument("--json", metavar="PATH", help="summary JSON (default OUT/compare.json)")
         p.add_argument("--quiet", action="store_true", help="no progress display")
+        if not fixed:
+            add_config_files(p)
 
     p = add("run", "the main job: five systems, llama3-70b, sharegpt, 150 ms SLO", cmd_run)
     add_compare_args(p, fixed=True)
@@ -394,6 +538,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shorter simulated horizons (same grid)")
     p.add_argument("--out", default="pamjax-out", help="output folder")
     p.add_argument("--quiet", action="store_true", help="no progress display")
+
+    p = add("bounds", "closed-form upper bounds on tokens/s per system, and whether a claimed "
+            "speedup is physically attainable", cmd_bounds)
+    p.add_argument("--model", default="llama3-70b", choices=sorted(MODELS), metavar="M",
+                   help=f"one of: {', '.join(MODELS)}")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--workload", default="sharegpt", choices=sorted(DATASETS),
+                        metavar="W", help=f"dataset (mean lengths): {', '.join(DATASETS)}")
+    source.add_argument("--trace", metavar="PATH", help="mean lengths from a trace CSV")
+    p.add_argument("--max-requests", type=_positive_int, help="requests read from --trace")
+    p.add_argument("--systems", type=_systems, default=list(SYSTEMS),
+                   help="comma-separated system names (default: all)")
+    p.add_argument("--batch", type=_positive_int,
+                   help="most concurrent requests (default: up to the KV capacity)")
+    p.add_argument("--slo-ms", type=_positive_float, help="TPOT SLO, ms (default none)")
+    p.add_argument("--claim", type=_claim, metavar="A/B=RATIO",
+                   help="is 'system A serves RATIO x the tokens/s of system B' attainable? "
+                        "B's tokens/s is simulated (or --reference-tokens-per-s)")
+    p.add_argument("--reference-tokens-per-s", type=_positive_float, metavar="X",
+                   help="B's throughput for --claim, instead of simulating it")
+    p.add_argument("--batches", type=_batches, default=[16, 64, 256, 1024],
+                   help="batch sizes searched when simulating B for --claim")
+    p.add_argument("--steps", type=_positive_int, default=96,
+                   help="simulated steps per batch when simulating B (default 96)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="PATH", help="write the bounds (and verdict) as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+    add_config_files(p)
 
     p = add("attention-demo", "PAMattention over tiers vs exact attention", cmd_attention_demo)
     p.add_argument("--tiers", type=_positive_int, default=3)

@@ -50,22 +50,39 @@ SCALING_SYSTEMS = ("l-pim", "pam")
 SCALING_CONFIGS = ((4, 1), (8, 1), (4, 2), (2, 4), (16, 1), (8, 2), (4, 4), (32, 1), (8, 4))
 ENERGY_MODELS = ("llama3-70b", "opt-175b")
 
+BOUND = ["bound_tokens_per_s", "binding_resource", "efficiency"]
 STUDY_COLUMNS = {
     "online": ["model", "dataset", "slo_ms", "system", "max_batch",
-               "throughput_tokens_per_s", "oom"],
-    "offline": ["model", "dataset", "batch", "system", "throughput_tokens_per_s", "oom"],
+               "throughput_tokens_per_s", "oom", *BOUND],
+    "offline": ["model", "dataset", "batch", "system", "throughput_tokens_per_s", "oom",
+                *BOUND],
     "energy": ["model", "dataset", "mode", "system", "energy_j_per_token", "gpu_compute",
-               "gpu_memory", "pim_attention", "reduction", "transfer", "migration"],
+               "gpu_memory", "pim_attention", "reduction", "transfer", "migration",
+               "throughput_tokens_per_s", *BOUND],
     "ablation": ["model", "dataset", "batch", "variant", "attention_time_s",
-                 "speedup_vs_ls_pim"],
-    "scaling": ["model", "dataset", "tp", "pp", "system", "throughput_tokens_per_s"],
+                 "speedup_vs_ls_pim", "throughput_tokens_per_s", *BOUND],
+    "scaling": ["model", "dataset", "tp", "pp", "system", "throughput_tokens_per_s", *BOUND],
 }
+"""Every study's throughput sits beside its physical bound (pamjax.bounds.run_bound, via
+study.run_sweep): whole-run for online rows, decode-only where the study reports decode
+throughput (offline, offline energy, ablation, scaling)."""
 
 OFFLINE_KNOBS = Knobs(prefill_token_budget=10**9)
 
 
 def _steps(quick: bool, full: int, short: int) -> int:
     return short if quick else full
+
+
+def _with_bound(row: dict, sweep_row: dict, decode: bool) -> dict:
+    """``row`` plus the throughput and bound columns of ``sweep_row`` (decode-only or whole
+    run); a point that did not fit gets throughput 0 and no bound."""
+    prefix = "decode_" if decode else ""
+    fits = not sweep_row["oom"]
+    row["throughput_tokens_per_s"] = sweep_row[f"{prefix}throughput_tokens_per_s"] \
+        if fits else 0.0
+    row.update({c: sweep_row[f"{prefix}{c}"] if fits else None for c in BOUND})
+    return row
 
 
 def online(quick: bool, progress: bool) -> list[dict]:
@@ -80,7 +97,9 @@ def online(quick: bool, progress: bool) -> list[dict]:
                     rows.append({"model": model, "dataset": dataset, "slo_ms": slo,
                                  "system": system, "max_batch": best["max_batch"],
                                  "throughput_tokens_per_s": best["throughput_tokens_per_s"],
-                                 "oom": best["max_batch"] == 0 and best["oom"]})
+                                 "oom": best["max_batch"] == 0 and best["oom"],
+                                 **{c: best[c] if best["max_batch"] else None
+                                    for c in BOUND}})
     return rows
 
 
@@ -91,10 +110,9 @@ def offline(quick: bool, progress: bool) -> list[dict]:
             sweep = run_sweep(MAIN_SYSTEMS, model, dataset, batches,
                               steps=_steps(quick, 192, 48), knobs=OFFLINE_KNOBS,
                               progress=progress)
-            rows += [{"model": model, "dataset": dataset, "batch": r["batch"],
-                      "system": r["system"],
-                      "throughput_tokens_per_s": 0.0 if r["oom"] else
-                      r["decode_throughput_tokens_per_s"], "oom": r["oom"]} for r in sweep]
+            rows += [_with_bound({"model": model, "dataset": dataset, "batch": r["batch"],
+                                  "system": r["system"], "oom": r["oom"]}, r, decode=True)
+                     for r in sweep]
     return rows
 
 
@@ -116,7 +134,12 @@ def energy(quick: bool, progress: bool) -> list[dict]:
                    "mode": "online" if online_row else "offline", "system": r["system"],
                    "energy_j_per_token": r["energy_j_per_token"] if fits else None}
             row.update({c: r[f"energy_{c}"] if fits else None for c in components})
-            rows.append(row)
+            if online_row:
+                row.update(throughput_tokens_per_s=r["throughput_tokens_per_s"],
+                           **{c: r[c] if fits else None for c in BOUND})
+                rows.append(row)
+            else:
+                rows.append(_with_bound(row, r, decode=True))
     return rows
 
 
@@ -124,10 +147,11 @@ def ablation(quick: bool, progress: bool) -> list[dict]:
     sweep = run_sweep(ABLATION_VARIANTS, "llama3-70b", "arxiv-sum", ABLATION_BATCHES,
                       steps=_steps(quick, 192, 48), knobs=OFFLINE_KNOBS, progress=progress)
     base = {r["batch"]: r["attention_time_s"] for r in sweep if r["system"] == "ls-pim"}
-    return [{"model": "llama3-70b", "dataset": "arxiv-sum", "batch": r["batch"],
-             "variant": r["system"], "attention_time_s": r["attention_time_s"],
-             "speedup_vs_ls_pim": base[r["batch"]] / r["attention_time_s"]
-             if r["attention_time_s"] > 0 else None} for r in sweep]
+    return [_with_bound({"model": "llama3-70b", "dataset": "arxiv-sum", "batch": r["batch"],
+                         "variant": r["system"], "attention_time_s": r["attention_time_s"],
+                         "speedup_vs_ls_pim": base[r["batch"]] / r["attention_time_s"]
+                         if r["attention_time_s"] > 0 else None}, r, decode=True)
+            for r in sweep]
 
 
 def scaled_platform(tp: int, pp: int):
@@ -147,10 +171,8 @@ def scaling(quick: bool, progress: bool) -> list[dict]:
     rows = []
     for r in sweep:
         tp, pp = (int(v) for v in r["platform"].split("x"))
-        rows.append({"model": "llama3-70b", "dataset": "write-doc", "tp": tp, "pp": pp,
-                     "system": r["system"],
-                     "throughput_tokens_per_s": 0.0 if r["oom"] else
-                     r["decode_throughput_tokens_per_s"]})
+        rows.append(_with_bound({"model": "llama3-70b", "dataset": "write-doc", "tp": tp,
+                                 "pp": pp, "system": r["system"]}, r, decode=True))
     return rows
 
 

@@ -35,13 +35,18 @@ import jax
 import numpy as np
 
 from pamjax import engine
+from pamjax.bounds import bound_columns
 from pamjax.errors import ConfigError
 from pamjax.hardware import TIER_NAMES, Platform
 from pamjax.locality import AccessModel
+from pamjax.models import Model
 from pamjax.simulation import choose_page_size, device_workload, make_config
 from pamjax.systems import Knobs, make_params, max_bank_groups
-from pamjax.types import ENERGY_COMPONENTS
+from pamjax.types import ENERGY_COMPONENTS, STATUS_FINISHED, STATUS_RUNNING
 from pamjax.workload import Workload, synthetic
+
+BOUND_COLUMNS = ("bound_tokens_per_s", "binding_resource", "efficiency")
+"""Columns every sweep row gets from pamjax.bounds, also with a ``decode_`` prefix."""
 
 UNIT_BUDGET = 9 << 19
 """Tracked KV units across all vmapped points before the page size grows (memory/speed)."""
@@ -53,7 +58,7 @@ class SweepPoint:
 
     system: str
     batch: int
-    model: str
+    model: Model | str
     platform: Platform | None = None
     label: str = ""
 
@@ -83,7 +88,8 @@ def run_sweep(systems, model, workload: Workload | str, batches, *, steps: int =
 
     Args:
       systems: system names (or System objects).
-      model: model name, or a list of model names (all vmapped together).
+      model: a model (name or Model, e.g. from config_files.load_model_file), or a list of
+        them (all vmapped together); rows carry the model's name.
       workload: a host Workload (used as given, arrivals included) or a dataset name
         (``requests_per_slot x max(batches)`` requests, all at t = 0).
       batches: batch sizes (max concurrent requests).
@@ -98,7 +104,9 @@ def run_sweep(systems, model, workload: Workload | str, batches, *, steps: int =
       one dict per (system, batch), in that order: system, batch, throughput_tokens_per_s,
       decode_throughput_tokens_per_s (decode tokens over the time of decode-only steps),
       tpot_p99_ms, tpot_p50_ms, peak_concurrency, oom, energy_j_per_token (+ per component),
-      attention_time_s, tier token and attention shares, migrated fraction, page_size.
+      attention_time_s, tier token and attention shares, migrated fraction, page_size,
+      and BOUND_COLUMNS (whole-run, then ``decode_``-prefixed): pamjax.bounds.run_bound of
+      the requests the point admitted, at its peak concurrency.
     """
     batches = sorted({int(b) for b in batches})
     if not batches or batches[0] < 1:
@@ -106,7 +114,7 @@ def run_sweep(systems, model, workload: Workload | str, batches, *, steps: int =
     if steps < 1:
         raise ConfigError("steps", steps, "must be >= 1")
     systems = [getattr(s, "name", s) for s in systems]
-    models = [model] if isinstance(model, str) else list(model)
+    models = [model] if isinstance(model, (str, Model)) else list(model)
     hardware = platforms or {"": platform}
     if isinstance(workload, str):
         workload = synthetic(workload, requests_per_slot * batches[-1], seed=seed)
@@ -122,8 +130,12 @@ def run_sweep(systems, model, workload: Workload | str, batches, *, steps: int =
         rows = _run_group(points, workload, steps, seed, access, knobs, page, chunk_steps,
                           label if progress else None)
         by_point.update({_key(r): r for r in rows})
-    return [by_point[(hw, m, s, b)] for hw in hardware for m in models for s in systems
-            for b in batches]
+    return [by_point[(hw, _model_name(m), s, b)] for hw in hardware for m in models
+            for s in systems for b in batches]
+
+
+def _model_name(model: Model | str) -> str:
+    return model if isinstance(model, str) else model.name
 
 
 def _key(row):
@@ -196,7 +208,7 @@ def _point_row(point: SweepPoint, m, state, workload: Workload, page: int) -> di
     migrated = np.asarray(m.migrated_units, np.float64) / units
     row = {
         "platform": point.label,
-        "model": point.model,
+        "model": _model_name(point.model),
         "system": point.system,
         "batch": point.batch,
         "throughput_tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
@@ -213,6 +225,7 @@ def _point_row(point: SweepPoint, m, state, workload: Workload, page: int) -> di
         "page_size": page,
     }
     row.update({f"energy_{c}": float(e) for c, e in zip(ENERGY_COMPONENTS, energy)})
+    row.update(_bound_columns(point, row, state, workload))
     total_held, total_attention = held.sum(), attention.sum()
     for i, tier in enumerate(TIER_NAMES):
         row[f"{tier}_token_share"] = float(held[i] / total_held) if total_held else 0.0
@@ -221,12 +234,32 @@ def _point_row(point: SweepPoint, m, state, workload: Workload, page: int) -> di
     return row
 
 
+def _bound_columns(point: SweepPoint, row: dict, state, workload: Workload) -> dict:
+    """The row's whole-run and decode-only throughput beside pamjax.bounds.run_bound of the
+    requests it admitted (columns bound_tokens_per_s, binding_resource, efficiency and the
+    same with a ``decode_`` prefix; None when no request was admitted)."""
+    status = np.asarray(state.req_status)
+    admitted = (status == STATUS_RUNNING) | (status == STATUS_FINISHED)
+    columns = {}
+    for prefix, key, prefill in (("", "throughput_tokens_per_s", True),
+                                 ("decode_", "decode_throughput_tokens_per_s", False)):
+        if not admitted.any() or row["peak_concurrency"] < 1:
+            columns.update({f"{prefix}{c}": None for c in BOUND_COLUMNS})
+            continue
+        columns.update(bound_columns(
+            point.system, point.model, row[key], prompts=workload.prompt_tokens[admitted],
+            outputs=workload.output_tokens[admitted], concurrency=row["peak_concurrency"],
+            prefill=prefill, platform=point.platform, prefix=prefix))
+    return columns
+
+
 def peak_under_slo(rows: list[dict], slo_ms: float) -> dict[str, dict]:
     """Per system (rows of one model and platform): the largest batch that fits and meets
     the SLO.
 
     Returns:
-      {system: row + {max_batch, at_grid_edge}}; a system with no such batch gets
+      {system: row + {max_batch, at_grid_edge}} (throughput and BOUND_COLUMNS from the
+      batch with the peak throughput); a system with no such batch gets
       ``max_batch = 0``, throughput 0 and ``oom`` True when its smallest batch did not fit.
     """
     result = {}
@@ -236,11 +269,15 @@ def peak_under_slo(rows: list[dict], slo_ms: float) -> dict[str, dict]:
         if ok:
             # A short horizon can leave the largest batch still ramping up, so the peak is
             # the best throughput among the batches that meet the SLO.
-            peak = max(r["throughput_tokens_per_s"] for r in ok)
-            best = dict(ok[-1], max_batch=ok[-1]["batch"], throughput_tokens_per_s=peak,
+            peak = max(ok, key=lambda r: r["throughput_tokens_per_s"])
+            best = dict(ok[-1], max_batch=ok[-1]["batch"],
+                        throughput_tokens_per_s=peak["throughput_tokens_per_s"],
                         at_grid_edge=ok[-1]["batch"] == mine[-1]["batch"])
+            # The peak's own bound: efficiency compares like with like.
+            best.update({c: peak[c] for c in BOUND_COLUMNS})
         else:
             best = dict(mine[0], max_batch=0, throughput_tokens_per_s=0.0,
-                        at_grid_edge=False, oom=mine[0]["oom"])
+                        at_grid_edge=False, oom=mine[0]["oom"],
+                        efficiency=0.0 if mine[0]["bound_tokens_per_s"] else None)
         result[system] = best
     return result

@@ -338,9 +338,39 @@ def test_bounds_table_rows():
     assert by_system["attacc"]["pcie_tokens_per_s"] is None
     same = bounds.bounds_table(["pam"], "llama3-70b", DATASETS["sharegpt"], 150.0)
     assert same[0] == by_system["pam"]
-    columns = bounds.bound_columns("pam", "llama3-70b", 64, 1000.0, mean_prompt=161,
-                                   mean_output=373)
-    assert columns["efficiency"] == pytest.approx(1000.0 / columns["bound_tokens_per_s"])
+    columns = bounds.bound_columns("pam", "llama3-70b", 1000.0, prompts=[161] * 64,
+                                   outputs=[373] * 64, concurrency=64, prefix="decode_")
+    assert columns["decode_efficiency"] == pytest.approx(
+        1000.0 / columns["decode_bound_tokens_per_s"])
+
+
+def test_run_bound_equal_lengths_is_the_bound_at_that_batch():
+    # With equal lengths the b' smallest prompts average p, so every candidate batch sits at
+    # context p + 1 and the run bound is bound() searched up to the run's concurrency.
+    for system in MAIN_SYSTEMS:
+        for prefill in (True, False):
+            run = bounds.run_bound(system, "opt-175b", prompts=[600] * 40, outputs=[200] * 40,
+                                   concurrency=32, prefill=prefill)
+            ref = bounds.bound(system, "opt-175b", mean_prompt=600, mean_output=200,
+                               mean_context=601, batch=32, prefill=prefill)
+            assert run.tokens_per_s == pytest.approx(ref.tokens_per_s, rel=1e-12)
+            assert run.binding_resource == ref.binding_resource
+
+
+def test_run_bound_mixed_lengths_uses_the_smallest_prompts():
+    # One request of 8 tokens among 100,000-token prompts: at b' = 1 the only context a
+    # run is sure of is 9 tokens, which makes a single request's decode far faster.
+    prompts, outputs = [8, 100_000, 100_000], [100, 100, 100]
+    run = bounds.run_bound("vllm-offload", "llama3-8b", prompts=prompts, outputs=outputs,
+                           concurrency=3, prefill=False)
+    assert run.batch >= 1
+    at_one = bounds.throughput_curve("vllm-offload", "llama3-8b", [1], mean_prompt=8,
+                                     mean_output=100, mean_context=9, prefill=False)[0]
+    assert run.tokens_per_s >= at_one * (1 - 1e-12)
+    with pytest.raises(ConfigError, match="concurrency"):
+        bounds.run_bound("pam", "llama3-8b", prompts=[8], outputs=[8], concurrency=0)
+    with pytest.raises(ConfigError, match="prompts"):
+        bounds.run_bound("pam", "llama3-8b", prompts=[], outputs=[], concurrency=1)
 
 
 def test_errors_name_the_input():
@@ -399,6 +429,16 @@ def test_engine_whole_run_throughput_never_exceeds_its_bound(sweeps):
             assert row["throughput_tokens_per_s"] <= whole.tokens_per_s * (1 + TOLERANCE), \
                 (name, row["platform"], row["model"], row["system"], row["batch"],
                  row["throughput_tokens_per_s"], whole.tokens_per_s)
+
+
+def test_sweep_rows_carry_their_bound(sweeps):
+    # study.run_sweep sets every row beside bounds.run_bound of the requests it admitted:
+    # whole-run and decode-only, each never above 1 (float32 tolerance).
+    for points in sweeps.values():
+        for row, _ in points:
+            for prefix in ("", "decode_"):
+                assert row[f"{prefix}binding_resource"] in bounds.RESOURCES
+                assert 0 < row[f"{prefix}efficiency"] <= 1 + TOLERANCE, (prefix, row)
 
 
 def test_every_system_comes_close_to_its_bound(sweeps):

@@ -14,7 +14,8 @@ SIMULATE_KEYS = {
     "requests_total", "requests_finished", "requests_rejected", "requests_unfinished",
     "output_tokens", "throughput_tokens_per_s", "ttft_ms", "tpot_ms", "energy_j_per_token",
     "tier_token_share", "tier_attention_time_share", "migrated_token_fraction_per_step",
-    "simulated_seconds", "wall_seconds", "decode_steps",
+    "simulated_seconds", "wall_seconds", "decode_steps", "bound_tokens_per_s",
+    "binding_resource", "efficiency",
 }
 
 
@@ -47,6 +48,9 @@ def test_simulate_writes_the_documented_json(tmp_path, capsys):
     assert set(summary["tpot_ms"]) == {"mean", "p50", "p99"}
     assert set(summary["tier_token_share"]) == {"hbm", "ddr", "ssd"}
     assert summary["output_tokens"] > 0 and summary["throughput_tokens_per_s"] > 0
+    assert 0 < summary["efficiency"] <= 1 and "bound tok/s" in out
+    assert summary["efficiency"] == pytest.approx(
+        summary["throughput_tokens_per_s"] / summary["bound_tokens_per_s"])
 
 
 @pytest.mark.parametrize("argv,needle", [
@@ -59,6 +63,11 @@ def test_simulate_writes_the_documented_json(tmp_path, capsys):
     (["compare", "--systems", "pam,bogus"], "unknown system"),
     (["compare", "--batches", "4,-2"], "batch sizes must be integers >= 1"),
     (["reproduce", "everything"], "invalid choice"),
+    (["bounds", "--claim", "pam-vllm=2"], "is not SYSTEM_A/SYSTEM_B=RATIO"),
+    (["bounds", "--claim", "pam/nope=2"], "unknown system 'nope'"),
+    (["bounds", "--claim", "pam/attacc=-1"], "must be a finite number > 0"),
+    (["bounds", "--claim", "pam/attacc=2", "--reference-tokens-per-s", "0"],
+     "must be a finite number > 0"),
     (["frobnicate"], "invalid choice"),
 ])
 def test_bad_input_is_one_line_and_nonzero(argv, needle, capsys):
@@ -78,6 +87,36 @@ def test_malformed_trace_is_refused_with_line(tmp_path, capsys):
     rc = main(["simulate", "--system", "pam", "--trace", str(bad)])
     err = capsys.readouterr().err
     assert rc == 2 and "bad.csv:3" in err and len(err.strip().splitlines()) == 1
+
+
+def test_bounds_table_and_claims(tmp_path, capsys):
+    path = tmp_path / "bounds.json"
+    argv = ["bounds", "--model", "opt-175b", "--workload", "sharegpt", "--slo-ms", "150",
+            "--systems", "pam,vllm-offload", "--json", str(path)]
+    assert main(argv + ["--claim", "pam/vllm-offload=2", "--reference-tokens-per-s",
+                        "1000"]) == 0
+    out = capsys.readouterr().out
+    assert "bound tok/s" in out and "binding" in out and "claim pam/vllm-offload" in out
+    payload = json.loads(path.read_text())
+    pam = payload["bounds"][0]
+    assert pam["system"] == "pam" and pam["bound_tokens_per_s"] > 2000
+    assert payload["claim"]["attainable"] is True
+    # A ratio above PAM's bound over the reference must be refused, naming the resource.
+    impossible = pam["bound_tokens_per_s"] / 1000 * 1.01
+    assert main(argv + ["--claim", f"pam/vllm-offload={impossible}",
+                        "--reference-tokens-per-s", "1000"]) == 0
+    out = capsys.readouterr().out
+    assert "NOT attainable" in out and pam["binding_resource"] in out
+    assert json.loads(path.read_text())["claim"]["attainable"] is False
+
+
+def test_claim_reference_is_simulated_by_default(capsys):
+    assert main(["bounds", "--model", "llama3-8b", "--systems", "pam", "--claim",
+                 "pam/ls-pim=1", "--batches", "4", "--steps", "8", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    # A system is never more than its own bound over a simulated reference of itself.
+    assert "ls-pim reference" in out and "simulated peak over batches 4" in out
+    assert "claim pam/ls-pim = 1: ATTAINABLE" in out
 
 
 def test_presets_lists_everything(capsys):
