@@ -82,7 +82,8 @@ class Workload:
       arrival_s: float64 [N], seconds from the start of the run, finite, >= 0, non-decreasing;
         all zeros for a closed-loop or offline batch.
       prompt_tokens: int32 [N], prompt (input) length of each request in tokens, >= 1.
-      output_tokens: int32 [N], number of tokens each request generates, >= 1.
+      output_tokens: int32 [N], number of tokens each request generates, >= 1; a request's
+        context (prompt + output) is at most 2**31 - 1 tokens, the engine's int32 positions.
       name: label of the workload (dataset name or trace file stem).
     """
 
@@ -106,6 +107,11 @@ class Workload:
         object.__setattr__(self, "arrival_s", _check_arrivals(arrival))
         object.__setattr__(self, "prompt_tokens", _check_tokens("Workload.prompt_tokens", prompt))
         object.__setattr__(self, "output_tokens", _check_tokens("Workload.output_tokens", output))
+        context = self.prompt_tokens.astype(np.int64) + self.output_tokens
+        if (context > _INT32_MAX).any():
+            i = _first_bad(context > _INT32_MAX)
+            raise ConfigError("Workload.prompt_tokens+output_tokens", int(context[i]),
+                              f"request {i}: the context must be at most {_INT32_MAX} tokens")
 
     def __repr__(self) -> str:
         # The default dataclass repr would print every array element of a 20k-request trace.
@@ -472,7 +478,8 @@ def load_trace(
       ``+HH:MM`` offset). Arrival = seconds since the first request, exact to the nanosecond.
     * Plain: ``arrival_s,prompt_tokens,output_tokens``, arrival in seconds (>= 0) kept as written.
 
-    Rows must be in non-decreasing time order. Token counts must be whole numbers >= 1.
+    Rows must be in non-decreasing time order. Token counts must be whole numbers >= 1, and a
+    request's context (prompt + output) at most 2**31 - 1 tokens.
 
     Args:
       path: the CSV file.
@@ -485,8 +492,9 @@ def load_trace(
       ``prompt_tokens`` and ``output_tokens`` int32 [N] tokens.
 
     Raises:
-      TraceFormatError: the file is missing, unreadable, empty, binary, has a missing or unknown
-        header, a malformed row (with its 1-based line number), or no data rows.
+      TraceFormatError: the file is missing, unreadable, empty, gzip-compressed, binary, has a
+        missing or unknown header, a malformed row (with its 1-based line number), or no data
+        rows.
       ConfigError: ``max_requests`` or ``time_scale`` is invalid.
     """
     if max_requests is not None and (
@@ -535,6 +543,8 @@ def _read_lines(path: pathlib.Path) -> list[str]:
         raise TraceFormatError(path, 0, "is a directory, not a trace file") from None
     except OSError as err:
         raise TraceFormatError(path, 0, f"cannot read: {err.strerror or err}") from None
+    if data.startswith(b"\x1f\x8b"):
+        raise TraceFormatError(path, 0, "gzip-compressed; decompress it first (gunzip)")
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
     nul = data.find(b"\x00")
@@ -604,6 +614,14 @@ def _token_count(path: pathlib.Path, line: int, column: str, text: str) -> int:
     return value
 
 
+def _check_context(path: pathlib.Path, line: int, prompt: int, output: int) -> None:
+    # The engine counts a request's positions in int32, so its whole context must fit.
+    if prompt + output > _INT32_MAX:
+        raise TraceFormatError(
+            path, line, f"context {prompt} + {output} tokens exceeds {_INT32_MAX}"
+        )
+
+
 def _whole_float(path: pathlib.Path, line: int, column: str, text: str) -> int:
     # Accept "374.0": some exporters write integer columns as floats.
     try:
@@ -611,6 +629,8 @@ def _whole_float(path: pathlib.Path, line: int, column: str, text: str) -> int:
     except ValueError:
         what = "is empty" if not text else f"{text!r} is not a number"
         raise TraceFormatError(path, line, f"{column} {what}") from None
+    if not math.isfinite(value):
+        raise TraceFormatError(path, line, f"{column} {text!r} is not finite")
     if not value.is_integer():
         raise TraceFormatError(path, line, f"{column} {text!r} is not a whole number")
     return int(value)
@@ -651,6 +671,7 @@ def _parse_plain_rows(
         times.append(arrival)
         prompt.append(_token_count(path, line, "prompt_tokens", fields[i_prompt]))
         output.append(_token_count(path, line, "output_tokens", fields[i_output]))
+        _check_context(path, line, prompt[-1], output[-1])
     return times, prompt, output
 
 
@@ -684,6 +705,7 @@ def _parse_azure_rows(
         times.append(ns - first_ns)
         prompt.append(_token_count(path, line, "ContextTokens", fields[i_prompt]))
         output.append(_token_count(path, line, "GeneratedTokens", fields[i_output]))
+        _check_context(path, line, prompt[-1], output[-1])
     return times, prompt, output
 
 

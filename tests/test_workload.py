@@ -199,6 +199,7 @@ def test_workload_arrays_are_copied_and_read_only():
         ([-1.0, 1.0], [1, 1], [1, 1], "Workload.arrival_s"),
         ([0.0, math.nan], [1, 1], [1, 1], "Workload.arrival_s"),
         ([[0.0, 1.0]], [1, 1], [1, 1], "Workload.arrival_s"),
+        ([0.0], [2**30], [2**30], "Workload.prompt_tokens+output_tokens"),
     ],
 )
 def test_workload_validation(arrival, prompt, output, field):
@@ -231,8 +232,9 @@ def test_plain_csv_round_trip(tmp_path):
     st.lists(
         st.tuples(
             st.floats(0, 1e7, allow_nan=False, allow_infinity=False),
-            st.integers(1, 2**31 - 1),
-            st.integers(1, 2**31 - 1),
+            # Any split of the largest context the engine's int32 positions allow.
+            st.integers(1, 2**30),
+            st.integers(1, 2**30 - 1),
         ),
         min_size=1,
         max_size=30,
@@ -359,6 +361,10 @@ BAD_FILES = [
     ("truncated_last_line", PLAIN + b"0.0,10,5\n1.0,10,5\n2.0,1", 4, "truncated"),
     ("empty_field", PLAIN + b"0.0,10,\n", 2, "empty"),
     ("too_many_fields", PLAIN + b"0.0,10,5,7\n", 2, "fields"),
+    ("inf_tokens", PLAIN + b"0.0,10,inf\n", 2, "'inf' is not finite"),
+    ("nan_tokens", PLAIN + b"0.0,nan,5\n", 2, "'nan' is not finite"),
+    ("context_over_int32", PLAIN + b"0.0,1073741824,1073741824\n", 2, "exceeds 2147483647"),
+    ("gzip", b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff", 0, "gzip-compressed"),
     ("binary", PLAIN + b"0.0,10,5\n\x89PNG\x00\x00\x1a\n", 3, "binary"),
     ("undecodable", PLAIN + b"0.0,10,5\n\n\xff\xfe,10,5\n", 4, "UTF-8"),
     (
