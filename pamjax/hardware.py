@@ -146,6 +146,9 @@ class DramPimDevice:
         Args:
           run_bytes: contiguous bytes read per visit to this bank (per chip): a full row
             gives row-buffer hits, a short run pays a row activation per run.
+
+        Returns:
+          GB/s (1e9 bytes/s) of useful data, activation and precharge included.
         """
         if run_bytes <= 0:
             raise ConfigError("run_bytes", run_bytes, "must be > 0")
@@ -161,7 +164,14 @@ class DramPimDevice:
         return max(open_time + self.tRP, self.tRC)
 
     def internal_gbps(self, run_bytes: float | None = None) -> float:
-        """All banks streaming in lock-step, GB/s. ``run_bytes`` per chip, default one row."""
+        """All banks streaming in lock-step (PIM all-bank mode).
+
+        Args:
+          run_bytes: contiguous bytes per bank visit per chip; ``None`` = one full row.
+
+        Returns:
+          Device-internal rate, GB/s = banks x :meth:`bank_stream_gbps`.
+        """
         return self.banks * self.bank_stream_gbps(run_bytes or self.row_bytes)
 
     @property
@@ -170,7 +180,15 @@ class DramPimDevice:
         return self.banks * self.pu_lanes * 2 * self.pu_clock_ghz
 
     def effective_gbps(self, run_bytes: float | None = None) -> float:
-        """Effective PIM attention throughput in KV GB/s = min(internal, compute cap)."""
+        """Effective PIM attention throughput in KV GB/s = min(internal, compute cap).
+
+        Args:
+          run_bytes: contiguous KV bytes per bank visit per chip; ``None`` = one full row.
+
+        Returns:
+          KV GB/s the device's PUs can attend over: the internal rate, or the compute cap
+          (the smaller of ``compute_cap_gflops`` and the raw PU peak) x ``bytes_per_flop``.
+        """
         compute_bound = min(self.compute_cap_gflops, self.pu_peak_gflops) * self.bytes_per_flop
         return min(self.internal_gbps(run_bytes), compute_bound)
 
@@ -205,10 +223,12 @@ class SsdPimDevice:
 
     @property
     def capacity_gb(self) -> float:
+        """Device capacity in GB (1e9 bytes) = channels x GB per channel."""
         return self.channels * self.channel_capacity_gb
 
     @property
     def channel_bus_gbps(self) -> float:
+        """Peak rate of one channel bus, GB/s = MT/s x bus bits / 8 / 1000."""
         return self.channel_mts * self.channel_bus_bits / 8 / 1e3
 
     def channel_gbps(self, run_bytes: float | None = None) -> float:
@@ -217,19 +237,36 @@ class SsdPimDevice:
         Args:
           run_bytes: useful contiguous bytes per page read (default a full page); a page
             read always costs tR, so short runs waste array bandwidth.
+
+        Returns:
+          GB/s of useful data: min(dies x useful bytes / tR, channel bus).
         """
         useful = min(run_bytes or self.page_bytes, self.page_bytes)
         array_rate = self.dies_per_channel * useful / (self.tR_us * 1e3)  # bytes/ns
         return min(array_rate, self.channel_bus_gbps)
 
     def internal_gbps(self, run_bytes: float | None = None) -> float:
+        """All channels reading in parallel, GB/s = channels x :meth:`channel_gbps`.
+
+        Args:
+          run_bytes: useful contiguous bytes per page read; ``None`` = a full page.
+        """
         return self.channels * self.channel_gbps(run_bytes)
 
     @property
     def pu_peak_gflops(self) -> float:
+        """Raw controller-PU arithmetic, GFLOP/s (one FMA = 2 FLOPs per lane per cycle)."""
         return self.pu_count * self.pu_lanes * 2 * self.pu_clock_ghz
 
     def effective_gbps(self, run_bytes: float | None = None) -> float:
+        """Effective PIM attention throughput in KV GB/s = min(internal, compute cap).
+
+        Args:
+          run_bytes: useful contiguous KV bytes per page read; ``None`` = a full page.
+
+        Returns:
+          KV GB/s, as for :meth:`DramPimDevice.effective_gbps`.
+        """
         compute_bound = min(self.compute_cap_gflops, self.pu_peak_gflops) * self.bytes_per_flop
         return min(self.internal_gbps(run_bytes), compute_bound)
 
@@ -256,14 +293,17 @@ class Tier:
 
     @property
     def capacity_gb(self) -> float:
+        """Tier capacity in GB (1e9 bytes) = devices x device capacity."""
         return self.num_devices * self.device.capacity_gb
 
     @property
     def bank_group_units(self) -> int:
+        """Mapping units per device (bank groups, or SSD channels); see the device classes."""
         return self.device.bank_group_units
 
     @property
     def device_effective_gbps(self) -> float:
+        """One device's effective PIM attention throughput at this tier's KV run, GB/s."""
         return self.device.effective_gbps(self.kv_run_bytes)
 
     @property
@@ -273,6 +313,7 @@ class Tier:
 
     @property
     def link_total_gbps(self) -> float:
+        """Host-visible link rate of the whole tier, per direction, GB/s."""
         return self.num_devices * self.link_gbps
 
 
@@ -339,13 +380,26 @@ class Platform:
 
     @property
     def tiers(self) -> tuple[Tier, Tier, Tier]:
+        """(hbm, ddr, ssd): the tiers in TIER_NAMES order, the order of every [T] array."""
         return (self.hbm, self.ddr, self.ssd)
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> Platform:
         """Return a copy with dotted fields replaced, e.g. ``{"ddr.num_devices": 80}``.
 
         Accepted paths: ``gpu.F``, ``energy.F``, ``<tier>.F`` and ``<tier>.device.F``.
-        Unknown paths raise UnknownNameError; invalid values raise ConfigError.
+        Overrides apply one at a time, in order, and each intermediate platform must be valid
+        (so a new GPU count needs :meth:`with_parallelism`, or a platform file from
+        :mod:`pamjax.config_files`, which applies a section's fields together).
+
+        Args:
+          overrides: dotted field path -> new value, in the field's unit.
+
+        Returns:
+          A new Platform; ``self`` is unchanged.
+
+        Raises:
+          UnknownNameError: an unknown path or field.
+          ConfigError: an invalid value.
         """
         platform = self
         for path, value in overrides.items():
@@ -367,7 +421,15 @@ class Platform:
         return platform
 
     def scaled(self, factor: int) -> Platform:
-        """The same node replicated ``factor`` times: GPUs and every tier's devices."""
+        """The same node replicated ``factor`` times: GPUs and every tier's devices.
+
+        Args:
+          factor: integer >= 1; the extra GPUs join tensor parallelism.
+
+        Returns:
+          A new Platform with ``factor`` x the GPUs, tensor-parallel degree and devices of
+          every tier.
+        """
         if not isinstance(factor, int) or factor < 1:
             raise ConfigError("scale factor", factor, "must be an integer >= 1")
         gpu = dataclasses.replace(self.gpu, num_gpus=self.gpu.num_gpus * factor,
@@ -376,7 +438,14 @@ class Platform:
             {f"{t}.num_devices": getattr(self, t).num_devices * factor for t in TIER_NAMES})
 
     def with_parallelism(self, tensor_parallel: int, pipeline_parallel: int) -> Platform:
-        """The same hardware with another TP x PP split (GPU count follows)."""
+        """The same hardware with another TP x PP split (GPU count follows).
+
+        Args:
+          tensor_parallel, pipeline_parallel: degrees, integers >= 1.
+
+        Returns:
+          A new Platform with ``num_gpus = tensor_parallel * pipeline_parallel``.
+        """
         return dataclasses.replace(self, gpu=dataclasses.replace(
             self.gpu, tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel,
             num_gpus=tensor_parallel * pipeline_parallel))
@@ -463,6 +532,9 @@ def get_platform(name: str = "pam-dgx-h100", overrides: Mapping[str, Any] | None
     Args:
       name: preset name (see ``PLATFORMS``).
       overrides: e.g. ``{"ddr.num_devices": 80, "gpu.gemm_efficiency": 0.6}``.
+
+    Returns:
+      A fresh :class:`Platform`.
 
     Raises:
       UnknownNameError: unknown preset or field.

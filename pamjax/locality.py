@@ -58,7 +58,18 @@ from pamjax.errors import ConfigError, TraceFormatError
 
 @dataclasses.dataclass(frozen=True)
 class AccessModel:
-    """Access-model parameters (host-side; copied into SimParams)."""
+    """Access-model parameters (host-side; copied into SimParams). Defaults: module docstring.
+
+    Fields:
+      sigma: standard deviation of a unit's latent log-importance, logit units (>= 0).
+      persistence: AR(1) coefficient of the latent per decode step, in [0, 1].
+      sink_tokens: the first this many tokens of a request are attention sinks, tokens.
+      sink_bonus: logit added to a unit holding a sink token (>= 0).
+      recency_bonus: logit added to the newest unit, decaying with its age (>= 0).
+      recency_tokens: e-folding length of the recency bonus, tokens (> 0).
+      select_fraction: share of a request's tokens a sparse selector attends, in (0, 1].
+      ema_lambda: lambda of PAM's importance EMA, in (0, 1].
+    """
 
     sigma: float = 2.5
     persistence: float = 0.995
@@ -84,6 +95,7 @@ class AccessModel:
             raise ConfigError("access.ema_lambda", self.ema_lambda, "must be in (0, 1]")
 
     def dense(self) -> AccessModel:
+        """The same access model with dense attention (``select_fraction = 1``)."""
         return dataclasses.replace(self, select_fraction=1.0)
 
 
@@ -101,7 +113,16 @@ def _mix(x):
 
 
 def unit_hash(seed, request, unit, salt):
-    """uint32 hash of (seed, request id, unit index, salt), broadcasting."""
+    """uint32 hash of (seed, request id, unit index, salt), broadcasting.
+
+    Args:
+      seed: int scalar; request: int32 request ids; unit: int32 unit indices; salt: int32
+        (0 for the initial draw, step + 1 for the innovation of a step). Any shapes that
+        broadcast, e.g. request [R, 1] and unit [U].
+
+    Returns:
+      uint32 array of the broadcast shape.
+    """
     h = _mix(jnp.asarray(seed, jnp.uint32) ^ jnp.uint32(0x9E3779B9))
     h = _mix(h ^ jnp.asarray(request, jnp.int32).astype(jnp.uint32))
     h = _mix(h ^ (jnp.asarray(unit, jnp.int32).astype(jnp.uint32) * jnp.uint32(0x85EBCA6B)))
@@ -109,7 +130,14 @@ def unit_hash(seed, request, unit, salt):
 
 
 def normal_from_hash(h):
-    """Standard normal via Box-Muller from one uint32 hash (two 16-bit uniforms)."""
+    """Standard normal via Box-Muller from one uint32 hash (two 16-bit uniforms).
+
+    Args:
+      h: uint32 array, any shape.
+
+    Returns:
+      float32 array of the same shape, approximately N(0, 1).
+    """
     u1 = ((h >> 16).astype(jnp.float32) + 0.5) / 65536.0
     u2 = ((h & jnp.uint32(0xFFFF)).astype(jnp.float32) + 0.5) / 65536.0
     return jnp.sqrt(-2.0 * jnp.log(u1)) * jnp.cos(2.0 * jnp.pi * u2)
@@ -120,6 +148,12 @@ def small_normal_from_hash(h):
 
     Four byte-uniforms have variance 4 * (256^2 - 1) / 12; cheaper than Box-Muller and
     exact in the first two moments, which is all an AR(1) innovation needs.
+
+    Args:
+      h: uint32 array, any shape.
+
+    Returns:
+      float32 array of the same shape, mean 0 and variance 1.
     """
     total = ((h & 255) + ((h >> 8) & 255) + ((h >> 16) & 255) + (h >> 24)).astype(jnp.float32)
     return (total - 510.0) / np.float32(np.sqrt(4 * (256.0**2 - 1) / 12))
@@ -130,25 +164,58 @@ def small_normal_from_hash(h):
 # ---------------------------------------------------------------------------------------------
 
 def initial_latent(params, seed, request, unit):
-    """Latent log-importance of new units: sigma * N(0, 1). Broadcasts request [R,1], unit."""
+    """Latent log-importance of new units: sigma * N(0, 1).
+
+    Args:
+      params: SimParams or AccessModel (uses ``sigma``); seed: int scalar;
+      request: int32 [R, 1] request ids; unit: int32 [U] unit indices (any broadcast).
+
+    Returns:
+      f32 [R, U] latent log-importance, logit units.
+    """
     return params.sigma * normal_from_hash(unit_hash(seed, request, unit, 0))
 
 
 def evolve_latent(params, latent, seed, request, unit, step):
-    """One AR(1) step of the latent log-importance (persistence with slow drift)."""
+    """One AR(1) step of the latent log-importance (persistence with slow drift).
+
+    Args:
+      params: uses ``persistence`` and ``sigma``; latent: f32 [R, U]; seed: int scalar;
+      request: int32 [R, 1]; unit: int32 [U]; step: int32 scalar decode step.
+
+    Returns:
+      f32 [R, U], ``rho * latent + sqrt(1 - rho^2) * sigma * noise``; the stationary
+      standard deviation stays ``sigma``.
+    """
     rho = params.persistence
     noise = small_normal_from_hash(unit_hash(seed, request, unit, step + 1))
     return rho * latent + jnp.sqrt(1.0 - rho * rho) * params.sigma * noise
 
 
 def unit_tokens(context, page_size: int, num_units: int):
-    """Tokens held by each unit: int32 [R, U] from context lengths int32 [R]."""
+    """Tokens held by each unit of ``page_size`` tokens.
+
+    Args:
+      context: int32 [R] context length of each request, tokens; page_size: tokens per
+      unit; num_units: U, units tracked per request.
+
+    Returns:
+      int32 [R, U] tokens in each unit, in [0, page_size] (0 = the unit does not exist).
+    """
     start = jnp.arange(num_units, dtype=jnp.int32) * page_size
     return jnp.clip(context[:, None] - start[None, :], 0, page_size)
 
 
 def logits(params, latent, context, page_size: int):
-    """Attention logits of every unit, f32 [R, U] (meaningless where the unit is empty)."""
+    """Attention logits of every unit: latent + sink bonus + recency bonus.
+
+    Args:
+      params: uses ``sink_tokens``, ``sink_bonus``, ``recency_bonus``, ``recency_tokens``;
+      latent: f32 [R, U]; context: int32 [R] tokens; page_size: tokens per unit.
+
+    Returns:
+      f32 [R, U] logits (meaningless where the unit is empty).
+    """
     num_units = latent.shape[-1]
     start = jnp.arange(num_units, dtype=jnp.float32) * page_size
     last = jnp.minimum(start + page_size, context[:, None].astype(jnp.float32)) - 1.0
@@ -159,7 +226,14 @@ def logits(params, latent, context, page_size: int):
 
 
 def attention_mass(unit_logits, tokens):
-    """Share of the request's attention mass on each unit, f32 [R, U]; rows sum to 1."""
+    """Share of the request's attention mass on each unit (softmax, a unit counted per token).
+
+    Args:
+      unit_logits: f32 [R, U]; tokens: int32 [R, U] tokens per unit (0 = no unit).
+
+    Returns:
+      f32 [R, U] in [0, 1]; each row with a unit sums to 1, empty rows are all 0.
+    """
     present = tokens > 0
     weighted = jnp.where(present, unit_logits + jnp.log(jnp.maximum(tokens, 1)), -jnp.inf)
     peak = jnp.max(weighted, axis=-1, keepdims=True)
@@ -228,7 +302,8 @@ def select(params, unit_logits, tokens, iters: int):
     recorded scores) are taken in position order until the token target is covered.
 
     Args:
-      unit_logits: f32 [R, U]; tokens: i32 [R, U] tokens per unit (0 = no unit).
+      params: uses ``select_fraction``; unit_logits: f32 [R, U]; tokens: i32 [R, U]
+      tokens per unit (0 = no unit); iters: bisection iterations (static).
 
     Returns:
       bool [R, U], the attended units (every unit when select_fraction >= 1).
@@ -247,7 +322,15 @@ def select(params, unit_logits, tokens, iters: int):
 
 
 def update_importance(params, importance, mass, present):
-    """PAM importance factor EMA, I = lambda * S + (1 - lambda) * I, on present units."""
+    """PAM importance factor EMA, I = lambda * S + (1 - lambda) * I, on present units.
+
+    Args:
+      params: uses ``ema_lambda``; importance: f32 [R, U] previous I; mass: f32 [R, U] this
+      step's score S (attention mass share); present: bool [R, U] units that exist.
+
+    Returns:
+      f32 [R, U] new importance, 0 where a unit is absent.
+    """
     lam = params.ema_lambda
     return jnp.where(present, lam * mass + (1.0 - lam) * importance, 0.0)
 
@@ -259,6 +342,12 @@ def load_recorded_scores(path) -> np.ndarray:
     [steps, tokens] (float), the attention logit of every token position at each decode step
     (positions not yet generated are ignored). In the engine, a request at its k-th decode
     step uses row ``k mod steps`` and its units' logit is the largest logit of their tokens.
+
+    Args:
+      path: the ``.npy`` / ``.npz`` file.
+
+    Returns:
+      float32 [S, N] logits, S steps x N token positions, all finite.
 
     Raises:
       TraceFormatError: missing or unreadable file, wrong shape, or non-finite values.
@@ -279,7 +368,15 @@ def load_recorded_scores(path) -> np.ndarray:
 
 
 def recorded_unit_logits(scores: np.ndarray, page_size: int) -> np.ndarray:
-    """Coarsen recorded token logits [S, N] to unit logits [S, ceil(N / page_size)] (max)."""
+    """Coarsen recorded token logits to unit logits: the largest logit of each unit's tokens.
+
+    Args:
+      scores: float32 [S, N] recorded logits (:func:`load_recorded_scores`); page_size:
+        tokens per unit.
+
+    Returns:
+      float32 [S, ceil(N / page_size)] unit logits.
+    """
     steps, tokens = scores.shape
     units = -(-tokens // page_size)
     padded = np.full((steps, units * page_size), -np.inf, np.float32)

@@ -63,10 +63,12 @@ class Model:
 
     @property
     def key_bytes_per_token(self) -> int:
+        """K of one token over all layers, bytes (half of :attr:`kv_bytes_per_token`)."""
         return self.kv_bytes_per_token // 2
 
     @property
     def linear_params_per_layer(self) -> int:
+        """Q, K, V, O and MLP weights of one layer, parameters (norms and biases ignored)."""
         attn = 2 * self.hidden * self.q_heads * self.head_dim
         attn += 2 * self.hidden * self.kv_heads * self.head_dim
         ffn = (3 if self.gated_ffn else 2) * self.hidden * self.ffn
@@ -74,6 +76,7 @@ class Model:
 
     @property
     def lm_head_params(self) -> int:
+        """LM head weights, parameters (vocab x hidden; counted for FLOPs even when tied)."""
         return self.vocab * self.hidden
 
     @property
@@ -84,6 +87,7 @@ class Model:
 
     @property
     def weight_bytes(self) -> int:
+        """All weights in memory, bytes = :attr:`params` x ``bytes_per_value``."""
         return self.params * self.bytes_per_value
 
     @property
@@ -98,14 +102,36 @@ class Model:
             * self.bytes_per_value
 
     def attention_flops(self, context: float) -> float:
-        """Attention FLOPs (QK and PV, all layers) for one query over ``context`` tokens."""
+        """Attention FLOPs (QK and PV, all layers) for one query over ``context`` tokens.
+
+        Args:
+          context: attended tokens (a float, so a mean or a selected fraction works).
+
+        Returns:
+          FLOPs = 4 x layers x q_heads x head_dim x context.
+        """
         return 4.0 * self.layers * self.q_heads * self.head_dim * context
 
     def decode_flops_per_token(self, context: float) -> float:
+        """FLOPs to generate one token attending ``context`` tokens: FC layers + attention.
+
+        Args:
+          context: attended tokens.
+
+        Returns:
+          FLOPs = :attr:`fc_flops_per_token` + :meth:`attention_flops` (context).
+        """
         return self.fc_flops_per_token + self.attention_flops(context)
 
     def prefill_flops(self, prompt_tokens: float) -> float:
-        """FLOPs to prefill a prompt of ``prompt_tokens`` tokens (causal attention)."""
+        """FLOPs to prefill a prompt of ``prompt_tokens`` tokens (causal attention).
+
+        Args:
+          prompt_tokens: prompt length, tokens.
+
+        Returns:
+          FLOPs = n x FC FLOPs per token + attention over n (n + 1) / 2 query-key pairs.
+        """
         n = prompt_tokens
         return self.fc_flops_per_token * n + self.attention_flops(n * (n + 1) / 2)
 
@@ -126,7 +152,18 @@ MODELS = {
 
 
 def get_model(name: str) -> Model:
-    """Look up a model preset; raises UnknownNameError for an unknown name."""
+    """Look up a model preset.
+
+    Args:
+      name: a key of :data:`MODELS`. For a custom model, build a :class:`Model` or read one
+        with :func:`pamjax.config_files.load_model_file`.
+
+    Returns:
+      The :class:`Model`.
+
+    Raises:
+      UnknownNameError: an unknown name.
+    """
     if name not in MODELS:
         raise UnknownNameError("model", name, MODELS)
     return MODELS[name]
