@@ -27,7 +27,13 @@ class ConfigError(PamjaxError, ValueError):
 
 
 class UnknownNameError(PamjaxError, ValueError):
-    """A preset, system, workload or tier name that pamjax does not know."""
+    """A preset, system, workload or tier name that pamjax does not know.
+
+    Attributes:
+      kind: what was looked up, e.g. ``"model"``.
+      name: the unknown name.
+      choices: the names that exist, as a tuple.
+    """
 
     def __init__(self, kind: str, name: str, choices):
         self.kind, self.name, self.choices = kind, name, tuple(choices)
@@ -50,4 +56,8 @@ class TraceFormatError(PamjaxError, ValueError):
 
 
 class CapacityError(PamjaxError, ValueError):
-    """A configuration cannot hold even a single request (or its model weights)."""
+    """A configuration cannot hold even a single request (or its model weights).
+
+    It carries only its message, which names the model, its weight bytes and the capacity
+    that cannot hold them.
+    """

@@ -19,8 +19,15 @@ def grouped_bars(path, panels: dict[str, tuple[list[str], dict[str, list]]], *, 
     """Grouped bar charts, one panel per entry of ``panels`` stacked vertically.
 
     Args:
+      path: the PNG to write (its folder is created).
       panels: {panel title: (group labels, {series name: values per group})}. A value of
         None draws no bar and writes ``missing_label`` at its place (e.g. OOM).
+      ylabel: y-axis label of every panel (say the unit); title: figure title.
+      missing_label: text written where a value is None.
+      log: logarithmic y axis.
+
+    Returns:
+      The path written.
     """
     plt = _pyplot()
     widest = max(len(groups) * max(len(series), 1) for groups, series in panels.values())
@@ -53,7 +60,18 @@ def grouped_bars(path, panels: dict[str, tuple[list[str], dict[str, list]]], *, 
 
 
 def throughput_vs_batch(path, rows: list[dict], *, slo_ms: float, title: str) -> pathlib.Path:
-    """Two panels: throughput and TPOT p99 against batch size, one line per system."""
+    """Two panels: throughput and TPOT p99 against batch size, one line per system.
+
+    Args:
+      path: the PNG to write (its folder is created).
+      rows: sweep rows (``study.run_sweep``) with ``system``, ``batch``, ``oom``,
+        ``throughput_tokens_per_s`` (output tokens/s) and ``tpot_p99_ms`` (ms); rows
+        marked ``oom`` are left out.
+      slo_ms: TPOT SLO drawn as a horizontal line, ms; title: figure title.
+
+    Returns:
+      The path written.
+    """
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for system in dict.fromkeys(r["system"] for r in rows):

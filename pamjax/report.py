@@ -18,7 +18,16 @@ def _plain(value):
 
 
 def write_csv(path, rows: list[dict], columns: list[str]) -> pathlib.Path:
-    """Write ``rows`` with exactly ``columns`` (missing keys are empty) and return the path."""
+    """Write ``rows`` with exactly ``columns`` (missing keys are empty) and return the path.
+
+    Args:
+      path: the CSV file (its folder is created; an existing file is replaced).
+      rows: one dict per row; numpy scalars become Python numbers, NaN/inf empty cells.
+      columns: the header, in order.
+
+    Returns:
+      The path written, as a :class:`pathlib.Path`.
+    """
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
@@ -31,7 +40,16 @@ def write_csv(path, rows: list[dict], columns: list[str]) -> pathlib.Path:
 
 
 def write_json(path, payload) -> pathlib.Path:
-    """Write ``payload`` as indented JSON with sorted keys (byte-identical for equal input)."""
+    """Write ``payload`` as indented JSON with sorted keys (byte-identical for equal input).
+
+    Args:
+      path: the JSON file (its folder is created; an existing file is replaced).
+      payload: dicts, lists, tuples and scalars; numpy scalars become Python numbers,
+        NaN/inf become null, dict keys become strings.
+
+    Returns:
+      The path written, as a :class:`pathlib.Path`.
+    """
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
 

@@ -81,7 +81,15 @@ def _swap_candidates(importance, tier, bank_group, on_fast, on_slow, budget, *, 
 
 
 def tier_importance(importance, tier, present):
-    """IS per request and tier, f32 [R, T]."""
+    """PAM's device importance IS: the importance factors summed per request and tier.
+
+    Args:
+      importance: f32 [R, U] importance factors I; tier: i8 [R, U] tier of each unit;
+      present: bool [R, U] units that exist.
+
+    Returns:
+      f32 [R, T] IS per request and tier (tiers in TIER_NAMES order).
+    """
     return jnp.stack([jnp.sum(jnp.where(present & (tier == t), importance, 0.0), axis=-1)
                       for t in range(3)], axis=-1)
 
