@@ -109,6 +109,13 @@ def bank_group_order(params, activation):
 
     Padding groups (beyond a tier's count) sort last. Computed once per step and shared by
     every placement of that step (a CPU sort of [T, G] costs ~0.1 ms).
+
+    Args:
+      params: uses ``bank_groups`` f32 [T] (each tier's bank-group units per device);
+      activation: i32 [W, T, G] selected units per bank group over the last W steps.
+
+    Returns:
+      i32 [T, G] bank-group indices, least activated first (ties by index).
     """
     groups = activation.shape[-1]
     count = params.bank_groups.astype(jnp.int32)
@@ -122,6 +129,12 @@ def naive_start(request):
 
     Independent of any array size, so the baseline mapping does not change with how the
     simulation is padded.
+
+    Args:
+      request: int32 request ids, any shape (e.g. [R]).
+
+    Returns:
+      uint32 hash of the same shape; callers take it modulo a tier's bank-group count.
     """
     return unit_hash(0, request, 0, 0x5EED)
 
