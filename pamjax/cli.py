@@ -21,6 +21,11 @@ EXAMPLES = {
     "presets": "pamjax presets",
     "reproduce": "pamjax reproduce all --quick --out repro",
     "attention-demo": "pamjax attention-demo --tiers 3 --tokens 4096",
+    "sweep": "pamjax sweep --model llama3-70b --workload sharegpt --systems pam,l-pim "
+             "--batches 64,128,256 --slo-ms 100,150 --seeds 0,1 --override ddr.num_devices=80 "
+             "--out sweep-out",
+    "bench": "pamjax bench --quick --json bench.json",
+    "train-policy": "pamjax train-policy --quick --json learned.json",
     "bounds": "pamjax bounds --model opt-175b --workload sharegpt --slo-ms 150 "
               "--claim pam/vllm-offload=2.2",
 }
@@ -421,6 +426,48 @@ def cmd_bounds(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from pamjax.sweep import sweep_command
+
+    sweep_command(model=args.model, workload=args.workload, trace=args.trace,
+                  max_requests=args.max_requests, systems=args.systems, batches=args.batches,
+                  slo_ms=args.slo_ms, seeds=args.seeds, overrides=args.override,
+                  steps=args.steps, out_dir=args.out, resume=args.resume,
+                  chunk_size=args.chunk_size, progress=not args.quiet)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from pamjax.bench import bench_command
+
+    bench_command(quick=args.quick, json_path=args.json, progress=not args.quiet)
+    return 0
+
+
+def cmd_train_policy(args) -> int:
+    from pamjax.train import train_policy_command
+
+    train_policy_command(quick=args.quick, eval_trace=args.eval_trace, json_path=args.json,
+                         out_dir=args.out, family=args.family, seed=args.seed,
+                         model=args.model, progress=not args.quiet)
+    return 0
+
+
+def _numbers(kind, minimum):
+    """argparse type: a comma-separated list of ``kind`` values >= ``minimum``."""
+    def parse(text: str):
+        try:
+            values = [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of "
+                                             f"{kind.__name__}s") from None
+        if not values or not all(minimum <= v < float("inf") for v in values):
+            raise argparse.ArgumentTypeError(f"{text!r}: values must be finite and >= "
+                                             f"{minimum}")
+        return values
+    return parse
+
+
 def cmd_reproduce(args) -> int:
     import time
 
@@ -537,6 +584,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="shorter simulated horizons (same grid)")
     p.add_argument("--out", default="pamjax-out", help="output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+
+    p = add("sweep", "the cartesian product of systems x batches x SLOs x seeds x hardware "
+            "overrides, sharded over all local devices, resumable", cmd_sweep)
+    p.add_argument("--model", default="llama3-70b", choices=sorted(MODELS), metavar="M",
+                   help=f"one of: {', '.join(MODELS)}")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--workload", default="sharegpt", choices=sorted(DATASETS),
+                        metavar="W", help=f"dataset: {', '.join(DATASETS)}")
+    source.add_argument("--trace", metavar="PATH", help="replay a trace CSV (its arrivals)")
+    p.add_argument("--max-requests", type=_positive_int,
+                   help="requests per configuration (synthetic default 2 x largest batch)")
+    p.add_argument("--systems", type=_systems, default=list(MAIN_SYSTEMS),
+                   help="comma-separated system names")
+    p.add_argument("--batches", type=_batches, default=[64, 128, 256],
+                   help="comma-separated batch sizes")
+    p.add_argument("--slo-ms", type=_numbers(float, 1e-9), default=[150.0],
+                   help="comma-separated TPOT p99 SLOs, ms")
+    p.add_argument("--seeds", type=_numbers(int, 0), default=[0],
+                   help="comma-separated seeds")
+    p.add_argument("--override", action="append", metavar="PATH=VALUE[,PATH=VALUE]",
+                   help="a hardware design point in Platform.with_overrides form, e.g. "
+                        "ddr.num_devices=80 (repeat for more points; '' = the preset)")
+    p.add_argument("--steps", type=_positive_int, default=192,
+                   help="simulated steps per configuration (default 192)")
+    p.add_argument("--chunk-size", type=_positive_int, default=64,
+                   help="configurations per compiled call (default 64)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the rows already in OUT/sweep.csv and run only the rest")
+    p.add_argument("--out", default="pamjax-out", help="output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+
+    p = add("bench", "engine speed: vs the reference loop, token-steps/s, configuration "
+            "batching, cost growth, memory per token, Azure trace replay", cmd_bench)
+    p.add_argument("--quick", action="store_true", help="smaller cases (under 10 minutes "
+                   "on a 2-core CPU)")
+    p.add_argument("--json", metavar="PATH", help="write the figures as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+
+    p = add("train-policy", "learn a KV scheduling policy by gradient through the relaxed "
+            "simulator, judged in the exact engine against PAM's rule and a grid search",
+            cmd_train_policy)
+    p.add_argument("--quick", action="store_true", help="a short training run (under 10 "
+                   "minutes on a 2-core CPU)")
+    p.add_argument("--family", default="both", choices=["knobs", "net", "both"],
+                   help="PAM's knobs by gradient, a flax token-scoring network, or both")
+    p.add_argument("--model", default="llama3-70b", choices=sorted(MODELS), metavar="M",
+                   help=f"one of: {', '.join(MODELS)}")
+    p.add_argument("--eval-trace", metavar="PATH",
+                   help="also evaluate on this trace CSV (held out)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="pamjax-out", help="output folder (checkpoints, plots)")
+    p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress display")
 
     p = add("bounds", "closed-form upper bounds on tokens/s per system, and whether a claimed "
