@@ -189,11 +189,21 @@ def spread_over_pages(params, start_load, page_size: int):
     if page_size == 1:
         return start_load
     groups = start_load.shape[-1]
-    count = params.bank_groups.astype(jnp.int32)[:, None, None]  # [T, 1, 1]
-    g = jnp.arange(groups, dtype=jnp.int32)[None, :, None]
-    j = jnp.arange(page_size, dtype=jnp.int32)[None, None, :]
-    source = (g - j) % count  # [T, G, P]: groups whose pages reach g
-    tiers = jnp.arange(start_load.shape[0])[:, None, None]
-    spread = jnp.sum(start_load[tiers, source], axis=-1) / page_size
-    spread = jnp.where(g[..., 0] < count[..., 0], spread, 0.0)
+    count = params.bank_groups.astype(jnp.int32)[:, None]  # [T, 1]
+    g = jnp.arange(groups, dtype=jnp.int32)[None, :]
+    # A window of page_size groups ending at g wraps ``whole`` times around the tier's
+    # ``count`` groups plus a partial window of ``part`` groups: prefix sums over the tier's
+    # groups laid out twice give it in O(T x G) instead of an O(T x G x P) gather (the
+    # gather was half of a step at page 256). Exact for integer loads below 2**24 per tier.
+    whole, part = page_size // count, page_size % count  # [T, 1]
+    inside = g < count
+    load = jnp.where(inside, start_load, 0.0)
+    laps = jnp.arange(2 * groups, dtype=jnp.int32)[None, :] % count
+    twice = jnp.take_along_axis(load, laps, axis=-1)
+    prefix = jnp.concatenate([jnp.zeros_like(twice[:, :1]), jnp.cumsum(twice, -1)], -1)
+    end = g + count + 1  # window (end - part, end] in the doubled layout
+    window = (jnp.take_along_axis(prefix, end, -1)
+              - jnp.take_along_axis(prefix, end - part, -1))
+    spread = (whole * load.sum(-1, keepdims=True) + window) / page_size
+    spread = jnp.where(inside, spread, 0.0)
     return jnp.where(params.greedy_mapping, spread, start_load)
