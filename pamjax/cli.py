@@ -10,7 +10,7 @@ import argparse
 import pathlib
 import sys
 
-from pamjax.errors import ConfigError, PamjaxError
+from pamjax.errors import CapacityError, ConfigError, PamjaxError
 
 EXAMPLES = {
     "run": "pamjax run --out pamjax-out",
@@ -88,6 +88,18 @@ def _load_workload(args):
                         rate_per_s=args.rate)
 
 
+def _check_outputs(args) -> None:
+    """Refuse unusable output paths before any simulation runs (nothing is lost later)."""
+    from pamjax.report import writable_path
+
+    if getattr(args, "json", None):
+        writable_path(args.json)
+    if getattr(args, "out", None):
+        out = pathlib.Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise PamjaxError(f"--out {out}: exists and is not a folder")
+
+
 def _model_and_platform(args):
     """(Model or preset name, Platform or None) from --model / --model-file / --hardware."""
     model, platform = args.model, None
@@ -112,10 +124,19 @@ def cmd_simulate(args) -> int:
     from pamjax.bounds import bound_columns
     from pamjax.locality import load_recorded_scores
     from pamjax.simulation import simulate
+    from pamjax.systems import kv_capacity_tokens
     from pamjax.types import STATUS_FINISHED, STATUS_RUNNING
 
     model, platform = _model_and_platform(args)
     workload = _load_workload(args)
+    # Refuse before compiling when no request can ever fit (the engine would reject all).
+    capacity = kv_capacity_tokens(args.system, model, platform)
+    need = workload.prompt_tokens.astype(np.int64) + workload.output_tokens - 1
+    if need.min() > capacity:
+        raise CapacityError(
+            f"{workload.name}: none of its {workload.num_requests} request(s) fits "
+            f"{args.system}'s KV tiers: the smallest needs {int(need.min()):,} tokens, "
+            f"{_name(model)} on this hardware holds {capacity:,.0f}")
     scores = load_recorded_scores(args.scores) if args.scores else None
     result = simulate(args.system, model, workload, max_batch=args.batch,
                       platform=platform, page_size=args.page_size, seed=args.seed,
@@ -678,6 +699,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        _check_outputs(args)
         return args.func(args)
     except PamjaxError as exc:
         print(f"pamjax: error: {exc}", file=sys.stderr)

@@ -362,6 +362,8 @@ def load_recorded_scores(path) -> np.ndarray:
         raise TraceFormatError(path, 0, f"not a .npy/.npz with array 'scores' ({exc})") from None
     if scores.ndim != 2 or min(scores.shape) < 1:
         raise TraceFormatError(path, 0, f"scores must be 2-D [steps, tokens], got {scores.shape}")
+    if scores.dtype.kind not in "biuf":
+        raise TraceFormatError(path, 0, f"scores must be numbers, got dtype {scores.dtype}")
     if not np.all(np.isfinite(scores)):
         raise TraceFormatError(path, 0, "scores contain NaN or infinity")
     return scores.astype(np.float32)

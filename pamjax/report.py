@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import pathlib
+
+from pamjax.errors import PamjaxError
 
 
 def _plain(value):
@@ -15,6 +18,31 @@ def _plain(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+def writable_path(path) -> pathlib.Path:
+    """``path`` as a Path whose folder exists (created if needed).
+
+    Commands call it before a long run, so a bad output path fails at once, not after.
+
+    Raises:
+      PamjaxError: the path is a folder, or its folder cannot be created.
+    """
+    path = pathlib.Path(path)
+    if path.is_dir():
+        raise PamjaxError(f"{path}: is a directory; give a file path to write")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PamjaxError(f"{path}: cannot create its folder ({exc.strerror or exc})") from None
+    return path
+
+
+def _write_text(path: pathlib.Path, text: str) -> None:
+    try:
+        path.write_text(text)
+    except OSError as exc:
+        raise PamjaxError(f"{path}: cannot write ({exc.strerror or exc})") from None
 
 
 def write_csv(path, rows: list[dict], columns: list[str]) -> pathlib.Path:
@@ -27,15 +55,18 @@ def write_csv(path, rows: list[dict], columns: list[str]) -> pathlib.Path:
 
     Returns:
       The path written, as a :class:`pathlib.Path`.
+
+    Raises:
+      PamjaxError: the path is a folder, or it cannot be created or written.
     """
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(columns)
-        for row in rows:
-            writer.writerow(["" if _plain(row.get(c)) is None else _plain(row.get(c))
-                             for c in columns])
+    path = writable_path(path)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow(["" if _plain(row.get(c)) is None else _plain(row.get(c))
+                         for c in columns])
+    _write_text(path, buffer.getvalue())
     return path
 
 
@@ -49,9 +80,11 @@ def write_json(path, payload) -> pathlib.Path:
 
     Returns:
       The path written, as a :class:`pathlib.Path`.
+
+    Raises:
+      PamjaxError: the path is a folder, or it cannot be created or written.
     """
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = writable_path(path)
 
     def clean(obj):
         if isinstance(obj, dict):
@@ -60,5 +93,5 @@ def write_json(path, payload) -> pathlib.Path:
             return [clean(v) for v in obj]
         return _plain(obj)
 
-    path.write_text(json.dumps(clean(payload), indent=2, sort_keys=True) + "\n")
+    _write_text(path, json.dumps(clean(payload), indent=2, sort_keys=True) + "\n")
     return path

@@ -30,7 +30,7 @@ import numpy as np
 
 from pamjax.costs import LABEL_FRACTION_OF_KV
 from pamjax.errors import CapacityError, ConfigError, UnknownNameError
-from pamjax.hardware import Platform, get_platform
+from pamjax.hardware import TIER_NAMES, Platform, get_platform
 from pamjax.locality import AccessModel
 from pamjax.models import Model, get_model
 from pamjax.scheduler import calibrate_targets
@@ -195,6 +195,21 @@ def tier_kv_capacity_bytes(platform: Platform, model: Model) -> np.ndarray:
             f"{platform.hbm.capacity_gb:.0f} GB of HBM with a "
             f"{platform.gpu.activation_reserve:.0%} activation reserve")
     return np.array([hbm, platform.ddr.capacity_gb * 1e9, platform.ssd.capacity_gb * 1e9])
+
+
+def kv_capacity_tokens(system: System | str, model: Model | str,
+                       platform: Platform | None = None) -> float:
+    """KV tokens the system's enabled tiers hold together (the most one request can use).
+
+    Raises:
+      UnknownNameError: unknown system or model. CapacityError: the weights do not fit HBM.
+    """
+    system = get_system(system) if isinstance(system, str) else system
+    model = get_model(model) if isinstance(model, str) else model
+    platform = platform or get_platform()
+    capacity = tier_kv_capacity_bytes(platform, model)
+    enabled = [name in system.tiers for name in TIER_NAMES]
+    return float(capacity[enabled].sum() / model.kv_bytes_per_token)
 
 
 def make_params(system: System | str, model: Model | str = "llama3-70b",

@@ -176,13 +176,11 @@ def test_scores_file_that_is_not_numpy(capsys):
     assert_one_error_line(rc, err, "trace_truncated.csv", "not a .npy/.npz")
 
 
-@pytest.mark.xfail(strict=True, reason="locality.load_recorded_scores calls np.isfinite on a "
-                   "string array: TypeError traceback (reported to the owner)")
 def test_scores_file_of_strings(capsys, tmp_path):
     path = tmp_path / "words.npy"
     np.save(path, np.array([["a", "b"], ["c", "d"]]))
     rc, err = run_cli([*SYNTHETIC, "--scores", path], capsys)
-    assert_one_error_line(rc, err, "words.npy")
+    assert_one_error_line(rc, err, "words.npy", "must be numbers")
 
 
 # -- hardware and model files -----------------------------------------------------------------

@@ -81,6 +81,27 @@ def test_bad_input_is_one_line_and_nonzero(argv, needle, capsys):
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
+def test_unusable_output_and_unfit_requests_fail_before_simulating(tmp_path, capsys):
+    import time
+
+    start = time.perf_counter()
+    rc = main(["simulate", "--system", "pam", "--model", "llama3-8b", "--json", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "is a directory" in err and len(err.strip().splitlines()) == 1
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    rc = main(["compare", "--systems", "pam", "--out", str(blocker)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "is not a folder" in err
+    huge = tmp_path / "huge.csv"
+    huge.write_text("arrival_s,prompt_tokens,output_tokens\n0,2000000000,1\n")
+    rc = main(["simulate", "--system", "pam", "--model", "opt-175b", "--trace", str(huge)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "none of its 1 request(s) fits" in err and "2,000,000,000" in err
+    # All refused without compiling a simulation.
+    assert time.perf_counter() - start < 10
+
+
 def test_malformed_trace_is_refused_with_line(tmp_path, capsys):
     bad = tmp_path / "bad.csv"
     bad.write_text("arrival_s,prompt_tokens,output_tokens\n0.0,10,5\n0.5,ten,5\n")
