@@ -7,6 +7,7 @@ non-zero exit status (2), never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import sys
 
@@ -196,7 +197,11 @@ def cmd_presets(args) -> int:
     from pamjax.workload import DATASETS
 
     platform = get_platform()
-    print("tiers (platform pam-dgx-h100):")
+    if args.hardware:
+        from pamjax.config_files import load_platform_file
+
+        platform = load_platform_file(args.hardware)
+    print(f"tiers (platform {platform.name}):")
     print(format_table([{
         "tier": t.name, "devices": t.num_devices, "capacity GB": t.capacity_gb,
         "PIM GB/s per device": t.device_effective_gbps, "PIM GB/s tier": t.effective_gbps,
@@ -594,7 +599,9 @@ def build_parser() -> argparse.ArgumentParser:
             cmd_compare)
     add_compare_args(p, fixed=False)
 
-    add("presets", "list hardware tiers, models, systems and workloads", cmd_presets)
+    p = add("presets", "list hardware tiers, models, systems and workloads", cmd_presets)
+    p.add_argument("--hardware", metavar="FILE", help="show the derived figures of a custom "
+                   "platform file (TOML or JSON) instead of the preset")
 
     from pamjax.reproduce import STUDIES
 
@@ -707,6 +714,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("pamjax: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of stdout went away (e.g. `| head`): stop quietly, as Unix tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":
