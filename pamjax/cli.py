@@ -41,7 +41,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def format_table(rows: list[dict], columns: list[str]) -> str:
-    """Fixed-width text table of ``rows`` (dicts) over ``columns``."""
+    """Fixed-width text table of ``rows`` (dicts) over ``columns``: right-aligned cells,
+    floats to 4 significant digits (scientific from 1e5), missing keys empty."""
     def cell(v):
         if isinstance(v, float):
             return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
@@ -120,6 +121,7 @@ def _name(obj) -> str:
 
 
 def cmd_simulate(args) -> int:
+    """`pamjax simulate`: one system on one workload; prints a row, optionally writes JSON."""
     import numpy as np
 
     from pamjax.bounds import bound_columns
@@ -191,6 +193,7 @@ def cmd_simulate(args) -> int:
 
 
 def cmd_presets(args) -> int:
+    """`pamjax presets`: tiers (preset or --hardware file), models, systems, workloads."""
     from pamjax.hardware import get_platform
     from pamjax.models import MODELS
     from pamjax.systems import SYSTEMS
@@ -230,6 +233,7 @@ def cmd_presets(args) -> int:
 
 
 def cmd_attention_demo(args) -> int:
+    """`pamjax attention-demo`: PAMattention over random tiers vs exact attention."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -290,6 +294,7 @@ COMPARE_COLUMNS = ["system", "max batch", "tok/s", "TPOT p99 ms", "J/token",
 
 
 def cmd_compare(args) -> int:
+    """`pamjax compare`: peak throughput under an SLO per system; table, CSV, JSON, plots."""
     import numpy as np
 
     from pamjax import plots, study
@@ -398,6 +403,7 @@ def _claim_reference(args, system: str, model, platform, workload) -> tuple[floa
 
 
 def cmd_bounds(args) -> int:
+    """`pamjax bounds`: the closed-form bound per system and, with --claim, a verdict."""
     from pamjax import bounds
     from pamjax.workload import load_trace
 
@@ -453,6 +459,7 @@ def cmd_bounds(args) -> int:
 
 
 def cmd_sweep(args) -> int:
+    """`pamjax sweep`: the sharded, resumable cartesian sweep (pamjax.sweep)."""
     from pamjax.sweep import sweep_command
 
     sweep_command(model=args.model, workload=args.workload, trace=args.trace,
@@ -464,6 +471,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    """`pamjax bench`: the engine speed benchmark (pamjax.bench)."""
     from pamjax.bench import bench_command
 
     bench_command(quick=args.quick, json_path=args.json, progress=not args.quiet)
@@ -471,6 +479,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_train_policy(args) -> int:
+    """`pamjax train-policy`: gradient-trained scheduling policy (pamjax.train)."""
     from pamjax.train import train_policy_command
 
     train_policy_command(quick=args.quick, eval_trace=args.eval_trace, json_path=args.json,
@@ -495,6 +504,7 @@ def _numbers(kind, minimum):
 
 
 def cmd_reproduce(args) -> int:
+    """`pamjax reproduce`: one study of the PAM evaluation, or all of them."""
     import time
 
     from pamjax.reproduce import reproduce
@@ -508,6 +518,7 @@ def cmd_reproduce(args) -> int:
 
 
 def cmd_run(args) -> int:
+    """`pamjax run`: the main job, `compare` with the README's fixed setup."""
     from pamjax.systems import MAIN_SYSTEMS
 
     args.model, args.workload, args.trace, args.max_requests = "llama3-70b", "sharegpt", None, None
@@ -520,6 +531,7 @@ DEFAULT_BATCHES = [16, 32, 64, 128, 256, 512, 1024, 2048]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of every command (each with --help and an example)."""
     from pamjax.models import MODELS
     from pamjax.systems import MAIN_SYSTEMS, SYSTEMS
     from pamjax.workload import DATASETS
@@ -703,6 +715,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Entry point: run the command in ``argv``; returns the exit status (2 on bad input)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -86,6 +86,11 @@ def _with_bound(row: dict, sweep_row: dict, decode: bool) -> dict:
 
 
 def online(quick: bool, progress: bool) -> list[dict]:
+    """Online study rows: peak throughput and max batch under each SLO (module docstring).
+
+    Args:
+      quick: shorter horizons (same grid); progress: progress lines on stderr.
+    """
     rows = []
     for dataset in ONLINE_DATASETS:
         sweep = run_sweep(MAIN_SYSTEMS, list(MODELS3), dataset, BATCH_GRID,
@@ -104,6 +109,11 @@ def online(quick: bool, progress: bool) -> list[dict]:
 
 
 def offline(quick: bool, progress: bool) -> list[dict]:
+    """Offline study rows: decode throughput at fixed batches, 4K-token prompts.
+
+    Args:
+      quick: shorter horizons (same grid); progress: progress lines on stderr.
+    """
     rows = []
     for model, batches in OFFLINE.items():
         for dataset in OFFLINE_DATASETS:
@@ -117,6 +127,11 @@ def offline(quick: bool, progress: bool) -> list[dict]:
 
 
 def energy(quick: bool, progress: bool) -> list[dict]:
+    """Energy study rows: joules per output token by component, online and offline.
+
+    Args:
+      quick: shorter horizons (same grid); progress: progress lines on stderr.
+    """
     rows = []
     components = STUDY_COLUMNS["energy"][5:]
     for model in ENERGY_MODELS:
@@ -144,6 +159,11 @@ def energy(quick: bool, progress: bool) -> list[dict]:
 
 
 def ablation(quick: bool, progress: bool) -> list[dict]:
+    """Ablation rows: attention time of PAM without each component vs LS-PIM.
+
+    Args:
+      quick: shorter horizons (same grid); progress: progress lines on stderr.
+    """
     sweep = run_sweep(ABLATION_VARIANTS, "llama3-70b", "arxiv-sum", ABLATION_BATCHES,
                       steps=_steps(quick, 192, 48), knobs=OFFLINE_KNOBS, progress=progress)
     base = {r["batch"]: r["attention_time_s"] for r in sweep if r["system"] == "ls-pim"}
@@ -155,7 +175,8 @@ def ablation(quick: bool, progress: bool) -> list[dict]:
 
 
 def scaled_platform(tp: int, pp: int):
-    """The PAM node's hardware in proportion to tp x pp GPUs (8 GPUs = one node)."""
+    """The PAM node's hardware in proportion to ``tp x pp`` GPUs (8 GPUs = one node): every
+    tier's device count scaled by GPUs / 8 (at least 1), GPUs split TP x PP."""
     base = get_platform()
     gpus = tp * pp
     overrides = {f"{t.name}.num_devices": max(1, round(t.num_devices * gpus / 8))
@@ -164,6 +185,11 @@ def scaled_platform(tp: int, pp: int):
 
 
 def scaling(quick: bool, progress: bool) -> list[dict]:
+    """Scaling rows: decode throughput over (TP, PP) with hardware scaled to the GPUs.
+
+    Args:
+      quick: shorter horizons (same grid); progress: progress lines on stderr.
+    """
     platforms = {f"{tp}x{pp}": scaled_platform(tp, pp) for tp, pp in SCALING_CONFIGS}
     sweep = run_sweep(SCALING_SYSTEMS, "llama3-70b", "write-doc", [1024], platforms=platforms,
                       requests_per_slot=1, steps=_steps(quick, 192, 48), knobs=OFFLINE_KNOBS,
@@ -212,7 +238,18 @@ def _plot(study: str, rows: list[dict], path: pathlib.Path) -> None:
 
 def reproduce(study: str, out_dir, *, quick: bool = False, progress: bool = True
               ) -> dict[str, pathlib.Path]:
-    """Run one study (or ``all``) and write its CSV and PNG; returns {study: csv path}."""
+    """Run one study (or ``all``) and write its CSV and PNG.
+
+    Args:
+      study: a name of STUDIES or "all"; out_dir: output folder.
+      quick: shorter simulated horizons (same grid); progress: progress on stderr.
+
+    Returns:
+      {study: path of its CSV} (the PNG sits beside it).
+
+    Raises:
+      UnknownNameError: unknown study.
+    """
     names = STUDIES if study == "all" else (study,)
     for name in names:
         if name not in STUDIES:

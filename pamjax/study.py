@@ -68,6 +68,13 @@ def slot_classes(batches, ratio: int = 8) -> list[list[int]]:
 
     Each group runs as one vmapped rollout with as many slots as its largest batch, so a
     small batch does not pay for the largest batch's slots; a sweep compiles once per group.
+
+    Args:
+      batches: batch sizes (any order, duplicates allowed); ratio: span limit per group.
+
+    Returns:
+      ascending groups of distinct batch sizes, e.g. [16, 32, 64, 128] -> [[16, 32, 64],
+      [128]] for ratio 8.
     """
     groups: list[list[int]] = []
     for b in sorted(set(batches)):
@@ -174,7 +181,16 @@ def _index(tree, i: int):
 
 
 def request_tpot_s(state, workload: Workload) -> np.ndarray:
-    """TPOT (s) of every request with at least two output tokens so far (see module doc)."""
+    """TPOT (s) of every request with at least two output tokens so far (see module doc).
+
+    Args:
+      state: final EngineState of one configuration (host arrays).
+      workload: the workload it ran.
+
+    Returns:
+      f64 [n] seconds per output token after the first: finished requests, then running
+      ones (their clock so far).
+    """
     now = float(state.clock_whole) + float(state.clock_frac)
     first = np.asarray(state.req_first_token_s, np.float64)
     finish = np.asarray(state.req_finish_s, np.float64)

@@ -102,6 +102,7 @@ MAIN_SYSTEMS = ("vllm-offload", "attacc", "l-pim", "ls-pim", "pam")
 
 
 def get_system(name: str) -> System:
+    """The System called ``name`` (a key of SYSTEMS); UnknownNameError otherwise."""
     if name not in SYSTEMS:
         raise UnknownNameError("system", name, SYSTEMS)
     return SYSTEMS[name]
@@ -181,13 +182,24 @@ def pam_targets(platform: Platform, model: Model, access: AccessModel, knobs: Kn
 
 
 def hbm_kv_bytes(platform: Platform, model: Model) -> float:
-    """HBM bytes left for KV: HBM - weights - activation reserve (PAM_SPEC §2 [D])."""
+    """HBM bytes left for KV: HBM x (1 - activation reserve) - weights (PAM_SPEC §2 [D]).
+
+    Args:
+      platform: hardware; model: its weight bytes count against HBM.
+
+    Returns:
+      bytes (negative when the weights do not fit).
+    """
     hbm = platform.hbm.capacity_gb * 1e9
     return hbm * (1.0 - platform.gpu.activation_reserve) - model.weight_bytes
 
 
 def tier_kv_capacity_bytes(platform: Platform, model: Model) -> np.ndarray:
-    """KV bytes each tier can hold, f64 [T]."""
+    """KV bytes each tier can hold, f64 [3] in TIER_NAMES order (HBM net of weights).
+
+    Raises:
+      CapacityError: the model's weights do not fit HBM with the activation reserve.
+    """
     hbm = hbm_kv_bytes(platform, model)
     if hbm <= 0:
         raise CapacityError(
