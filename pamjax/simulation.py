@@ -1,13 +1,17 @@
 """Host driver: size the engine for a workload, run it in jitted chunks, summarise.
 
 The loop over chunks is the only host-side loop: each chunk is one compiled ``lax.scan`` of
-``chunk_steps`` steps with the state donated, and the host only looks at the state between
-chunks to decide whether every request is done.
+``chunk_steps`` steps with the state donated. The host never blocks on the chunk it has just
+dispatched: it folds the previous chunk's metrics into running statistics
+(metrics.RunningStats) and reads that chunk's completion count while the device runs the next
+one. Host memory stays O(chunk_steps) for runs of any length unless the per-step timeline is
+kept (``timeline``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 import time
 
@@ -28,12 +32,22 @@ MAX_TRACKED_UNITS = 1 << 21
 
 @dataclasses.dataclass
 class SimResult:
-    """Outcome of :func:`run`: the summary dict, final state and per-step metrics."""
+    """Outcome of :func:`run`.
+
+    Fields:
+      summary: the summary dict (metrics.summarize_stats).
+      state: final EngineState (numpy).
+      metrics: StepMetrics stacked over every simulated step [S] when the timeline was kept
+        (``timeline``), else None.
+      config: the EngineConfig.
+      stats: the RunningStats the summary came from.
+    """
 
     summary: dict
     state: object
     metrics: object
     config: EngineConfig
+    stats: metrics_lib.RunningStats | None = None
 
 
 def choose_page_size(num_slots: int, max_context: int,
@@ -82,10 +96,63 @@ def prepare_recorded(scores: np.ndarray | None, config: EngineConfig):
     return jnp.asarray(padded)
 
 
+TIMELINE_AUTO_BYTES = 64 << 20
+"""``timeline=None`` keeps the per-step timeline only while it can never exceed this many
+host bytes (a run's step bound x bytes per step), so long runs stay in bounded memory."""
+
+
+@functools.partial(jax.jit, static_argnames=("config", "num_steps"), donate_argnums=(2,))
+def _run_chunk(config, params, state, workload, num_steps, recorded):
+    """One chunk of :func:`run`: the rollout plus the count of finished or rejected requests
+    (i32 []), so that the host can test completion without reading the donated state."""
+    state, chunk = engine.rollout(config, params, state, workload, num_steps, recorded)
+    status = state.req_status
+    done = jnp.sum((status == STATUS_FINISHED) | (status == STATUS_REJECTED), dtype=jnp.int32)
+    return state, chunk, done
+
+
+class _Progress:
+    """Requests done out of the total: a tqdm bar when tqdm is installed, else a line."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.enabled, self.done, self.bar = total, enabled, 0, None
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:
+                return
+            self.bar = tqdm(total=total, unit="req", desc="simulate", file=sys.stderr,
+                            leave=False)
+
+    def update(self, done: int, steps: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{steps} steps", refresh=False)
+            self.bar.update(done - self.done)
+        else:
+            print(f"\r  steps {steps:>8d}  requests done {done}/{self.total}", end="",
+                  file=sys.stderr, flush=True)
+        self.done = done
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.enabled:
+            print(file=sys.stderr)
+
+
 def run(params: SimParams, workload: HostWorkload, config: EngineConfig, *, seed: int = 0,
         chunk_steps: int = 256, max_steps: int | None = None, recorded=None,
-        progress: bool = False) -> SimResult:
+        progress: bool = False, timeline: bool | None = None) -> SimResult:
     """Simulate one configuration until every request is finished or rejected.
+
+    The host loop never waits on the chunk it has just dispatched: chunk k+1 is queued before
+    chunk k's metrics are fetched and folded into :class:`metrics.RunningStats` and its
+    completion count is read, so the device is never idle on the host (with JAX's async
+    dispatch), at the price of at most one extra chunk of idle steps after the last request
+    finishes (idle steps change no summary figure). Host memory is O(chunk_steps) unless the
+    timeline is kept.
 
     Args:
       params: SimParams of one configuration (from systems.make_params).
@@ -95,42 +162,61 @@ def run(params: SimParams, workload: HostWorkload, config: EngineConfig, *, seed
       chunk_steps: steps per compiled chunk.
       max_steps: stop after this many steps (default: a bound no run can exceed).
       recorded: f32 [S, U] recorded unit logits (prepare_recorded), if config asks for them.
-      progress: print a progress line per chunk to stderr.
+      progress: show progress (tqdm when installed) on stderr.
+      timeline: keep every step's StepMetrics in ``SimResult.metrics`` (True), never (False),
+        or while it stays under TIMELINE_AUTO_BYTES (None, the default).
 
     Returns:
       SimResult.
     """
+    if chunk_steps < 1:
+        raise ConfigError("chunk_steps", chunk_steps, "must be >= 1")
     start = time.perf_counter()
     dev_workload = device_workload(workload)
     state = engine.init_state(config, seed)
     limit = max_steps or step_bound(workload)
-    chunks = []
+    stats = metrics_lib.RunningStats()
+    kept = []
+    keep = timeline
+    bar = _Progress(workload.num_requests, progress)
+    pending = None
     steps = 0
-    while steps < limit:
-        state, chunk = engine.rollout_jit(config, params, state, dev_workload, chunk_steps,
-                                          recorded)
-        chunks.append(jax.device_get(chunk))
+    finished = False
+    while steps < limit and not finished:
+        state, chunk, done = _run_chunk(config, params, state, dev_workload, chunk_steps,
+                                        recorded)
         steps += chunk_steps
-        status = np.asarray(state.req_status)
-        done = int(np.sum((status == STATUS_FINISHED) | (status == STATUS_REJECTED)))
-        if progress:
-            print(f"\r  steps {steps:>8d}  requests done {done}/{status.size}", end="",
-                  file=sys.stderr, flush=True)
-        if done == status.size:
-            break
-    if progress:
-        print(file=sys.stderr)
-    stacked = jax.tree.map(lambda *xs: np.concatenate(xs), *chunks)
+        if pending is not None:
+            finished = _fold(pending, stats, kept, keep, bar)
+        pending = (chunk, done, steps)
+        if keep is None:  # decided on the first chunk's size
+            per_step = sum(x.nbytes for x in jax.tree.leaves(chunk)) / chunk_steps
+            keep = per_step * limit <= TIMELINE_AUTO_BYTES
+    _fold(pending, stats, kept, keep, bar)
+    bar.close()
     state = jax.device_get(state)
-    summary = metrics_lib.summarize(workload, state, stacked, time.perf_counter() - start)
-    return SimResult(summary=summary, state=state, metrics=stacked, config=config)
+    summary = metrics_lib.summarize_stats(workload, state, stats, time.perf_counter() - start)
+    stacked = jax.tree.map(lambda *xs: np.concatenate(xs), *kept) if keep else None
+    return SimResult(summary=summary, state=state, metrics=stacked, config=config, stats=stats)
+
+
+def _fold(pending, stats, kept, keep: bool, bar: _Progress) -> bool:
+    """Fold a finished chunk into the statistics; True when every request is done."""
+    chunk, done, steps = pending
+    chunk = jax.device_get(chunk)
+    stats.fold(chunk)
+    if keep:
+        kept.append(chunk)
+    done = int(done)
+    bar.update(done, steps)
+    return done == bar.total
 
 
 def simulate(system: str, model: str, workload: HostWorkload, *, max_batch: int = 64,
              platform=None, access: AccessModel | None = None, knobs=None,
              page_size: int | None = None, seed: int = 0, chunk_steps: int = 256,
              max_steps: int | None = None, recorded_scores: np.ndarray | None = None,
-             progress: bool = False) -> SimResult:
+             progress: bool = False, timeline: bool | None = None) -> SimResult:
     """One system on one workload: the convenience entry point behind `pamjax simulate`.
 
     Args:
@@ -141,6 +227,7 @@ def simulate(system: str, model: str, workload: HostWorkload, *, max_batch: int 
       page_size: tokens per KV unit (default: token granularity when it fits).
       seed: access-model seed.
       recorded_scores: f32 [S, N] recorded per-step token logits (locality.load_recorded_scores).
+      chunk_steps, max_steps, progress, timeline: see :func:`run`.
     """
     from pamjax.systems import make_params, max_bank_groups
 
@@ -152,4 +239,4 @@ def simulate(system: str, model: str, workload: HostWorkload, *, max_batch: int 
                          page_size=config.page_size, knobs=knobs)
     return run(params, workload, config, seed=seed, chunk_steps=chunk_steps,
                max_steps=max_steps, recorded=prepare_recorded(recorded_scores, config),
-               progress=progress)
+               progress=progress, timeline=timeline)

@@ -1,0 +1,505 @@
+"""Large sweeps: systems x batch sizes x SLOs x seeds x hardware overrides, sharded over devices.
+
+A sweep is the cartesian product of its axes for one model and one workload (a synthetic
+dataset name or a trace) and writes ``OUT/sweep.csv``, one row per configuration. What is
+simulated and how:
+
+* **Configurations.** A simulated configuration is (hardware overrides, system, batch,
+  seed); the SLO axis does not change a simulation, so every simulated configuration gives
+  one row per SLO (``meets_slo`` = fits and ``tpot_p99_ms <= slo_ms``). A synthetic workload
+  is ``max_requests`` requests (default ``2 x`` the largest batch) of the dataset drawn with
+  the configuration's seed, all waiting at t = 0 (an offline queue, as in study.run_sweep); a
+  trace is replayed with its own arrival times and lengths (its first ``max_requests``
+  requests), the seed then only seeds the access model. Every configuration runs ``steps``
+  engine steps, and its row has the columns of study.run_sweep (same definitions: TPOT over
+  finished and running requests, ``oom`` when the batch never ran full, ...).
+* **Grouping and compilation.** As in study.run_sweep, batch sizes within a factor of 8
+  share one compiled program (study.slot_classes). Inside a class, configurations run in
+  chunks of the same shape, the last one padded with copies of a real configuration (whose
+  rows are dropped), so a sweep compiles once per slot class however many chunks it has; the
+  trace count is reported (``SweepReport.compiles``).
+* **Sharding.** Each chunk is ``vmap``-ed over its configurations and the configuration
+  axis is sharded over every device with ``jax.sharding``: a ``NamedSharding`` over a 1-D
+  ``Mesh`` of ``jax.devices()`` (axis ``"configs"``). A call holds ``chunk_size``
+  configurations *per device* (the call is ``chunk_size x device count`` wide, padded), so
+  every device runs the same per-device program, on the same configurations at the same
+  positions, whatever the device count. That matters: XLA may round a reduction differently
+  at another vmap width, and one rounding flip can change a discrete decision (a bisection
+  threshold) of the engine, so a row can depend on the width it ran at, but never on the
+  device count: a sweep on 1 device and on 4 gives byte-identical CSVs (tests/test_sweep.py
+  checks it with ``XLA_FLAGS=--xla_force_host_platform_device_count=4``). Configurations
+  never communicate. To keep every device busy, use chunk_size <= configurations / devices.
+* **Chunks, commit and resume.** Each finished chunk's rows are appended to ``sweep.csv``
+  at once: the chunk is formatted in memory and written with a single ``os.write`` on a file
+  opened ``O_APPEND``, then ``fsync``-ed, so a killed process leaves whole chunks (a torn
+  tail can only come from a crash of the machine mid-write; resume drops any incomplete last
+  line). ``sweep.json`` beside it records the sweep's axes. With ``resume=True`` the rows
+  already in ``sweep.csv`` are kept (the axes must match ``sweep.json``) and only the missing
+  configurations run; without it the sweep starts over. When every configuration is done the
+  file is rewritten sorted (rows by system, overrides, batch, seed, SLO; columns in a fixed
+  order) through a temporary file and ``os.replace``, so an interrupted-and-resumed sweep and
+  an uninterrupted one end with identical bytes.
+* **Page size.** The one a single run at the largest batch would use
+  (simulation.choose_page_size); a device holds at most study.UNIT_BUDGET tracked units
+  per call (fewer configurations per chunk at large batches and contexts).
+
+Multi-host: start every process of the job with ``jax.distributed.initialize`` before any
+other JAX call; ``jax.devices()`` then lists the devices of every host, the mesh spans all of
+them, each process feeds only its addressable shards (``jax.make_array_from_callback``; every
+process builds the same host arrays, deterministically), results are gathered with
+``multihost_utils.process_allgather``, and only process 0 writes files (``out_dir`` should be
+on a shared file system for resume). For example, two hosts with 4 GPUs each::
+
+    # host 0 (10.0.0.1) and host 1 run the same script, with PROCESS_ID=0 and 1:
+    import os, jax
+    jax.distributed.initialize(coordinator_address="10.0.0.1:1234", num_processes=2,
+                               process_id=int(os.environ["PROCESS_ID"]))
+    from pamjax.sweep import sweep_command
+    sweep_command(model="llama3-70b", workload="sharegpt", trace=None, max_requests=None,
+                  systems=["pam", "l-pim"], batches=[64, 128, 256, 512],
+                  slo_ms=[100, 150, 200], seeds=[0, 1, 2, 3],
+                  overrides=["", "ddr.num_devices=80"], steps=256, out_dir="/shared/sweep",
+                  resume=True, chunk_size=64, progress=True)
+
+(On a single host, ``jax.distributed.initialize`` is not needed: all local devices are used.
+The multi-host path follows JAX's documented APIs but has only been run single-process.)
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import os
+import pathlib
+import sys
+import time
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from pamjax import engine, study
+from pamjax.errors import ConfigError
+from pamjax.hardware import get_platform
+from pamjax.models import get_model
+from pamjax.simulation import choose_page_size, make_config
+from pamjax.systems import get_system, make_params, max_bank_groups
+from pamjax.workload import Workload, load_trace, synthetic
+
+KEY_COLUMNS = ("system", "overrides", "batch", "seed", "slo_ms")
+"""Columns identifying a row, in sort order."""
+
+_SPEC_COLUMNS = ("model", "workload")
+_SIM_KEY = ("system", "overrides", "batch", "seed")  # one simulated configuration
+
+TRACES = 0
+"""Times the sharded rollout has been traced (= compiled) in this process."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepSpec:
+    """The axes of a sweep (what sweep.json records and resume checks).
+
+    Fields: model name; workload (dataset name, or None for a trace); trace (path or None);
+    max_requests (None = the default); systems, batches, slo_ms, seeds and overrides
+    (tuples, each override a ``"path=value[,path=value]"`` string, ``""`` = the preset);
+    steps (engine steps per configuration).
+    """
+
+    model: str
+    workload: str | None
+    trace: str | None
+    max_requests: int | None
+    systems: tuple[str, ...]
+    batches: tuple[int, ...]
+    slo_ms: tuple[float, ...]
+    seeds: tuple[int, ...]
+    overrides: tuple[str, ...]
+    steps: int
+
+
+@dataclasses.dataclass
+class SweepReport:
+    """What :func:`run` did: CSV path, configurations (simulated ones, SLO rows apart),
+    those run now (the rest came from a resumed CSV), chunks run, compilations (traces of
+    the sharded rollout), devices, page size and wall seconds."""
+
+    path: pathlib.Path
+    configs_total: int
+    configs_run: int
+    chunks: int
+    compiles: int
+    devices: int
+    page_size: int
+    wall_seconds: float
+
+
+def parse_override(text: str) -> dict:
+    """``"ddr.num_devices=80,gpu.num_gpus=16"`` -> {path: number}; ``""`` -> {} (the preset).
+
+    Raises:
+      ConfigError naming ``overrides`` and the string when an item is not ``path=number``.
+    """
+    result = {}
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        path, sep, value = (s.strip() for s in item.partition("="))
+        if not sep or not path or not value:
+            raise ConfigError("overrides", text, f"{item!r} is not PATH=VALUE "
+                              "(e.g. ddr.num_devices=80)")
+        try:
+            number = int(value)
+        except ValueError:
+            try:
+                number = float(value)
+            except ValueError:
+                raise ConfigError("overrides", text, f"value {value!r} of {path} is not a "
+                                  "number") from None
+        result[path] = number
+    return result
+
+
+def make_spec(*, model, workload, trace, max_requests, systems, batches, slo_ms, seeds,
+              overrides, steps) -> SweepSpec:
+    """Validated SweepSpec (axes deduplicated, in the order given).
+
+    Raises:
+      ConfigError (empty axis, bad value or override string), UnknownNameError (system,
+      model or hardware field).
+    """
+    axes = {"systems": systems, "batches": batches, "slo_ms": slo_ms, "seeds": seeds}
+    for name, values in axes.items():
+        if values is None or len(list(values)) == 0:
+            raise ConfigError(name, values, "empty: the sweep would have no configuration")
+    systems = tuple(dict.fromkeys(str(s) for s in systems))
+    for name in systems:
+        get_system(name)
+    get_model(model)
+    for name, values, kind in (("batches", batches, int), ("seeds", seeds, int)):
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or \
+                    v < (1 if name == "batches" else 0):
+                raise ConfigError(name, v, f"must be an integer >= {1 if name == 'batches' else 0}")
+    for v in slo_ms:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
+            raise ConfigError("slo_ms", v, "must be a finite number > 0")
+    if not isinstance(steps, int) or steps < 1:
+        raise ConfigError("steps", steps, "must be an integer >= 1")
+    if max_requests is not None and (not isinstance(max_requests, int) or max_requests < 1):
+        raise ConfigError("max_requests", max_requests, "must be an integer >= 1")
+    overrides = tuple(dict.fromkeys(o.strip() for o in (overrides or [""])))
+    platform = get_platform()
+    for text in overrides:
+        platform.with_overrides(parse_override(text))
+    if trace is None and not workload:
+        raise ConfigError("workload", workload, "give a dataset name or a trace")
+    return SweepSpec(model=model, workload=None if trace else workload,
+                     trace=str(trace) if trace else None, max_requests=max_requests,
+                     systems=systems, batches=tuple(dict.fromkeys(int(b) for b in batches)),
+                     slo_ms=tuple(dict.fromkeys(float(s) for s in slo_ms)),
+                     seeds=tuple(dict.fromkeys(int(s) for s in seeds)),
+                     overrides=overrides, steps=steps)
+
+
+def _workloads(spec: SweepSpec) -> dict[int, Workload]:
+    """Host workload per seed (one trace for every seed)."""
+    if spec.trace:
+        trace = load_trace(spec.trace, max_requests=spec.max_requests)
+        return {seed: trace for seed in spec.seeds}
+    n = spec.max_requests or 2 * max(spec.batches)
+    return {seed: synthetic(spec.workload, n, seed=seed) for seed in spec.seeds}
+
+
+def _rollout_configs(config, params, state, workload, num_steps):
+    global TRACES
+    TRACES += 1  # runs once per trace, i.e. per compilation
+    return jax.vmap(engine.rollout, in_axes=(None, 0, 0, 0, None))(
+        config, params, state, workload, num_steps)
+
+
+_rollout_sharded = jax.jit(_rollout_configs, static_argnames=("config", "num_steps"),
+                           donate_argnums=(2,))
+
+
+def _global(tree, sharding):
+    """Host pytree with a leading config axis -> global arrays sharded along it (each process
+    provides only its addressable shards)."""
+    def put(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+    return jax.tree.map(put, tree)
+
+
+def _host(tree):
+    """Global arrays -> numpy on every process."""
+    if jax.process_count() > 1:
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.device_get(tree)
+
+
+def _columns(row: dict) -> list[str]:
+    """CSV columns: the key columns, model and workload, study's metric columns in its
+    order (its platform/model/system/batch are key columns here), then meets_slo."""
+    fixed = {*KEY_COLUMNS, *_SPEC_COLUMNS, "platform", "meets_slo"}
+    return [*KEY_COLUMNS, *_SPEC_COLUMNS, *(c for c in row if c not in fixed), "meets_slo"]
+
+
+def _format(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (bool, np.bool_)):
+        return "true" if value else "false"
+    if isinstance(value, (float, np.floating)):
+        return repr(float(value))
+    return str(value)
+
+
+def _sort_key(row: dict):
+    return (row["system"], row["overrides"], int(row["batch"]), int(row["seed"]),
+            float(row["slo_ms"]))
+
+
+def _csv_text(rows: list[dict], columns: list[str], header: bool = False) -> bytes:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, columns, lineterminator="\n")
+    if header:
+        writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue().encode()
+
+
+def _append_rows(path: pathlib.Path, data: bytes) -> None:
+    """Commit one chunk: a single O_APPEND write, then fsync."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: pathlib.Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _read_existing(path: pathlib.Path) -> tuple[list[str] | None, list[dict]]:
+    """Columns and rows of a sweep CSV written by an earlier run (None, [] when it has no
+    header yet); an incomplete last line is dropped and cut from the file."""
+    data = path.read_bytes()
+    if not data.endswith(b"\n"):
+        data = data[:data.rfind(b"\n") + 1]
+        _write_atomic(path, data)
+    reader = csv.DictReader(io.StringIO(data.decode()))
+    return reader.fieldnames, list(reader)
+
+
+def run(spec: SweepSpec, out_dir, *, resume: bool = False, chunk_size: int = 64,
+        progress: bool = False) -> SweepReport:
+    """Run (or resume) a sweep; writes ``out_dir/sweep.csv`` and ``out_dir/sweep.json``.
+
+    Args:
+      spec: the axes (make_spec).
+      out_dir: output folder (created).
+      resume: keep the rows already in ``sweep.csv`` and run only the missing
+        configurations (the axes must equal those in ``sweep.json``).
+      chunk_size: simulated configurations per device per compiled call at most (fewer
+        when a slot class has fewer, or when they would exceed study.UNIT_BUDGET tracked
+        units per device).
+      progress: progress bar (tqdm when installed) on stderr.
+
+    Returns:
+      SweepReport.
+    """
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ConfigError("chunk_size", chunk_size, "must be an integer >= 1")
+    start, traces_before = time.perf_counter(), TRACES
+    writer = jax.process_index() == 0
+    out = pathlib.Path(out_dir)
+    path, spec_path = out / "sweep.csv", out / "sweep.json"
+    columns = None  # known from the file (resume) or the first chunk's rows
+    spec_json = json.dumps(dataclasses.asdict(spec), indent=2, sort_keys=True) + "\n"
+
+    done_rows: list[dict] = []
+    if resume and path.is_file():
+        if not spec_path.is_file() or spec_path.read_text() != spec_json:
+            raise ConfigError("resume", str(spec_path), "the sweep in this folder has other "
+                              "axes; use another folder or start over without resume")
+        columns, done_rows = _read_existing(path)
+    elif writer:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_atomic(spec_path, spec_json.encode())
+        _write_atomic(path, b"")
+    done = {tuple(r[c] for c in _SIM_KEY) for r in done_rows}
+
+    workloads = _workloads(spec)
+    widest = max(workloads.values(), key=lambda w: w.max_context)
+    page = choose_page_size(max(spec.batches), widest.max_context)
+    platforms = {o: get_platform().with_overrides(parse_override(o)) for o in spec.overrides}
+    bank_groups = max(max_bank_groups(p) for p in platforms.values())
+    mesh = Mesh(np.array(jax.devices()), ("configs",))
+    sharding = NamedSharding(mesh, PartitionSpec("configs"))
+    n_dev = mesh.size
+
+    todo = []  # (slot class, [(overrides, system, batch, seed)])
+    total = 0
+    for group in study.slot_classes(spec.batches):
+        configs = [(o, s, b, seed) for o in spec.overrides for s in spec.systems
+                   for b in group for seed in spec.seeds]
+        total += len(configs)
+        configs = [c for c in configs
+                   if (c[1], c[0], str(c[2]), str(c[3])) not in done]
+        if configs:
+            todo.append((group, configs))
+
+    bar = _progress_bar(total, len(done), progress)
+    chunks = run_now = 0
+    for group, configs in todo:
+        config = make_config(widest, group[-1], page_size=page, bank_groups=bank_groups)
+        units = config.num_slots * config.units_per_slot
+        # Every device runs the same per-device shape whatever the device count: XLA's CPU
+        # reductions may round differently at another vmap width, and a rounding flip can
+        # change a discrete decision (a bisection threshold), so the width is fixed here.
+        per_device = min(chunk_size, len(configs), max(1, study.UNIT_BUDGET // units))
+        per_call = per_device * n_dev
+        for lo in range(0, len(configs), per_call):
+            real = configs[lo:lo + per_call]
+            padded = real + [real[-1]] * (per_call - len(real))
+            rows = _run_chunk(spec, config, padded, platforms, workloads, page, sharding)
+            rows = rows[:len(real) * len(spec.slo_ms)]
+            if columns is None:
+                columns, header = _columns(rows[0]), True
+            elif columns != _columns(rows[0]):
+                raise ConfigError("resume", str(path), "its columns differ from this "
+                                  "version's rows; start over without resume")
+            else:
+                header = False
+            rows = [{c: _format(r[c]) for c in columns} for r in rows]
+            if writer:
+                _append_rows(path, _csv_text(rows, columns, header=header))
+            done_rows.extend(rows)
+            chunks += 1
+            run_now += len(real)
+            bar.update(len(real))
+    bar.close()
+    if writer and columns is not None:
+        done_rows.sort(key=_sort_key)
+        _write_atomic(path, _csv_text(done_rows, columns, header=True))
+    return SweepReport(path=path, configs_total=total, configs_run=run_now, chunks=chunks,
+                       compiles=TRACES - traces_before, devices=n_dev, page_size=page,
+                       wall_seconds=time.perf_counter() - start)
+
+
+def _run_chunk(spec, config, configs, platforms, workloads, page, sharding) -> list[dict]:
+    """Simulate one chunk of (overrides, system, batch, seed) configurations; rows of the
+    chunk in its order, one per configuration and SLO."""
+    params = [make_params(s, spec.model, platforms[o], max_batch=b, page_size=page)
+              for o, s, b, _ in configs]
+    params = jax.tree.map(lambda *xs: np.stack(xs), *params)
+    state = jax.tree.map(lambda *xs: np.stack(xs),
+                         *[jax.device_get(engine.init_state(config, seed))
+                           for *_, seed in configs])
+    dev = [workloads[seed] for *_, seed in configs]
+    workload = engine_workload(dev)
+    state, metrics = _rollout_sharded(config, _global(params, sharding),
+                                      _global(state, sharding), _global(workload, sharding),
+                                      spec.steps)
+    state, metrics = _host((state, metrics))
+    name = pathlib.Path(spec.trace).name if spec.trace else spec.workload
+    rows = []
+    for i, (o, s, b, seed) in enumerate(configs):
+        point = study.SweepPoint(s, b, spec.model, platforms[o], o)
+        row = study._point_row(point, study._index(metrics, i), study._index(state, i),
+                               dev[i], page)
+        base = {"system": s, "overrides": o, "batch": b, "seed": seed, "model": spec.model,
+                "workload": name}
+        for slo in spec.slo_ms:
+            rows.append({**row, **base, "slo_ms": slo,
+                         "meets_slo": bool(not row["oom"] and row["tpot_p99_ms"] <= slo)})
+    return rows
+
+
+def engine_workload(workloads: list[Workload]):
+    """DeviceWorkload arrays stacked over configurations ([C, N] each, numpy)."""
+    from pamjax.types import DeviceWorkload
+
+    return DeviceWorkload(
+        arrival_s=np.stack([np.asarray(w.arrival_s, np.float32) for w in workloads]),
+        prompt_tokens=np.stack([np.asarray(w.prompt_tokens, np.int32) for w in workloads]),
+        output_tokens=np.stack([np.asarray(w.output_tokens, np.int32) for w in workloads]))
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    class Quiet:
+        def update(self, n):
+            pass
+
+        def close(self):
+            pass
+
+    if not enabled:
+        return Quiet()
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return Quiet()
+    return tqdm(total=total, initial=initial, unit="config", desc="sweep", file=sys.stderr)
+
+
+def sweep_command(*, model, workload, trace, max_requests, systems, batches, slo_ms, seeds,
+                  overrides, steps, out_dir, resume, chunk_size, progress) -> pathlib.Path:
+    """`pamjax sweep`: run the sweep, print a compact table, return the CSV path.
+
+    Args:
+      model: model name. workload: dataset name (ignored when ``trace`` is given).
+      trace: trace CSV path or None. max_requests: requests (synthetic default 2 x the
+        largest batch; trace default all).
+      systems, batches, slo_ms, seeds: axis values (lists). overrides: list of hardware
+        design points, each ``"path=value[,path=value]"`` in Platform.with_overrides form
+        (``""`` = the preset; None or [] = the preset only).
+      steps: engine steps per configuration. out_dir: output folder.
+      resume: continue a killed sweep in ``out_dir``. chunk_size: configurations per
+        device per compiled call. progress: show a progress bar.
+
+    The table: per (overrides, system, SLO) the largest batch meeting the SLO for every seed
+    and the mean throughput there over seeds.
+    """
+    from pamjax.cli import format_table
+
+    spec = make_spec(model=model, workload=workload, trace=trace, max_requests=max_requests,
+                     systems=systems, batches=batches, slo_ms=slo_ms, seeds=seeds,
+                     overrides=overrides, steps=steps)
+    report = run(spec, out_dir, resume=resume, chunk_size=chunk_size, progress=progress)
+    if jax.process_index() != 0:
+        return report.path
+    with open(report.path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    table = []
+    for o in spec.overrides:
+        for s in spec.systems:
+            for slo in spec.slo_ms:
+                mine = [r for r in rows if r["overrides"] == o and r["system"] == s
+                        and float(r["slo_ms"]) == slo]
+                ok = [b for b in spec.batches
+                      if all(r["meets_slo"] == "true" for r in mine if int(r["batch"]) == b)]
+                best = max(ok) if ok else 0
+                tput = [float(r["throughput_tokens_per_s"]) for r in mine
+                        if int(r["batch"]) == best]
+                table.append({"overrides": o or "-", "system": s, "SLO ms": slo,
+                              "max batch": best or "none",
+                              "tok/s": float(np.mean(tput)) if tput else 0.0})
+    print(f"{spec.model} on {pathlib.Path(spec.trace).name if spec.trace else spec.workload}: "
+          f"{report.configs_total} configurations x {len(spec.slo_ms)} SLOs "
+          f"({report.configs_run} run now), {spec.steps} steps each, page size "
+          f"{report.page_size}, {report.chunks} chunks on {report.devices} device(s), "
+          f"{report.compiles} compilation(s), {report.wall_seconds:.1f} s")
+    print(format_table(table, ["overrides", "system", "SLO ms", "max batch", "tok/s"]))
+    print(f"wrote {report.path}")
+    return report.path
+
+
