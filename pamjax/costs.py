@@ -118,8 +118,22 @@ def prefill_time_and_flops(params: SimParams, counts: StepCounts):
     return jnp.where(counts.prefill_tokens > 0, time, 0.0), flops
 
 
-def step_cost(params: SimParams, counts: StepCounts) -> StepCost:
-    """Time and energy of one step. See the module docstring for the model."""
+def step_cost(params: SimParams, counts: StepCounts, *, smooth_max=None,
+              tier_in_use=None) -> StepCost:
+    """Time and energy of one step. See the module docstring for the model.
+
+    The two optional hooks exist for the differentiable relaxation (relaxed.py), so that it
+    shares every coefficient of this model instead of copying it; with both left at None
+    the result is the exact cost model, bit for bit.
+
+    Args:
+      params: SimParams of the configuration.
+      counts: StepCounts of the step.
+      smooth_max: f32 [T] -> f32 [] replacing the max over tiers of PIM attention time (the
+        step's critical path), e.g. a log-sum-exp; None = ``jnp.max``.
+      tier_in_use: f32 [T] in [0, 1], a soft "the tier holds KV of a decoding request"
+        indicator gating each tier's PIM time; None = ``counts.tier_holders > 0``.
+    """
     kv = params.kv_bytes_per_token
     bits = 8.0
     layers, heads, dim = params.layers, params.q_heads, params.head_dim
@@ -136,9 +150,13 @@ def step_cost(params: SimParams, counts: StepCounts) -> StepCost:
     partial = layers * heads * (dim + 2.0) * PARTIAL_BYTES_PER_HEAD_DIM
     partials_out = jnp.where(params.use_pamattention, counts.tier_requests,
                              counts.tier_active_bank_groups) * partial
-    link = (q_bytes + partials_out) / params.link_rate \
-        + jnp.where(counts.tier_holders > 0, 2.0 * layers * params.link_latency, 0.0)
-    pim_tier_time = jnp.where(counts.tier_holders > 0, compute + link, 0.0)
+    if tier_in_use is None:
+        link = (q_bytes + partials_out) / params.link_rate \
+            + jnp.where(counts.tier_holders > 0, 2.0 * layers * params.link_latency, 0.0)
+        pim_tier_time = jnp.where(counts.tier_holders > 0, compute + link, 0.0)
+    else:
+        link = (q_bytes + partials_out) / params.link_rate + 2.0 * layers * params.link_latency
+        pim_tier_time = tier_in_use * (compute + link)
 
     # --- attention on the GPUs (offloaded KV fetched over PCIe) ----------------------------
     gpus = params.num_gpus
@@ -150,7 +168,7 @@ def step_cost(params: SimParams, counts: StepCounts) -> StepCost:
         jnp.maximum(hbm_read, gpu_attn_flops / (gpus * params.gpu_flops)), fetch[1], fetch[2]])
 
     tier_time = jnp.where(on_pim, pim_tier_time, gpu_tier_time)
-    attention = jnp.where(on_pim, jnp.max(tier_time), jnp.sum(tier_time))
+    attention = jnp.where(on_pim, (smooth_max or jnp.max)(tier_time), jnp.sum(tier_time))
 
     # --- migration -------------------------------------------------------------------------
     moved_bytes = counts.migrated_tokens * kv  # [T, T] from -> to

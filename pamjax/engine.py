@@ -277,8 +277,11 @@ def step(config: EngineConfig, params: SimParams, state: EngineState,
         sel_units_bg.reshape(NUM_TIERS, groups))
 
     # ---------------------------------------------------------------- online scheduling
+    rank_key = unit_importance if config.placement_score is None else \
+        config.placement_score(params.policy, unit_importance, selected, context, unit_tier,
+                               present)
     unit_tier, unit_bg, _, _ = scheduler.schedule(
-        params, unit_importance, unit_tier, unit_bg, present, config.max_swaps)
+        params, rank_key, unit_tier, unit_bg, present, config.max_swaps)
 
     moved = present_before & (unit_tier != tier_before_decode)
     from_i = jnp.clip(tier_before_decode.astype(jnp.int32), 0, NUM_TIERS - 1)

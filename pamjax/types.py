@@ -50,6 +50,10 @@ class EngineConfig:
       admit_window: requests considered for admission per step (FCFS look-ahead).
       bisection_iters: iterations of the per-request threshold searches.
       recorded_steps: rows of recorded scores (0 = synthetic access model).
+      placement_score: None (PAM ranks units by their importance factor) or a callable
+        ``f(params.policy, importance, selected, context, unit_tier, present) -> f32 [R, U]``
+        of positive scores that the online scheduler ranks and balances instead (a learned
+        placement policy, policy.net_engine_hook); static, so it must hash stably.
     """
 
     num_slots: int
@@ -62,9 +66,15 @@ class EngineConfig:
     admit_window: int = 64
     bisection_iters: int = 20
     recorded_steps: int = 0
+    placement_score: object = None
 
     def __post_init__(self):
+        if self.placement_score is not None and not callable(self.placement_score):
+            raise ConfigError("engine.placement_score", self.placement_score,
+                              "must be None or a callable")
         for f in dataclasses.fields(self):
+            if f.name == "placement_score":
+                continue
             value = getattr(self, f.name)
             minimum = 0 if f.name == "recorded_steps" else 1
             if not isinstance(value, int) or value < minimum:
@@ -106,6 +116,8 @@ class SimParams:
       fc_flops_per_token, streamed_weight_bytes.
     Energy, f32 [] pJ: gpu_pj_per_flop, gpu_hbm_read_pj, bank_group_read_pj, nvlink_pj,
       pcie_pj (per bit), pim_pu_factor (dimensionless).
+    policy: None, or the parameter pytree of a learned placement scorer that
+      ``EngineConfig.placement_score`` applies (policy.py).
     """
 
     attention_on_pim: jnp.ndarray
@@ -160,6 +172,7 @@ class SimParams:
     nvlink_pj: jnp.ndarray
     pcie_pj: jnp.ndarray
     pim_pu_factor: jnp.ndarray
+    policy: object = None
 
 
 @struct.dataclass

@@ -1,0 +1,540 @@
+"""Training placement policies through the relaxation, and judging them in the exact engine.
+
+Pipeline of :func:`train_policy_command` (behind ``pamjax train-policy``):
+
+1. **Episodes.** A workload episode is R requests decoding together, each caught mid-stream:
+   context = prompt + a uniform fraction of its output, drawn from a synthetic dataset with a
+   seed (:func:`make_episodes`). Training uses ``train_dataset`` with seeds from
+   ``TRAIN_SEED_BASE``; held-out evaluation uses other seeds, another dataset and, when
+   given, a trace.
+2. **Training** (:func:`train`): Adam with global-norm gradient clipping and a cosine
+   learning-rate schedule (optax); every iteration vmaps the relaxed objective over a batch
+   of episodes (workloads and access-model seeds) in one jitted step; the relaxation
+   temperature is annealed geometrically from ``tau_start`` to ``tau_end`` (it is an
+   argument of the step, so annealing does not recompile).
+3. **Grid search** baseline (:func:`grid_search`): the exact engine over a log-spaced (x, y)
+   grid on the same training episodes, vmapped; the best point goes to held-out evaluation.
+4. **Judging** (:func:`exact_decode_ms`): every number reported for a policy is the exact
+   engine's mean decode-step time with hard decisions (all requests admitted at step 0,
+   then ``steps`` decode steps), and its SLO throughput comes from the exact engine under
+   continuous batching (:func:`slo_throughput`, study.py's definitions).
+
+Why OPT-175B on arxiv-sum at batch 64 (the default): 350 GB of weights leave ~3.6K 16-token
+units (57K tokens) of HBM for KV while 64 requests of 1.4K-8K tokens hold ~280K, so KV
+spills to DDR-PIM and the step's attention time is set by what sits there: placement is
+what moves the step time. With short dialogue contexts the KV fits HBM and every policy
+ties.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import pathlib
+import sys
+import time
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import serialization
+
+from pamjax import engine, policy, relaxed, study
+from pamjax.errors import ConfigError, UnknownNameError
+from pamjax.simulation import device_workload, make_config
+from pamjax.systems import make_params, max_bank_groups
+from pamjax.types import EngineConfig
+from pamjax.workload import DATASETS, Workload, load_trace, synthetic
+
+TRAIN_SEED_BASE = 1000  # training episodes use seeds TRAIN_SEED_BASE + i
+HELDOUT_SEED_BASE = 1  # held-out episodes use seeds 1, 2, ... (disjoint from training)
+SLO_MS = (100.0, 150.0, 200.0)  # PAM_SPEC §8
+MAX_SWAPS = EngineConfig(num_slots=1, units_per_slot=1).max_swaps  # the engine's static bound
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSetup:
+    """Everything a training run depends on (all documented defaults are [D] choices).
+
+    Fields:
+      model: model preset.
+      batch: R, requests decoding together (and the exact engine's max batch).
+      page_size: tokens per KV unit (16 keeps U ~ 500 for 8K-token contexts).
+      steps: decode steps per episode (relaxed and exact).
+      max_context: contexts are capped here; fixes U = ceil((max_context + steps) / page).
+      train_dataset: dataset of the training episodes.
+      episodes: episodes vmapped per training iteration.
+      episode_pool: distinct training episodes cycled through.
+      iterations: optimiser steps per family.
+      learning_rate: Adam peak learning rate (cosine-decayed to 10% of it).
+      clip_norm: global-norm gradient clip.
+      tau_start, tau_end: relaxation temperature schedule (geometric).
+      hidden, depth: UnitScorer width and depth.
+      grid_log10_x, grid_log10_y: the (x, y) grid of the baseline search (log10 values).
+      grid_episodes: training episodes the grid search is scored on.
+      slo_batches: batches of the SLO throughput search.
+      slo_steps: simulated steps per SLO point.
+    """
+
+    model: str = "opt-175b"
+    batch: int = 64
+    page_size: int = 16
+    steps: int = 16
+    max_context: int = 8192
+    train_dataset: str = "arxiv-sum"
+    episodes: int = 2
+    episode_pool: int = 8
+    iterations: int = 40
+    learning_rate: float = 0.3
+    clip_norm: float = 1.0
+    tau_start: float = 0.5
+    tau_end: float = 0.05
+    hidden: int = 32
+    depth: int = 2
+    grid_log10_x: tuple = (2.0, 4.0, 6.0, 8.0, 10.0, 12.0)
+    grid_log10_y: tuple = (1.0, 3.0, 5.0, 7.0, 9.0)
+    grid_episodes: int = 2
+    slo_batches: tuple = (16, 32, 64)
+    slo_steps: int = 96
+
+    def __post_init__(self):
+        for field in ("batch", "page_size", "steps", "max_context", "episodes",
+                      "episode_pool", "iterations", "hidden", "depth", "grid_episodes",
+                      "slo_steps"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"train.{field}", value, "must be an integer >= 1")
+        for field in ("learning_rate", "clip_norm", "tau_start", "tau_end"):
+            value = getattr(self, field)
+            if not (np.isfinite(value) and value > 0):
+                raise ConfigError(f"train.{field}", value, "must be a finite number > 0")
+        if self.train_dataset not in DATASETS:
+            raise UnknownNameError("workload", self.train_dataset, DATASETS)
+        if not self.grid_log10_x or not self.grid_log10_y:
+            raise ConfigError("train.grid", (self.grid_log10_x, self.grid_log10_y),
+                              "needs at least one x and one y")
+        if not self.slo_batches or min(self.slo_batches) < 1:
+            raise ConfigError("train.slo_batches", self.slo_batches, "need batches >= 1")
+
+    @property
+    def units(self) -> int:
+        return -(-(self.max_context + self.steps) // self.page_size)
+
+    def relax_config(self) -> relaxed.RelaxConfig:
+        return relaxed.RelaxConfig(self.batch, self.units, self.page_size, self.steps)
+
+
+QUICK = TrainSetup()
+FULL = dataclasses.replace(QUICK, episodes=4, episode_pool=16, iterations=120, steps=24,
+                           grid_log10_x=tuple(np.arange(2.0, 12.5, 1.0).tolist()),
+                           grid_log10_y=tuple(np.arange(1.0, 9.5, 1.0).tolist()),
+                           grid_episodes=4, slo_batches=(8, 16, 32, 64, 96), slo_steps=160)
+
+
+# ---------------------------------------------------------------------------------------------
+# Episodes
+# ---------------------------------------------------------------------------------------------
+
+def episode_contexts(workload: Workload, batch: int, seed: int, max_context: int):
+    """Contexts [batch] of requests caught mid-generation: prompt + U(0,1) x output."""
+    rng = np.random.default_rng(seed)
+    n = min(batch, workload.num_requests)
+    idx = np.arange(batch) % n
+    frac = rng.uniform(0.0, 1.0, batch)
+    ctx = workload.prompt_tokens[idx] + np.floor(frac * workload.output_tokens[idx])
+    return np.clip(ctx, 1, max_context).astype(np.int32)
+
+
+def make_episodes(setup: TrainSetup, dataset: str, seeds) -> relaxed.Episode:
+    """Episodes stacked on a leading axis [K]: one per seed (workload and access seed)."""
+    ctx = [episode_contexts(synthetic(dataset, setup.batch, seed=int(s)), setup.batch, int(s),
+                            setup.max_context) for s in seeds]
+    return relaxed.Episode(context=jnp.asarray(np.stack(ctx)),
+                           seed=jnp.asarray(np.asarray(seeds, np.uint32)))
+
+
+def trace_episode(setup: TrainSetup, path: str, max_requests: int = 400) -> relaxed.Episode:
+    """One episode from the first ``max_requests`` requests of a trace (seed 0)."""
+    workload = load_trace(path, max_requests=max_requests)
+    ctx = episode_contexts(workload, setup.batch, 0, setup.max_context)
+    return relaxed.Episode(context=jnp.asarray(ctx[None]), seed=jnp.asarray([0], jnp.uint32))
+
+
+def _index(tree, i: int):
+    return jax.tree.map(lambda x: x[i], tree)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters of the system and the policies
+# ---------------------------------------------------------------------------------------------
+
+def base_params(setup: TrainSetup):
+    """PAM's SimParams for the setup, all requests prefilled in one step (decode episodes)."""
+    params = make_params("pam", setup.model, max_batch=setup.batch, page_size=setup.page_size)
+    return params.replace(prefill_token_budget=jnp.int32(2**30))
+
+
+def init_policy(setup: TrainSetup, params, family: str, key):
+    """Initial trainable parameters: the rule's own knobs, or a zero-head network (= rule)."""
+    if family == "knobs":
+        return policy.knobs_from_params(params)
+    return policy.init_net(key, hidden=setup.hidden, depth=setup.depth)
+
+
+def relaxed_loss(setup: TrainSetup, params, family: str, theta, episodes, temperature):
+    """Mean relaxed decode-step time (ms) over the episodes [K], vmapped."""
+    config = setup.relax_config()
+    if family == "knobs":
+        knobs, score_fn, net = policy.soft_knobs(theta), None, None
+    else:
+        knobs = policy.soft_knobs(policy.knobs_from_params(params))
+        score_fn, net = policy.make_scorer(setup.hidden, setup.depth), theta
+    per_episode = jax.vmap(lambda ep: relaxed.objective_ms(
+        config, params, knobs, ep, temperature, score_fn, net))(episodes)
+    return jnp.mean(per_episode)
+
+
+def make_optimizer(setup: TrainSetup):
+    schedule = optax.cosine_decay_schedule(setup.learning_rate, setup.iterations, alpha=0.1)
+    return optax.chain(optax.clip_by_global_norm(setup.clip_norm), optax.adam(schedule))
+
+
+def make_train_step(setup: TrainSetup, params, family: str, max_traces: int | None = None):
+    """(optimizer, jitted ``step(theta, opt_state, episodes, temperature) -> (theta,
+    opt_state, loss)``).
+
+    The temperature is a traced argument, so annealing never recompiles: one trace per
+    episode shape. ``max_traces`` wraps the step in ``chex.assert_max_traces`` (tests).
+    """
+    optimizer = make_optimizer(setup)
+
+    def step(theta, opt_state, episodes, temperature):
+        loss, grads = jax.value_and_grad(
+            lambda th: relaxed_loss(setup, params, family, th, episodes, temperature))(theta)
+        updates, opt_state = optimizer.update(grads, opt_state, theta)
+        return optax.apply_updates(theta, updates), opt_state, loss
+
+    if max_traces is not None:
+        step = chex.assert_max_traces(step, n=max_traces)
+    return optimizer, jax.jit(step)
+
+
+def temperature_at(setup: TrainSetup, i: int) -> float:
+    """Geometric annealing from tau_start (iteration 0) to tau_end (the last)."""
+    frac = i / max(setup.iterations - 1, 1)
+    return float(setup.tau_start * (setup.tau_end / setup.tau_start) ** frac)
+
+
+def train(setup: TrainSetup, family: str, *, seed: int = 0, progress: bool = False,
+          params=None):
+    """Train one policy family; returns (theta, history rows, relaxed evaluations used).
+
+    Deterministic for a seed: episodes, initialisation and the schedule depend on it alone.
+    """
+    policy.check_family(family)
+    if family == "both":
+        raise ConfigError("family", family, "train one family at a time (knobs or net)")
+    params = base_params(setup) if params is None else params
+    key = jax.random.PRNGKey(seed)
+    theta = init_policy(setup, params, family, key)
+    optimizer, step = make_train_step(setup, params, family)
+    opt_state = optimizer.init(theta)
+    pool_seeds = TRAIN_SEED_BASE + 97 * seed + np.arange(setup.episode_pool * setup.episodes)
+    pool = make_episodes(setup, setup.train_dataset, pool_seeds)
+    batches = setup.episode_pool
+    iterator = range(setup.iterations)
+    if progress:
+        try:
+            from tqdm import tqdm
+            iterator = tqdm(iterator, desc=f"train {family}", file=sys.stderr, leave=False)
+        except ImportError:
+            pass
+    history = []
+    for i in iterator:
+        b = i % batches
+        episodes = jax.tree.map(lambda x: x[b * setup.episodes:(b + 1) * setup.episodes], pool)
+        tau = temperature_at(setup, i)
+        theta, opt_state, loss = step(theta, opt_state, episodes, jnp.float32(tau))
+        history.append({"family": family, "iteration": i, "temperature": tau,
+                        "relaxed_step_ms": float(loss)})
+        if progress and hasattr(iterator, "set_postfix"):
+            iterator.set_postfix(loss=f"{float(loss):.2f} ms", tau=f"{tau:.3f}")
+    return theta, history, setup.iterations * setup.episodes
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+def save_checkpoint(path, theta) -> pathlib.Path:
+    """Write a parameter pytree with flax.serialization (msgpack bytes)."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(serialization.to_bytes(jax.device_get(theta)))
+    return path
+
+
+def load_checkpoint(path, like):
+    """Read parameters saved by :func:`save_checkpoint` into the structure of ``like``."""
+    return serialization.from_bytes(like, pathlib.Path(path).read_bytes())
+
+
+# ---------------------------------------------------------------------------------------------
+# The exact engine as the judge
+# ---------------------------------------------------------------------------------------------
+
+def episode_workload(setup: TrainSetup, episode: relaxed.Episode) -> Workload:
+    """The exact-engine workload of one episode: R requests at t = 0, prompt = the episode's
+    context, outputs long enough that nobody finishes within the steps."""
+    ctx = np.asarray(episode.context)
+    return Workload(np.zeros(ctx.size), ctx, np.full(ctx.size, setup.steps + 2), name="episode")
+
+
+def exact_decode_ms(setup: TrainSetup, params_list, episode, *, net=None) -> np.ndarray:
+    """Exact engine: mean decode-step time (ms) of each SimParams in ``params_list``.
+
+    All points run in one vmapped rollout (step 0 admits and prefills everything; steps
+    1..S decode). With ``net`` (UnitScorer parameters) the engine ranks units with the
+    network through ``EngineConfig.placement_score``.
+    """
+    workload = episode_workload(setup, episode)
+    hook = None if net is None else policy.net_engine_hook(setup.hidden, setup.depth,
+                                                            setup.page_size)
+    config = make_config(workload, setup.batch, page_size=setup.page_size,
+                         bank_groups=max_bank_groups(), placement_score=hook)
+    if net is not None:
+        params_list = [p.replace(policy=net) for p in params_list]
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *params_list)
+    state = jax.tree.map(lambda *xs: jnp.stack(xs),
+                         *[engine.init_state(config, int(episode.seed))] * len(params_list))
+    _, metrics = engine.rollout_batch(config, stacked, state, device_workload(workload),
+                                      setup.steps + 1)
+    step_time = np.asarray(metrics.step_time_s, np.float64)
+    decode_only = np.asarray(metrics.prefill_requests) == 0
+    return np.array([1e3 * step_time[i][decode_only[i]].mean() for i in range(len(params_list))])
+
+
+def grid_points(setup: TrainSetup, params):
+    return [params.replace(target_x=jnp.float32(10.0**lx), target_y=jnp.float32(10.0**ly))
+            for lx in setup.grid_log10_x for ly in setup.grid_log10_y]
+
+
+def grid_search(setup: TrainSetup, params, episodes):
+    """Exact-engine grid over (x, y) on training episodes; returns (best params, table,
+    simulator evaluations)."""
+    points = grid_points(setup, params)
+    scores = np.mean([exact_decode_ms(setup, points, _index(episodes, k))
+                      for k in range(int(episodes.context.shape[0]))], axis=0)
+    table = [{"log10_x": lx, "log10_y": ly, "train_step_ms": float(s)}
+             for (lx, ly), s in zip([(a, b) for a in setup.grid_log10_x
+                                     for b in setup.grid_log10_y], scores)]
+    best = int(np.argmin(scores))
+    return points[best], table, len(points) * int(episodes.context.shape[0])
+
+
+def slo_throughput(setup: TrainSetup, params_by_name: dict, *, dataset: str, seed: int,
+                   net_names=(), net=None) -> dict:
+    """Peak output tokens/s under each SLO for each policy (exact engine, study.py rules).
+
+    Each policy runs ``setup.slo_batches`` with ``2 x max batch`` requests of ``dataset``
+    queued at t = 0, continuous batching with the default prefill budget, for
+    ``setup.slo_steps`` steps; TPOT p99 and throughput follow study.py.
+    """
+    workload = synthetic(dataset, 2 * max(setup.slo_batches), seed=seed)
+    workload = Workload(workload.arrival_s * 0.0, np.minimum(workload.prompt_tokens,
+                                                             setup.max_context // 2),
+                        np.minimum(workload.output_tokens, setup.max_context // 2),
+                        name=dataset)
+    out = {}
+    for name, params in params_by_name.items():
+        uses_net = name in net_names
+        hook = policy.net_engine_hook(setup.hidden, setup.depth, setup.page_size) \
+            if uses_net else None
+        config = make_config(workload, max(setup.slo_batches), page_size=setup.page_size,
+                             bank_groups=max_bank_groups(), placement_score=hook)
+        default_budget = make_params("pam", setup.model, max_batch=1,
+                                     page_size=setup.page_size).prefill_token_budget
+        points = [params.replace(max_batch=jnp.int32(b), prefill_token_budget=default_budget,
+                                 policy=net if uses_net else None)
+                  for b in setup.slo_batches]
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *points)
+        state = jax.tree.map(lambda *xs: jnp.stack(xs),
+                             *[engine.init_state(config, seed)] * len(points))
+        state, m = engine.rollout_batch(config, stacked, state, device_workload(workload),
+                                        setup.slo_steps)
+        rows = []
+        for i, b in enumerate(setup.slo_batches):
+            mi, si = _index(m, i), jax.device_get(_index(state, i))
+            tpot = study.request_tpot_s(si, workload)
+            elapsed = float(np.sum(mi.step_time_s, dtype=np.float64) + np.sum(mi.idle_s))
+            concurrency = np.asarray(mi.decode_requests) + np.asarray(mi.prefill_requests)
+            rows.append({"system": name, "batch": b,
+                         "throughput_tokens_per_s": float(np.sum(mi.output_tokens)) / elapsed,
+                         "tpot_p99_ms": float(np.percentile(tpot, 99) * 1e3)
+                         if tpot.size else float("nan"),
+                         "oom": int(concurrency.max()) < b})
+        out[name] = {f"{slo:g}ms": study.peak_under_slo(rows, slo)[name]
+                     ["throughput_tokens_per_s"] for slo in SLO_MS}
+        out[name]["rows"] = rows
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+# ---------------------------------------------------------------------------------------------
+
+def train_policy_command(*, quick: bool, eval_trace: str | None, json_path: str | None,
+                         out_dir: str, family: str, seed: int, model: str,
+                         progress: bool) -> dict:
+    """Train, grid-search and judge placement policies; print a table; return the JSON dict.
+
+    Args:
+      quick: the small setup (QUICK, a few minutes on two CPU cores) instead of FULL.
+      eval_trace: optional trace file for one more held-out episode (first 400 requests).
+      json_path: where to write the result JSON (None: not written).
+      out_dir: folder for checkpoints and the training-curve CSV.
+      family: "knobs", "net" or "both".
+      seed: seed of the whole run (episodes, initialisation).
+      model: model preset.
+      progress: show tqdm progress bars on stderr.
+
+    Returns:
+      dict with heldout_step_time_ms {pam_rule, learned, grid_best, learned_<family>...},
+      simulator_evaluations {gradient, grid}, relaxation_gap, slo_throughput_tokens_per_s,
+      final knobs, wall time and the setup.
+    """
+    from pamjax import report
+
+    policy.check_family(family)
+    if not isinstance(seed, int) or seed < 0:
+        raise ConfigError("seed", seed, "must be an integer >= 0")
+    start = time.perf_counter()
+    setup = dataclasses.replace(QUICK if quick else FULL, model=model)
+    out = pathlib.Path(out_dir)
+    families = ("knobs", "net") if family == "both" else (family,)
+    params = base_params(setup)
+
+    learned, history, gradient_evals = {}, [], 0
+    for fam in families:
+        theta, hist, evals = train(setup, fam, seed=seed, progress=progress, params=params)
+        save_checkpoint(out / f"policy_{fam}.msgpack", theta)
+        learned[fam] = theta
+        history += hist
+        gradient_evals += evals
+    report.write_csv(out / "training_curve.csv", history,
+                     ["family", "iteration", "temperature", "relaxed_step_ms"])
+
+    grid_seeds = TRAIN_SEED_BASE + 97 * seed + np.arange(setup.grid_episodes)
+    grid_best, grid_table, grid_evals = grid_search(
+        setup, params, make_episodes(setup, setup.train_dataset, grid_seeds))
+    report.write_csv(out / "grid.csv", grid_table, ["log10_x", "log10_y", "train_step_ms"])
+
+    # Held-out episodes: other seeds of the training dataset, another dataset, the trace.
+    heldout = {f"{setup.train_dataset}/seed{HELDOUT_SEED_BASE + seed}": make_episodes(
+                   setup, setup.train_dataset, [HELDOUT_SEED_BASE + seed]),
+               f"write-doc/seed{HELDOUT_SEED_BASE + seed + 1}": make_episodes(
+                   setup, "write-doc", [HELDOUT_SEED_BASE + seed + 1])}
+    if eval_trace:
+        heldout[f"trace/{pathlib.Path(eval_trace).name}"] = trace_episode(setup, eval_trace)
+
+    knob_params = {"pam_rule": params, "grid_best": grid_best}
+    if "knobs" in learned:
+        knob_params["learned_knobs"] = policy.knobs_to_params(params, learned["knobs"],
+                                                               MAX_SWAPS)
+    per_workload = {}
+    for name, episodes in heldout.items():
+        episode = _index(episodes, 0)
+        times = dict(zip(knob_params, exact_decode_ms(setup, list(knob_params.values()),
+                                                      episode)))
+        if "net" in learned:
+            times["learned_net"] = float(exact_decode_ms(setup, [params], episode,
+                                                         net=learned["net"])[0])
+        per_workload[name] = {k: float(v) for k, v in times.items()}
+    names = list(next(iter(per_workload.values())))
+    heldout_ms = {k: float(np.mean([w[k] for w in per_workload.values()])) for k in names}
+
+    # Which learned family is "the" learned policy: chosen on training episodes, never on
+    # held-out ones.
+    train_episode = _index(make_episodes(setup, setup.train_dataset, grid_seeds[:1]), 0)
+    train_ms = {}
+    if "knobs" in learned:
+        train_ms["knobs"] = float(exact_decode_ms(setup, [knob_params["learned_knobs"]],
+                                                  train_episode)[0])
+    if "net" in learned:
+        train_ms["net"] = float(exact_decode_ms(setup, [params], train_episode,
+                                                net=learned["net"])[0])
+    chosen = min(train_ms, key=train_ms.get)
+    heldout_ms["learned"] = heldout_ms[f"learned_{chosen}"]
+
+    # Relaxed vs exact objective at the final temperature, same held-out episodes.
+    gap = {}
+    for fam, theta in learned.items():
+        rel = [float(relaxed_loss(setup, params, fam, theta, episodes,
+                                  jnp.float32(setup.tau_end)))
+               for episodes in heldout.values()]
+        exact = [w[f"learned_{fam}"] for w in per_workload.values()]
+        gap[fam] = float(np.mean([(r - e) / e for r, e in zip(rel, exact)]))
+    rule_rel = [float(relaxed_loss(setup, params, "knobs", policy.knobs_from_params(params),
+                                   episodes, jnp.float32(setup.tau_end)))
+                for episodes in heldout.values()]
+    gap["pam_rule"] = float(np.mean([(r - w["pam_rule"]) / w["pam_rule"]
+                                     for r, w in zip(rule_rel, per_workload.values())]))
+
+    slo_params = {"pam_rule": params, "grid_best": grid_best}
+    if "knobs" in learned:
+        slo_params["learned_knobs"] = knob_params["learned_knobs"]
+    if "net" in learned:
+        slo_params["learned_net"] = params
+    slo = slo_throughput(setup, slo_params, dataset=setup.train_dataset,
+                         seed=HELDOUT_SEED_BASE + seed + 2, net_names=("learned_net",),
+                         net=learned.get("net"))
+    slo_evals = len(slo_params) * len(setup.slo_batches)
+
+    final_knobs = {}
+    for name in ("pam_rule", "grid_best", "learned_knobs"):
+        if name in knob_params:
+            p = knob_params[name]
+            final_knobs[name] = {"target_x": float(p.target_x), "target_y": float(p.target_y),
+                                 "ema_lambda": float(p.ema_lambda),
+                                 "swap_budget": int(p.swap_budget)}
+    result = {
+        "setup": {k: (list(v) if isinstance(v, tuple) else v)
+                  for k, v in dataclasses.asdict(setup).items()},
+        "quick": quick, "family": family, "seed": seed, "learned_family": chosen,
+        "heldout_step_time_ms": heldout_ms,
+        "heldout_by_workload": per_workload,
+        "simulator_evaluations": {"gradient": gradient_evals, "grid": grid_evals,
+                                  "gradient_unit": "relaxed episode rollouts with gradient",
+                                  "grid_unit": "exact-engine episode rollouts",
+                                  "slo_search": slo_evals},
+        "relaxation_gap": gap,
+        "slo_throughput_tokens_per_s": {k: {s: v for s, v in d.items() if s != "rows"}
+                                        for k, d in slo.items()},
+        "knobs": final_knobs,
+        "wall_seconds": time.perf_counter() - start,
+    }
+    print(format_table(result))
+    if json_path:
+        report.write_json(json_path, result)
+    return result
+
+
+def format_table(result: dict) -> str:
+    """Compact text table of a :func:`train_policy_command` result."""
+    ms = result["heldout_step_time_ms"]
+    slo = result["slo_throughput_tokens_per_s"]
+    lines = [f"held-out mean decode-step time (exact engine), ms; SLO throughput tokens/s",
+             f"{'policy':<15}{'step ms':>10}" + "".join(f"{'@' + s:>12}" for s in
+                                                      next(iter(slo.values())))]
+    for name, value in ms.items():
+        row = slo.get(name, slo.get(f"learned_{result['learned_family']}")
+                      if name == "learned" else None)
+        cells = "".join(f"{v:>12.1f}" for v in row.values()) if row else ""
+        lines.append(f"{name:<15}{value:>10.2f}{cells}")
+    ev = result["simulator_evaluations"]
+    lines.append(f"simulator evaluations: gradient {ev['gradient']} (relaxed), "
+                 f"grid {ev['grid']} (exact); relaxation gap "
+                 + ", ".join(f"{k} {v:+.1%}" for k, v in result["relaxation_gap"].items()))
+    return "\n".join(lines)
