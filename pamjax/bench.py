@@ -1,0 +1,401 @@
+"""Engine speed benchmark (`pamjax bench [--quick] [--json PATH]`).
+
+Figures (each printed beside its target where one exists; targets are reported, never
+asserted):
+
+* ``engine_vs_reference_speedup``: PAM on LLaMA3-70B, a batch of 2K-8K-token contexts at
+  token granularity (arxiv-sum prompts): seconds per decode step of ``pamjax.reference``
+  over those of the jitted engine on the same case. Both run the same first steps from the
+  same initial state and their step metrics are compared (exact integers, rtol 1e-5 for
+  times and energies, the tolerances of tests/test_engine_reference.py): ``results_equal``.
+  Target: >= 50x per core (the speed-up divided by the cores JAX may use is reported too).
+* ``token_steps_per_s``: tracked KV tokens x engine steps per wall second on that case.
+* ``configs_scaling``: wall seconds per configuration when 1, 16, 256 and 1024 small
+  configurations (LLaMA-3-8B, batch 4, eight ShareGPT requests, the five main systems in
+  turn, distinct seeds) run as one vmapped, jitted call (engine.rollout_batch); target:
+  falling as configurations are batched.
+* ``cost_growth``: wall seconds per engine step against context length (fixed batch) and
+  against batch (fixed context), PAM at token granularity, with the least-squares slope of
+  log(time) on log(size) (1 = linear).
+* ``bytes_per_tracked_token``: bytes of engine state (EngineState pytree nbytes) per
+  tracked KV unit and per token for a few sizes (a unit is ``page_size`` tokens).
+* ``azure_conv_requests_per_s``: requests simulated per wall second replaying the Azure LLM
+  2023 conversation trace on ``vllm-offload`` (LLaMA3-70B, batch <= 64, page 256) with
+  simulation.simulate; compilation is excluded (a warm-up run of one chunk compiles it) and
+  reported apart. Target: 10,000 requests/s on a 2-core CPU.
+
+``quick`` shrinks every case (batch 32 for the reference comparison, the first 2,000 trace
+requests, smaller growth grids) to run in a few minutes on a 2-core CPU. Timings on a shared
+machine are noisy; run under ``taskset -c 0`` for a one-core figure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import resource
+import sys
+import time
+
+import jax
+import numpy as np
+
+from pamjax import engine
+from pamjax.reference import reference_init, reference_step
+from pamjax.simulation import device_workload, make_config, simulate
+from pamjax.systems import MAIN_SYSTEMS, make_params, max_bank_groups
+from pamjax.workload import Workload, default_azure_trace_path, load_trace, synthetic
+
+TARGETS = {
+    "engine_vs_reference_speedup_per_core": 50.0,
+    "azure_conv_requests_per_s": 10_000.0,
+}
+
+_EXACT = ("decode_requests", "prefill_requests", "output_tokens", "tier_units",
+          "selected_units", "persisted_units", "previously_selected_units", "migrated_units",
+          "migrated_from_ssd", "rejected")
+_RELATIVE = ("step_time_s", "attention_s", "tier_attention_s", "selected_mass")
+
+
+def _log(enabled: bool, text: str) -> None:
+    if enabled:
+        print(text, file=sys.stderr, flush=True)
+
+
+def _repeat(fn, min_seconds: float, max_calls: int = 1000) -> float:
+    """Mean wall seconds of ``fn()`` (which blocks until its result is ready) over as many
+    calls as fit in ``min_seconds`` (at least one, at most ``max_calls``)."""
+    calls, start = 0, time.perf_counter()
+    while True:
+        fn()
+        calls += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_seconds or calls >= max_calls:
+            return elapsed / calls
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def _queue(prompts, output: int, name: str) -> Workload:
+    """Requests with the given prompt lengths, all waiting at t = 0."""
+    prompts = np.asarray(prompts)
+    return Workload(np.zeros(prompts.size), prompts, np.full(prompts.size, output), name=name)
+
+
+def _admit_all(params):
+    """No prefill token budget: the whole batch is admitted at the first step."""
+    return params.replace(prefill_token_budget=np.int32(2**30))
+
+
+def compare_steps(engine_metrics, reference_metrics) -> list[str]:
+    """Fields of stacked engine StepMetrics [S] that differ from a list of S RefMetrics."""
+    bad = []
+    for name in _EXACT + _RELATIVE + ("energy_pj",):
+        got = np.asarray(getattr(engine_metrics, name), np.float64)
+        want = np.asarray([getattr(m, name) for m in reference_metrics], np.float64)
+        if name in _EXACT:
+            ok = np.array_equal(got, want)
+        else:
+            atol = 1e-3 if name == "energy_pj" else 1e-12
+            ok = np.allclose(got, want, rtol=1e-5, atol=atol)
+        if not ok:
+            bad.append(name)
+    return bad
+
+
+def engine_vs_reference(batch: int, reference_steps: int, min_seconds: float,
+                        progress: bool) -> dict:
+    """The jitted engine and the plain reference on the same case (see module doc)."""
+    workload = _queue(synthetic("arxiv-sum", batch, seed=0).prompt_tokens, 4096, "arxiv-sum")
+    config = make_config(workload, batch, page_size=1)
+    params = _admit_all(make_params("pam", "llama3-70b", max_batch=batch, page_size=1))
+    dev = device_workload(workload)
+    steps = reference_steps + 1  # the admission step, then decode steps
+
+    start = time.perf_counter()
+    state, first = engine.rollout_jit(config, params, engine.init_state(config, 0), dev, steps)
+    jax.block_until_ready(state)
+    compile_s = time.perf_counter() - start
+    first = jax.device_get(first)
+    tokens = float(np.asarray(first.tier_units)[-1].sum())
+
+    def run_engine():
+        nonlocal state
+        state, m = engine.rollout_jit(config, params, state, dev, steps)
+        jax.block_until_ready(m)
+
+    engine_s = _repeat(run_engine, min_seconds, max_calls=4096 // steps - 2) / steps
+
+    _log(progress, f"  reference: {reference_steps} decode steps of {tokens:.0f} tokens")
+    ref_state, admission = reference_step(config, params, reference_init(config, 0), workload)
+    history = [admission]
+    start = time.perf_counter()
+    for _ in range(reference_steps):
+        ref_state, m = reference_step(config, params, ref_state, workload)
+        history.append(m)
+    reference_s = (time.perf_counter() - start) / reference_steps
+    mismatches = compare_steps(first, history)
+    speedup = reference_s / engine_s
+    return {
+        "system": "pam", "model": "llama3-70b", "batch": batch, "page_size": 1,
+        "tracked_tokens": tokens, "compared_steps": steps, "results_equal": not mismatches,
+        "mismatched_fields": mismatches, "engine_s_per_step": engine_s,
+        "reference_s_per_step": reference_s, "engine_compile_s": compile_s,
+        "speedup": speedup, "cores": _cores(), "speedup_per_core": speedup / _cores(),
+        "token_steps_per_s": tokens / engine_s,
+    }
+
+
+def configs_scaling(counts, steps: int, min_seconds: float, progress: bool) -> list[dict]:
+    """Wall seconds per configuration with ``count`` small configurations in one call."""
+    wl = synthetic("sharegpt", 8, seed=0)
+    page = 64
+    config = make_config(wl, 4, page_size=page, bank_groups=max_bank_groups())
+    variants = [make_params(s, "llama3-8b", max_batch=4, page_size=page)
+                for s in MAIN_SYSTEMS]
+    dev = device_workload(wl)
+    rows = []
+    for count in counts:
+        params = jax.tree.map(lambda *xs: np.stack([xs[i % len(xs)] for i in range(count)]),
+                              *variants)
+        one = jax.device_get(engine.init_state(config, 0))
+        state = jax.tree.map(lambda x: np.repeat(np.asarray(x)[None], count, 0), one)
+        state = state.replace(seed=np.arange(count, dtype=np.uint32))
+        start = time.perf_counter()
+        state, _ = engine.rollout_batch(config, params, state, dev, steps)
+        jax.block_until_ready(state)
+        compile_s = time.perf_counter() - start
+
+        def run():
+            nonlocal state
+            state, m = engine.rollout_batch(config, params, state, dev, steps)
+            jax.block_until_ready(m)
+
+        wall = _repeat(run, min_seconds)
+        rows.append({"configs": count, "steps": steps, "wall_s": wall,
+                     "wall_s_per_config": wall / count, "compile_s": compile_s})
+        _log(progress, f"  {count:5d} configurations: {wall / count * 1e3:.3f} ms each")
+    return rows
+
+
+def _step_time(batch: int, context: int, steps: int, min_seconds: float) -> dict:
+    """Wall seconds per engine step, PAM, ``batch`` requests of ``context`` tokens."""
+    output = 256  # every request keeps decoding through the timed calls (at most 60)
+    workload = _queue(np.full(batch, context), output, "fixed")
+    config = make_config(workload, batch, page_size=1)
+    params = _admit_all(make_params("pam", "llama3-70b", max_batch=batch, page_size=1))
+    dev = device_workload(workload)
+    state, _ = engine.rollout_jit(config, params, engine.init_state(config, 0), dev, steps)
+    jax.block_until_ready(state)
+
+    def run():
+        nonlocal state
+        state, m = engine.rollout_jit(config, params, state, dev, steps)
+        jax.block_until_ready(m)
+
+    wall = _repeat(run, min_seconds, max_calls=min(60, output // steps - 2)) / steps
+    return {"batch": batch, "context": context, "tracked_tokens": batch * (context + steps),
+            "wall_s_per_step": wall}
+
+
+def _slope(sizes, seconds) -> float:
+    return float(np.polyfit(np.log(sizes), np.log(seconds), 1)[0])
+
+
+def cost_growth(batch: int, contexts, context: int, batches, steps: int, min_seconds: float,
+                progress: bool) -> dict:
+    """Per-step wall time against context (at ``batch``) and batch (at ``context``)."""
+    cache = {}
+
+    def point(b, c):
+        if (b, c) not in cache:
+            cache[(b, c)] = _step_time(b, c, steps, min_seconds)
+            _log(progress, f"  batch {b:5d} x context {c:7d}: "
+                           f"{cache[(b, c)]['wall_s_per_step'] * 1e3:.2f} ms/step")
+        return cache[(b, c)]
+
+    by_context = [point(batch, c) for c in contexts]
+    by_batch = [point(b, context) for b in batches]
+    return {
+        "vs_context": {"batch": batch, "points": by_context, "loglog_slope": _slope(
+            contexts, [p["wall_s_per_step"] for p in by_context])},
+        "vs_batch": {"context": context, "points": by_batch, "loglog_slope": _slope(
+            batches, [p["wall_s_per_step"] for p in by_batch])},
+    }
+
+
+def state_bytes(config) -> int:
+    """Bytes of the engine state of ``config`` (from shapes; nothing is allocated)."""
+    shapes = jax.eval_shape(lambda: engine.init_state(config, 0))
+    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes)))
+
+
+def bytes_per_tracked_token(cases) -> list[dict]:
+    """State bytes per tracked unit and token for (label, workload, batch) cases."""
+    rows = []
+    for label, workload, batch in cases:
+        config = make_config(workload, batch)
+        units = config.num_slots * config.units_per_slot
+        total = state_bytes(config)
+        rows.append({"case": label, "batch": batch, "page_size": config.page_size,
+                     "tracked_units": units, "state_bytes": total,
+                     "bytes_per_tracked_unit": total / units,
+                     "bytes_per_tracked_token": total / (units * config.page_size)})
+    return rows
+
+
+def _huge_cases() -> list[tuple[str, Workload, int]]:
+    million = _queue([1_000_000] * 2, 16, "1M-token prompts")
+    big_batch = synthetic("sharegpt", 8192, seed=0)
+    return [("two 1M-token contexts, batch 2", million, 2),
+            ("8192 ShareGPT requests, batch 8192", big_batch, 8192)]
+
+
+def huge_runs(progress: bool) -> list[dict]:
+    """Complete runs at the extremes (1M-token contexts; an 8192-request batch)."""
+    rows = []
+    for label, workload, batch in _huge_cases():
+        start = time.perf_counter()
+        result = simulate("pam", "llama3-70b", workload, max_batch=batch, timeline=False,
+                          progress=progress)
+        config = result.config
+        rows.append({
+            "case": label, "page_size": config.page_size,
+            "tracked_units": config.num_slots * config.units_per_slot,
+            "state_bytes": state_bytes(config), "wall_s": time.perf_counter() - start,
+            "requests_finished": result.summary["requests_finished"],
+            "steps": result.summary["steps"],
+            "process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        })
+        _log(progress, f"  {label}: {rows[-1]['wall_s']:.1f} s")
+    return rows
+
+
+def azure_replay(path, limit: int | None, system: str = "vllm-offload", max_batch: int = 64,
+                 page_size: int = 256, chunk_steps: int = 4096) -> dict:
+    """Requests per wall second replaying the trace, compilation excluded (see module doc)."""
+    workload = load_trace(path, max_requests=limit)
+    kwargs = dict(max_batch=max_batch, page_size=page_size, chunk_steps=chunk_steps,
+                  timeline=False)
+    start = time.perf_counter()
+    simulate(system, "llama3-70b", workload, max_steps=chunk_steps, **kwargs)
+    warmup = time.perf_counter() - start
+    start = time.perf_counter()
+    result = simulate(system, "llama3-70b", workload, **kwargs)
+    wall = time.perf_counter() - start
+    s = result.summary
+    chunks = -(-result.stats.steps // chunk_steps)
+    return {
+        "system": system, "model": "llama3-70b", "requests": workload.num_requests,
+        "max_batch": max_batch, "page_size": page_size, "chunk_steps": chunk_steps,
+        "wall_s": wall, "requests_per_s": workload.num_requests / wall,
+        "engine_steps": result.stats.steps, "busy_steps": s["steps"],
+        "wall_us_per_step": wall / max(result.stats.steps, 1) * 1e6,
+        "compile_s": max(warmup - wall / chunks, 0.0),
+        "requests_finished": s["requests_finished"],
+        "simulated_seconds": s["simulated_seconds"],
+    }
+
+
+def bench_command(*, quick: bool, json_path: str | None, progress: bool) -> dict:
+    """Run the benchmark, print a report, optionally write JSON; returns the figures.
+
+    Args:
+      quick: the small version (a few minutes on a 2-core CPU).
+      json_path: write the figures there as JSON (None: do not).
+      progress: progress lines on stderr.
+    """
+    start = time.perf_counter()
+    min_s = 1.0 if quick else 3.0
+    out = {"quick": quick, "jax": jax.__version__, "backend": jax.default_backend(),
+           "devices": jax.device_count(), "cores": _cores(), "targets": TARGETS}
+    print(f"jax {jax.__version__} on {jax.default_backend()}, {_cores()} CPU core(s)"
+          f"{'' if jax.default_backend() != 'cpu' else ' (no GPU used)'}")
+
+    _log(progress, "engine vs reference")
+    speed = engine_vs_reference(32 if quick else 128, 2 if quick else 3, min_s, progress)
+    out["engine_vs_reference"] = speed
+    out["engine_vs_reference_speedup"] = speed["speedup"]
+    out["token_steps_per_s"] = speed["token_steps_per_s"]
+    print(f"\nengine vs reference: PAM, llama3-70b, batch {speed['batch']}, "
+          f"{speed['tracked_tokens']:.0f} tracked tokens, token granularity")
+    print(f"  engine {speed['engine_s_per_step'] * 1e3:.2f} ms/step, reference "
+          f"{speed['reference_s_per_step'] * 1e3:.0f} ms/step: speedup {speed['speedup']:.1f}x "
+          f"({speed['speedup_per_core']:.1f}x per core over {speed['cores']} cores; target "
+          f">= {TARGETS['engine_vs_reference_speedup_per_core']:.0f}x per core)")
+    print(f"  same results over {speed['compared_steps']} steps: "
+          f"{'yes' if speed['results_equal'] else 'NO: ' + ', '.join(speed['mismatched_fields'])}")
+    print(f"  token_steps_per_s {speed['token_steps_per_s']:.4g}")
+
+    _log(progress, "configurations per call")
+    scaling = configs_scaling([1, 16, 256, 1024], 16 if quick else 64, min_s, progress)
+    out["configs_scaling"] = scaling
+    print("\nconfigs_scaling (small configurations in one vmapped call; target: per-config "
+          "time falling):")
+    for row in scaling:
+        print(f"  {row['configs']:5d} configs: {row['wall_s'] * 1e3:9.1f} ms per call, "
+              f"{row['wall_s_per_config'] * 1e3:8.3f} ms per configuration "
+              f"({row['steps']} steps)")
+
+    _log(progress, "cost growth")
+    if quick:
+        growth = cost_growth(8, [1024, 4096, 16384], 1024, [8, 32, 128], 4, min_s / 2, progress)
+    else:
+        growth = cost_growth(16, [1024, 4096, 16384, 65536], 2048, [16, 64, 256, 1024], 4,
+                             min_s, progress)
+    out["cost_growth"] = growth
+    print("\ncost_growth (wall per engine step, PAM, token granularity):")
+    for axis, key in (("vs_context", "context"), ("vs_batch", "batch")):
+        g = growth[axis]
+        points = ", ".join(f"{p[key]}: {p['wall_s_per_step'] * 1e3:.2f} ms" for p in g["points"])
+        print(f"  {axis}: {points}; log-log slope {g['loglog_slope']:.2f}")
+
+    cases = [("batch 128 x 8K context", _queue(np.full(128, 8192), 1, "8K"), 128),
+             *_huge_cases()]
+    footprint = bytes_per_tracked_token(cases)
+    out["bytes_per_tracked_token"] = footprint[0]["bytes_per_tracked_token"]
+    out["state_footprint"] = footprint
+    print("\nbytes_per_tracked_token (EngineState nbytes / tracked tokens):")
+    for row in footprint:
+        print(f"  {row['case']}: page {row['page_size']}, {row['tracked_units']} units, "
+              f"{row['state_bytes'] / 2**20:.1f} MiB, {row['bytes_per_tracked_unit']:.2f} B/unit, "
+              f"{row['bytes_per_tracked_token']:.3g} B/token")
+
+    trace = default_azure_trace_path()
+    if trace is None or not pathlib.Path(trace).is_file():
+        print("\nazure_conv_requests_per_s: skipped, no trace (set PAMJAX_TRACE)")
+        out["azure_conv_requests_per_s"] = None
+    else:
+        _log(progress, "Azure conversation trace replay")
+        azure = azure_replay(trace, 2000 if quick else None)
+        out["azure"] = azure
+        out["azure_conv_requests_per_s"] = azure["requests_per_s"]
+        print(f"\nazure_conv_requests_per_s: {azure['requests_per_s']:.0f} "
+              f"(target {TARGETS['azure_conv_requests_per_s']:.0f}); {azure['requests']} "
+              f"requests, {azure['system']}, batch <= {azure['max_batch']}, page "
+              f"{azure['page_size']}: {azure['wall_s']:.1f} s wall for {azure['engine_steps']} "
+              f"engine steps ({azure['wall_us_per_step']:.0f} us/step), compile "
+              f"{azure['compile_s']:.1f} s apart, {azure['requests_finished']} finished")
+
+    if not quick:
+        _log(progress, "huge runs")
+        out["huge_runs"] = huge_runs(progress)
+        print("\nhuge runs (complete, bounded memory):")
+        for row in out["huge_runs"]:
+            print(f"  {row['case']}: {row['wall_s']:.1f} s, page {row['page_size']}, "
+                  f"{row['state_bytes'] / 2**20:.1f} MiB of state, process peak RSS "
+                  f"{row['process_peak_rss_bytes'] / 2**30:.2f} GiB, "
+                  f"{row['requests_finished']} finished")
+
+    out["wall_s"] = time.perf_counter() - start
+    print(f"\nbenchmark wall time {out['wall_s']:.0f} s")
+    if json_path:
+        path = pathlib.Path(json_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=2, sort_keys=True, default=float) + "\n")
+        print(f"wrote {path}")
+    return out
+
