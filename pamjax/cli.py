@@ -720,6 +720,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         _check_outputs(args)
+        from pamjax.compile_cache import enable_compilation_cache
+
+        # Compiled simulation steps persist across invocations (PAMJAX_NO_CACHE=1: off).
+        enable_compilation_cache()
         return args.func(args)
     except PamjaxError as exc:
         print(f"pamjax: error: {exc}", file=sys.stderr)
