@@ -41,7 +41,7 @@ import numpy as np
 import optax
 from flax import serialization
 
-from pamjax import engine, policy, relaxed, study
+from pamjax import engine, policy, relaxed, report, study
 from pamjax.errors import ConfigError, UnknownNameError
 from pamjax.simulation import device_workload, make_config
 from pamjax.systems import make_params, max_bank_groups
@@ -86,7 +86,7 @@ class TrainSetup:
     train_dataset: str = "arxiv-sum"
     episodes: int = 2
     episode_pool: int = 8
-    iterations: int = 40
+    iterations: int = 30
     learning_rate: float = 0.3
     clip_norm: float = 1.0
     tau_start: float = 0.5
@@ -95,9 +95,9 @@ class TrainSetup:
     depth: int = 2
     grid_log10_x: tuple = (2.0, 4.0, 6.0, 8.0, 10.0, 12.0)
     grid_log10_y: tuple = (1.0, 3.0, 5.0, 7.0, 9.0)
-    grid_episodes: int = 2
-    slo_batches: tuple = (16, 32, 64)
-    slo_steps: int = 96
+    grid_episodes: int = 1
+    slo_batches: tuple = (32, 64)
+    slo_steps: int = 64
 
     def __post_init__(self):
         for field in ("batch", "page_size", "steps", "max_context", "episodes",
@@ -128,9 +128,10 @@ class TrainSetup:
 
 QUICK = TrainSetup()
 FULL = dataclasses.replace(QUICK, episodes=4, episode_pool=16, iterations=120, steps=24,
+                           slo_batches=(8, 16, 32, 64, 96), slo_steps=160,
                            grid_log10_x=tuple(np.arange(2.0, 12.5, 1.0).tolist()),
                            grid_log10_y=tuple(np.arange(1.0, 9.5, 1.0).tolist()),
-                           grid_episodes=4, slo_batches=(8, 16, 32, 64, 96), slo_steps=160)
+                           grid_episodes=4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,7 +375,9 @@ def slo_throughput(setup: TrainSetup, params_by_name: dict, *, dataset: str, see
                          "throughput_tokens_per_s": float(np.sum(mi.output_tokens)) / elapsed,
                          "tpot_p99_ms": float(np.percentile(tpot, 99) * 1e3)
                          if tpot.size else float("nan"),
-                         "oom": int(concurrency.max()) < b})
+                         "oom": int(concurrency.max()) < b,
+                         # study's roofline-bound columns are not computed here.
+                         **{c: None for c in getattr(study, "BOUND_COLUMNS", ())}})
         out[name] = {f"{slo:g}ms": study.peak_under_slo(rows, slo)[name]
                      ["throughput_tokens_per_s"] for slo in SLO_MS}
         out[name]["rows"] = rows
@@ -394,27 +397,58 @@ def train_policy_command(*, quick: bool, eval_trace: str | None, json_path: str 
       quick: the small setup (QUICK, a few minutes on two CPU cores) instead of FULL.
       eval_trace: optional trace file for one more held-out episode (first 400 requests).
       json_path: where to write the result JSON (None: not written).
-      out_dir: folder for checkpoints and the training-curve CSV.
+      out_dir: folder for checkpoints (policy_<family>.msgpack), training_curve.csv and
+        grid.csv.
       family: "knobs", "net" or "both".
       seed: seed of the whole run (episodes, initialisation).
       model: model preset.
       progress: show tqdm progress bars on stderr.
 
     Returns:
-      dict with heldout_step_time_ms {pam_rule, learned, grid_best, learned_<family>...},
-      simulator_evaluations {gradient, grid}, relaxation_gap, slo_throughput_tokens_per_s,
-      final knobs, wall time and the setup.
-    """
-    from pamjax import report
+      the dict of :func:`run_study`.
 
+    Raises:
+      UnknownNameError: unknown family or model; ConfigError: bad seed.
+    """
+    from pamjax.models import get_model
+
+    get_model(model)
+    setup = dataclasses.replace(QUICK if quick else FULL, model=model)
+    result = run_study(setup, family=family, seed=seed, out_dir=out_dir,
+                       eval_trace=eval_trace, progress=progress)
+    result["quick"] = quick
+    print(format_table(result))
+    if json_path:
+        report.write_json(json_path, result)
+    return result
+
+
+def run_study(setup: TrainSetup, *, family: str, seed: int, out_dir: str,
+              eval_trace: str | None = None, progress: bool = False, params=None) -> dict:
+    """The whole study for one setup (see the module docstring).
+
+    Args:
+      setup: TrainSetup.
+      family: "knobs", "net" or "both".
+      seed: seed of the run.
+      out_dir: folder for checkpoints and CSVs.
+      eval_trace: optional trace for one more held-out episode.
+      progress: tqdm bars.
+      params: SimParams to use instead of :func:`base_params` (e.g. a smaller HBM).
+
+    Returns:
+      dict with heldout_step_time_ms {pam_rule, learned, grid_best, learned_<family>...}
+      (every value an exact-engine measurement), heldout_by_workload, simulator_evaluations
+      {gradient, grid, ...}, relaxation_gap (relative, relaxed at tau_end vs exact, per
+      policy), slo_throughput_tokens_per_s, the final knobs, wall_seconds and the setup.
+    """
     policy.check_family(family)
     if not isinstance(seed, int) or seed < 0:
         raise ConfigError("seed", seed, "must be an integer >= 0")
     start = time.perf_counter()
-    setup = dataclasses.replace(QUICK if quick else FULL, model=model)
     out = pathlib.Path(out_dir)
     families = ("knobs", "net") if family == "both" else (family,)
-    params = base_params(setup)
+    params = base_params(setup) if params is None else params
 
     learned, history, gradient_evals = {}, [], 0
     for fam in families:
@@ -502,7 +536,7 @@ def train_policy_command(*, quick: bool, eval_trace: str | None, json_path: str 
     result = {
         "setup": {k: (list(v) if isinstance(v, tuple) else v)
                   for k, v in dataclasses.asdict(setup).items()},
-        "quick": quick, "family": family, "seed": seed, "learned_family": chosen,
+        "family": family, "seed": seed, "learned_family": chosen,
         "heldout_step_time_ms": heldout_ms,
         "heldout_by_workload": per_workload,
         "simulator_evaluations": {"gradient": gradient_evals, "grid": grid_evals,
@@ -515,9 +549,6 @@ def train_policy_command(*, quick: bool, eval_trace: str | None, json_path: str 
         "knobs": final_knobs,
         "wall_seconds": time.perf_counter() - start,
     }
-    print(format_table(result))
-    if json_path:
-        report.write_json(json_path, result)
     return result
 
 
