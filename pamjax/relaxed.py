@@ -26,7 +26,7 @@ module re-states the *decode* part of a step with soft decisions and the same co
   relu(q_prev - q_new), goes to the tiers gaining mass in proportion to their gain.
 * **Critical path.** The attention time of a step is the maximum over tiers in the exact cost
   model; here it is the log-sum-exp ``s tau log sum exp(t_i / (s tau))`` with s =
-  max_i t_i (held constant under differentiation), an upper bound that is at most
+  max_i t_i, an upper bound that is at most
   ``s tau log 3`` above the max. A tier's fixed cost (Q and partial round trips) is gated by
   the soft probability that it holds any KV.
 
@@ -125,7 +125,8 @@ class Outcome:
 
 def smooth_max(values, temperature):
     """Log-sum-exp maximum with a temperature relative to the largest value (see module)."""
-    scale = lax.stop_gradient(jnp.max(jnp.abs(values))) * temperature + _EPS
+    # The scale is differentiated too, so the gradient is that of the function evaluated.
+    scale = jnp.max(jnp.abs(values)) * temperature + _EPS
     return scale * jax.nn.logsumexp(values / scale)
 
 
