@@ -155,7 +155,13 @@ def step(config: EngineConfig, params: SimParams, state: EngineState,
     c_tokens = locality.unit_tokens(jnp.where(admit, c_prompt, 0), page, n_units)
     c_present = c_tokens > 0
     free_now = jnp.maximum(capacity - tier_units(state.unit_tier), 0)
-    bg_order = placement.bank_group_order(params, state.activation)
+    # The greedy mapping's activation order (a sort, the costliest single op of a step) is
+    # only needed when units are placed: prompts admitted, or a decode opening a new unit.
+    places_units = jnp.any(admit) | jnp.any(running & (state.slot_context % page == 0))
+    bg_order = lax.cond(params.greedy_mapping & places_units,
+                        lambda a: placement.bank_group_order(params, a),
+                        lambda a: jnp.zeros((NUM_TIERS, a.shape[-1]), jnp.int32),
+                        state.activation)
 
     def place_prompts(_):
         latent = locality.initial_latent(params, state.seed, cand_c[:, None], unit_idx[None, :])
@@ -245,7 +251,10 @@ def step(config: EngineConfig, params: SimParams, state: EngineState,
     generated_before = slot_generated
     the_logits = _unit_logits(config, params, unit_latent, context, generated_before, recorded)
     mass = locality.attention_mass(the_logits, tokens)
-    selected = locality.select(params, the_logits, tokens, config.bisection_iters) & present
+    # Dense systems attend every unit: the selector's bisection is skipped for them.
+    selected = lax.cond(params.select_fraction >= 1.0, lambda: present,
+                        lambda: locality.select(params, the_logits, tokens,
+                                                config.bisection_iters) & present)
     unit_importance = jnp.where(
         dec2, locality.update_importance(params, unit_importance, mass, present),
         unit_importance)
@@ -277,11 +286,16 @@ def step(config: EngineConfig, params: SimParams, state: EngineState,
         sel_units_bg.reshape(NUM_TIERS, groups))
 
     # ---------------------------------------------------------------- online scheduling
-    rank_key = unit_importance if config.placement_score is None else \
-        config.placement_score(params.policy, unit_importance, selected, context, unit_tier,
-                               present)
-    unit_tier, unit_bg, _, _ = scheduler.schedule(
-        params, rank_key, unit_tier, unit_bg, present, config.max_swaps)
+    def run_scheduler(tier, bank_group):
+        rank_key = unit_importance if config.placement_score is None else \
+            config.placement_score(params.policy, unit_importance, selected, context, tier,
+                                   present)
+        return scheduler.schedule(params, rank_key, tier, bank_group, present,
+                                  config.max_swaps)[:2]
+
+    # Systems without online scheduling (swap budget 0) skip it: no swap could happen.
+    unit_tier, unit_bg = lax.cond(params.swap_budget > 0, run_scheduler,
+                                  lambda tier, bank_group: (tier, bank_group), unit_tier, unit_bg)
 
     moved = present_before & (unit_tier != tier_before_decode)
     from_i = jnp.clip(tier_before_decode.astype(jnp.int32), 0, NUM_TIERS - 1)
