@@ -39,9 +39,9 @@ What it leaves out, by design (the exact engine remains the judge of every repor
 prefill and admission during the episode (a fixed batch of R requests, decode only, grants
 fixed at step 0), request completion, bank groups (the busiest bank group is the tier's
 selected tokens / bank groups x ``bank_group_imbalance``, i.e. the greedy mapping assumed
-balanced), the ratio condition that can stop the exact scheduler's swaps before the counts are filled
-by rank (the relaxation always moves towards "top units on HBM"), and which unit a new one
-displaces. ``relaxation_gap`` measures what these cost.
+balanced), the ratio condition that can stop the exact scheduler's swaps before the counts
+are filled by rank (the relaxation always moves towards "top units on HBM"), and which unit
+a new one displaces. ``relaxation_gap`` measures what these cost.
 """
 
 from __future__ import annotations
@@ -135,10 +135,6 @@ def _soft_any(prob, axis):
     return 1.0 - jnp.exp(jnp.sum(jnp.log1p(-jnp.clip(prob, 0.0, 1.0 - 1e-6)), axis=axis))
 
 
-def _exclusive_cumsum(x):
-    return jnp.cumsum(x, axis=-1) - x
-
-
 def soft_target(key, present, log_x, log_y, temperature):
     """Soft x:y:1 placement of each request's units ranked by ``key``.
 
@@ -154,8 +150,7 @@ def soft_target(key, present, log_x, log_y, temperature):
       present: bool [R, U]; log_x, log_y: f32 []; temperature: f32 [].
 
     Returns:
-      (target f32 [R, U, T] tier probabilities, zero where absent; order i32 [R, U] the
-      descending-key permutation used).
+      f32 [R, U, T] tier probabilities, zero where absent.
     """
     logits = jnp.stack([log_x, log_y, jnp.zeros_like(log_x)])
     log_share = jax.nn.log_softmax(logits)
@@ -172,7 +167,7 @@ def soft_target(key, present, log_x, log_y, temperature):
     sorted_target = jnp.stack([hbm, 1.0 - hbm - ssd, ssd], axis=-1)
     inverse = jnp.argsort(order, axis=-1)
     target = jnp.take_along_axis(sorted_target, inverse[..., None], axis=1)
-    return target * present[..., None], order
+    return target * present[..., None]
 
 
 def _count_threshold(log_key, present, count, temperature, iters: int, upper: bool):
@@ -258,7 +253,7 @@ def episode_state(config: RelaxConfig, params, knobs: SoftKnobs, episode: Episod
     key = mass if score_fn is None else score_fn(net_params, unit_features(
         mass, jnp.zeros_like(mass), context, jnp.zeros(mass.shape + (NUM_TIERS,)), present,
         page))
-    target, _ = soft_target(key, present, knobs.log_x, knobs.log_y, temperature)
+    target = soft_target(key, present, knobs.log_x, knobs.log_y, temperature)
     demand = jnp.sum(target, axis=1)  # [R, T] units each request asks of each tier
     n_units = present.sum(-1).astype(jnp.float32)
     free = params.capacity_units.astype(jnp.float32)

@@ -51,6 +51,7 @@ from pamjax.workload import DATASETS, Workload, load_trace, synthetic
 TRAIN_SEED_BASE = 1000  # training episodes use seeds TRAIN_SEED_BASE + i
 HELDOUT_SEED_BASE = 1  # held-out episodes use seeds 1, 2, ... (disjoint from training)
 SLO_MS = (100.0, 150.0, 200.0)  # PAM_SPEC §8
+EXACT_CHUNK = 4  # exact-engine configurations vmapped per call
 MAX_SWAPS = EngineConfig(num_slots=1, units_per_slot=1).max_swaps  # the engine's static bound
 
 
@@ -197,9 +198,23 @@ def relaxed_loss(setup: TrainSetup, params, family: str, theta, episodes, temper
     return jnp.mean(per_episode)
 
 
+relaxed_loss_jit = jax.jit(relaxed_loss, static_argnames=("setup", "family"))
+"""Jitted :func:`relaxed_loss` (evaluation outside training)."""
+
+
 def make_optimizer(setup: TrainSetup):
     schedule = optax.cosine_decay_schedule(setup.learning_rate, setup.iterations, alpha=0.1)
     return optax.chain(optax.clip_by_global_norm(setup.clip_norm), optax.adam(schedule))
+
+
+def _train_step(setup, family, params, theta, opt_state, episodes, temperature):
+    loss, grads = jax.value_and_grad(
+        lambda th: relaxed_loss(setup, params, family, th, episodes, temperature))(theta)
+    updates, opt_state = make_optimizer(setup).update(grads, opt_state, theta)
+    return optax.apply_updates(theta, updates), opt_state, loss
+
+
+_train_step_jit = jax.jit(_train_step, static_argnames=("setup", "family"))
 
 
 def make_train_step(setup: TrainSetup, params, family: str, max_traces: int | None = None):
@@ -207,19 +222,16 @@ def make_train_step(setup: TrainSetup, params, family: str, max_traces: int | No
     opt_state, loss)``).
 
     The temperature is a traced argument, so annealing never recompiles: one trace per
-    episode shape. ``max_traces`` wraps the step in ``chex.assert_max_traces`` (tests).
+    (setup, family) and episode shape, shared by every call (the jit is module-level).
+    ``max_traces`` returns a separately jitted step wrapped in ``chex.assert_max_traces``
+    (tests).
     """
-    optimizer = make_optimizer(setup)
-
+    if max_traces is None:
+        return make_optimizer(setup), functools.partial(_train_step_jit, setup, family, params)
     def step(theta, opt_state, episodes, temperature):
-        loss, grads = jax.value_and_grad(
-            lambda th: relaxed_loss(setup, params, family, th, episodes, temperature))(theta)
-        updates, opt_state = optimizer.update(grads, opt_state, theta)
-        return optax.apply_updates(theta, updates), opt_state, loss
+        return _train_step(setup, family, params, theta, opt_state, episodes, temperature)
 
-    if max_traces is not None:
-        step = chex.assert_max_traces(step, n=max_traces)
-    return optimizer, jax.jit(step)
+    return make_optimizer(setup), jax.jit(chex.assert_max_traces(step, n=max_traces))
 
 
 def temperature_at(setup: TrainSetup, i: int) -> float:
@@ -307,14 +319,21 @@ def exact_decode_ms(setup: TrainSetup, params_list, episode, *, net=None) -> np.
                          bank_groups=max_bank_groups(), placement_score=hook)
     if net is not None:
         params_list = [p.replace(policy=net) for p in params_list]
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *params_list)
-    state = jax.tree.map(lambda *xs: jnp.stack(xs),
-                         *[engine.init_state(config, int(episode.seed))] * len(params_list))
-    _, metrics = engine.rollout_batch(config, stacked, state, device_workload(workload),
-                                      setup.steps + 1)
-    step_time = np.asarray(metrics.step_time_s, np.float64)
-    decode_only = np.asarray(metrics.prefill_requests) == 0
-    return np.array([1e3 * step_time[i][decode_only[i]].mean() for i in range(len(params_list))])
+    count = len(params_list)
+    # Fixed-width vmapped chunks (the last padded with copies): one compile per config.
+    padded = params_list + params_list[:1] * (-count % EXACT_CHUNK)
+    result = []
+    for c in range(0, len(padded), EXACT_CHUNK):
+        # A fresh state per chunk: rollout_batch donates it.
+        state = jax.tree.map(lambda *xs: jnp.stack(xs),
+                             *[engine.init_state(config, int(episode.seed))] * EXACT_CHUNK)
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *padded[c:c + EXACT_CHUNK])
+        _, metrics = engine.rollout_batch(config, stacked, state, device_workload(workload),
+                                          setup.steps + 1)
+        step_time = np.asarray(metrics.step_time_s, np.float64)
+        decode_only = np.asarray(metrics.prefill_requests) == 0
+        result += [1e3 * step_time[i][decode_only[i]].mean() for i in range(EXACT_CHUNK)]
+    return np.array(result[:count])
 
 
 def grid_points(setup: TrainSetup, params):
@@ -363,11 +382,11 @@ def slo_throughput(setup: TrainSetup, params_by_name: dict, *, dataset: str, see
         stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *points)
         state = jax.tree.map(lambda *xs: jnp.stack(xs),
                              *[engine.init_state(config, seed)] * len(points))
-        state, m = engine.rollout_batch(config, stacked, state, device_workload(workload),
-                                        setup.slo_steps)
+        state, m = jax.device_get(engine.rollout_batch(
+            config, stacked, state, device_workload(workload), setup.slo_steps))
         rows = []
         for i, b in enumerate(setup.slo_batches):
-            mi, si = _index(m, i), jax.device_get(_index(state, i))
+            mi, si = _index(m, i), _index(state, i)
             tpot = study.request_tpot_s(si, workload)
             elapsed = float(np.sum(mi.step_time_s, dtype=np.float64) + np.sum(mi.idle_s))
             concurrency = np.asarray(mi.decode_requests) + np.asarray(mi.prefill_requests)
@@ -505,13 +524,14 @@ def run_study(setup: TrainSetup, *, family: str, seed: int, out_dir: str,
     # Relaxed vs exact objective at the final temperature, same held-out episodes.
     gap = {}
     for fam, theta in learned.items():
-        rel = [float(relaxed_loss(setup, params, fam, theta, episodes,
-                                  jnp.float32(setup.tau_end)))
+        rel = [float(relaxed_loss_jit(setup, params, fam, theta, episodes,
+                                      jnp.float32(setup.tau_end)))
                for episodes in heldout.values()]
         exact = [w[f"learned_{fam}"] for w in per_workload.values()]
         gap[fam] = float(np.mean([(r - e) / e for r, e in zip(rel, exact)]))
-    rule_rel = [float(relaxed_loss(setup, params, "knobs", policy.knobs_from_params(params),
-                                   episodes, jnp.float32(setup.tau_end)))
+    rule_knobs = policy.knobs_from_params(params)
+    rule_rel = [float(relaxed_loss_jit(setup, params, "knobs", rule_knobs, episodes,
+                                       jnp.float32(setup.tau_end)))
                 for episodes in heldout.values()]
     gap["pam_rule"] = float(np.mean([(r - w["pam_rule"]) / w["pam_rule"]
                                      for r, w in zip(rule_rel, per_workload.values())]))
