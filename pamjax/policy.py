@@ -15,7 +15,10 @@ engine can run either with hard decisions:
   ``log(importance) + MLP(features)``, with the MLP's last layer initialised to zero, so an
   untrained network *is* the PAM rule (importance shares are scale-free per request). In the
   exact engine the scores reach the scheduler through ``EngineConfig.placement_score`` and
-  ``SimParams.policy`` (:func:`net_engine_hook`).
+  ``SimParams.policy`` (:func:`net_engine_hook`). Known mismatch: in the exact engine the
+  hook ranks units for the online swaps only (admission still ranks by prefill attention
+  mass), while the relaxation also lets the scores set each request's admission demand, so
+  gains the network finds through admission do not carry over to the exact engine.
 
 Feature set (each an f32 [R, U] map unless noted): log importance (EMA), selected at this
 step (0/1), log(1 + age in tokens since the unit's last token was written), position of the
