@@ -670,8 +670,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "minutes on a 2-core CPU)")
     p.add_argument("--family", default="both", choices=["knobs", "net", "both"],
                    help="PAM's knobs by gradient, a flax token-scoring network, or both")
-    p.add_argument("--model", default="llama3-70b", choices=sorted(MODELS), metavar="M",
-                   help=f"one of: {', '.join(MODELS)}")
+    p.add_argument("--model", default="opt-175b", choices=sorted(MODELS), metavar="M",
+                   help=f"one of: {', '.join(MODELS)} (default opt-175b: its KV spills "
+                        "out of HBM on long contexts, so placement matters)")
     p.add_argument("--eval-trace", metavar="PATH",
                    help="also evaluate on this trace CSV (held out)")
     p.add_argument("--seed", type=int, default=0)
