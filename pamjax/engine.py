@@ -169,6 +169,12 @@ def step(config: EngineConfig, params: SimParams, state: EngineState,
                                   recorded)
         mass = jnp.where(c_present, locality.attention_mass(the_logits, c_tokens), 0.0)
         log_mass = the_logits + jnp.log(jnp.maximum(c_tokens, 1).astype(jnp.float32))
+        if config.placement_score is not None:
+            # A learned policy ranks the prompt's units at admission too, with what is known
+            # then: prefill mass as importance, nothing selected yet, no tier yet (-1).
+            log_mass = log_mass + config.placement_score(
+                params.policy, mass, jnp.zeros_like(c_present), c_prompt,
+                jnp.full(c_present.shape, _NO_UNIT, jnp.int8), c_present)
         tier = placement.initial_tiers(params, log_mass, c_present, free_now,
                                        target_share(params), config.bisection_iters)
         bank_group = placement.assign_bank_groups(
@@ -288,8 +294,8 @@ def step(config: EngineConfig, params: SimParams, state: EngineState,
     # ---------------------------------------------------------------- online scheduling
     def run_scheduler(tier, bank_group):
         rank_key = unit_importance if config.placement_score is None else \
-            config.placement_score(params.policy, unit_importance, selected, context, tier,
-                                   present)
+            placement.corrected_key(unit_importance, config.placement_score(
+                params.policy, unit_importance, selected, context, tier, present), present)
         return scheduler.schedule(params, rank_key, tier, bank_group, present,
                                   config.max_swaps)[:2]
 

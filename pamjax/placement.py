@@ -9,6 +9,7 @@ an exclusive cumulative sum instead of a loop.
 from __future__ import annotations
 
 import jax.numpy as jnp
+from jax import lax
 
 from pamjax.locality import threshold_bracket, top_count, unit_hash
 from pamjax.types import PLACEMENT_IMPORTANCE_RATIO
@@ -53,6 +54,29 @@ def prompt_tier_counts(demand_hbm, demand_ssd, units, free):
     return hbm + more_hbm, ddr + more_ddr, ssd
 
 
+def corrected_key(importance, log_correction, present):
+    """Ranking key of a learned placement policy: ``importance x exp(c - max_u c)``.
+
+    A learned scorer (``EngineConfig.placement_score``) returns a log-scale correction c per
+    unit; the key multiplies the importance factor by exp(c), scaled per request so that
+    its largest factor is 1 (overflow-free; the x:y:1 rule and every ranking are per-request
+    ratios, so the scale changes no decision). A zero correction returns ``importance``
+    bit for bit, so an untrained zero-head scorer is the PAM rule exactly.
+
+    Args:
+      importance: f32 [R, U] importance factors (>= 0).
+      log_correction: f32 [R, U] the scorer's correction (natural-log units).
+      present: bool [R, U] units that exist.
+
+    Returns:
+      f32 [R, U] key (>= 0), zero where absent.
+    """
+    peak = jnp.max(jnp.where(present, log_correction, -jnp.inf), axis=-1, keepdims=True)
+    peak = lax.stop_gradient(jnp.where(jnp.isfinite(peak), peak, 0.0))
+    factor = jnp.exp(jnp.minimum(log_correction - peak, 0.0))
+    return jnp.where(present, importance * factor, 0.0)
+
+
 def initial_tiers(params, log_mass, present, free, target_share, iters: int):
     """Tier of every prompt unit of the requests being admitted.
 
@@ -65,7 +89,8 @@ def initial_tiers(params, log_mass, present, free, target_share, iters: int):
 
     Args:
       log_mass: f32 [A, U] log of each unit's prefill attention mass, up to a per-row
-        constant (logit + log tokens).
+        constant (logit + log tokens); with a learned scorer, that plus its correction
+        (the log of :func:`corrected_key`'s key).
       present: bool [A, U] units that exist (prompt units of admitted requests).
       free: i32 [T] free units per tier.
       target_share: f32 [T] desired importance share per tier (sums to 1).

@@ -9,16 +9,18 @@ engine can run either with hard decisions:
   they become ``SimParams.target_x/target_y/ema_lambda`` and ``swap_budget`` rounded to an
   integer in [0, EngineConfig.max_swaps] (:func:`knobs_to_params`).
 * ``net``: a small flax MLP (:class:`UnitScorer`) that scores every KV unit from per-unit
-  features (:class:`UnitFeatures`). The scores replace the importance factor as the ranking
-  key *and* as the quantity whose per-tier sums the x:y:1 rule balances. The network is
-  residual around the rule: score = softmax over the request's units of
-  ``log(importance) + MLP(features)``, with the MLP's last layer initialised to zero, so an
-  untrained network *is* the PAM rule (importance shares are scale-free per request). In the
-  exact engine the scores reach the scheduler through ``EngineConfig.placement_score`` and
-  ``SimParams.policy`` (:func:`net_engine_hook`). Known mismatch: in the exact engine the
-  hook ranks units for the online swaps only (admission still ranks by prefill attention
-  mass), while the relaxation also lets the scores set each request's admission demand, so
-  gains the network finds through admission do not carry over to the exact engine.
+  features (:class:`UnitFeatures`). Its output is a log-scale correction c per unit; the
+  key ``importance x exp(c)`` (placement.corrected_key, scaled per request) replaces the
+  importance factor as the ranking key *and* as the quantity whose per-tier sums the x:y:1
+  rule balances. The MLP's last layer is initialised to zero, so an untrained network *is*
+  the PAM rule, bit for bit in the exact engine. The same key is used at both decisions the
+  relaxation trains, in both models: at admission (features: prefill attention mass as the
+  importance, nothing selected, no tier yet; it sets each request's tier demand and which
+  prompt units go where: relaxed.episode_state, placement.initial_tiers via
+  ``EngineConfig.placement_score``) and in the online swaps (relaxed._decode_step,
+  scheduler.schedule). :func:`net_engine_hook` is the engine side, reading the network
+  parameters from ``SimParams.policy``. Still not learned: which HBM unit a new token
+  displaces (the least important by the EMA, in both models).
 
 Feature set (each an f32 [R, U] map unless noted): log importance (EMA), selected at this
 step (0/1), log(1 + age in tokens since the unit's last token was written), position of the
@@ -93,7 +95,9 @@ def one_hot_tiers(unit_tier):
 
 
 class UnitScorer(nn.Module):
-    """MLP over per-unit features; output is a logit correction added to log importance.
+    """MLP over per-unit features -> f32 [R, U] log-scale correction of the importance key.
+
+    Zero where a unit is absent; zero everywhere while the head is untrained.
 
     Attributes:
       hidden: width of each hidden layer.
@@ -115,13 +119,7 @@ class UnitScorer(nn.Module):
         # Zero-initialised head: the untrained network reproduces the PAM rule exactly.
         delta = nn.Dense(1, kernel_init=nn.initializers.zeros,
                          bias_init=nn.initializers.zeros)(x)[..., 0]
-        # Absent units are masked with finite values: an infinite branch of jnp.where
-        # would turn the (discarded) gradient into NaN.
-        logit = jnp.where(features.present, log_imp + delta, 0.0)
-        peak = jax.lax.stop_gradient(jnp.max(jnp.where(features.present, logit, -1e30),
-                                             axis=-1, keepdims=True))
-        weight = jnp.where(features.present, jnp.exp(jnp.minimum(logit - peak, 0.0)), 0.0)
-        return weight / jnp.maximum(weight.sum(-1, keepdims=True), 1e-30)
+        return jnp.where(features.present, delta, 0.0)
 
 
 def init_net(key, num_units: int = 4, hidden: int = 32, depth: int = 2):
@@ -180,7 +178,8 @@ def knobs_to_params(params, knobs: KnobParams, max_swaps: int):
 
 
 def make_scorer(hidden: int = 32, depth: int = 2):
-    """``score(net_params, UnitFeatures) -> f32 [R, U]`` for the relaxation and the engine."""
+    """``score(net_params, UnitFeatures) -> f32 [R, U]`` log-scale correction (UnitScorer)
+    for the relaxation and the engine."""
     module = UnitScorer(hidden, depth)
 
     def score(net_params, features):
@@ -197,7 +196,8 @@ def net_engine_hook(hidden: int = 32, depth: int = 2, page_size: int = 1):
 
     Cached per shape so equal configs hash equal (one compile per config, not per call).
     The engine calls it as ``hook(params.policy, importance, selected, context, unit_tier,
-    present)``.
+    present) -> f32 [R, U]`` correction, at admission and before the online swaps (see
+    types.EngineConfig).
     """
     key = (hidden, depth, page_size)
     if key not in _SCORERS:

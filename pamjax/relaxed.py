@@ -6,17 +6,19 @@ module re-states the *decode* part of a step with soft decisions and the same co
 
 * **Admission (soft x:y:1 rule).** At the start of the episode each unit u of request r is
   given tier probabilities from the rule (placement.initial_tiers): with B_u the share of
-  the request's importance at or below u, ``P(HBM) = sigmoid((log B_u - log(s_D + s_S)) /
-  tau)`` and ``P(SSD) = (1 - P(HBM)) sigmoid((log s_S - log B_u) / tau)``, s =
-  softmax(log x, log y, 0) the target shares (:func:`soft_target`; the hard rule is tau ->
-  0). The summed probabilities are each request's demand per tier, granted in FCFS order
-  against the tiers' capacity by the exact engine's own placement.prompt_tier_counts.
+  the request's importance (or a learned policy's key, policy.py) at or below u,
+  ``P(HBM) = sigmoid((log B_u - log(s_D + s_S)) / tau)`` and ``P(SSD) = (1 - P(HBM))
+  sigmoid((log s_S - log B_u) / tau)``, s = softmax(log x, log y, 0) the target shares
+  (:func:`soft_target`; the hard rule is tau -> 0). The summed probabilities are each
+  request's demand per tier, granted in FCFS order against the tiers' capacity by the exact
+  engine's own placement.prompt_tier_counts.
 * **Per-step placement (soft top-k).** The exact scheduler swaps one-for-one and a new unit
   displaces an HBM unit when HBM is full, so a request keeps the HBM and SSD unit counts it
-  was granted (DDR takes its new units). Each step the policy's key (importance EMA, or a
-  learned score) ranks the units; ``P(HBM) = sigmoid((log key - c_H) / tau)`` and
-  ``P(SSD) = (1 - P(HBM)) sigmoid((c_S - log key) / tau)``, with thresholds c_H, c_S chosen
-  so the expected counts equal the grants (:func:`soft_counts_placement`).
+  was granted (DDR takes its new units). Each step the policy's key (importance EMA, or
+  importance x exp(learned correction)) ranks the units; ``P(HBM) = sigmoid((log key -
+  c_H) / tau)`` and ``P(SSD) = (1 - P(HBM)) sigmoid((c_S - log key) / tau)``, with
+  thresholds c_H, c_S chosen so the expected counts equal the grants
+  (:func:`soft_counts_placement`).
 * **Swap budget.** The placement moves from q_prev towards the capacity-feasible target by a
   fraction ``beta = min(1, m / d)`` (smoothed as ``(1 + (d / m)^p)^(-1/p)``, p =
   ``budget_sharpness``), where d is the expected number of units whose tier must change and
@@ -57,7 +59,7 @@ from jax import lax
 from pamjax import locality
 from pamjax.costs import StepCounts, step_cost
 from pamjax.errors import ConfigError
-from pamjax.placement import prompt_tier_counts
+from pamjax.placement import corrected_key, prompt_tier_counts
 from pamjax.policy import SoftKnobs, unit_features
 
 NUM_TIERS = 3
@@ -250,9 +252,13 @@ def episode_state(config: RelaxConfig, params, knobs: SoftKnobs, episode: Episod
     present = tokens > 0
     logits = locality.logits(params, latent, context, page)
     mass = jnp.where(present, locality.attention_mass(logits, tokens), 0.0)
-    key = mass if score_fn is None else score_fn(net_params, unit_features(
-        mass, jnp.zeros_like(mass), context, jnp.zeros(mass.shape + (NUM_TIERS,)), present,
-        page))
+    # Admission features, as the exact engine builds them: nothing selected, no tier yet.
+    if score_fn is None:
+        key = mass
+    else:
+        features = unit_features(mass, jnp.zeros_like(mass), context,
+                                 jnp.zeros(mass.shape + (NUM_TIERS,)), present, page)
+        key = corrected_key(mass, score_fn(net_params, features), present)
     target = soft_target(key, present, knobs.log_x, knobs.log_y, temperature)
     demand = jnp.sum(target, axis=1)  # [R, T] units each request asks of each tier
     n_units = present.sum(-1).astype(jnp.float32)
@@ -297,8 +303,9 @@ def _decode_step(config, params, knobs, seed, temperature, score_fn, net_params,
     sel_units = attends.sum(1)  # [R, T]
 
     # --- scheduling ---------------------------------------------------------------------
-    key = importance if score_fn is None else score_fn(net_params, unit_features(
-        importance, selected, context, q_prev, present, page))
+    key = importance if score_fn is None else corrected_key(importance, score_fn(
+        net_params, unit_features(importance, selected, context, q_prev, present, page)),
+        present)
     target = soft_counts_placement(key, present, carry["count_hbm"], carry["count_ssd"],
                                    temperature, config.bisection_iters)
     needed = 0.5 * jnp.sum(jnp.abs(target - q_prev), axis=(1, 2))  # [R] units to move
@@ -348,7 +355,9 @@ def rollout(config: RelaxConfig, params, knobs: SoftKnobs, episode: Episode, tem
       episode: Episode.
       temperature: f32 [] relaxation temperature (placement sigmoids in importance-share
         units; the smooth max relative to the slowest tier).
-      score_fn: None (rank by importance) or ``f(net_params, UnitFeatures) -> [R, U]``.
+      score_fn: None (rank by importance) or ``f(net_params, UnitFeatures) -> [R, U]``, a
+        log-scale correction: units are ranked by importance x exp(correction)
+        (placement.corrected_key), at admission and at every step.
       net_params: parameters of ``score_fn``.
     """
     carry = episode_state(config, params, knobs, episode, temperature, score_fn, net_params)

@@ -50,10 +50,13 @@ class EngineConfig:
       admit_window: requests considered for admission per step (FCFS look-ahead).
       bisection_iters: iterations of the per-request threshold searches.
       recorded_steps: rows of recorded scores (0 = synthetic access model).
-      placement_score: None (PAM ranks units by their importance factor) or a callable
-        ``f(params.policy, importance, selected, context, unit_tier, present) -> f32 [R, U]``
-        of positive scores that the online scheduler ranks and balances instead (a learned
-        placement policy, policy.net_engine_hook); static, so it must hash stably.
+      placement_score: None (PAM ranks units by their importance factor) or a learned
+        placement policy (policy.net_engine_hook): a callable ``f(params.policy,
+        importance, selected, context, unit_tier, present) -> f32 [R, U]`` log-scale
+        correction c. The online scheduler ranks and balances ``importance x exp(c)``
+        (placement.corrected_key) and admission ranks prompt units by log prefill mass + c
+        (called with the prefill mass, nothing selected and unit_tier -1); c = 0 is the PAM
+        rule exactly. Static, so it must hash stably.
     """
 
     num_slots: int
