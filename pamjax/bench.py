@@ -90,19 +90,21 @@ def _admit_all(params):
     return params.replace(prefill_token_budget=np.int32(2**30))
 
 
-def compare_steps(engine_metrics, reference_metrics) -> list[str]:
-    """Fields of stacked engine StepMetrics [S] that differ from a list of S RefMetrics."""
-    bad = []
+def compare_steps(engine_metrics, reference_metrics) -> dict[str, int]:
+    """Fields of stacked engine StepMetrics [S] that differ from a list of S RefMetrics,
+    each with the first step where it differs."""
+    bad = {}
     for name in _EXACT + _RELATIVE + ("energy_pj",):
         got = np.asarray(getattr(engine_metrics, name), np.float64)
         want = np.asarray([getattr(m, name) for m in reference_metrics], np.float64)
         if name in _EXACT:
-            ok = np.array_equal(got, want)
+            ok = got == want
         else:
             atol = 1e-3 if name == "energy_pj" else 1e-12
-            ok = np.allclose(got, want, rtol=1e-5, atol=atol)
-        if not ok:
-            bad.append(name)
+            ok = np.isclose(got, want, rtol=1e-5, atol=atol)
+        ok = ok.reshape(ok.shape[0], -1).all(-1)
+        if not ok.all():
+            bad[name] = int(np.argmin(ok))
     return bad
 
 
@@ -142,7 +144,9 @@ def engine_vs_reference(batch: int, reference_steps: int, min_seconds: float,
     return {
         "system": "pam", "model": "llama3-70b", "batch": batch, "page_size": 1,
         "tracked_tokens": tokens, "compared_steps": steps, "results_equal": not mismatches,
-        "mismatched_fields": mismatches, "engine_s_per_step": engine_s,
+        "first_mismatch_step": mismatches,
+        "tier_units_engine": np.asarray(first.tier_units).tolist(),
+        "tier_units_reference": [np.asarray(m.tier_units).tolist() for m in history], "engine_s_per_step": engine_s,
         "reference_s_per_step": reference_s, "engine_compile_s": compile_s,
         "speedup": speedup, "cores": _cores(), "speedup_per_core": speedup / _cores(),
         "token_steps_per_s": tokens / engine_s,
@@ -326,8 +330,13 @@ def bench_command(*, quick: bool, json_path: str | None, progress: bool) -> dict
           f"{speed['reference_s_per_step'] * 1e3:.0f} ms/step: speedup {speed['speedup']:.1f}x "
           f"({speed['speedup_per_core']:.1f}x per core over {speed['cores']} cores; target "
           f">= {TARGETS['engine_vs_reference_speedup_per_core']:.0f}x per core)")
-    print(f"  same results over {speed['compared_steps']} steps: "
-          f"{'yes' if speed['results_equal'] else 'NO: ' + ', '.join(speed['mismatched_fields'])}")
+    if speed["results_equal"]:
+        print(f"  same results over {speed['compared_steps']} steps: yes")
+    else:
+        fields = ", ".join(f"{k} (step {v})" for k, v in speed["first_mismatch_step"].items())
+        print(f"  same results over {speed['compared_steps']} steps: NO, {fields}; units per "
+              f"tier at step 0: engine {speed['tier_units_engine'][0]}, reference "
+              f"{speed['tier_units_reference'][0]}")
     print(f"  token_steps_per_s {speed['token_steps_per_s']:.4g}")
 
     _log(progress, "configurations per call")

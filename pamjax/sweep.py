@@ -9,8 +9,9 @@ simulated and how:
   one row per SLO (``meets_slo`` = fits and ``tpot_p99_ms <= slo_ms``). A synthetic workload
   is ``max_requests`` requests (default ``2 x`` the largest batch) of the dataset drawn with
   the configuration's seed, all waiting at t = 0 (an offline queue, as in study.run_sweep); a
-  trace is replayed with its own arrival times and lengths (its first ``max_requests``
-  requests), the seed then only seeds the access model. Every configuration runs ``steps``
+  trace gives the lengths of its first ``max_requests`` requests, also all queued at t = 0
+  (as ``pamjax compare --trace``: the batch must be able to fill for ``oom``/``meets_slo``
+  to mean anything), and the seed then only seeds the access model. Every configuration runs ``steps``
   engine steps, and its row has the columns of study.run_sweep (same definitions: TPOT over
   finished and running requests, ``oom`` when the batch never ran full, ...).
 * **Grouping and compilation.** As in study.run_sweep, batch sizes within a factor of 8
@@ -209,7 +210,9 @@ def _workloads(spec: SweepSpec) -> dict[int, Workload]:
     """Host workload per seed (one trace for every seed)."""
     if spec.trace:
         trace = load_trace(spec.trace, max_requests=spec.max_requests)
-        return {seed: trace for seed in spec.seeds}
+        queued = Workload(np.zeros(trace.num_requests), trace.prompt_tokens,
+                          trace.output_tokens, name=trace.name)
+        return {seed: queued for seed in spec.seeds}
     n = spec.max_requests or 2 * max(spec.batches)
     return {seed: synthetic(spec.workload, n, seed=seed) for seed in spec.seeds}
 
