@@ -146,7 +146,8 @@ def engine_vs_reference(batch: int, reference_steps: int, min_seconds: float,
         "tracked_tokens": tokens, "compared_steps": steps, "results_equal": not mismatches,
         "first_mismatch_step": mismatches,
         "tier_units_engine": np.asarray(first.tier_units).tolist(),
-        "tier_units_reference": [np.asarray(m.tier_units).tolist() for m in history], "engine_s_per_step": engine_s,
+        "tier_units_reference": [np.asarray(m.tier_units).tolist() for m in history],
+        "engine_s_per_step": engine_s,
         "reference_s_per_step": reference_s, "engine_compile_s": compile_s,
         "speedup": speedup, "cores": _cores(), "speedup_per_core": speedup / _cores(),
         "token_steps_per_s": tokens / engine_s,
@@ -297,7 +298,7 @@ def azure_replay(path, limit: int | None, system: str = "vllm-offload", max_batc
         "max_batch": max_batch, "page_size": page_size, "chunk_steps": chunk_steps,
         "wall_s": wall, "requests_per_s": workload.num_requests / wall,
         "engine_steps": result.stats.steps, "busy_steps": s["steps"],
-        "wall_us_per_step": wall / max(result.stats.steps, 1) * 1e6,
+        "wall_us_per_busy_step": wall / max(s["steps"], 1) * 1e6,
         "compile_s": max(warmup - wall / chunks, 0.0),
         "requests_finished": s["requests_finished"],
         "simulated_seconds": s["simulated_seconds"],
@@ -385,8 +386,8 @@ def bench_command(*, quick: bool, json_path: str | None, progress: bool) -> dict
         print(f"\nazure_conv_requests_per_s: {azure['requests_per_s']:.0f} "
               f"(target {TARGETS['azure_conv_requests_per_s']:.0f}); {azure['requests']} "
               f"requests, {azure['system']}, batch <= {azure['max_batch']}, page "
-              f"{azure['page_size']}: {azure['wall_s']:.1f} s wall for {azure['engine_steps']} "
-              f"engine steps ({azure['wall_us_per_step']:.0f} us/step), compile "
+              f"{azure['page_size']}: {azure['wall_s']:.1f} s wall for {azure['busy_steps']} "
+              f"busy engine steps ({azure['wall_us_per_busy_step']:.0f} us each), compile "
               f"{azure['compile_s']:.1f} s apart, {azure['requests_finished']} finished")
 
     if not quick:

@@ -11,9 +11,10 @@ simulated and how:
   the configuration's seed, all waiting at t = 0 (an offline queue, as in study.run_sweep); a
   trace gives the lengths of its first ``max_requests`` requests, also all queued at t = 0
   (as ``pamjax compare --trace``: the batch must be able to fill for ``oom``/``meets_slo``
-  to mean anything), and the seed then only seeds the access model. Every configuration runs ``steps``
-  engine steps, and its row has the columns of study.run_sweep (same definitions: TPOT over
-  finished and running requests, ``oom`` when the batch never ran full, ...).
+  to mean anything), and the seed then only seeds the access model. Every configuration
+  runs ``steps`` engine steps, and its row has the columns of study.run_sweep (same
+  definitions: TPOT over finished and running requests, ``oom`` when the batch never ran
+  full, ...).
 * **Grouping and compilation.** As in study.run_sweep, batch sizes within a factor of 8
   share one compiled program (study.slot_classes). Inside a class, configurations run in
   chunks of the same shape, the last one padded with copies of a real configuration (whose
@@ -180,11 +181,10 @@ def make_spec(*, model, workload, trace, max_requests, systems, batches, slo_ms,
     for name in systems:
         get_system(name)
     get_model(model)
-    for name, values, kind in (("batches", batches, int), ("seeds", seeds, int)):
+    for name, values, minimum in (("batches", batches, 1), ("seeds", seeds, 0)):
         for v in values:
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or \
-                    v < (1 if name == "batches" else 0):
-                raise ConfigError(name, v, f"must be an integer >= {1 if name == 'batches' else 0}")
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
+                raise ConfigError(name, v, f"must be an integer >= {minimum}")
     for v in slo_ms:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
             raise ConfigError("slo_ms", v, "must be a finite number > 0")
