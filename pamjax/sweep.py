@@ -35,9 +35,13 @@ simulated and how:
   at once: the chunk is formatted in memory and written with a single ``os.write`` on a file
   opened ``O_APPEND``, then ``fsync``-ed, so a killed process leaves whole chunks (a torn
   tail can only come from a crash of the machine mid-write; resume drops any incomplete last
-  line). ``sweep.json`` beside it records the sweep's axes. With ``resume=True`` the rows
-  already in ``sweep.csv`` are kept (the axes must match ``sweep.json``) and only the missing
-  configurations run; without it the sweep starts over. When every configuration is done the
+  line). ``sweep.json`` beside it records the sweep's axes and chunk size. With
+  ``resume=True`` the rows already in ``sweep.csv`` are kept (axes and chunk size must match
+  ``sweep.json``) and only the chunks with missing configurations run; chunks are cut from
+  the whole sweep, not from what is left of it, so a resumed configuration runs at the same
+  vmap width and position as it would have without the interruption. Without ``resume``
+  the sweep starts over. On several devices, a call runs one chunk per device and commits
+  them together. When every configuration is done the
   file is rewritten sorted (rows by system, overrides, batch, seed, SLO; columns in a fixed
   order) through a temporary file and ``os.replace``, so an interrupted-and-resumed sweep and
   an uninterrupted one end with identical bytes.
@@ -326,13 +330,16 @@ def run(spec: SweepSpec, out_dir, *, resume: bool = False, chunk_size: int = 64,
     out = pathlib.Path(out_dir)
     path, spec_path = out / "sweep.csv", out / "sweep.json"
     columns = None  # known from the file (resume) or the first chunk's rows
-    spec_json = json.dumps(dataclasses.asdict(spec), indent=2, sort_keys=True) + "\n"
+    # chunk_size fixes every configuration's vmap width, so a resume must keep it.
+    spec_json = json.dumps({**dataclasses.asdict(spec), "chunk_size": chunk_size}, indent=2,
+                           sort_keys=True) + "\n"
 
     done_rows: list[dict] = []
     if resume and path.is_file():
         if not spec_path.is_file() or spec_path.read_text() != spec_json:
             raise ConfigError("resume", str(spec_path), "the sweep in this folder has other "
-                              "axes; use another folder or start over without resume")
+                              "axes or chunk_size; use another folder or start over "
+                              "without resume")
         columns, done_rows = _read_existing(path)
     elif writer:
         out.mkdir(parents=True, exist_ok=True)
@@ -349,32 +356,41 @@ def run(spec: SweepSpec, out_dir, *, resume: bool = False, chunk_size: int = 64,
     sharding = NamedSharding(mesh, PartitionSpec("configs"))
     n_dev = mesh.size
 
-    todo = []  # (slot class, [(overrides, system, batch, seed)])
+    # Chunks are fixed by the whole sweep (not by what is left of it): a configuration runs
+    # at the same vmap width and position whether the sweep was resumed or not, and on any
+    # device count (each device of a call runs one whole chunk).
+    classes = []  # (EngineConfig, width, [(chunk, its configurations still to run)])
     total = 0
     for group in study.slot_classes(spec.batches):
         configs = [(o, s, b, seed) for o in spec.overrides for s in spec.systems
                    for b in group for seed in spec.seeds]
         total += len(configs)
-        configs = [c for c in configs
-                   if (c[1], c[0], str(c[2]), str(c[3])) not in done]
-        if configs:
-            todo.append((group, configs))
+        config = make_config(widest, group[-1], page_size=page, bank_groups=bank_groups)
+        units = config.num_slots * config.units_per_slot
+        width = min(chunk_size, len(configs), max(1, study.UNIT_BUDGET // units))
+        pending = []
+        for lo in range(0, len(configs), width):
+            chunk = configs[lo:lo + width]
+            left = [c for c in chunk if (c[1], c[0], str(c[2]), str(c[3])) not in done]
+            if left:
+                pending.append((chunk, left))
+        if pending:
+            classes.append((config, width, pending))
 
     bar = _progress_bar(total, len(done), progress)
     chunks = run_now = 0
-    for group, configs in todo:
-        config = make_config(widest, group[-1], page_size=page, bank_groups=bank_groups)
-        units = config.num_slots * config.units_per_slot
-        # Every device runs the same per-device shape whatever the device count: XLA's CPU
-        # reductions may round differently at another vmap width, and a rounding flip can
-        # change a discrete decision (a bisection threshold), so the width is fixed here.
-        per_device = min(chunk_size, len(configs), max(1, study.UNIT_BUDGET // units))
-        per_call = per_device * n_dev
-        for lo in range(0, len(configs), per_call):
-            real = configs[lo:lo + per_call]
-            padded = real + [real[-1]] * (per_call - len(real))
+    for config, width, pending in classes:
+        for lo in range(0, len(pending), n_dev):
+            call = pending[lo:lo + n_dev]
+            padded, wanted = [], []
+            for d in range(n_dev):  # devices without a chunk of their own repeat one
+                chunk, left = call[min(d, len(call) - 1)]
+                padded += chunk + [chunk[-1]] * (width - len(chunk))
+                wanted += [d < len(call) and j < len(chunk) and chunk[j] in left
+                           for j in range(width)]
             rows = _run_chunk(spec, config, padded, platforms, workloads, page, sharding)
-            rows = rows[:len(real) * len(spec.slo_ms)]
+            per_config = len(spec.slo_ms)
+            rows = [r for i, r in enumerate(rows) if wanted[i // per_config]]
             if columns is None:
                 columns, header = _columns(rows[0]), True
             elif columns != _columns(rows[0]):
@@ -386,9 +402,9 @@ def run(spec: SweepSpec, out_dir, *, resume: bool = False, chunk_size: int = 64,
             if writer:
                 _append_rows(path, _csv_text(rows, columns, header=header))
             done_rows.extend(rows)
-            chunks += 1
-            run_now += len(real)
-            bar.update(len(real))
+            chunks += len(call)
+            run_now += sum(wanted)
+            bar.update(sum(wanted))
     bar.close()
     if writer and columns is not None:
         done_rows.sort(key=_sort_key)

@@ -58,21 +58,24 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypat
     real_append = sweep._append_rows
     calls = []
 
-    def killed_after_first_chunk(path, data):
+    def killed_after_two_chunks(path, data):
         calls.append(path)
-        if len(calls) > 1:
+        if len(calls) > 2:
             raise KeyboardInterrupt("killed")
         real_append(path, data)
 
-    monkeypatch.setattr(sweep, "_append_rows", killed_after_first_chunk)
+    monkeypatch.setattr(sweep, "_append_rows", killed_after_two_chunks)
     with pytest.raises(KeyboardInterrupt):
         sweep.run(spec, tmp_path / "cut", chunk_size=3)
     partial = (tmp_path / "cut" / "sweep.csv").read_text().splitlines()
-    assert len(partial) == 1 + 3 * 2  # header + the first chunk's 3 configurations x 2 SLOs
+    assert len(partial) == 1 + 6 * 2  # header + two chunks of 3 configurations x 2 SLOs
     monkeypatch.setattr(sweep, "_append_rows", real_append)
 
+    with pytest.raises(ConfigError, match="chunk_size"):
+        sweep.run(spec, tmp_path / "cut", resume=True, chunk_size=4)
+    # The last chunk (2 configurations) runs 3 wide, as in the uninterrupted run.
     resumed = sweep.run(spec, tmp_path / "cut", resume=True, chunk_size=3)
-    assert resumed.configs_run == 5 and resumed.compiles == 0
+    assert resumed.configs_run == 2 and resumed.chunks == 1 and resumed.compiles == 0
     assert (tmp_path / "cut" / "sweep.csv").read_bytes() == \
         (tmp_path / "full" / "sweep.csv").read_bytes()
 
