@@ -108,9 +108,13 @@ def initial_tiers(params, log_mass, present, free, target_share, iters: int):
     total = mass.sum(-1)
     values = jnp.where(present, log_mass, 0.0)
 
-    # Fewest most-important units covering HBM's share.
-    lo, _ = threshold_bracket(values, mass, target_share[0] * total, iters)
-    cover_hbm = jnp.sum(present & (values >= lo[:, None]), -1)
+    # Fewest most-important units covering HBM's share = all but the most least-important
+    # units staying within the other tiers' share. Stated from the tail because HBM's share
+    # is often 1 - 1e-12, which is 1.0 in float32: covering "all" the mass would then hinge
+    # on summation order, while the tail's share (y + 1) / (x + y + 1) keeps its precision.
+    _, hi_rest = threshold_bracket(-values, mass, (target_share[1] + target_share[2]) * total,
+                                   iters)
+    cover_hbm = units - jnp.sum(present & (-values >= hi_rest[:, None]), -1)
     # Most least-important units staying within SSD's share.
     _, hi = threshold_bracket(-values, mass, target_share[2] * total, iters)
     within_ssd = jnp.sum(present & (-values >= hi[:, None]), -1)

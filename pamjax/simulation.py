@@ -54,7 +54,21 @@ class SimResult:
 def choose_page_size(num_slots: int, max_context: int,
                      max_units: int = MAX_TRACKED_UNITS) -> int:
     """Token granularity unless slots x units would exceed ``max_units``; then the smallest
-    power-of-two page that fits."""
+    power-of-two page that fits.
+
+    Args:
+      num_slots: concurrent request slots R; max_context: longest request, tokens;
+      max_units: budget of tracked units R x U.
+
+    Returns:
+      tokens per KV unit (a power of two).
+
+    Raises:
+      ConfigError: more slots than ``max_units`` (no page size can fit one unit each).
+    """
+    if num_slots > max_units:
+        raise ConfigError("batch", num_slots, f"more concurrent requests than the engine "
+                          f"tracks ({max_units:,} KV units in all); use a smaller batch")
     page = 1
     while num_slots * -(-max_context // page) > max_units:
         page *= 2
@@ -251,7 +265,8 @@ def simulate(system: str, model: str, workload: HostWorkload, *, max_batch: int 
     """
     from pamjax.systems import make_params, max_bank_groups
 
-    config = make_config(workload, max_batch, page_size=page_size,
+    # No more slots than requests: concurrency cannot exceed them, and slots cost memory.
+    config = make_config(workload, min(max_batch, workload.num_requests), page_size=page_size,
                          bank_groups=max_bank_groups(platform),
                          recorded_steps=0 if recorded_scores is None else
                          int(recorded_scores.shape[0]))

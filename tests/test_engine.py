@@ -66,8 +66,9 @@ def test_deterministic_for_a_seed_and_seed_matters():
     c = simulate("pam", "llama3-8b", wl, max_batch=8, seed=2)
     for field in ("step_time_s", "selected_units", "energy_pj", "migrated_units"):
         np.testing.assert_array_equal(getattr(a.metrics, field), getattr(b.metrics, field))
-    assert not np.array_equal(a.metrics.selected_units, c.metrics.selected_units) or \
-        not np.array_equal(a.metrics.tier_units, c.metrics.tier_units)
+    # The seed draws which units are attended (counts are fixed by the selector's budget).
+    assert not np.array_equal(a.metrics.selected_mass, c.metrics.selected_mass)
+    assert not np.array_equal(a.metrics.persisted_units, c.metrics.persisted_units)
 
 
 def test_rollout_compiles_once_per_shape():
