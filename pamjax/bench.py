@@ -164,17 +164,17 @@ def configs_scaling(counts, steps: int, min_seconds: float, progress: bool) -> l
     dev = device_workload(wl)
     rows = []
     for count in counts:
-        params = jax.tree.map(lambda *xs: np.stack([xs[i % len(xs)] for i in range(count)]),
-                              *variants)
+        params = jax.tree.map(
+            lambda *xs, n=count: np.stack([xs[i % len(xs)] for i in range(n)]), *variants)
         one = jax.device_get(engine.init_state(config, 0))
-        state = jax.tree.map(lambda x: np.repeat(np.asarray(x)[None], count, 0), one)
+        state = jax.tree.map(lambda x, n=count: np.repeat(np.asarray(x)[None], n, 0), one)
         state = state.replace(seed=np.arange(count, dtype=np.uint32))
         start = time.perf_counter()
         state, _ = engine.rollout_batch(config, params, state, dev, steps)
         jax.block_until_ready(state)
         compile_s = time.perf_counter() - start
 
-        def run():
+        def run(params=params):
             nonlocal state
             state, m = engine.rollout_batch(config, params, state, dev, steps)
             jax.block_until_ready(m)

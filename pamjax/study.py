@@ -171,12 +171,12 @@ def _run_group(points, workload, steps, seed, access, knobs, page, chunk_steps, 
         print(file=sys.stderr)
     metrics = jax.tree.map(lambda *xs: np.concatenate(xs, axis=1), *chunks)
     state = jax.device_get(state)
-    return [_point_row(p, _index(metrics, i), _index(state, i), workload, page)
+    return [point_row(p, index_config(metrics, i), index_config(state, i), workload, page)
             for i, p in enumerate(points)]
 
 
-def _index(tree, i: int):
-    """Configuration ``i`` of a pytree stacked over configurations."""
+def index_config(tree, i: int):
+    """Configuration ``i`` of a pytree stacked over configurations (leading axis)."""
     return jax.tree.map(lambda x: x[i], tree)
 
 
@@ -208,7 +208,13 @@ def _percentile(values, q):
     return float(np.percentile(values, q)) if values.size else float("nan")
 
 
-def _point_row(point: SweepPoint, m, state, workload: Workload, page: int) -> dict:
+def point_row(point: SweepPoint, m, state, workload: Workload, page: int) -> dict:
+    """The result row of one configuration (columns: see :func:`run_sweep`).
+
+    Args:
+      point: the configuration; m: its StepMetrics stacked over steps [S] (host arrays);
+      state: its final EngineState; workload: the workload it ran; page: tokens per unit.
+    """
     step_time = np.asarray(m.step_time_s, np.float64)
     tpot = request_tpot_s(state, workload)
     decode = np.asarray(m.decode_requests, np.float64)

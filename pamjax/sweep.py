@@ -433,7 +433,7 @@ def _run_chunk(spec, config, configs, platforms, workloads, page, sharding) -> l
     rows = []
     for i, (o, s, b, seed) in enumerate(configs):
         point = study.SweepPoint(s, b, spec.model, platforms[o], o)
-        row = study._point_row(point, study._index(metrics, i), study._index(state, i),
+        row = study.point_row(point, study.index_config(metrics, i), study.index_config(state, i),
                                dev[i], page)
         base = {"system": s, "overrides": o, "batch": b, "seed": seed, "model": spec.model,
                 "workload": name}

@@ -171,10 +171,6 @@ def trace_episode(setup: TrainSetup, path: str, max_requests: int = 400) -> rela
     return relaxed.Episode(context=jnp.asarray(ctx[None]), seed=jnp.asarray([0], jnp.uint32))
 
 
-def _index(tree, i: int):
-    return jax.tree.map(lambda x: x[i], tree)
-
-
 # ---------------------------------------------------------------------------------------------
 # Parameters of the system and the policies
 # ---------------------------------------------------------------------------------------------
@@ -289,7 +285,8 @@ def train(setup: TrainSetup, family: str, *, seed: int = 0, progress: bool = Fal
     history = []
     for i in iterator:
         b = i % batches
-        episodes = jax.tree.map(lambda x: x[b * setup.episodes:(b + 1) * setup.episodes], pool)
+        episodes = jax.tree.map(lambda x, b=b: x[b * setup.episodes:(b + 1) * setup.episodes],
+                                pool)
         tau = temperature_at(setup, i)
         theta, opt_state, loss, _ = step(theta, opt_state, episodes, jnp.float32(tau))
         history.append({"family": family, "iteration": i, "temperature": tau,
@@ -424,7 +421,7 @@ def grid_search(setup: TrainSetup, params, episodes):
     """Exact-engine grid over (x, y) on training episodes; returns (best params, table,
     simulator evaluations)."""
     points = grid_points(setup, params)
-    scores = np.mean([exact_decode_ms(setup, points, _index(episodes, k))
+    scores = np.mean([exact_decode_ms(setup, points, study.index_config(episodes, k))
                       for k in range(int(episodes.context.shape[0]))], axis=0)
     table = [{"log10_x": lx, "log10_y": ly, "train_step_ms": float(s)}
              for (lx, ly), s in zip([(a, b) for a in setup.grid_log10_x
@@ -462,7 +459,7 @@ def slo_throughput(setup: TrainSetup, params_by_name: dict, *, dataset: str, see
         states, m = _run_exact(setup, [p for _, _, p in runs], workload, seed, chunks,
                                net if uses_net else None)
         for i, (name, b, _) in enumerate(runs):
-            mi, si = _index(m, i), _index(states, i)
+            mi, si = study.index_config(m, i), study.index_config(states, i)
             tpot = study.request_tpot_s(si, padded_workload(setup, workload))
             elapsed = float(np.sum(mi.step_time_s, dtype=np.float64) + np.sum(mi.idle_s))
             concurrency = np.asarray(mi.decode_requests) + np.asarray(mi.prefill_requests)
@@ -577,7 +574,7 @@ def run_study(setup: TrainSetup, *, family: str, seed: int, out_dir: str,
                                                                MAX_SWAPS)
     per_workload = {}
     for name, episodes in heldout.items():
-        episode = _index(episodes, 0)
+        episode = study.index_config(episodes, 0)
         times = dict(zip(knob_params, exact_decode_ms(setup, list(knob_params.values()),
                                                       episode)))
         if "net" in learned:
@@ -589,7 +586,7 @@ def run_study(setup: TrainSetup, *, family: str, seed: int, out_dir: str,
 
     # Which learned family is "the" learned policy: chosen on training episodes, never on
     # held-out ones.
-    train_episode = _index(make_episodes(setup, setup.train_dataset, grid_seeds[:1]), 0)
+    train_episode = study.index_config(make_episodes(setup, setup.train_dataset, grid_seeds[:1]), 0)
     train_ms = {}
     if "knobs" in learned:
         train_ms["knobs"] = float(exact_decode_ms(setup, [knob_params["learned_knobs"]],
@@ -603,12 +600,12 @@ def run_study(setup: TrainSetup, *, family: str, seed: int, out_dir: str,
     # Relaxed vs exact objective at the final temperature, same held-out episodes.
     gap = {}
     for fam, theta in learned.items():
-        rel = [relaxed_value(setup, params, fam, theta, _index(episodes, 0), setup.tau_end)
+        rel = [relaxed_value(setup, params, fam, theta, study.index_config(episodes, 0), setup.tau_end)
                for episodes in heldout.values()]
         exact = [w[f"learned_{fam}"] for w in per_workload.values()]
         gap[fam] = float(np.mean([(r - e) / e for r, e in zip(rel, exact)]))
     rule_knobs = policy.knobs_from_params(params)
-    rule_rel = [relaxed_value(setup, params, "knobs", rule_knobs, _index(episodes, 0),
+    rule_rel = [relaxed_value(setup, params, "knobs", rule_knobs, study.index_config(episodes, 0),
                               setup.tau_end) for episodes in heldout.values()]
     gap["pam_rule"] = float(np.mean([(r - w["pam_rule"]) / w["pam_rule"]
                                      for r, w in zip(rule_rel, per_workload.values())]))
@@ -653,7 +650,7 @@ def format_table(result: dict) -> str:
     """Compact text table of a :func:`train_policy_command` result."""
     ms = result["heldout_step_time_ms"]
     slo = result["slo_throughput_tokens_per_s"]
-    lines = [f"held-out mean decode-step time (exact engine), ms; SLO throughput tokens/s",
+    lines = ["held-out mean decode-step time (exact engine), ms; SLO throughput tokens/s",
              f"{'policy':<15}{'step ms':>10}" + "".join(f"{'@' + s:>12}" for s in
                                                       next(iter(slo.values())))]
     for name, value in ms.items():

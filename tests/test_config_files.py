@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pathlib
 
 import jax
@@ -189,7 +190,7 @@ def test_platform_errors_name_file_field_and_value(tmp_path, text, field, value,
     err = info.value
     assert isinstance(err, cf.ConfigFileError)
     assert err.field == field and err.path == str(path) and reason in err.reason
-    assert err.value == value or (value != value and err.value != err.value)
+    assert err.value == value or (math.isnan(value) and math.isnan(err.value))
     assert str(err).startswith(f"{path}: invalid {field}=")
 
 
@@ -238,7 +239,7 @@ def test_model_errors_name_file_field_and_value(tmp_path, text, field, value, re
         cf.load_model_file(path)
     err = info.value
     assert err.field == field and err.path == str(path) and reason in err.reason
-    assert err.value == value or (value != value and err.value != err.value)
+    assert err.value == value or (math.isnan(value) and math.isnan(err.value))
     assert str(err).startswith(f"{path}: invalid {field}=")
 
 

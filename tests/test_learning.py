@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pamjax import policy, relaxed, train
+from pamjax import policy, relaxed, study, train
 from pamjax.errors import ConfigError, UnknownNameError
 
 SETUP = dataclasses.replace(
@@ -58,7 +58,7 @@ def test_gradient_matches_finite_differences(params, episodes):
 
 
 def test_relaxation_gap_shrinks_with_temperature(params, episodes):
-    episode = train._index(episodes, 0)
+    episode = study.index_config(episodes, 0)
     exact = train.exact_decode_ms(SETUP, [params], episode)[0]
     knobs = policy.knobs_from_params(params)
     gaps = [abs(train.relaxed_value(SETUP, params, "knobs", knobs, episode, tau) - exact)
@@ -116,7 +116,7 @@ def test_checkpoint_round_trip(tmp_path):
 def test_net_hook_ranks_units_at_admission(params, episodes):
     # Without online swaps (swap_budget 0) the hook acts only at admission (the prompt
     # placement); a new token still displaces by the importance EMA.
-    episode = train._index(episodes, 1)
+    episode = study.index_config(episodes, 1)
     no_swaps = params.replace(swap_budget=jnp.int32(0))
     zero = policy.init_net(jax.random.PRNGKey(0), hidden=SETUP.hidden)
     head = zero["params"]["Dense_2"]
@@ -143,7 +143,7 @@ def test_reported_numbers_are_exact_engine_numbers(params, tmp_path):
     measured = []
     for name in result["heldout_by_workload"]:
         dataset, seed = name.split("/seed")
-        episode = train._index(train.make_episodes(SETUP, dataset, [int(seed)]), 0)
+        episode = study.index_config(train.make_episodes(SETUP, dataset, [int(seed)]), 0)
         measured.append(train.exact_decode_ms(SETUP, [learned, params], episode))
     measured = np.mean(measured, axis=0)
     reported = result["heldout_step_time_ms"]
