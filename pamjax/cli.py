@@ -552,24 +552,30 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
+    def add_model_and_source(p, *, default_model="llama3-70b", trace_help, requests_help):
+        """--model, then --workload or --trace, and --max-requests."""
+        p.add_argument("--model", default=default_model, choices=sorted(MODELS), metavar="M",
+                       help=f"one of: {', '.join(MODELS)} (default {default_model})")
+        source = p.add_mutually_exclusive_group()
+        source.add_argument("--workload", default="sharegpt", choices=sorted(DATASETS),
+                            metavar="W", help=f"synthetic dataset (default sharegpt): "
+                                              f"{', '.join(DATASETS)}")
+        source.add_argument("--trace", metavar="PATH", help=trace_help)
+        p.add_argument("--max-requests", type=_positive_int, help=requests_help)
+
     p = add("simulate", "simulate one system on one model and workload", cmd_simulate)
     p.add_argument("--system", required=True, choices=sorted(SYSTEMS), metavar="S",
                    help=f"one of: {', '.join(SYSTEMS)}")
-    p.add_argument("--model", default="llama3-70b", choices=sorted(MODELS), metavar="M",
-                   help=f"one of: {', '.join(MODELS)} (default llama3-70b)")
-    source = p.add_mutually_exclusive_group()
-    source.add_argument("--workload", default="sharegpt", choices=sorted(DATASETS),
-                        metavar="W", help=f"synthetic dataset: {', '.join(DATASETS)}")
-    source.add_argument("--trace", metavar="PATH",
-                        help="Azure (TIMESTAMP,ContextTokens,GeneratedTokens) or plain "
-                             "(arrival_s,prompt_tokens,output_tokens) CSV")
+    add_model_and_source(p, trace_help="Azure (TIMESTAMP,ContextTokens,GeneratedTokens) or "
+                         "plain (arrival_s,prompt_tokens,output_tokens) CSV, replayed with "
+                         "its arrival times",
+                         requests_help="requests to simulate (synthetic default 256; trace "
+                                       "default all)")
     p.add_argument("--batch", type=_positive_int, default=64,
                    help="largest number of concurrent requests (default 64)")
     p.add_argument("--rate", type=_positive_float,
                    help="Poisson arrivals per second (default: all at t=0, offline)")
     p.add_argument("--slo-ms", type=_positive_float, help="TPOT p99 SLO to check, ms")
-    p.add_argument("--max-requests", type=_positive_int,
-                   help="requests to simulate (synthetic default 256; trace default all)")
     p.add_argument("--page-size", type=_positive_int,
                    help="tokens per KV unit (default: 1 unless the run is very large)")
     p.add_argument("--scores", metavar="PATH", help="recorded per-step token attention "
@@ -582,15 +588,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add_compare_args(p, fixed: bool):
         if not fixed:
-            p.add_argument("--model", default="llama3-70b", choices=sorted(MODELS),
-                           metavar="M", help=f"one of: {', '.join(MODELS)}")
-            source = p.add_mutually_exclusive_group()
-            source.add_argument("--workload", default="sharegpt", choices=sorted(DATASETS),
-                                metavar="W", help=f"dataset: {', '.join(DATASETS)}")
-            source.add_argument("--trace", metavar="PATH", help="take request lengths "
-                                "from a trace CSV (all queued at t=0)")
-            p.add_argument("--max-requests", type=_positive_int,
-                           help="requests read from --trace")
+            add_model_and_source(p, trace_help="take request lengths from a trace CSV (all "
+                                 "queued at t=0)", requests_help="requests read from --trace")
             p.add_argument("--slo-ms", type=_positive_float, default=150.0)
             p.add_argument("--systems", type=_systems, default=list(MAIN_SYSTEMS),
                            help="comma-separated system names")
@@ -628,14 +627,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("sweep", "the cartesian product of systems x batches x SLOs x seeds x hardware "
             "overrides, sharded over all local devices, resumable", cmd_sweep)
-    p.add_argument("--model", default="llama3-70b", choices=sorted(MODELS), metavar="M",
-                   help=f"one of: {', '.join(MODELS)}")
-    source = p.add_mutually_exclusive_group()
-    source.add_argument("--workload", default="sharegpt", choices=sorted(DATASETS),
-                        metavar="W", help=f"dataset: {', '.join(DATASETS)}")
-    source.add_argument("--trace", metavar="PATH", help="replay a trace CSV (its arrivals)")
-    p.add_argument("--max-requests", type=_positive_int,
-                   help="requests per configuration (synthetic default 2 x largest batch)")
+    add_model_and_source(p, trace_help="take request lengths from a trace CSV (all queued "
+                         "at t=0)", requests_help="requests per configuration (synthetic "
+                         "default 2 x the largest batch; trace default all)")
     p.add_argument("--systems", type=_systems, default=list(MAIN_SYSTEMS),
                    help="comma-separated system names")
     p.add_argument("--batches", type=_batches, default=[64, 128, 256],
@@ -682,13 +676,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("bounds", "closed-form upper bounds on tokens/s per system, and whether a claimed "
             "speedup is physically attainable", cmd_bounds)
-    p.add_argument("--model", default="llama3-70b", choices=sorted(MODELS), metavar="M",
-                   help=f"one of: {', '.join(MODELS)}")
-    source = p.add_mutually_exclusive_group()
-    source.add_argument("--workload", default="sharegpt", choices=sorted(DATASETS),
-                        metavar="W", help=f"dataset (mean lengths): {', '.join(DATASETS)}")
-    source.add_argument("--trace", metavar="PATH", help="mean lengths from a trace CSV")
-    p.add_argument("--max-requests", type=_positive_int, help="requests read from --trace")
+    add_model_and_source(p, trace_help="mean lengths from a trace CSV",
+                         requests_help="requests read from --trace")
     p.add_argument("--systems", type=_systems, default=list(SYSTEMS),
                    help="comma-separated system names (default: all)")
     p.add_argument("--batch", type=_positive_int,
