@@ -293,20 +293,26 @@ COMPARE_COLUMNS = ["system", "max batch", "tok/s", "TPOT p99 ms", "J/token",
                    "efficiency", "binding"]
 
 
-def cmd_compare(args) -> int:
-    """`pamjax compare`: peak throughput under an SLO per system; table, CSV, JSON, plots."""
+def _queued(trace):
+    """A trace's request lengths, all waiting at t=0 (a Workload)."""
     import numpy as np
 
+    from pamjax.workload import Workload
+
+    return Workload(np.zeros(trace.num_requests), trace.prompt_tokens, trace.output_tokens,
+                    name=trace.name)
+
+
+def cmd_compare(args) -> int:
+    """`pamjax compare`: peak throughput under an SLO per system; table, CSV, JSON, plots."""
     from pamjax import plots, study
     from pamjax.report import write_csv
-    from pamjax.workload import Workload, load_trace
+    from pamjax.workload import load_trace
 
     if args.trace:
-        trace = load_trace(args.trace, max_requests=args.max_requests)
         # The SLO search keeps every batch full: the trace gives the request lengths, and
         # all requests queue at t=0.
-        workload = Workload(np.zeros(trace.num_requests), trace.prompt_tokens,
-                            trace.output_tokens, name=trace.name)
+        workload = _queued(load_trace(args.trace, max_requests=args.max_requests))
     else:
         workload = args.workload
     model, platform = _model_and_platform(args)
@@ -380,11 +386,15 @@ def _claim(text: str) -> tuple[str, str, float]:
 
 
 def _claim_reference(args, system: str, model, platform, workload) -> tuple[float, str]:
-    """(tokens/s, how it was obtained) of the claim's reference system B."""
+    """(tokens/s, how it was obtained) of the claim's reference system B: its simulated
+    peak over --batches (under the SLO when given), with a trace's requests queued at t=0
+    as in `compare` (idle gaps between arrivals would understate B)."""
     from pamjax import study
 
     if args.reference_tokens_per_s:
         return args.reference_tokens_per_s, "given by --reference-tokens-per-s"
+    if not isinstance(workload, str):
+        workload = _queued(workload)
     rows = study.run_sweep([system], model, workload, args.batches, steps=args.steps,
                            seed=args.seed, platform=platform, progress=not args.quiet)
     if args.slo_ms:
@@ -644,7 +654,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_positive_int, default=192,
                    help="simulated steps per configuration (default 192)")
     p.add_argument("--chunk-size", type=_positive_int, default=64,
-                   help="configurations per compiled call (default 64)")
+                   help="configurations per device per compiled call (default 64)")
     p.add_argument("--resume", action="store_true",
                    help="keep the rows already in OUT/sweep.csv and run only the rest")
     p.add_argument("--out", default="pamjax-out", help="output folder")
@@ -670,7 +680,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-trace", metavar="PATH",
                    help="also evaluate on this trace CSV (held out)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="pamjax-out", help="output folder (checkpoints, plots)")
+    p.add_argument("--out", default="pamjax-out", help="output folder (checkpoints, training "
+                   "curve and grid CSVs)")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress display")
 

@@ -33,7 +33,7 @@ from pamjax import plots
 from pamjax.errors import UnknownNameError
 from pamjax.hardware import get_platform
 from pamjax.report import write_csv
-from pamjax.study import peak_under_slo, run_sweep
+from pamjax.study import BOUND_COLUMNS, peak_under_slo, run_sweep
 from pamjax.systems import MAIN_SYSTEMS, Knobs
 
 STUDIES = ("online", "offline", "energy", "ablation", "scaling")
@@ -50,7 +50,7 @@ SCALING_SYSTEMS = ("l-pim", "pam")
 SCALING_CONFIGS = ((4, 1), (8, 1), (4, 2), (2, 4), (16, 1), (8, 2), (4, 4), (32, 1), (8, 4))
 ENERGY_MODELS = ("llama3-70b", "opt-175b")
 
-BOUND = ["bound_tokens_per_s", "binding_resource", "efficiency"]
+BOUND = list(BOUND_COLUMNS)
 STUDY_COLUMNS = {
     "online": ["model", "dataset", "slo_ms", "system", "max_batch",
                "throughput_tokens_per_s", "oom", *BOUND],

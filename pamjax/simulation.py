@@ -90,6 +90,7 @@ def make_config(workload: HostWorkload, num_slots: int, *, page_size: int | None
 
 
 def device_workload(workload: HostWorkload) -> DeviceWorkload:
+    """The engine's request arrays: arrival_s f32 [N] (s), prompt and output tokens i32 [N]."""
     return DeviceWorkload(arrival_s=jnp.asarray(workload.arrival_s, jnp.float32),
                     prompt_tokens=jnp.asarray(workload.prompt_tokens, jnp.int32),
                     output_tokens=jnp.asarray(workload.output_tokens, jnp.int32))
@@ -203,8 +204,9 @@ def run(params: SimParams, workload: HostWorkload, config: EngineConfig, *, seed
     Returns:
       SimResult.
     """
-    if chunk_steps < 1:
-        raise ConfigError("chunk_steps", chunk_steps, "must be >= 1")
+    for field, value in (("max_steps", max_steps), ("chunk_steps", chunk_steps)):
+        if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
+            raise ConfigError(field, value, "must be an integer >= 1")
     start = time.perf_counter()
     dev_workload = device_workload(workload)
     state = engine.init_state(config, seed)

@@ -61,6 +61,7 @@ class SweepPoint:
     model: Model | str
     platform: Platform | None = None
     label: str = ""
+    access: AccessModel | None = None
 
 
 def slot_classes(batches, ratio: int = 8) -> list[list[int]]:
@@ -131,7 +132,7 @@ def run_sweep(systems, model, workload: Workload | str, batches, *, steps: int =
     page = page_size or choose_page_size(rows_tracked, workload.max_context, UNIT_BUDGET)
     by_point = {}
     for index, group in enumerate(groups):
-        points = [SweepPoint(s, b, m, hw, label) for label, hw in hardware.items()
+        points = [SweepPoint(s, b, m, hw, label, access) for label, hw in hardware.items()
                   for m in models for s in systems for b in group]
         label = f"batch {group[0]}-{group[-1]} ({index + 1}/{len(groups)})"
         rows = _run_group(points, workload, steps, seed, access, knobs, page, chunk_steps,
@@ -271,7 +272,7 @@ def _bound_columns(point: SweepPoint, row: dict, state, workload: Workload) -> d
         columns.update(bound_columns(
             point.system, point.model, row[key], prompts=workload.prompt_tokens[admitted],
             outputs=workload.output_tokens[admitted], concurrency=row["peak_concurrency"],
-            prefill=prefill, platform=point.platform, prefix=prefix))
+            prefill=prefill, platform=point.platform, access=point.access, prefix=prefix))
     return columns
 
 

@@ -88,12 +88,12 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pamjax import engine, study
-from pamjax.errors import ConfigError
+from pamjax.errors import ConfigError, UnknownNameError
 from pamjax.hardware import get_platform
 from pamjax.models import get_model
-from pamjax.simulation import choose_page_size, make_config
+from pamjax.simulation import choose_page_size, device_workload, make_config
 from pamjax.systems import get_system, make_params, max_bank_groups
-from pamjax.workload import Workload, load_trace, synthetic
+from pamjax.workload import DATASETS, Workload, load_trace, synthetic
 
 KEY_COLUMNS = ("system", "overrides", "batch", "seed", "slo_ms")
 """Columns identifying a row, in sort order."""
@@ -200,8 +200,10 @@ def make_spec(*, model, workload, trace, max_requests, systems, batches, slo_ms,
     platform = get_platform()
     for text in overrides:
         platform.with_overrides(parse_override(text))
-    if trace is None and not workload:
-        raise ConfigError("workload", workload, "give a dataset name or a trace")
+    if trace is None and workload not in DATASETS:
+        raise UnknownNameError("workload", workload, DATASETS)
+    if trace is not None:
+        load_trace(trace, max_requests=max_requests)  # a bad trace fails before any output
     return SweepSpec(model=model, workload=None if trace else workload,
                      trace=str(trace) if trace else None, max_requests=max_requests,
                      systems=systems, batches=tuple(dict.fromkeys(int(b) for b in batches)),
@@ -295,15 +297,25 @@ def _write_atomic(path: pathlib.Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _read_existing(path: pathlib.Path) -> tuple[list[str] | None, list[dict]]:
+def _read_existing(path: pathlib.Path, rows_per_config: int, writer: bool
+                   ) -> tuple[list[str] | None, list[dict]]:
     """Columns and rows of a sweep CSV written by an earlier run (None, [] when it has no
-    header yet); an incomplete last line is dropped and cut from the file."""
+    header yet). Only whole configurations are kept (``rows_per_config`` rows, one per SLO):
+    an incomplete last line or a configuration cut short by a crash is dropped, and (by the
+    writing process only) cut from the file, so it runs again."""
     data = path.read_bytes()
-    if not data.endswith(b"\n"):
-        data = data[:data.rfind(b"\n") + 1]
-        _write_atomic(path, data)
-    reader = csv.DictReader(io.StringIO(data.decode()))
-    return reader.fieldnames, list(reader)
+    complete = data[:data.rfind(b"\n") + 1]
+    reader = csv.DictReader(io.StringIO(complete.decode()))
+    rows = list(reader)
+    counts: dict[tuple, int] = {}
+    for r in rows:
+        key = tuple(r[c] for c in _SIM_KEY)
+        counts[key] = counts.get(key, 0) + 1
+    kept = [r for r in rows if counts[tuple(r[c] for c in _SIM_KEY)] == rows_per_config]
+    if writer and (complete != data or len(kept) != len(rows)):
+        _write_atomic(path, _csv_text(kept, reader.fieldnames, header=True)
+                      if reader.fieldnames else b"")
+    return reader.fieldnames, kept
 
 
 def run(spec: SweepSpec, out_dir, *, resume: bool = False, chunk_size: int = 64,
@@ -340,7 +352,7 @@ def run(spec: SweepSpec, out_dir, *, resume: bool = False, chunk_size: int = 64,
             raise ConfigError("resume", str(spec_path), "the sweep in this folder has other "
                               "axes or chunk_size; use another folder or start over "
                               "without resume")
-        columns, done_rows = _read_existing(path)
+        columns, done_rows = _read_existing(path, len(spec.slo_ms), writer)
     elif writer:
         out.mkdir(parents=True, exist_ok=True)
         _write_atomic(spec_path, spec_json.encode())
@@ -444,16 +456,12 @@ def _run_chunk(spec, config, configs, platforms, workloads, page, sharding) -> l
 
 
 def engine_workload(workloads: list[Workload]):
-    """DeviceWorkload arrays stacked over configurations ([C, N] each, numpy)."""
-    from pamjax.types import DeviceWorkload
-
-    return DeviceWorkload(
-        arrival_s=np.stack([np.asarray(w.arrival_s, np.float32) for w in workloads]),
-        prompt_tokens=np.stack([np.asarray(w.prompt_tokens, np.int32) for w in workloads]),
-        output_tokens=np.stack([np.asarray(w.output_tokens, np.int32) for w in workloads]))
+    """simulation.device_workload of each configuration's workload, stacked ([C, N] each)."""
+    return jax.tree.map(lambda *xs: np.stack(xs), *[device_workload(w) for w in workloads])
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):
+    """Configurations done out of ``total`` (tqdm when installed and enabled; else silent)."""
     class Quiet:
         def update(self, n):
             pass

@@ -87,12 +87,20 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypat
         sweep.run(other, tmp_path / "cut", resume=True)
 
 
-def test_torn_last_line_is_dropped_on_resume(tmp_path):
+def test_torn_tail_and_partial_configurations_are_dropped_on_resume(tmp_path):
+    # Two SLOs per configuration: pam/64 is whole, l-pim/64 lost its second row, and the
+    # last line was cut mid-write (a machine crash): only pam/64 counts as done.
     path = tmp_path / "sweep.csv"
-    path.write_bytes(b"a,b\n1,2\n3,")
-    columns, rows = sweep._read_existing(path)
-    assert columns == ["a", "b"] and rows == [{"a": "1", "b": "2"}]
-    assert path.read_bytes() == b"a,b\n1,2\n"
+    head = b"system,overrides,batch,seed,slo_ms\n"
+    whole = b"pam,,64,0,100.0\npam,,64,0,150.0\n"
+    torn = head + whole + b"l-pim,,64,0,100.0\nl-pim,,6"
+    path.write_bytes(torn)
+    columns, rows = sweep._read_existing(path, rows_per_config=2, writer=False)
+    assert columns == ["system", "overrides", "batch", "seed", "slo_ms"]
+    assert [(r["system"], r["slo_ms"]) for r in rows] == [("pam", "100.0"), ("pam", "150.0")]
+    assert path.read_bytes() == torn  # only the writing process touches the file
+    sweep._read_existing(path, rows_per_config=2, writer=True)
+    assert path.read_bytes() == head + whole
 
 
 @pytest.mark.parametrize("change, error, field, value", [
