@@ -44,7 +44,6 @@ FAMILIES = ("knobs", "net", "both")
 
 NUM_TIERS = 3
 IMPORTANCE_FLOOR = 1e-8  # log(importance) of a unit never attended yet stays finite
-FEATURE_COUNT = 4 + NUM_TIERS
 
 
 @struct.dataclass

@@ -113,18 +113,6 @@ class Episode:
     seed: jnp.ndarray
 
 
-@struct.dataclass
-class Outcome:
-    """Per-step results of an episode: step_time_s f32 [S], attention_s f32 [S],
-    tier_attention_s f32 [S, T], migrated_tokens f32 [S], tier_tokens f32 [S, T]."""
-
-    step_time_s: jnp.ndarray
-    attention_s: jnp.ndarray
-    tier_attention_s: jnp.ndarray
-    migrated_tokens: jnp.ndarray
-    tier_tokens: jnp.ndarray
-
-
 def smooth_max(values, temperature):
     """Log-sum-exp maximum with a temperature relative to the largest value (see module)."""
     # The scale is differentiated too, so the gradient is that of the function evaluated.
@@ -335,17 +323,13 @@ def _decode_step(config, params, knobs, seed, temperature, score_fn, net_params,
     cost = step_cost(params, counts, smooth_max=functools.partial(smooth_max,
                                                                    temperature=temperature),
                      tier_in_use=in_use)
-    out = Outcome(step_time_s=cost.time_s, attention_s=cost.attention_s,
-                  tier_attention_s=cost.tier_attention_s,
-                  migrated_tokens=jnp.sum(migrated) - jnp.trace(migrated),
-                  tier_tokens=tier_tokens)
     carry = dict(carry, latent=latent, importance=importance, q=q_new, context=context)
-    return carry, out
+    return carry, cost.time_s
 
 
 def rollout(config: RelaxConfig, params, knobs: SoftKnobs, episode: Episode, temperature,
-            score_fn=None, net_params=None) -> Outcome:
-    """Run ``config.steps`` relaxed decode steps; returns the per-step :class:`Outcome`.
+            score_fn=None, net_params=None) -> jnp.ndarray:
+    """Run ``config.steps`` relaxed decode steps; returns each step's time, s, f32 [S].
 
     Args:
       config: static sizes.
@@ -353,8 +337,10 @@ def rollout(config: RelaxConfig, params, knobs: SoftKnobs, episode: Episode, tem
         ``knobs``.
       knobs: SoftKnobs (x, y, lambda, swap budget) of the rule.
       episode: Episode.
-      temperature: f32 [] relaxation temperature (placement sigmoids in importance-share
-        units; the smooth max relative to the slowest tier).
+      temperature: f32 [] relaxation temperature: of the placement sigmoids in natural-log
+        units of the share (admission, :func:`soft_target`) and of the key (per-step
+        placement, :func:`soft_counts_placement`); of the smooth max relative to the
+        slowest tier (:func:`smooth_max`).
       score_fn: None (rank by importance) or ``f(net_params, UnitFeatures) -> [R, U]``, a
         log-scale correction: units are ranked by importance x exp(correction)
         (placement.corrected_key), at admission and at every step.
@@ -364,12 +350,12 @@ def rollout(config: RelaxConfig, params, knobs: SoftKnobs, episode: Episode, tem
     body = functools.partial(_decode_step, config, params, knobs, episode.seed, temperature,
                              score_fn, net_params)
     # Step numbers as the exact engine sees them when all requests are admitted at step 0.
-    _, out = lax.scan(jax.checkpoint(body), carry, jnp.arange(1, config.steps + 1))
-    return out
+    _, step_time_s = lax.scan(jax.checkpoint(body), carry, jnp.arange(1, config.steps + 1))
+    return step_time_s
 
 
 def objective_ms(config, params, knobs, episode, temperature, score_fn=None,
                  net_params=None):
     """Mean relaxed decode-step time of an episode, ms (f32 [])."""
-    out = rollout(config, params, knobs, episode, temperature, score_fn, net_params)
-    return 1e3 * jnp.mean(out.step_time_s)
+    return 1e3 * jnp.mean(rollout(config, params, knobs, episode, temperature, score_fn,
+                                  net_params))

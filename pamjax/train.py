@@ -17,7 +17,8 @@ Pipeline of :func:`train_policy_command` (behind ``pamjax train-policy``):
 4. **Judging** (:func:`exact_decode_ms`): every number reported for a policy is the exact
    engine's mean decode-step time with hard decisions (all requests admitted at step 0,
    then ``steps`` decode steps), and its SLO throughput comes from the exact engine under
-   continuous batching (:func:`slo_throughput`, study.py's definitions).
+   continuous batching (:func:`slo_throughput`; TPOT and the peak under an SLO as in
+   study.py).
 
 Why OPT-175B on arxiv-sum at batch 64 (the default): 350 GB of weights leave ~3.6K 16-token
 units (57K tokens) of HBM for KV while 64 requests of 1.4K-8K tokens hold ~280K, so KV
@@ -44,7 +45,7 @@ from flax import serialization
 from pamjax import engine, policy, relaxed, report, study
 from pamjax.errors import ConfigError, UnknownNameError
 from pamjax.simulation import device_workload
-from pamjax.systems import make_params, max_bank_groups
+from pamjax.systems import make_params
 from pamjax.types import EngineConfig
 from pamjax.workload import DATASETS, Workload, load_trace, synthetic
 
@@ -61,13 +62,16 @@ class TrainSetup:
 
     Fields:
       model: model preset.
-      batch: R, requests decoding together (and the exact engine's max batch).
+      batch: R, requests decoding together (and the exact engine's max batch in the
+        episodes).
       page_size: tokens per KV unit (16 keeps U ~ 500 for 8K-token contexts).
       steps: decode steps per episode (relaxed and exact).
       max_context: contexts are capped here; fixes U = ceil((max_context + steps) / page).
       train_dataset: dataset of the training episodes.
       episodes: episodes vmapped per training iteration.
-      episode_pool: distinct training episodes cycled through.
+      episode_pool: batches of ``episodes`` training episodes cycled through (the pool
+        holds episode_pool x episodes distinct episodes; iteration i uses batch
+        i mod episode_pool).
       iterations: optimiser steps per family.
       learning_rate: Adam peak learning rate of the knobs (cosine-decayed to 10% of it).
       net_learning_rate: the same for the UnitScorer. Adam moves every weight by about the
@@ -129,6 +133,18 @@ class TrainSetup:
     @property
     def units(self) -> int:
         return -(-(self.max_context + self.steps) // self.page_size)
+
+    @property
+    def exact_slots(self) -> int:
+        """Request slots of the exact engine: the largest batch of the episodes and the SLO
+        search."""
+        return max(self.batch, max(self.slo_batches))
+
+    @property
+    def exact_requests(self) -> int:
+        """Requests N of the exact engine's workload arrays: the larger of an episode's
+        (batch) and the SLO search's (2 x its largest batch)."""
+        return max(self.batch, 2 * max(self.slo_batches))
 
     def relax_config(self) -> relaxed.RelaxConfig:
         return relaxed.RelaxConfig(self.batch, self.units, self.page_size, self.steps)
@@ -328,28 +344,30 @@ NEVER_S = 1e9
 """Arrival time (s) of the padding requests of :func:`engine_config`'s fixed workload size."""
 
 
-def engine_config(setup: TrainSetup, net: bool = False) -> EngineConfig:
+def engine_config(setup: TrainSetup, bank_groups: int, net: bool = False) -> EngineConfig:
     """The exact engine's static config for every run of a setup (episodes and SLO search).
 
     Sized by the setup, not by a workload, so every exact run of a setup shares one compile
-    per hook: R = the largest batch, N = the larger of an episode's and the SLO search's
-    request count (shorter workloads are padded with requests arriving at NEVER_S), U covers
-    max_context + steps + 2 tokens (the largest reservation of either). ``net`` installs
-    the UnitScorer hook (policy.net_engine_hook).
+    per hook and platform: R = setup.exact_slots, N = setup.exact_requests (shorter
+    workloads are padded with requests arriving at NEVER_S), U covers max_context + steps + 2
+    tokens (the largest reservation of either), the admission window is R (so step 0 admits
+    a whole episode), G = ``bank_groups`` (the largest bank-group count of any tier of the
+    platform run: max of ``SimParams.bank_groups``). ``net`` installs the UnitScorer hook
+    (policy.net_engine_hook).
     """
     hook = policy.net_engine_hook(setup.hidden, setup.depth, setup.page_size) if net else None
-    slots = max(setup.batch, max(setup.slo_batches))
     units = -(-(setup.max_context + setup.steps + 2) // setup.page_size)
-    return EngineConfig(num_slots=slots, units_per_slot=units, page_size=setup.page_size,
-                        num_requests=max(setup.batch, 2 * max(setup.slo_batches)),
-                        bank_groups=max_bank_groups(), admit_window=min(slots, 64),
+    return EngineConfig(num_slots=setup.exact_slots, units_per_slot=units,
+                        page_size=setup.page_size, num_requests=setup.exact_requests,
+                        bank_groups=bank_groups, admit_window=setup.exact_slots,
                         placement_score=hook)
 
 
 def padded_workload(setup: TrainSetup, workload: Workload) -> Workload:
-    """``workload`` padded to :func:`engine_config`'s N with one-token requests arriving at
-    NEVER_S (never admitted within a run)."""
-    pad = engine_config(setup).num_requests - workload.num_requests
+    """``workload`` padded to setup.exact_requests with one-token requests arriving at
+    NEVER_S (admitted only after the engine's idle clock jump to NEVER_S, i.e. once no real
+    request is left to run)."""
+    pad = setup.exact_requests - workload.num_requests
     return Workload(np.concatenate([workload.arrival_s, np.full(pad, NEVER_S)]),
                     np.concatenate([workload.prompt_tokens, np.ones(pad, np.int64)]),
                     np.concatenate([workload.output_tokens, np.ones(pad, np.int64)]),
@@ -368,7 +386,8 @@ def _run_exact(setup: TrainSetup, params_list, workload: Workload, seed: int, ch
       (final EngineState, StepMetrics [chunks x (steps + 1)]) as numpy pytrees stacked over
       ``params_list`` [P].
     """
-    config = engine_config(setup, net=net is not None)
+    bank_groups = max(int(np.max(np.asarray(p.bank_groups))) for p in params_list)
+    config = engine_config(setup, bank_groups, net=net is not None)
     device = device_workload(padded_workload(setup, workload))
     if net is not None:
         params_list = [p.replace(policy=net) for p in params_list]
@@ -430,28 +449,67 @@ def grid_search(setup: TrainSetup, params, episodes):
     return points[best], table, len(points) * int(episodes.context.shape[0])
 
 
+def params_at_batch(setup: TrainSetup, params, batch: int, *, rule: bool):
+    """SimParams of one policy at an SLO-search batch.
+
+    Every policy gets max batch ``batch`` and the default prefill token budget (the
+    episodes' params prefill everything at once). With ``rule`` (policies that use PAM's own
+    x:y:1 targets: pam_rule, learned_net) the targets are also rebuilt for ``batch`` by
+    systems.make_params, as study.run_sweep does (systems.pam_targets depends on the batch);
+    without it (learned knobs, grid best) the given x and y are the policy and are kept.
+    Every other field of ``params`` (e.g. a capacity override) is kept.
+
+    Args:
+      setup: TrainSetup (model and page size).
+      params: the policy's SimParams at ``setup.batch``.
+      batch: the SLO-search batch.
+      rule: rebuild the x:y:1 targets for ``batch``.
+
+    Raises:
+      ConfigError: ``rule`` and ``params`` do not carry PAM's targets at setup.batch for the
+        setup's model on the default platform, so they cannot be rebuilt for ``batch``.
+    """
+    fresh = make_params("pam", setup.model, max_batch=batch, page_size=setup.page_size)
+    out = params.replace(max_batch=jnp.int32(batch),
+                         prefill_token_budget=fresh.prefill_token_budget)
+    if not rule:
+        return out
+    own = make_params("pam", setup.model, max_batch=setup.batch, page_size=setup.page_size)
+    given = (float(params.target_x), float(params.target_y))
+    if given != (float(own.target_x), float(own.target_y)):
+        raise ConfigError("params.target_x/target_y", given,
+                          f"are not PAM's targets at batch {setup.batch} for {setup.model} on "
+                          "the default platform, so the rule cannot be rebuilt per batch")
+    return out.replace(target_x=fresh.target_x, target_y=fresh.target_y)
+
+
 def slo_throughput(setup: TrainSetup, params_by_name: dict, *, dataset: str, seed: int,
-                   net_names=(), net=None) -> dict:
+                   rule_names=(), net_names=(), net=None) -> dict:
     """Peak output tokens/s under each SLO for each policy (exact engine, study.py rules).
 
-    Each policy runs ``setup.slo_batches`` with ``2 x max batch`` requests of ``dataset``
-    queued at t = 0, continuous batching with the default prefill budget, for
-    ``setup.slo_steps`` steps rounded up to whole scans of steps + 1 (the episodes'
-    compiled scan, :func:`_run_exact`); TPOT p99 and throughput follow study.py. Policies
-    in ``net_names`` run with the ``net`` hook.
+    Each policy runs ``setup.slo_batches`` (its params per batch: :func:`params_at_batch`,
+    PAM's targets rebuilt for the policies in ``rule_names``) with ``2 x max batch``
+    requests of ``dataset`` queued at t = 0, their prompts and outputs each clipped to
+    ``max_context // 2`` tokens, under continuous batching with the default prefill budget,
+    for ``setup.slo_steps`` steps rounded up to whole scans of steps + 1 (the episodes'
+    compiled scan, :func:`_run_exact`). TPOT p99 follows study.py; throughput = output
+    tokens / simulated seconds over the steps before the first idle clock jump (all real
+    requests arrive at t = 0, so the clock only jumps once none is left to run, to the
+    padding's NEVER_S arrival: what follows is not the workload's). Policies in
+    ``net_names`` run with the ``net`` hook.
+
+    Returns:
+      {policy: {"<slo>ms": tokens/s for each SLO_MS, "rows": per-batch rows}}.
     """
     workload = synthetic(dataset, 2 * max(setup.slo_batches), seed=seed)
     workload = Workload(workload.arrival_s * 0.0, np.minimum(workload.prompt_tokens,
                                                              setup.max_context // 2),
                         np.minimum(workload.output_tokens, setup.max_context // 2),
                         name=dataset)
-    default_budget = make_params("pam", setup.model, max_batch=1,
-                                 page_size=setup.page_size).prefill_token_budget
     chunks = -(-setup.slo_steps // (setup.steps + 1))
     rows = {name: [] for name in params_by_name}
     for uses_net in (False, True):
-        runs = [(name, b, params.replace(max_batch=jnp.int32(b),
-                                         prefill_token_budget=default_budget))
+        runs = [(name, b, params_at_batch(setup, params, b, rule=name in rule_names))
                 for name, params in params_by_name.items() if (name in net_names) == uses_net
                 for b in setup.slo_batches]
         if not runs:
@@ -461,16 +519,18 @@ def slo_throughput(setup: TrainSetup, params_by_name: dict, *, dataset: str, see
         for i, (name, b, _) in enumerate(runs):
             mi, si = study.index_config(m, i), study.index_config(states, i)
             tpot = study.request_tpot_s(si, padded_workload(setup, workload))
-            elapsed = float(np.sum(mi.step_time_s, dtype=np.float64) + np.sum(mi.idle_s))
+            real = np.cumsum(mi.idle_s, dtype=np.float64) == 0  # before the first idle jump
+            elapsed = float(np.sum(mi.step_time_s[real], dtype=np.float64))
             concurrency = np.asarray(mi.decode_requests) + np.asarray(mi.prefill_requests)
             rows[name].append({
                 "system": name, "batch": b,
-                "throughput_tokens_per_s": float(np.sum(mi.output_tokens)) / elapsed,
+                "throughput_tokens_per_s": float(np.sum(mi.output_tokens[real])) / elapsed
+                if elapsed > 0 else 0.0,
                 "tpot_p99_ms": float(np.percentile(tpot, 99) * 1e3)
                 if tpot.size else float("nan"),
-                "oom": int(concurrency.max()) < b,
+                "oom": int(concurrency[real].max(initial=0)) < b,
                 # study's roofline-bound columns are not computed here.
-                **{c: None for c in getattr(study, "BOUND_COLUMNS", ())}})
+                **{c: None for c in study.BOUND_COLUMNS}})
     out = {}
     for name, mine in rows.items():
         out[name] = {f"{slo:g}ms": study.peak_under_slo(mine, slo)[name]
@@ -529,7 +589,9 @@ def run_study(setup: TrainSetup, *, family: str, seed: int, out_dir: str,
       out_dir: folder for checkpoints and CSVs.
       eval_trace: optional trace for one more held-out episode.
       progress: tqdm bars.
-      params: SimParams to use instead of :func:`base_params` (e.g. a smaller HBM).
+      params: SimParams to use instead of :func:`base_params` (e.g. a smaller HBM); its
+        x:y:1 targets must be PAM's at setup.batch, as the SLO search rebuilds them per
+        batch (:func:`params_at_batch`).
 
     Returns:
       dict with heldout_step_time_ms {pam_rule, learned, grid_best, learned_<family>...}
@@ -600,8 +662,8 @@ def run_study(setup: TrainSetup, *, family: str, seed: int, out_dir: str,
     # Relaxed vs exact objective at the final temperature, same held-out episodes.
     gap = {}
     for fam, theta in learned.items():
-        rel = [relaxed_value(setup, params, fam, theta, study.index_config(episodes, 0), setup.tau_end)
-               for episodes in heldout.values()]
+        rel = [relaxed_value(setup, params, fam, theta, study.index_config(episodes, 0),
+                             setup.tau_end) for episodes in heldout.values()]
         exact = [w[f"learned_{fam}"] for w in per_workload.values()]
         gap[fam] = float(np.mean([(r - e) / e for r, e in zip(rel, exact)]))
     rule_knobs = policy.knobs_from_params(params)
@@ -616,7 +678,8 @@ def run_study(setup: TrainSetup, *, family: str, seed: int, out_dir: str,
     if "net" in learned:
         slo_params["learned_net"] = params
     slo = slo_throughput(setup, slo_params, dataset=setup.train_dataset,
-                         seed=HELDOUT_SEED_BASE + seed + 2, net_names=("learned_net",),
+                         seed=HELDOUT_SEED_BASE + seed + 2,
+                         rule_names=("pam_rule", "learned_net"), net_names=("learned_net",),
                          net=learned.get("net"))
     slo_evals = len(slo_params) * len(setup.slo_batches)
 

@@ -19,6 +19,8 @@ import pytest
 
 from pamjax import policy, relaxed, study, train
 from pamjax.errors import ConfigError, UnknownNameError
+from pamjax.systems import make_params
+from pamjax.workload import Workload
 
 SETUP = dataclasses.replace(
     train.QUICK, batch=4, steps=3, max_context=2048, episodes=2, episode_pool=2,
@@ -134,9 +136,33 @@ def test_net_hook_ranks_units_at_admission(params, episodes):
     assert np.all((strong_state.unit_tier[0] >= 0) == (rule_state.unit_tier[1] >= 0))
 
 
-def test_reported_numbers_are_exact_engine_numbers(params, tmp_path):
+def test_reported_numbers_are_exact_engine_numbers(params, tmp_path, monkeypatch):
+    # Count the episodes the training steps are fed, apart from the relaxed evaluations of
+    # the relaxation gap (which go through the same cached step).
+    fed, evaluating = {"train": 0, "gap": 0}, [False]
+    make_train_step, relaxed_value = train.make_train_step, train.relaxed_value
+
+    def counting_make_train_step(*args):
+        optimizer, step = make_train_step(*args)
+
+        def counted(theta, opt_state, episodes, temperature):
+            fed["gap" if evaluating[0] else "train"] += int(episodes.context.shape[0])
+            return step(theta, opt_state, episodes, temperature)
+
+        return optimizer, counted
+
+    def flagged_relaxed_value(*args):
+        evaluating[0] = True
+        try:
+            return relaxed_value(*args)
+        finally:
+            evaluating[0] = False
+
+    monkeypatch.setattr(train, "make_train_step", counting_make_train_step)
+    monkeypatch.setattr(train, "relaxed_value", flagged_relaxed_value)
     result = train.run_study(SETUP, family="knobs", seed=0, out_dir=str(tmp_path),
                              params=params)
+    assert fed["train"] > 0 and fed["gap"] > 0
     theta = train.load_checkpoint(tmp_path / "policy_knobs.msgpack",
                                   policy.knobs_from_params(params))
     learned = policy.knobs_to_params(params, theta, train.MAX_SWAPS)
@@ -151,11 +177,40 @@ def test_reported_numbers_are_exact_engine_numbers(params, tmp_path):
     assert reported["learned"] == pytest.approx(measured[0], rel=1e-6)
     assert reported["pam_rule"] == pytest.approx(measured[1], rel=1e-6)
     assert result["simulator_evaluations"] == dict(
-        result["simulator_evaluations"], gradient=SETUP.iterations * SETUP.episodes,
-        grid=2 * SETUP.grid_episodes)
+        result["simulator_evaluations"], gradient=fed["train"], grid=2 * SETUP.grid_episodes)
     assert set(result["slo_throughput_tokens_per_s"]) == {"pam_rule", "grid_best",
                                                           "learned_knobs"}
     assert (tmp_path / "training_curve.csv").read_text().count("\n") == SETUP.iterations + 1
+
+
+def test_slo_search_rebuilds_the_rule_per_batch(params):
+    rule = train.params_at_batch(SETUP, params, 2, rule=True)
+    own = make_params("pam", SETUP.model, max_batch=2, page_size=SETUP.page_size)
+    assert (float(rule.target_x), float(rule.target_y)) == (float(own.target_x),
+                                                            float(own.target_y))
+    np.testing.assert_array_equal(rule.capacity_units, params.capacity_units)  # override kept
+    knobs = params.replace(target_x=jnp.float32(3.0), target_y=jnp.float32(2.0))
+    kept = train.params_at_batch(SETUP, knobs, 2, rule=False)
+    assert (float(kept.target_x), float(kept.target_y), int(kept.max_batch)) == (3.0, 2.0, 2)
+    with pytest.raises(ConfigError, match="params.target_x"):
+        train.params_at_batch(SETUP, knobs, 2, rule=True)
+
+
+def test_slo_throughput_stops_at_the_last_real_request(params, monkeypatch):
+    # Three short requests finish well within the run; the engine then jumps its clock to
+    # the padding's arrival (NEVER_S) and serves the padding, which must not count.
+    short = Workload(np.zeros(3), np.full(3, 40), np.full(3, 3), name="short")
+    monkeypatch.setattr(train, "synthetic", lambda *args, **kwargs: short)
+    result = train.slo_throughput(SETUP, {"grid_best": params}, dataset="arxiv-sum", seed=5)
+    row = result["grid_best"]["rows"][-1]
+    p = train.params_at_batch(SETUP, params, row["batch"], rule=False)
+    chunks = -(-SETUP.slo_steps // (SETUP.steps + 1))
+    state, m = train._run_exact(SETUP, [p], short, 5, chunks)
+    assert np.sum(m.idle_s) > 0.5 * train.NEVER_S  # the padding was reached
+    finish = np.asarray(state.req_finish_s[0, :3], np.float64)
+    assert np.all(np.isfinite(finish))
+    # Everyone starts at t = 0, so the run ends with the last real request.
+    assert row["throughput_tokens_per_s"] == pytest.approx(9 / finish.max(), rel=1e-5)
 
 
 def test_bad_input_names_field_and_value():

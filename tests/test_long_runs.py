@@ -39,14 +39,32 @@ def test_running_stats_equal_the_full_timeline():
         else:
             assert a[key] == c[key], key
     assert kept.summary["requests_finished"] == wl.num_requests
+
+    # The bounded-memory summary against numpy on the full timeline (not through the fold).
+    m, got = kept.metrics, dropped.summary
+    step_time = np.asarray(m.step_time_s, np.float64)
+    busy = step_time > 0
+    tokens = int(np.sum(m.output_tokens))
+    clock = float(kept.state.clock_whole) + float(kept.state.clock_frac)
+    assert clock == pytest.approx(np.sum(step_time) + np.sum(m.idle_s, dtype=np.float64),
+                                  rel=1e-6)
+    assert got["output_tokens"] == tokens
+    assert got["throughput_tokens_per_s"] == pytest.approx(tokens / clock, rel=1e-12)
+    assert got["decode_steps"] == int(np.sum(busy & (np.asarray(m.decode_requests) > 0)))
+    assert got["step_time_ms"]["mean"] == pytest.approx(1e3 * step_time[busy].mean(),
+                                                        rel=1e-12)
+    energy_j = np.sum(np.asarray(m.energy_pj, np.float64)) * 1e-12
+    assert got["energy_j_per_token"] == pytest.approx(energy_j / tokens, rel=1e-12)
+    held = np.sum(np.asarray(m.tier_units, np.float64) * step_time[:, None], axis=0)
+    assert list(got["tier_token_share"].values()) == pytest.approx(held / held.sum(),
+                                                                   rel=1e-12, abs=1e-15)
     # Quantiles: within the sketch's stated error of the exact order statistic.
-    busy = np.asarray(kept.metrics.step_time_s, np.float64)
-    busy = busy[busy > 0]
     for q in (50, 99):
-        exact = np.percentile(busy, q, method="inverted_cdf") * 1e3
-        got = kept.summary["step_time_ms"][f"p{q}"]
-        assert abs(got / exact - 1) <= metrics.HIST_RELATIVE_ERROR * (1 + 1e-9)
-    assert kept.summary["step_time_ms"]["max"] == pytest.approx(busy.max() * 1e3, rel=1e-12)
+        exact = np.percentile(step_time[busy], q, method="inverted_cdf") * 1e3
+        assert abs(got["step_time_ms"][f"p{q}"] / exact - 1) <= \
+            metrics.HIST_RELATIVE_ERROR * (1 + 1e-9)
+    assert got["step_time_ms"]["max"] == pytest.approx(step_time[busy].max() * 1e3,
+                                                       rel=1e-12)
 
 
 def test_quantile_sketch_error_bound():
