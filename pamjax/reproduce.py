@@ -35,6 +35,7 @@ from pamjax.hardware import get_platform
 from pamjax.report import write_csv
 from pamjax.study import BOUND_COLUMNS, peak_under_slo, run_sweep
 from pamjax.systems import MAIN_SYSTEMS, Knobs
+from pamjax.types import ENERGY_COMPONENTS
 
 STUDIES = ("online", "offline", "energy", "ablation", "scaling")
 MODELS3 = ("qwen2.5-32b", "llama3-70b", "opt-175b")
@@ -133,7 +134,7 @@ def energy(quick: bool, progress: bool) -> list[dict]:
       quick: shorter horizons (same grid); progress: progress lines on stderr.
     """
     rows = []
-    components = STUDY_COLUMNS["energy"][5:]
+    components = ENERGY_COMPONENTS
     for model in ENERGY_MODELS:
         sweep = run_sweep(MAIN_SYSTEMS, model, "wildchat", BATCH_GRID,
                           steps=_steps(quick, 256, 64), progress=progress)
