@@ -109,6 +109,17 @@ def decode_fc_time(params: SimParams, batch):
 
 
 def prefill_time_and_flops(params: SimParams, counts: StepCounts):
+    """GPU time (s) and FLOPs of one step's prefill: FC and causal-attention FLOPs of the
+    step's prompt tokens on all GPUs (roofline with one weight read per TP group), plus
+    writing their KV to the busiest tier's link and per-layer kernel overhead.
+
+    Args:
+      params: SimParams; counts: StepCounts (prefill_tokens, prefill_pairs,
+        prefill_tier_tokens [T]).
+
+    Returns:
+      (time s, FLOPs), f32 scalars (0 when the step prefills nothing).
+    """
     flops = params.fc_flops_per_token * counts.prefill_tokens \
         + 4.0 * params.layers * params.q_heads * params.head_dim * counts.prefill_pairs
     compute = flops / (params.num_gpus * params.gpu_flops)

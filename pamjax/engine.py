@@ -43,7 +43,16 @@ _NO_UNIT = -1
 
 
 def init_state(config: EngineConfig, seed: int = 0) -> EngineState:
-    """An empty system at time 0: no request admitted, every slot free."""
+    """An empty system at time 0: no request admitted, every slot free.
+
+    Args:
+      config: static sizes (R slots, U units per slot, N requests, window, bank groups).
+      seed: access-model seed (uint32), stored in the state.
+
+    Returns:
+      EngineState with [R] slot arrays, [R, U] unit tables, [N] request arrays, a
+      [W, 3, G] activation window and the clock at 0 s.
+    """
     r, u, n = config.num_slots, config.units_per_slot, config.num_requests
     return EngineState(
         slot_request=jnp.full((r,), -1, jnp.int32),
@@ -68,6 +77,8 @@ def init_state(config: EngineConfig, seed: int = 0) -> EngineState:
 
 
 def units_needed(tokens, page_size: int):
+    """KV units (pages of ``page_size`` tokens) holding ``tokens`` tokens, rounded up; any
+    integer array shape."""
     return (tokens + page_size - 1) // page_size
 
 
@@ -77,7 +88,7 @@ def tier_units(tier):
 
 
 def tier_sums(tier, values):
-    """Sum of ``values`` per tier, [T]."""
+    """Sum of ``values`` per tier, [T], from a tier table and values of the same shape."""
     return jnp.stack([jnp.sum(jnp.where(tier == t, values, 0)) for t in range(NUM_TIERS)])
 
 
@@ -397,7 +408,15 @@ def step(config: EngineConfig, params: SimParams, state: EngineState,
 
 def rollout(config: EngineConfig, params: SimParams, state: EngineState,
             workload: DeviceWorkload, num_steps: int, recorded=None):
-    """Run ``num_steps`` steps with ``lax.scan``; returns (state, StepMetrics stacked [S])."""
+    """Run ``num_steps`` steps with ``lax.scan``.
+
+    Args:
+      config: static sizes; params: SimParams; state: EngineState; workload: request
+        arrays [N]; num_steps: S (static); recorded: optional f32 [S_rec, U] unit logits.
+
+    Returns:
+      (final EngineState, StepMetrics with every field stacked over [S]).
+    """
 
     def body(carry, _):
         return step(config, params, carry, workload, recorded)
@@ -413,6 +432,7 @@ def rollout_jit(config, params, state, workload, num_steps, recorded=None):
 
 @functools.partial(jax.jit, static_argnames=("config", "num_steps"), donate_argnums=(2,))
 def rollout_batch(config, params, state, workload, num_steps, recorded=None):
-    """:func:`rollout` vmapped over a leading axis of ``params`` and ``state``."""
+    """:func:`rollout` vmapped over a leading axis C of ``params`` and ``state`` (one
+    configuration each); returns (states [C, ...], StepMetrics [C, S, ...]). State donated."""
     return jax.vmap(rollout, in_axes=(None, 0, 0, None, None, None))(
         config, params, state, workload, num_steps, recorded)
