@@ -81,8 +81,8 @@ TRACES = [
     ("trace_unknown_header.csv", "trace_unknown_header.csv:1", "unknown header"),
     ("trace_no_header.csv", "trace_no_header.csv:1", "no header row"),
     ("trace_huge_context.csv", "trace_huge_context.csv:2", "exceeds 2147483647"),
-    ("azure_bad_timestamp.csv", "azure_bad_timestamp.csv:3", "month must be in 1..12"),
-    ("azure_unsorted.csv", "azure_unsorted.csv:3", "goes back in time"),
+    ("trace_bad_month.csv", "trace_bad_month.csv:3", "month must be in 1..12"),
+    ("trace_time_goes_back.csv", "trace_time_goes_back.csv:3", "goes back in time"),
     ("no_such_trace.csv", "no_such_trace.csv", "file not found"),
     (".", "bad_inputs", "is a directory"),
 ]
