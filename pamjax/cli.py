@@ -11,7 +11,7 @@ import os
 import pathlib
 import sys
 
-from pamjax.errors import CapacityError, ConfigError, PamjaxError
+from pamjax.errors import ConfigError, PamjaxError
 
 EXAMPLES = {
     "run": "pamjax run --out pamjax-out",
@@ -127,19 +127,13 @@ def cmd_simulate(args) -> int:
     from pamjax.bounds import bound_columns
     from pamjax.locality import load_recorded_scores
     from pamjax.simulation import simulate
-    from pamjax.systems import kv_capacity_tokens
+    from pamjax.systems import require_a_fitting_request
     from pamjax.types import STATUS_FINISHED, STATUS_RUNNING
 
     model, platform = _model_and_platform(args)
     workload = _load_workload(args)
-    # Refuse before compiling when no request can ever fit (the engine would reject all).
-    capacity = kv_capacity_tokens(args.system, model, platform)
-    need = workload.prompt_tokens.astype(np.int64) + workload.output_tokens - 1
-    if need.min() > capacity:
-        raise CapacityError(
-            f"{workload.name}: none of its {workload.num_requests} request(s) fits "
-            f"{args.system}'s KV tiers: the smallest needs {int(need.min()):,} tokens, "
-            f"{_name(model)} on this hardware holds {capacity:,.0f}")
+    # Refuse before loading scores or compiling (simulate checks it too, for library use).
+    require_a_fitting_request(args.system, model, workload, platform)
     scores = load_recorded_scores(args.scores) if args.scores else None
     result = simulate(args.system, model, workload, max_batch=args.batch,
                       platform=platform, page_size=args.page_size, seed=args.seed,

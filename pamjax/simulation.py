@@ -256,7 +256,7 @@ def simulate(system: str, model: str, workload: HostWorkload, *, max_batch: int 
     """One system on one workload: the convenience entry point behind `pamjax simulate`.
 
     Args:
-      system, model: names (systems.SYSTEMS, models.MODELS).
+      system, model: names (systems.SYSTEMS, models.MODELS) or objects.
       workload: host workload (pamjax.workload.synthetic or load_trace).
       max_batch: largest number of concurrent requests.
       platform, access, knobs: hardware, access model and modelling knobs (defaults).
@@ -264,8 +264,14 @@ def simulate(system: str, model: str, workload: HostWorkload, *, max_batch: int 
       seed: access-model seed.
       recorded_scores: f32 [S, N] recorded per-step token logits (locality.load_recorded_scores).
       chunk_steps, max_steps, progress, timeline: see :func:`run`.
+
+    Raises:
+      CapacityError: no request of the workload can ever fit the system's KV tiers (or the
+        weights do not fit HBM).
     """
-    from pamjax.systems import make_params, max_bank_groups
+    from pamjax.systems import make_params, max_bank_groups, require_a_fitting_request
+
+    require_a_fitting_request(system, model, workload, platform)
 
     # No more slots than requests: concurrency cannot exceed them, and slots cost memory.
     config = make_config(workload, min(max_batch, workload.num_requests), page_size=page_size,

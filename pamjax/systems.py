@@ -224,6 +224,28 @@ def kv_capacity_tokens(system: System | str, model: Model | str,
     return float(capacity[enabled].sum() / model.kv_bytes_per_token)
 
 
+def require_a_fitting_request(system: System | str, model: Model | str, workload,
+                               platform: Platform | None = None) -> None:
+    """Refuse a workload none of whose requests can ever fit the system's KV tiers (the
+    engine would reject every one of them, after compiling a whole simulation).
+
+    Args:
+      system, model: names or objects; workload: a host Workload (prompt_tokens and
+        output_tokens int [N], name); platform: hardware (default the preset).
+
+    Raises:
+      CapacityError: naming the workload, the smallest request's KV tokens and the capacity.
+    """
+    capacity = kv_capacity_tokens(system, model, platform)
+    need = np.asarray(workload.prompt_tokens, np.int64) + workload.output_tokens - 1
+    if need.min() > capacity:
+        raise CapacityError(
+            f"{workload.name}: none of its {need.size} request(s) fits "
+            f"{getattr(system, 'name', system)}'s KV tiers: the smallest needs "
+            f"{int(need.min()):,} tokens, {getattr(model, 'name', model)} on this hardware "
+            f"holds {capacity:,.0f}")
+
+
 def make_params(system: System | str, model: Model | str = "llama3-70b",
                 platform: Platform | None = None, access: AccessModel | None = None,
                 *, max_batch: int = 64, page_size: int = 1, knobs: Knobs | None = None

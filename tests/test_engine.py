@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from pamjax import engine
+from pamjax.errors import CapacityError
 from pamjax.hardware import get_platform
 from pamjax.models import get_model
 from pamjax.simulation import device_workload, make_config, run, simulate
@@ -82,6 +83,13 @@ def test_rollout_compiles_once_per_shape():
     other = make_params("pam", "llama3-8b", max_batch=2)  # other values, same shapes
     state, _ = engine.rollout_jit(config, other, state, dev, 8)
     assert engine.rollout_jit._cache_size() == 1
+
+
+def test_simulate_refuses_a_workload_that_can_never_fit():
+    # OPT-175B's 4.7 MB per token: 3.8M tokens fit PAM's three tiers, 57K AttAcc's HBM.
+    wl = Workload(np.zeros(2), np.array([100_000, 200_000]), np.array([10, 10]), name="long")
+    with pytest.raises(CapacityError, match="none of its 2 request"):
+        simulate("attacc", "opt-175b", wl, max_batch=2)
 
 
 def test_request_that_can_never_fit_is_rejected_and_counted():
