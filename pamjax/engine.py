@@ -22,6 +22,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 from jax import lax
 
 from pamjax import locality, placement, scheduler
@@ -105,6 +106,80 @@ def _unit_logits(config, params, state_latent, context, generated, recorded):
     return locality.logits(params, state_latent, context, config.page_size)
 
 
+@struct.dataclass
+class Admission:
+    """One step's FCFS admission decision over the look-ahead window A (admit_fcfs).
+
+    cand i32 [A]: candidate request ids (next_request + 0..A-1, may run past N);
+    cand_c i32 [A]: the same clamped to N - 1 (safe to gather with);
+    prompt i32 [A]: their prompt tokens;
+    admit bool [A]: admitted now; rejected bool [A]: rejected now (can never fit);
+    taken bool [A]: admit | rejected (a prefix of the window: FCFS);
+    slot i32 [A]: the free slot each admitted candidate takes (R = none).
+    """
+
+    cand: jnp.ndarray
+    cand_c: jnp.ndarray
+    prompt: jnp.ndarray
+    admit: jnp.ndarray
+    rejected: jnp.ndarray
+    taken: jnp.ndarray
+    slot: jnp.ndarray
+
+
+def admit_fcfs(config: EngineConfig, params: SimParams, workload: DeviceWorkload,
+               slot_request, next_request, now, capacity) -> Admission:
+    """vLLM-style FCFS admission at time ``now`` (PAM_SPEC §3).
+
+    Requests that have arrived are taken in order while a slot is free (``params.max_batch``
+    and the R slots), the KV capacity left after every running request's reservation (whole
+    prompt + output) holds theirs, and the step's prompts stay within the prefill token
+    budget (the first always may). A request that can never fit (more units than all enabled
+    tiers or a slot hold) is rejected in its turn. The first request that cannot be taken
+    stops admission (no overtaking).
+
+    Args:
+      config: static sizes; params: SimParams; workload: request arrays [N].
+      slot_request: i32 [R] request per slot (-1 = free); next_request: i32 [] FCFS pointer;
+      now: f32 [] time (s); capacity: i32 [T] units per tier (0 for disabled tiers).
+
+    Returns:
+      Admission.
+    """
+    r_slots, n_req, page = config.num_slots, config.num_requests, config.page_size
+    running = slot_request >= 0
+    req = jnp.maximum(slot_request, 0)
+    needs = units_needed(workload.prompt_tokens[req] + workload.output_tokens[req] - 1, page)
+    reserved = jnp.sum(jnp.where(running, needs, 0))
+    cand = next_request + jnp.arange(config.admit_window, dtype=jnp.int32)
+    in_range = cand < n_req
+    cand_c = jnp.minimum(cand, n_req - 1)
+    c_prompt = workload.prompt_tokens[cand_c]
+    c_need = units_needed(c_prompt + workload.output_tokens[cand_c] - 1, page)
+    arrived = in_range & (workload.arrival_s[cand_c] <= now)
+    never_fits = (c_need > jnp.sum(capacity)) | (c_need > config.units_per_slot)
+    reject = arrived & never_fits
+    fits = jnp.cumsum(jnp.where(reject, 0, c_need)) <= jnp.sum(capacity) - reserved
+    room = jnp.minimum(params.max_batch, r_slots) - jnp.sum(running)
+    has_slot = jnp.cumsum(arrived & ~reject) <= room
+    # vLLM's max_num_batched_tokens: prompts prefilled in one step stay within a token budget
+    # (the first admitted prompt always may, however long).
+    prompt_before = jnp.cumsum(jnp.where(reject, 0, c_prompt)) - jnp.where(reject, 0, c_prompt)
+    in_budget = (prompt_before + c_prompt <= params.prefill_token_budget) | (prompt_before == 0)
+    taken = jnp.cumprod((arrived & (reject | (fits & has_slot & in_budget))).astype(jnp.int32)
+                        ).astype(bool)
+    admit = taken & ~reject
+
+    free_slot = ~running
+    rows = jnp.arange(r_slots, dtype=jnp.int32)
+    slot_of_rank = jnp.full((r_slots,), r_slots, jnp.int32).at[
+        jnp.where(free_slot, jnp.cumsum(free_slot) - 1, r_slots)].set(rows, mode="drop")
+    admit_rank = jnp.clip(jnp.cumsum(admit) - 1, 0, r_slots - 1)
+    slot = jnp.where(admit, slot_of_rank[admit_rank], r_slots)
+    return Admission(cand=cand, cand_c=cand_c, prompt=c_prompt, admit=admit,
+                     rejected=taken & reject, taken=taken, slot=slot)
+
+
 def step(config: EngineConfig, params: SimParams, state: EngineState,
          workload: DeviceWorkload, recorded=None):
     """Advance the serving system by one iteration.
@@ -129,37 +204,12 @@ def step(config: EngineConfig, params: SimParams, state: EngineState,
 
     running = state.slot_request >= 0
     req = jnp.maximum(state.slot_request, 0)
-    prompt = workload.prompt_tokens[req]
-    output = workload.output_tokens[req]
 
     # ---------------------------------------------------------------- admission (FCFS)
-    reserved = jnp.sum(jnp.where(running, units_needed(prompt + output - 1, page), 0))
-    cand = state.next_request + jnp.arange(a_window, dtype=jnp.int32)
-    in_range = cand < n_req
-    cand_c = jnp.minimum(cand, n_req - 1)
-    c_prompt = workload.prompt_tokens[cand_c]
-    c_need = units_needed(c_prompt + workload.output_tokens[cand_c] - 1, page)
-    arrived = in_range & (workload.arrival_s[cand_c] <= now)
-    never_fits = (c_need > jnp.sum(capacity)) | (c_need > n_units)
-    reject = arrived & never_fits
-    fits = jnp.cumsum(jnp.where(reject, 0, c_need)) <= jnp.sum(capacity) - reserved
-    room = jnp.minimum(params.max_batch, r_slots) - jnp.sum(running)
-    has_slot = jnp.cumsum(arrived & ~reject) <= room
-    # vLLM's max_num_batched_tokens: prompts prefilled in one step stay within a token budget
-    # (the first admitted prompt always may, however long).
-    prompt_before = jnp.cumsum(jnp.where(reject, 0, c_prompt)) - jnp.where(reject, 0, c_prompt)
-    in_budget = (prompt_before + c_prompt <= params.prefill_token_budget) | (prompt_before == 0)
-    taken = jnp.cumprod((arrived & (reject | (fits & has_slot & in_budget))).astype(jnp.int32)
-                        ).astype(bool)
-    admit = taken & ~reject
-    rejected_now = taken & reject
-
-    free_slot = ~running
-    slot_of_rank = jnp.full((r_slots,), r_slots, jnp.int32).at[
-        jnp.where(free_slot, jnp.cumsum(free_slot) - 1, r_slots)].set(
-        rows.astype(jnp.int32), mode="drop")
-    admit_rank = jnp.clip(jnp.cumsum(admit) - 1, 0, r_slots - 1)
-    cand_slot = jnp.where(admit, slot_of_rank[admit_rank], r_slots)  # r_slots = dropped
+    adm = admit_fcfs(config, params, workload, state.slot_request, state.next_request, now,
+                     capacity)
+    cand, cand_c, c_prompt = adm.cand, adm.cand_c, adm.prompt
+    admit, taken, rejected_now, cand_slot = adm.admit, adm.taken, adm.rejected, adm.slot
 
     # Prompt units of admitted candidates, placed before anything else takes capacity. Most
     # steps admit nobody, so the placement work is skipped then (a select under vmap).
