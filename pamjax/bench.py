@@ -21,11 +21,14 @@ asserted):
   tracked KV unit and per token for a few sizes (a unit is ``page_size`` tokens).
 * ``azure_conv_requests_per_s``: requests simulated per wall second replaying the Azure LLM
   2023 conversation trace on ``vllm-offload`` (LLaMA3-70B, batch <= 64, page 256) with
-  simulation.simulate; compilation is excluded (a warm-up run of one chunk compiles it) and
-  reported apart. Target: 10,000 requests/s on a 2-core CPU.
+  simulation.simulate, which uses the event leap (leap.py) for this system; compilation is
+  excluded (a warm-up run of one chunk compiles it) and reported apart. Target: 10,000
+  requests/s on a 2-core CPU. Beside it, the same requests replayed by engine.step (one
+  device iteration per step; the first 2,000 requests with ``quick``) and whether the two
+  summaries agree.
 
-``quick`` shrinks every case (batch 32 for the reference comparison, the first 2,000 trace
-requests, smaller growth grids) to run in a few minutes on a 2-core CPU. Timings on a shared
+``quick`` shrinks every case (batch 32 for the reference comparison, 2,000 trace requests
+for the engine.step comparison, smaller growth grids) to run in a few minutes on a 2-core CPU. Timings on a shared
 machine are noisy; run under ``taskset -c 0`` for a one-core figure.
 """
 
@@ -279,12 +282,11 @@ def huge_runs(progress: bool) -> list[dict]:
     return rows
 
 
-def azure_replay(path, limit: int | None, system: str = "vllm-offload", max_batch: int = 64,
-                 page_size: int = 256, chunk_steps: int = 4096) -> dict:
-    """Requests per wall second replaying the trace, compilation excluded (see module doc)."""
-    workload = load_trace(path, max_requests=limit)
+def _replay(workload: Workload, system: str, leap: bool, max_batch: int, page_size: int,
+            chunk_steps: int) -> tuple[dict, object]:
+    """One timed replay (compilation excluded: a first run of one chunk compiles it)."""
     kwargs = dict(max_batch=max_batch, page_size=page_size, chunk_steps=chunk_steps,
-                  timeline=False)
+                  timeline=False, leap=leap)
     start = time.perf_counter()
     simulate(system, "llama3-70b", workload, max_steps=chunk_steps, **kwargs)
     warmup = time.perf_counter() - start
@@ -292,17 +294,50 @@ def azure_replay(path, limit: int | None, system: str = "vllm-offload", max_batc
     result = simulate(system, "llama3-70b", workload, **kwargs)
     wall = time.perf_counter() - start
     s = result.summary
-    chunks = -(-result.stats.steps // chunk_steps)
+    iterations = int(result.state.iterations) if leap else result.stats.steps
+    per_chunk = wall * min(chunk_steps / max(result.stats.steps, 1), 1.0)
     return {
-        "system": system, "model": "llama3-70b", "requests": workload.num_requests,
-        "max_batch": max_batch, "page_size": page_size, "chunk_steps": chunk_steps,
-        "wall_s": wall, "requests_per_s": workload.num_requests / wall,
+        "engine": "event leap (leap.py)" if leap else "engine.step",
+        "requests": workload.num_requests, "wall_s": wall,
+        "requests_per_s": workload.num_requests / wall,
         "engine_steps": result.stats.steps, "busy_steps": s["steps"],
+        "device_iterations": iterations,
         "wall_us_per_busy_step": wall / max(s["steps"], 1) * 1e6,
-        "compile_s": max(warmup - wall / chunks, 0.0),
+        "compile_s": max(warmup - per_chunk, 0.0),
         "requests_finished": s["requests_finished"],
         "simulated_seconds": s["simulated_seconds"],
-    }
+    }, result
+
+
+def azure_replay(path, limit: int | None, system: str = "vllm-offload", max_batch: int = 64,
+                 page_size: int = 256, chunk_steps: int = 4096,
+                 compare_requests: int | None = 2000) -> dict:
+    """Requests per wall second replaying the trace (see module doc).
+
+    The headline replays ``limit`` requests (None: the whole trace) the way `pamjax simulate`
+    does, with the event leap (leap.py) where it applies. For comparison, and to show that
+    the leap changes no result, the first ``compare_requests`` requests are replayed by both
+    the leap and engine.step (None: all of them) and their summaries compared (rtol 1e-6;
+    selection mass share atol 1e-6, see leap.py).
+    """
+    workload = load_trace(path, max_requests=limit)
+    head = workload if compare_requests is None or compare_requests >= workload.num_requests \
+        else load_trace(path, max_requests=compare_requests)
+    common = dict(system=system, max_batch=max_batch, page_size=page_size,
+                  chunk_steps=chunk_steps)
+    headline, _ = _replay(workload, leap=True, **common)
+    leaped, a = _replay(head, leap=True, **common)
+    stepped, b = _replay(head, leap=False, **common)
+    differs = [k for k, v in b.summary.items() if k != "wall_seconds" and not np.allclose(
+        np.asarray(list(v.values()) if isinstance(v, dict) else v, np.float64),
+        np.asarray(list(a.summary[k].values()) if isinstance(v, dict) else a.summary[k],
+                   np.float64), rtol=1e-6, atol=1e-6 if k == "selected_mass_share" else 0,
+        equal_nan=True)]
+    return {**headline, "system": system, "model": "llama3-70b", "max_batch": max_batch,
+            "page_size": page_size, "chunk_steps": chunk_steps,
+            "compare": {"requests": head.num_requests, "leap": leaped, "engine_step": stepped,
+                        "speedup": stepped["wall_s"] / leaped["wall_s"],
+                        "summaries_equal": not differs, "differing_keys": differs}}
 
 
 def bench_command(*, quick: bool, json_path: str | None, progress: bool) -> dict:
@@ -380,15 +415,22 @@ def bench_command(*, quick: bool, json_path: str | None, progress: bool) -> dict
         out["azure_conv_requests_per_s"] = None
     else:
         _log(progress, "Azure conversation trace replay")
-        azure = azure_replay(trace, 2000 if quick else None)
+        azure = azure_replay(trace, None, compare_requests=2000 if quick else None)
         out["azure"] = azure
         out["azure_conv_requests_per_s"] = azure["requests_per_s"]
+        cmp = azure["compare"]
         print(f"\nazure_conv_requests_per_s: {azure['requests_per_s']:.0f} "
               f"(target {TARGETS['azure_conv_requests_per_s']:.0f}); {azure['requests']} "
               f"requests, {azure['system']}, batch <= {azure['max_batch']}, page "
-              f"{azure['page_size']}: {azure['wall_s']:.1f} s wall for {azure['busy_steps']} "
-              f"busy engine steps ({azure['wall_us_per_busy_step']:.0f} us each), compile "
+              f"{azure['page_size']}, {azure['engine']}: {azure['wall_s']:.2f} s wall for "
+              f"{azure['busy_steps']} busy engine steps in {azure['device_iterations']} device "
+              f"iterations ({azure['wall_us_per_busy_step']:.1f} us per step), compile "
               f"{azure['compile_s']:.1f} s apart, {azure['requests_finished']} finished")
+        print(f"  first {cmp['requests']} requests: leap {cmp['leap']['requests_per_s']:.0f} "
+              f"req/s, engine.step {cmp['engine_step']['requests_per_s']:.0f} req/s "
+              f"({cmp['speedup']:.0f}x); summaries equal: {cmp['summaries_equal']}"
+              + (f" (differ: {', '.join(cmp['differing_keys'])})" if cmp["differing_keys"]
+                 else ""))
 
     if not quick:
         _log(progress, "huge runs")

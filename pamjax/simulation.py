@@ -21,6 +21,7 @@ import numpy as np
 from jax import lax
 
 from pamjax import engine
+from pamjax import leap as leap_lib
 from pamjax import metrics as metrics_lib
 from pamjax.errors import ConfigError
 from pamjax.locality import AccessModel, recorded_unit_logits
@@ -178,7 +179,8 @@ class _Progress:
 
 def run(params: SimParams, workload: HostWorkload, config: EngineConfig, *, seed: int = 0,
         chunk_steps: int = 256, max_steps: int | None = None, recorded=None,
-        progress: bool = False, timeline: bool | None = None) -> SimResult:
+        progress: bool = False, timeline: bool | None = None,
+        leap_steps: int = 0) -> SimResult:
     """Simulate one configuration until every request is finished or rejected.
 
     The host loop never waits on the chunk it has just dispatched: chunk k+1 is queued before
@@ -200,31 +202,48 @@ def run(params: SimParams, workload: HostWorkload, config: EngineConfig, *, seed
       progress: show progress (tqdm when installed) on stderr.
       timeline: keep every step's StepMetrics in ``SimResult.metrics`` (True), never (False),
         or while it stays under TIMELINE_AUTO_BYTES (None, the default).
+      leap_steps: 0 (default) runs engine.step; K >= 2 runs the event leap (leap.py), up to
+        K engine steps per iteration, the same trajectory for the systems leap.applies to
+        (ConfigError otherwise). Its chunks hold up to ``max(chunk_steps, K)`` steps.
 
     Returns:
-      SimResult.
+      SimResult (with the leap, ``state`` is a leap.LeapState).
     """
     for field, value in (("max_steps", max_steps), ("chunk_steps", chunk_steps)):
         if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
             raise ConfigError(field, value, "must be an integer >= 1")
+    if leap_steps:
+        if not isinstance(leap_steps, (int, np.integer)) or leap_steps < 2:
+            raise ConfigError("leap_steps", leap_steps, "must be 0 (off) or an integer >= 2")
+        reason = leap_lib.applies(params, config)
+        if reason is not None:
+            raise ConfigError("leap_steps", leap_steps, f"the event leap does not apply: "
+                              f"{reason}")
+        chunk_steps = max(chunk_steps, leap_steps)
     start = time.perf_counter()
     dev_workload = device_workload(workload)
-    state = engine.init_state(config, seed)
+    state = leap_lib.init_state(config) if leap_steps else engine.init_state(config, seed)
     limit = max_steps or step_bound(workload)
     stats = metrics_lib.RunningStats()
     kept = []
     keep = timeline
     bar = _Progress(workload.num_requests, progress)
     pending = None
-    steps = 0
+    dispatched = 0
     finished = False
-    while steps < limit and not finished:
-        state, chunk, done = _run_chunk(config, params, state, dev_workload, chunk_steps,
-                                        recorded)
-        steps += chunk_steps
+    # The leap's chunks take a varying number of steps: count those folded instead.
+    while (stats.steps if leap_steps else dispatched) < limit and not finished:
+        if leap_steps:
+            state, chunk, rows, done = leap_lib.run_chunk(config, params, state, dev_workload,
+                                                      chunk_steps, leap_steps, limit)
+        else:
+            state, chunk, done = _run_chunk(config, params, state, dev_workload, chunk_steps,
+                                            recorded)
+            rows = chunk_steps
+        dispatched += chunk_steps
         if pending is not None:
             finished = _fold(pending, stats, kept, keep, bar)
-        pending = (chunk, done, steps)
+        pending = (chunk, rows, done)
         if keep is None:  # decided on the first chunk's size
             per_step = sum(x.nbytes for x in jax.tree.leaves(chunk)) / chunk_steps
             keep = per_step * limit <= TIMELINE_AUTO_BYTES
@@ -237,14 +256,18 @@ def run(params: SimParams, workload: HostWorkload, config: EngineConfig, *, seed
 
 
 def _fold(pending, stats, kept, keep: bool, bar: _Progress) -> bool:
-    """Fold a finished chunk into the statistics; True when every request is done."""
-    chunk, done, steps = pending
+    """Fold a finished chunk (its first ``rows`` steps) into the statistics; True when every
+    request is done."""
+    chunk, rows, done = pending
     chunk = jax.device_get(chunk)
+    rows = int(rows)
+    if rows < len(chunk.step_time_s):
+        chunk = jax.tree.map(lambda x: x[:rows], chunk)
     stats.fold(chunk)
     if keep:
         kept.append(chunk)
     done = int(done)
-    bar.update(done, steps)
+    bar.update(done, stats.steps)
     return done == bar.total
 
 
@@ -252,7 +275,8 @@ def simulate(system: str, model: str, workload: HostWorkload, *, max_batch: int 
              platform=None, access: AccessModel | None = None, knobs=None,
              page_size: int | None = None, seed: int = 0, chunk_steps: int = 256,
              max_steps: int | None = None, recorded_scores: np.ndarray | None = None,
-             progress: bool = False, timeline: bool | None = None) -> SimResult:
+             progress: bool = False, timeline: bool | None = None,
+             leap: bool | None = None) -> SimResult:
     """One system on one workload: the convenience entry point behind `pamjax simulate`.
 
     Args:
@@ -264,10 +288,14 @@ def simulate(system: str, model: str, workload: HostWorkload, *, max_batch: int 
       seed: access-model seed.
       recorded_scores: f32 [S, N] recorded per-step token logits (locality.load_recorded_scores).
       chunk_steps, max_steps, progress, timeline: see :func:`run`.
+      leap: use the event leap (leap.py, the same trajectory in far fewer device
+        iterations): None (default) when it applies to the system, True always (ConfigError
+        where it does not apply), False never.
 
     Raises:
       CapacityError: no request of the workload can ever fit the system's KV tiers (or the
         weights do not fit HBM).
+      ConfigError: ``leap=True`` for a system the leap does not apply to.
     """
     from pamjax.systems import make_params, max_bank_groups, require_a_fitting_request
 
@@ -280,6 +308,9 @@ def simulate(system: str, model: str, workload: HostWorkload, *, max_batch: int 
                          int(recorded_scores.shape[0]))
     params = make_params(system, model, platform, access, max_batch=max_batch,
                          page_size=config.page_size, knobs=knobs)
+    if leap is None:
+        leap = leap_lib.applies(params, config) is None
     return run(params, workload, config, seed=seed, chunk_steps=chunk_steps,
                max_steps=max_steps, recorded=prepare_recorded(recorded_scores, config),
-               progress=progress, timeline=timeline)
+               progress=progress, timeline=timeline,
+               leap_steps=leap_lib.LEAP_STEPS if leap else 0)
