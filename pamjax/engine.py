@@ -280,8 +280,12 @@ def step(config: EngineConfig, params: SimParams, state: EngineState,
     # unit is displaced to the fastest lower tier with room.
     present_before = tier_before_decode >= 0
     hbm_key = jnp.where(tier_before_decode == 0, unit_importance, jnp.inf)
-    victim = jnp.argmin(hbm_key, axis=-1)
-    has_victim = jnp.isfinite(jnp.min(hbm_key, axis=-1))
+    lowest = jnp.min(hbm_key, axis=-1)
+    # argmin (first least unit) as two plain reductions: XLA:CPU's variadic argmin
+    # reduction is several times slower over [R, U].
+    victim = jnp.min(jnp.where(hbm_key == lowest[:, None], unit_idx[None, :], n_units), -1)
+    victim = jnp.minimum(victim, n_units - 1)
+    has_victim = jnp.isfinite(lowest)
     needs_room = opens_unit & (to_hbm == 0)
     displace = (params.new_token_policy == NEW_TOKEN_HBM_DISPLACE) & needs_room
     down_ddr = placement.allocate_in_order(displace.astype(jnp.int32), free[1])

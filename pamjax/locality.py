@@ -316,8 +316,15 @@ def select(params, unit_logits, tokens, iters: int):
     band = present & ~sure & (unit_logits >= lo[:, None])
     missing = target - jnp.sum(jnp.where(sure, weights, 0.0), axis=-1)
     band_weight = jnp.where(band, weights, 0.0)
-    band_before = jnp.cumsum(band_weight, axis=-1) - band_weight
-    chosen = sure | (band & (band_before < missing[:, None]))
+
+    def in_position_order(band_weight):
+        band_before = jnp.cumsum(band_weight, axis=-1) - band_weight
+        return band & (band_before < missing[:, None])
+
+    # Usually the bracket is so narrow that the whole band fits the token target; the
+    # prefix sum (a costly op on CPU) is only needed where it does not.
+    overfull = jnp.any(jnp.sum(band_weight, axis=-1) > missing)
+    chosen = sure | lax.cond(overfull, in_position_order, lambda _: band, band_weight)
     return present & ((params.select_fraction >= 1.0) | chosen)
 
 
