@@ -125,6 +125,7 @@ def cmd_simulate(args) -> int:
     import numpy as np
 
     from pamjax.bounds import bound_columns
+    from pamjax.leap import LeapState
     from pamjax.locality import load_recorded_scores
     from pamjax.simulation import simulate
     from pamjax.systems import require_a_fitting_request
@@ -137,8 +138,10 @@ def cmd_simulate(args) -> int:
     scores = load_recorded_scores(args.scores) if args.scores else None
     result = simulate(args.system, model, workload, max_batch=args.batch,
                       platform=platform, page_size=args.page_size, seed=args.seed,
-                      progress=args.progress, recorded_scores=scores)
+                      progress=args.progress, recorded_scores=scores,
+                      leap={"auto": None, "step": False, "leap": True}[args.engine])
     s = result.summary
+    s["engine"] = "leap" if isinstance(result.state, LeapState) else "step"
     status = np.asarray(result.state.req_status)
     admitted = (status == STATUS_RUNNING) | (status == STATUS_FINISHED)
     if admitted.any():
@@ -168,7 +171,8 @@ def cmd_simulate(args) -> int:
         columns.append("SLO met")
     print(f"{_name(model)} on {workload.name}: {workload.num_requests} requests, "
           f"batch <= {args.batch}, {s['decode_steps']} decode steps, "
-          f"{s['simulated_seconds']:.2f} simulated s, {s['wall_seconds']:.1f} wall s")
+          f"{s['simulated_seconds']:.2f} simulated s, {s['wall_seconds']:.1f} wall s "
+          f"({'event leap' if s['engine'] == 'leap' else 'engine.step'})")
     print(format_table([row], columns))
     print(f"locality: a unit attended at one step is attended at the next with probability "
           f"{s['selection_persistence']:.3f}; the attended set holds "
@@ -586,6 +590,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "logits [steps, tokens] (.npy, or .npz with 'scores') from your own model, "
                    "replacing the synthetic access model")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--engine", choices=("auto", "step", "leap"), default="auto",
+                   help="auto (default): the event leap (many decode steps per device "
+                   "iteration, the same results) for systems it reproduces exactly, such as "
+                   "vllm-offload, else one engine step per iteration; step: always the "
+                   "latter; leap: the leap or an error")
     p.add_argument("--json", metavar="PATH", help="write the summary as JSON")
     p.add_argument("--progress", action="store_true", help="show progress on stderr")
     add_config_files(p)

@@ -320,8 +320,8 @@ def leap(config: EngineConfig, params: SimParams, s: LeapState, workload: Device
       step_limit: i32 [], no step beyond this index is taken.
 
     Returns:
-      (new LeapState, StepMetrics stacked over [L] (zero beyond the kept steps), kept
-      steps i32 []).
+      (new LeapState, StepMetrics stacked over [L] (rows beyond the kept steps describe
+      steps not taken: run_chunk overwrites them), kept steps i32 []).
     """
     page, n_units, n_req = config.page_size, config.units_per_slot, config.num_requests
     i = jnp.arange(num_steps, dtype=jnp.int32)[:, None]  # [L, 1] leap step
@@ -417,8 +417,6 @@ def leap(config: EngineConfig, params: SimParams, s: LeapState, workload: Device
     zero = jnp.zeros((num_steps,), jnp.int32)
     metrics = _metrics(dt, jnp.zeros((num_steps,), jnp.float32), jnp.sum(dec, -1), zero,
                        tier_units, cost, busy, selected, persisted, zero)
-    metrics = jax.tree.map(lambda x: jnp.where(
-        kept_mask.reshape((-1,) + (1,) * (x.ndim - 1)), x, jnp.zeros((), x.dtype)), metrics)
     return new_state, metrics, kept
 
 
