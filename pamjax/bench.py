@@ -335,6 +335,27 @@ def _replay(workload: Workload, system: str, leap: bool, max_batch: int, page_si
     }, result
 
 
+def _summary_differences(reference: dict, other: dict) -> list[str]:
+    """Summary keys on which two runs of the same workload disagree beyond float32
+    rounding: rtol 1e-6; latencies within two float32 ulps of the clock at the run's end
+    (first-token and finish times are stamped from it); the selected mass share within
+    1e-6 (leap.py)."""
+    ulp_ms = 1e3 * float(np.spacing(np.float32(reference["simulated_seconds"])))
+    bad = []
+    for key, value in reference.items():
+        if key == "wall_seconds":
+            continue
+        mine = other[key]
+        if isinstance(value, dict):
+            value, mine = list(value.values()), list(mine.values())
+        atol = {"ttft_ms": 2 * ulp_ms, "tpot_ms": 2 * ulp_ms, "selected_mass_share": 1e-6
+                }.get(key, 0.0)
+        if not np.allclose(np.asarray(value, np.float64), np.asarray(mine, np.float64),
+                           rtol=1e-6, atol=atol, equal_nan=True):
+            bad.append(key)
+    return bad
+
+
 def azure_replay(path, limit: int | None, system: str = "vllm-offload", max_batch: int = 64,
                  page_size: int = 256, chunk_steps: int = 4096,
                  compare_requests: int | None = 2000) -> dict:
@@ -344,8 +365,8 @@ def azure_replay(path, limit: int | None, system: str = "vllm-offload", max_batc
     does, with the event leap (leap.py) where it applies: the median of five timed runs
     (this figure moves by up to 2x between runs on a shared virtual machine). For comparison, and to show that
     the leap changes no result, the first ``compare_requests`` requests are replayed by both
-    the leap and engine.step (None: all of them) and their summaries compared (rtol 1e-6;
-    selection mass share atol 1e-6, see leap.py).
+    the leap and engine.step (None: all of them) and their summaries compared
+    (:func:`_summary_differences`).
     """
     workload = load_trace(path, max_requests=limit)
     head = workload if compare_requests is None or compare_requests >= workload.num_requests \
@@ -355,11 +376,7 @@ def azure_replay(path, limit: int | None, system: str = "vllm-offload", max_batc
     headline, _ = _replay(workload, leap=True, repeats=5, **common)
     leaped, a = _replay(head, leap=True, **common)
     stepped, b = _replay(head, leap=False, **common)
-    differs = [k for k, v in b.summary.items() if k != "wall_seconds" and not np.allclose(
-        np.asarray(list(v.values()) if isinstance(v, dict) else v, np.float64),
-        np.asarray(list(a.summary[k].values()) if isinstance(v, dict) else a.summary[k],
-                   np.float64), rtol=1e-6, atol=1e-6 if k == "selected_mass_share" else 0,
-        equal_nan=True)]
+    differs = _summary_differences(b.summary, a.summary)
     return {**headline, "system": system, "model": "llama3-70b", "max_batch": max_batch,
             "page_size": page_size, "chunk_steps": chunk_steps,
             "compare": {"requests": head.num_requests, "leap": leaped, "engine_step": stepped,
