@@ -1,16 +1,16 @@
-"""Event leap: the engine's exact trajectory, many decode steps per iteration, for systems
+"""Event leap: engine.step's trajectory, many decode steps per device iteration, for systems
 whose step cost does not depend on the access model.
 
 Why. One engine step (engine.step) is a few hundred small XLA operations: ~0.35 ms on a CPU
-core whatever the batch. A trace replay needs one step per decode iteration (about 12 per
+core whatever the batch. A trace replay needs one step per decode iteration (about 10 per
 request on the Azure conversation trace), so it is bound by that per-step cost. Between two
 events, arrivals that can be admitted and the steps that follow them, a decode step of a
 system such as vLLM-offload changes the state in closed form: every running request adds
 one token, to its last KV unit or to a new one, and the step's time is the cost model
 (costs.step_cost) of counts that are simple functions of the step index. This module takes
 one general step (admission, prefill, decode, completion), then up to ``leap_steps`` - 1
-decode-only steps at once as [L, R] arrays, and keeps the prefix of those steps that is
-exactly what engine.step would have done.
+decode-only steps at once as [L, R] arrays, and keeps the prefix of those steps that
+engine.step would have taken the same way.
 
 Which systems. Those for which :func:`applies` is true: attention on the GPUs (the PIM
 critical path depends on bank-group loads, which depend on the placement history), dense
@@ -19,8 +19,8 @@ online scheduling, fastest-first prompt placement and new units in the fastest t
 room; no learned placement score and no recorded scores. Of the study's systems that is
 ``vllm-offload``. simulation.simulate uses the leap for it automatically (``leap=None``).
 
-What makes a leap step exact. In leap step i (after the general step) nothing is admitted
-or rejected, and every new KV unit lands in HBM. The leap keeps steps while:
+When a leap step is engine.step's step. In leap step i (after the general step) nothing is
+admitted or rejected, and every new KV unit lands in HBM. The leap keeps steps while:
 
 * some request decodes (otherwise the step is idle and the clock jumps: a general step);
 * the head of the queue cannot be taken at the step's start: not yet arrived, or it can be
@@ -69,6 +69,7 @@ from jax import lax
 
 from pamjax import engine, placement
 from pamjax.costs import StepCounts, step_cost
+from pamjax.errors import ConfigError
 from pamjax.types import (
     NEW_TOKEN_FASTEST_FREE,
     PLACEMENT_FASTEST_FIRST,
@@ -198,7 +199,11 @@ def _counts(decode_requests, decode_context, tier_tokens, prefill_n=None,
 
 def general_step(config: EngineConfig, params: SimParams, s: LeapState,
                  workload: DeviceWorkload):
-    """One step exactly as engine.step takes it, on the leap's state.
+    """One step as engine.step takes it (admission, prefill, decode, completion), on the
+    leap's state.
+
+    Args:
+      config, params, workload: as engine.step; s: LeapState before the step.
 
     Returns:
       (new LeapState, StepMetrics of the step).
@@ -319,7 +324,8 @@ def _metrics(dt, idle, decode_requests, prefill_requests, tier_units, cost, busy
 
 def leap(config: EngineConfig, params: SimParams, s: LeapState, workload: DeviceWorkload,
          num_steps: int, step_limit):
-    """Up to ``num_steps`` decode-only steps from ``s``, keeping the exact prefix.
+    """Up to ``num_steps`` decode-only steps from ``s``, keeping the prefix of steps that
+    engine.step would take the same way (module docstring).
 
     Args:
       config, params, workload: as engine.step.
@@ -444,6 +450,8 @@ def run_chunk(config: EngineConfig, params: SimParams, state: LeapState,
       (LeapState, StepMetrics [C] whose first ``rows`` rows are the steps taken in order,
       rows i32 [], finished or rejected requests i32 []).
     """
+    if not 2 <= leap_steps <= chunk_steps:
+        raise ConfigError("leap_steps", leap_steps, f"must be in [2, chunk_steps = {chunk_steps}]")
     row = jax.eval_shape(lambda: general_step(config, params, state, workload)[1])
     buffer = jax.tree.map(lambda x: jnp.zeros((chunk_steps,) + x.shape, x.dtype), row)
 
