@@ -295,7 +295,7 @@ def simulate(system: str, model: str, workload: HostWorkload, *, max_batch: int 
     Raises:
       CapacityError: no request of the workload can ever fit the system's KV tiers (or the
         weights do not fit HBM).
-      ConfigError: ``leap=True`` for a system the leap does not apply to.
+      ConfigError: ``leap=True`` for a system the leap does not apply to (field ``engine``).
     """
     from pamjax.systems import make_params, max_bank_groups, require_a_fitting_request
 
@@ -308,8 +308,12 @@ def simulate(system: str, model: str, workload: HostWorkload, *, max_batch: int 
                          int(recorded_scores.shape[0]))
     params = make_params(system, model, platform, access, max_batch=max_batch,
                          page_size=config.page_size, knobs=knobs)
+    reason = leap_lib.applies(params, config)
+    if leap and reason is not None:
+        raise ConfigError("engine", "leap", f"the event leap does not apply to "
+                          f"{system if isinstance(system, str) else system.name}: {reason}")
     if leap is None:
-        leap = leap_lib.applies(params, config) is None
+        leap = reason is None
     return run(params, workload, config, seed=seed, chunk_steps=chunk_steps,
                max_steps=max_steps, recorded=prepare_recorded(recorded_scores, config),
                progress=progress, timeline=timeline,

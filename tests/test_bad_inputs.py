@@ -160,6 +160,12 @@ def test_negative_seed_for_a_synthetic_workload(capsys):
     assert_one_error_line(rc, err, "seed=-1", "non-negative")
 
 
+def test_event_leap_for_a_system_it_does_not_reproduce(capsys):
+    rc, err = run_cli(["simulate", "--system", "pam", "--model", "llama3-8b", "--max-requests",
+                       "4", "--engine", "leap"], capsys)
+    assert_one_error_line(rc, err, "engine='leap'", "does not apply to pam")
+
+
 # -- recorded scores --------------------------------------------------------------------------
 
 SYNTHETIC = ["simulate", "--system", "pam", "--model", "llama3-8b", "--workload", "humaneval",

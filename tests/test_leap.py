@@ -167,7 +167,7 @@ def test_only_systems_it_reproduces_may_leap():
     assert all(reasons.values()), reasons
     assert reasons["attacc"] == "attention runs in PIM"
     workload = tiny_workload(0)
-    with pytest.raises(ConfigError, match="leap_steps.*attention runs in PIM"):
+    with pytest.raises(ConfigError, match="engine=.leap.*to pam: attention runs in PIM"):
         simulation.simulate("pam", MODEL, workload, max_batch=4, leap=True)
     assert isinstance(simulation.simulate("vllm-offload", MODEL, workload, max_batch=4,
                                           max_steps=5).state, leap.LeapState)
