@@ -83,14 +83,34 @@ def units_needed(tokens, page_size: int):
     return (tokens + page_size - 1) // page_size
 
 
-def tier_units(tier):
-    """Units per tier, i32 [T], from a tier table of any shape."""
-    return jnp.stack([jnp.sum(tier == t) for t in range(NUM_TIERS)]).astype(jnp.int32)
+F32_EXACT_TOTAL = 1 << 24
+"""Sums of non-negative integers below this are exact in float32 in any order."""
 
 
-def tier_sums(tier, values):
-    """Sum of ``values`` per tier, [T], from a tier table and values of the same shape."""
-    return jnp.stack([jnp.sum(jnp.where(tier == t, values, 0)) for t in range(NUM_TIERS)])
+def integer_sum(x, max_total: int | None = None):
+    """Sum of a non-negative integer (or boolean) array, i32 [].
+
+    XLA:CPU reduces float32 about twice as fast as int32 over large arrays, so when
+    ``max_total`` (a static bound on the sum) is below F32_EXACT_TOTAL, every partial sum is
+    an integer float32 holds exactly and the float32 reduction gives the same result.
+    """
+    if max_total is not None and max_total < F32_EXACT_TOTAL:
+        return jnp.sum(x, dtype=jnp.float32).astype(jnp.int32)
+    return jnp.sum(x, dtype=jnp.int32)
+
+
+def tier_units(tier, max_total: int | None = None):
+    """Units per tier, i32 [T], from a tier table of any shape (``max_total``: a static
+    bound on the count, see integer_sum; the table's size always is one)."""
+    bound = tier.size if max_total is None else max_total
+    return jnp.stack([integer_sum(tier == t, bound) for t in range(NUM_TIERS)])
+
+
+def tier_sums(tier, values, max_total: int | None = None):
+    """Sum of non-negative integer ``values`` per tier, i32 [T], from a tier table and values
+    of the same shape (``max_total``: a static bound on the sum, see integer_sum)."""
+    return jnp.stack([integer_sum(jnp.where(tier == t, values, 0), max_total)
+                      for t in range(NUM_TIERS)])
 
 
 def target_share(params: SimParams):
@@ -330,8 +350,8 @@ def step(config: EngineConfig, params: SimParams, state: EngineState,
         dec2, locality.update_importance(params, unit_importance, mass, present),
         unit_importance)
 
-    persisted = jnp.sum(selected & state.unit_selected)
-    previously_selected = jnp.sum(state.unit_selected & dec2)
+    persisted = integer_sum(selected & state.unit_selected, selected.size)
+    previously_selected = integer_sum(state.unit_selected & dec2, selected.size)
     selected_mass = jnp.sum(jnp.where(selected, mass, 0.0))
     sel_tokens = jnp.where(selected, tokens, 0)
 
@@ -348,7 +368,7 @@ def step(config: EngineConfig, params: SimParams, state: EngineState,
     active_bg = request_bg.sum((0, 2))
     tier_requests = request_bg.any(-1).sum(0)
     # Label reads happen where the tokens sit while they are scored, before scheduling.
-    tier_tokens = tier_sums(unit_tier, tokens)
+    tier_tokens = tier_sums(unit_tier, tokens, unit_tier.size * page)
     tier_holders = jnp.stack([jnp.sum(jnp.any(present & (unit_tier == t), axis=-1))
                               for t in range(NUM_TIERS)])
     sel_units_bg = jax.ops.segment_sum(selected.ravel().astype(jnp.int32), segment.ravel(),
@@ -448,12 +468,12 @@ def step(config: EngineConfig, params: SimParams, state: EngineState,
         tier_units=tier_units(new_state.unit_tier),
         attention_s=jnp.where(busy, cost.attention_s, 0.0),
         tier_attention_s=jnp.where(busy, cost.tier_attention_s, 0.0),
-        selected_units=jnp.sum(selected).astype(jnp.int32),
+        selected_units=integer_sum(selected, selected.size),
         persisted_units=persisted.astype(jnp.int32),
         previously_selected_units=previously_selected.astype(jnp.int32),
         selected_mass=selected_mass,
-        migrated_units=jnp.sum(moved).astype(jnp.int32),
-        migrated_from_ssd=jnp.sum(moved & (tier_before_decode == 2)).astype(jnp.int32),
+        migrated_units=integer_sum(moved, moved.size),
+        migrated_from_ssd=integer_sum(moved & (tier_before_decode == 2), moved.size),
         energy_pj=jnp.where(busy, cost.energy_pj, 0.0),
         rejected=jnp.sum(rejected_now).astype(jnp.int32),
     )
