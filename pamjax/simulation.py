@@ -1,7 +1,8 @@
 """Host driver: size the engine for a workload, run it in jitted chunks, summarise.
 
 The loop over chunks is the only host-side loop: each chunk is one compiled ``lax.scan`` of
-``chunk_steps`` steps with the state donated. The host never blocks on the chunk it has just
+``chunk_steps`` steps with the state donated (with the event leap, leap.run_chunk: a
+``lax.while_loop`` filling at most ``chunk_steps`` rows). The host never blocks on the chunk it has just
 dispatched: it folds the previous chunk's metrics into running statistics
 (metrics.RunningStats) and reads that chunk's completion count while the device runs the next
 one. Host memory stays O(chunk_steps) for runs of any length unless the per-step timeline is
@@ -203,8 +204,10 @@ def run(params: SimParams, workload: HostWorkload, config: EngineConfig, *, seed
       timeline: keep every step's StepMetrics in ``SimResult.metrics`` (True), never (False),
         or while it stays under TIMELINE_AUTO_BYTES (None, the default).
       leap_steps: 0 (default) runs engine.step; K >= 2 runs the event leap (leap.py), up to
-        K engine steps per iteration, the same trajectory for the systems leap.applies to
-        (ConfigError otherwise). Its chunks hold up to ``max(chunk_steps, K)`` steps.
+        K engine steps per device iteration, engine.step's trajectory (to float32 rounding)
+        for the systems leap.applies to (ConfigError otherwise; ``seed`` then changes
+        nothing, as these systems do not read the access model). Its chunks hold up to
+        ``max(chunk_steps, K)`` steps.
 
     Returns:
       SimResult (with the leap, ``state`` is a leap.LeapState).
