@@ -200,6 +200,35 @@ def admit_fcfs(config: EngineConfig, params: SimParams, workload: DeviceWorkload
                      rejected=taken & reject, taken=taken, slot=slot)
 
 
+def advance_clock(whole, frac, busy_s, idle_s):
+    """The clock after a step of ``busy_s`` seconds and an idle jump of ``idle_s``.
+
+    The clock is whole seconds plus a fraction in [0, 1) (float32 keeps sub-microsecond
+    resolution over hour-long runs). The fraction gets ``busy_s`` then ``idle_s`` added, one
+    float32 addition each, so every engine that advances time through here (engine.step,
+    leap.py) rounds the same way.
+
+    Returns:
+      (whole, frac, end = whole + frac), f32 [] each.
+    """
+    frac = frac + busy_s + idle_s
+    carry = jnp.floor(frac)
+    whole, frac = whole + carry, frac - carry
+    return whole, frac, whole + frac
+
+
+def record_request_events(status, first_token_s, finish_s, *, admitted, rejected, finished,
+                          end):
+    """Request arrays [N] after a step that ends at ``end`` (s): the ``admitted`` requests
+    run and got their first token, the ``rejected`` ones are refused, the ``finished`` ones
+    are done. Each is an i32 array of request ids, N meaning none."""
+    status = status.at[admitted].set(STATUS_RUNNING, mode="drop")
+    status = status.at[rejected].set(STATUS_REJECTED, mode="drop")
+    status = status.at[finished].set(STATUS_FINISHED, mode="drop")
+    return (status, first_token_s.at[admitted].set(end, mode="drop"),
+            finish_s.at[finished].set(end, mode="drop"))
+
+
 def step(config: EngineConfig, params: SimParams, state: EngineState,
          workload: DeviceWorkload, recorded=None):
     """Advance the serving system by one iteration.
@@ -418,10 +447,7 @@ def step(config: EngineConfig, params: SimParams, state: EngineState,
     next_arrival = workload.arrival_s[jnp.minimum(state.next_request, n_req - 1)]
     waiting_more = state.next_request + jnp.sum(taken) < n_req
     idle = jnp.where(~busy & waiting_more, jnp.maximum(next_arrival - now, 0.0), 0.0)
-    frac = state.clock_frac + dt + idle
-    carry = jnp.floor(frac)
-    clock_whole, clock_frac = state.clock_whole + carry, frac - carry
-    end = clock_whole + clock_frac
+    clock_whole, clock_frac, end = advance_clock(state.clock_whole, state.clock_frac, dt, idle)
 
     # ---------------------------------------------------------------- completion
     slot_generated = jnp.where(decoding, slot_generated + 1, slot_generated)
@@ -429,14 +455,10 @@ def step(config: EngineConfig, params: SimParams, state: EngineState,
     live = slot_request >= 0
     out_tokens = workload.output_tokens[jnp.maximum(slot_request, 0)]
     done = live & (slot_generated >= out_tokens)
-    finished_id = jnp.where(done, slot_request, n_req)
-    req_status = state.req_status.at[jnp.where(admit, cand, n_req)].set(
-        STATUS_RUNNING, mode="drop")
-    req_status = req_status.at[jnp.where(rejected_now, cand, n_req)].set(
-        STATUS_REJECTED, mode="drop")
-    req_status = req_status.at[finished_id].set(STATUS_FINISHED, mode="drop")
-    req_first = state.req_first_token_s.at[jnp.where(admit, cand, n_req)].set(end, mode="drop")
-    req_finish = state.req_finish_s.at[finished_id].set(end, mode="drop")
+    req_status, req_first, req_finish = record_request_events(
+        state.req_status, state.req_first_token_s, state.req_finish_s,
+        admitted=jnp.where(admit, cand, n_req), rejected=jnp.where(rejected_now, cand, n_req),
+        finished=jnp.where(done, slot_request, n_req), end=end)
 
     done2 = done[:, None]
     new_state = EngineState(

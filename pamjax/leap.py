@@ -75,7 +75,6 @@ from pamjax.types import (
     PLACEMENT_FASTEST_FIRST,
     STATUS_FINISHED,
     STATUS_REJECTED,
-    STATUS_RUNNING,
     DeviceWorkload,
     EngineConfig,
     SimParams,
@@ -255,20 +254,16 @@ def general_step(config: EngineConfig, params: SimParams, s: LeapState,
     next_arrival = workload.arrival_s[jnp.minimum(s.next_request, n_req - 1)]
     waiting_more = s.next_request + jnp.sum(adm.taken) < n_req
     idle = jnp.where(~busy & waiting_more, jnp.maximum(next_arrival - now, 0.0), 0.0)
-    frac = s.clock_frac + dt + idle
-    carry = jnp.floor(frac)
-    clock_whole, clock_frac = s.clock_whole + carry, frac - carry
-    end = clock_whole + clock_frac
+    clock_whole, clock_frac, end = engine.advance_clock(s.clock_whole, s.clock_frac, dt, idle)
 
     slot_generated = jnp.where(decoding, slot_generated + 1, slot_generated)
     live = slot_request >= 0
     done = live & (slot_generated >= workload.output_tokens[jnp.maximum(slot_request, 0)])
-    finished_id = jnp.where(done, slot_request, n_req)
-    req_status = s.req_status.at[jnp.where(adm.admit, adm.cand, n_req)].set(
-        STATUS_RUNNING, mode="drop")
-    req_status = req_status.at[jnp.where(adm.rejected, adm.cand, n_req)].set(
-        STATUS_REJECTED, mode="drop")
-    req_status = req_status.at[finished_id].set(STATUS_FINISHED, mode="drop")
+    req_status, req_first, req_finish = engine.record_request_events(
+        s.req_status, s.req_first_token_s, s.req_finish_s,
+        admitted=jnp.where(adm.admit, adm.cand, n_req),
+        rejected=jnp.where(adm.rejected, adm.cand, n_req),
+        finished=jnp.where(done, slot_request, n_req), end=end)
     slot_units = jnp.where(done[:, None], 0, slot_units)
     new_state = LeapState(
         slot_request=jnp.where(done, -1, slot_request),
@@ -281,9 +276,8 @@ def general_step(config: EngineConfig, params: SimParams, s: LeapState,
         step=s.step + 1,
         next_request=s.next_request + jnp.sum(adm.taken).astype(jnp.int32),
         req_status=req_status,
-        req_first_token_s=s.req_first_token_s.at[jnp.where(adm.admit, adm.cand, n_req)].set(
-            end, mode="drop"),
-        req_finish_s=s.req_finish_s.at[finished_id].set(end, mode="drop"),
+        req_first_token_s=req_first,
+        req_finish_s=req_finish,
         overflow=overflow,
         iterations=s.iterations + 1,
     )
@@ -367,18 +361,11 @@ def leap(config: EngineConfig, params: SimParams, s: LeapState, workload: Device
     dt = jnp.where(busy, cost.time_s, 0.0)
 
     # The clock exactly as engine.step advances it, one float32 addition per step.
-    starts, whole_after, frac_after = [], [], []
-    whole, frac = s.clock_whole, s.clock_frac
+    clock = [(s.clock_whole, s.clock_frac, s.clock_whole + s.clock_frac)]
     for k in range(num_steps):
-        starts.append(whole + frac)
-        frac = frac + dt[k] + 0.0
-        carry = jnp.floor(frac)
-        whole, frac = whole + carry, frac - carry
-        whole_after.append(whole)
-        frac_after.append(frac)
-    start, whole_after, frac_after = jnp.stack(starts), jnp.stack(whole_after), \
-        jnp.stack(frac_after)
-    end = whole_after + frac_after
+        clock.append(engine.advance_clock(*clock[-1][:2], dt[k], 0.0))
+    whole_after, frac_after, end = (jnp.stack(column) for column in zip(*clock[1:]))
+    start = jnp.stack([c[2] for c in clock[:-1]])
 
     # Would the head of the queue be admitted or rejected at a step's start?
     head = jnp.minimum(s.next_request, n_req - 1)
