@@ -99,11 +99,10 @@ def integer_sum(x, max_total: int | None = None):
     return jnp.sum(x, dtype=jnp.int32)
 
 
-def tier_units(tier, max_total: int | None = None):
-    """Units per tier, i32 [T], from a tier table of any shape (``max_total``: a static
-    bound on the count, see integer_sum; the table's size always is one)."""
-    bound = tier.size if max_total is None else max_total
-    return jnp.stack([integer_sum(tier == t, bound) for t in range(NUM_TIERS)])
+def tier_units(tier):
+    """Units per tier, i32 [T], from a tier table of any shape (its size bounds each count,
+    see integer_sum)."""
+    return jnp.stack([integer_sum(tier == t, tier.size) for t in range(NUM_TIERS)])
 
 
 def tier_sums(tier, values, max_total: int | None = None):
