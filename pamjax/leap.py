@@ -372,10 +372,10 @@ def leap(config: EngineConfig, params: SimParams, s: LeapState, workload: Device
     need = engine.units_needed(workload.prompt_tokens[head] + workload.output_tokens[head] - 1,
                                page)
     never_fits = (need > jnp.sum(capacity)) | (need > n_units)
-    held = live & (i <= last_step)  # running at the step's start
-    reserved = jnp.sum(jnp.where(held, engine.units_needed(
+    # The requests running at a leap step's start are exactly those decoding in it.
+    reserved = jnp.sum(jnp.where(decoding, engine.units_needed(
         workload.prompt_tokens[req] + workload.output_tokens[req] - 1, page), 0), -1)
-    has_slot = jnp.sum(held, -1) < jnp.minimum(params.max_batch, config.num_slots)
+    has_slot = jnp.sum(decoding, -1) < jnp.minimum(params.max_batch, config.num_slots)
     fits = need <= jnp.sum(capacity) - reserved
     arrived = (s.next_request < n_req) & (workload.arrival_s[head] <= start)
     admission = arrived & (never_fits | (fits & has_slot))
