@@ -20,8 +20,8 @@ import csv
 import pathlib
 
 from pamjax import plots, report
+from pamjax.traces import default_azure_trace_path
 from pamjax.train import train_policy_command
-from pamjax.workload import default_azure_trace_path
 
 
 def training_curve_png(path, rows: list[dict]) -> pathlib.Path:

@@ -26,8 +26,9 @@ from pamjax.locality import AccessModel, load_recorded_scores
 from pamjax.models import MODELS, Model, get_model
 from pamjax.simulation import SimResult, make_config, run, simulate
 from pamjax.systems import MAIN_SYSTEMS, SYSTEMS, Knobs, System, get_system, make_params
+from pamjax.traces import load_trace, save_trace
 from pamjax.types import EngineConfig, EngineState, SimParams, StepMetrics
-from pamjax.workload import DATASETS, Workload, load_trace, save_trace, synthetic
+from pamjax.workload import DATASETS, Workload, synthetic
 
 __version__ = "0.1.0"
 

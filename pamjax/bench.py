@@ -52,7 +52,8 @@ from pamjax import engine
 from pamjax.reference import reference_init, reference_step
 from pamjax.simulation import device_workload, make_config, simulate
 from pamjax.systems import MAIN_SYSTEMS, make_params, max_bank_groups
-from pamjax.workload import Workload, default_azure_trace_path, load_trace, synthetic
+from pamjax.traces import default_azure_trace_path, load_trace
+from pamjax.workload import Workload, synthetic
 
 TARGETS = {
     "engine_vs_reference_speedup_per_core": 50.0,  # one-core run where available

@@ -81,7 +81,9 @@ def _load_workload(args):
     from pamjax import workload as wl
 
     if args.trace:
-        loaded = wl.load_trace(args.trace, max_requests=args.max_requests)
+        from pamjax.traces import load_trace
+
+        loaded = load_trace(args.trace, max_requests=args.max_requests)
         if args.rate:
             raise ConfigError("--rate", args.rate, "applies to synthetic workloads; a trace "
                               "has its own arrival times")
@@ -305,7 +307,7 @@ def cmd_compare(args) -> int:
     """`pamjax compare`: peak throughput under an SLO per system; table, CSV, JSON, plots."""
     from pamjax import plots, study
     from pamjax.report import write_csv
-    from pamjax.workload import load_trace
+    from pamjax.traces import load_trace
 
     if args.trace:
         # The SLO search keeps every batch full: the trace gives the request lengths, and
@@ -413,7 +415,7 @@ def _claim_reference(args, system: str, model, platform, workload) -> tuple[floa
 def cmd_bounds(args) -> int:
     """`pamjax bounds`: the closed-form bound per system and, with --claim, a verdict."""
     from pamjax import bounds
-    from pamjax.workload import load_trace
+    from pamjax.traces import load_trace
 
     model, platform = _model_and_platform(args)
     workload = load_trace(args.trace, max_requests=args.max_requests) if args.trace \

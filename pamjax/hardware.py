@@ -39,9 +39,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from pamjax.errors import ConfigError, UnknownNameError
-
-TIER_NAMES = ("hbm", "ddr", "ssd")
-"""Tier order used by every array in pamjax: index 0 is the fastest tier."""
+from pamjax.types import TIER_NAMES
 
 
 def _validate_positive(obj, prefix: str, allow_zero: tuple[str, ...] = ()) -> None:

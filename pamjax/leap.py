@@ -67,12 +67,17 @@ import numpy as np
 from flax import struct
 from jax import lax
 
-from pamjax import engine, placement
+from pamjax import batching, placement
+from pamjax.batching import units_needed
 from pamjax.costs import StepCounts, step_cost
 from pamjax.errors import ConfigError
 from pamjax.types import (
+    DDR,
+    HBM,
     NEW_TOKEN_FASTEST_FREE,
+    NUM_TIERS,
     PLACEMENT_FASTEST_FIRST,
+    SSD,
     STATUS_FINISHED,
     STATUS_REJECTED,
     DeviceWorkload,
@@ -81,7 +86,6 @@ from pamjax.types import (
     StepMetrics,
 )
 
-NUM_TIERS = 3
 LEAP_STEPS = 32
 """Default engine steps per iteration (one general step plus up to 31 leap steps)."""
 
@@ -134,22 +138,15 @@ def applies(params: SimParams, config: EngineConfig) -> str | None:
 
 def init_state(config: EngineConfig) -> LeapState:
     """An empty system at time 0 (the leap's engine.init_state)."""
-    r, n = config.num_slots, config.num_requests
+    r = config.num_slots
     return LeapState(
         slot_request=jnp.full((r,), -1, jnp.int32),
         slot_generated=jnp.zeros((r,), jnp.int32),
         slot_context=jnp.zeros((r,), jnp.int32),
         slot_units=jnp.zeros((r, NUM_TIERS), jnp.int32),
         slot_last_tier=jnp.zeros((r,), jnp.int32),
-        clock_whole=jnp.zeros((), jnp.float32),
-        clock_frac=jnp.zeros((), jnp.float32),
-        step=jnp.zeros((), jnp.int32),
-        next_request=jnp.zeros((), jnp.int32),
-        req_status=jnp.zeros((n,), jnp.int8),
-        req_first_token_s=jnp.full((n,), jnp.nan, jnp.float32),
-        req_finish_s=jnp.full((n,), jnp.nan, jnp.float32),
-        overflow=jnp.zeros((), bool),
         iterations=jnp.zeros((), jnp.int32),
+        **batching.empty_request_log(config.num_requests),
     )
 
 
@@ -199,7 +196,7 @@ def _counts(decode_requests, decode_context, tier_tokens, prefill_n=None,
 def general_step(config: EngineConfig, params: SimParams, s: LeapState,
                  workload: DeviceWorkload):
     """One step as engine.step takes it (admission, prefill, decode, completion), on the
-    leap's state.
+    leap's state, through the same batching functions.
 
     Args:
       config, params, workload: as engine.step; s: LeapState before the step.
@@ -207,87 +204,69 @@ def general_step(config: EngineConfig, params: SimParams, s: LeapState,
     Returns:
       (new LeapState, StepMetrics of the step).
     """
-    page, n_units, n_req = config.page_size, config.units_per_slot, config.num_requests
-    now = s.clock_whole + s.clock_frac
-    capacity = jnp.where(params.tier_enabled, params.capacity_units, 0).astype(jnp.int32)
-    running = s.slot_request >= 0
+    page = config.page_size
+    capacity = batching.tier_capacity(params)
+    decoding = s.slot_request >= 0  # requests admitted in this step decode from the next
 
-    adm = engine.admit_fcfs(config, params, workload, s.slot_request, s.next_request, now,
-                            capacity)
+    admission = batching.admit_fcfs(config, params, workload, s.slot_request, s.next_request,
+                                    s.clock_whole + s.clock_frac, capacity)
     # Fastest-first prompt placement: units in position order fill HBM, DDR, then SSD.
-    prompt = jnp.where(adm.admit, adm.prompt, 0)
-    units = jnp.minimum(engine.units_needed(prompt, page), n_units)
+    prompt = jnp.where(admission.admit, admission.prompt, 0)
+    units = jnp.minimum(units_needed(prompt, page), config.units_per_slot)
     free_now = jnp.maximum(capacity - jnp.sum(s.slot_units, 0), 0)
     hbm, ddr, ssd = placement.prompt_tier_counts(units, jnp.zeros_like(units), units, free_now)
     c_units = jnp.stack([hbm, ddr, ssd], -1)
-    c_last = jnp.where(ssd > 0, 2, jnp.where(ddr > 0, 1, 0))
+    c_last = jnp.where(ssd > 0, SSD, jnp.where(ddr > 0, DDR, HBM))
     c_tier_tokens = _tier_tokens(c_units, c_last, prompt, page)
-    slot = adm.slot
-    slot_request = s.slot_request.at[slot].set(adm.cand, mode="drop")
+    slot = admission.slot
+    slot_request = s.slot_request.at[slot].set(admission.cand, mode="drop")
     slot_generated = s.slot_generated.at[slot].set(1, mode="drop")
-    slot_context = s.slot_context.at[slot].set(adm.prompt, mode="drop")
+    slot_context = s.slot_context.at[slot].set(admission.prompt, mode="drop")
     slot_units = s.slot_units.at[slot].set(c_units, mode="drop")
     last_tier = s.slot_last_tier.at[slot].set(c_last, mode="drop")
 
-    # Decode: requests running before admission add a token; a new unit goes to the
-    # fastest tier with room, granted in slot order.
-    decoding = running
-    context = jnp.where(decoding, slot_context + 1, slot_context)
-    opens = decoding & ((context - 1) % page == 0)
-    overflow = s.overflow | jnp.any(opens & ((context - 1) // page >= n_units))
-    free = jnp.maximum(capacity - jnp.sum(slot_units, 0), 0)
-    opened = opens.astype(jnp.int32)
-    to_hbm = placement.allocate_in_order(opened, free[0])
-    to_ddr = placement.allocate_in_order(opened - to_hbm, free[1])
-    new_tier = jnp.where(to_hbm > 0, 0, jnp.where(to_ddr > 0, 1, 2))
-    slot_units = slot_units + _one_hot(new_tier, opened)
-    last_tier = jnp.where(opens, new_tier, last_tier)
-    tokens = _tier_tokens(slot_units, last_tier, context, page)
+    # Decode: a new unit goes to the fastest tier with room, granted in slot order.
+    token = batching.decode_token(config, slot_context, decoding)
+    new_tier = placement.fastest_free_tier(
+        token.opens, jnp.maximum(capacity - jnp.sum(slot_units, 0), 0))
+    slot_units = slot_units + _one_hot(new_tier, token.opens.astype(jnp.int32))
+    last_tier = jnp.where(token.opens, new_tier, last_tier)
+    tokens = _tier_tokens(slot_units, last_tier, token.context, page)
     dec = decoding.astype(jnp.int32)
-    c_n = prompt.astype(jnp.float32)
-    counts = _counts(jnp.sum(dec), jnp.sum(dec * context), jnp.sum(dec[:, None] * tokens, 0),
-                     c_n, jnp.sum(c_tier_tokens, 0))
+    counts = _counts(jnp.sum(dec), jnp.sum(dec * token.context),
+                     jnp.sum(dec[:, None] * tokens, 0), prompt.astype(jnp.float32),
+                     jnp.sum(c_tier_tokens, 0))
     cost = step_cost(params, counts)
 
-    busy = jnp.any(decoding) | jnp.any(adm.admit)
-    dt = jnp.where(busy, cost.time_s, 0.0)
-    next_arrival = workload.arrival_s[jnp.minimum(s.next_request, n_req - 1)]
-    waiting_more = s.next_request + jnp.sum(adm.taken) < n_req
-    idle = jnp.where(~busy & waiting_more, jnp.maximum(next_arrival - now, 0.0), 0.0)
-    clock_whole, clock_frac, end = engine.advance_clock(s.clock_whole, s.clock_frac, dt, idle)
-
-    slot_generated = jnp.where(decoding, slot_generated + 1, slot_generated)
-    live = slot_request >= 0
-    done = live & (slot_generated >= workload.output_tokens[jnp.maximum(slot_request, 0)])
-    req_status, req_first, req_finish = engine.record_request_events(
-        s.req_status, s.req_first_token_s, s.req_finish_s,
-        admitted=jnp.where(adm.admit, adm.cand, n_req),
-        rejected=jnp.where(adm.rejected, adm.cand, n_req),
-        finished=jnp.where(done, slot_request, n_req), end=end)
+    busy = jnp.any(decoding) | jnp.any(admission.admit)
+    end = batching.close_step(config, workload, s, admission, slot_request, slot_generated,
+                              decoding, busy, cost.time_s)
+    done = end.done
     slot_units = jnp.where(done[:, None], 0, slot_units)
-    new_state = LeapState(
+    new_state = s.replace(
         slot_request=jnp.where(done, -1, slot_request),
-        slot_generated=jnp.where(done, 0, slot_generated),
-        slot_context=jnp.where(done, 0, context),
+        slot_generated=jnp.where(done, 0, end.generated),
+        slot_context=jnp.where(done, 0, token.context),
         slot_units=slot_units,
         slot_last_tier=jnp.where(done, 0, last_tier),
-        clock_whole=clock_whole,
-        clock_frac=clock_frac,
+        clock_whole=end.clock_whole,
+        clock_frac=end.clock_frac,
         step=s.step + 1,
-        next_request=s.next_request + jnp.sum(adm.taken).astype(jnp.int32),
-        req_status=req_status,
-        req_first_token_s=req_first,
-        req_finish_s=req_finish,
-        overflow=overflow,
+        next_request=end.next_request,
+        req_status=end.req_status,
+        req_first_token_s=end.req_first_token_s,
+        req_finish_s=end.req_finish_s,
+        overflow=s.overflow | token.overflow,
         iterations=s.iterations + 1,
     )
     # Dense attention selects every unit; a request that decoded at the previous step
     # (generated >= 2) had all of its then units selected.
-    selected = jnp.sum(dec * engine.units_needed(context, page))
+    selected = jnp.sum(dec * units_needed(token.context, page))
     persisted = jnp.sum(jnp.where(decoding & (s.slot_generated >= 2),
-                                  engine.units_needed(context - 1, page), 0))
-    metrics = _metrics(dt, idle, jnp.sum(dec), jnp.sum(adm.admit), jnp.sum(slot_units, 0),
-                       cost, busy, selected, persisted, jnp.sum(adm.rejected))
+                                  units_needed(token.context - 1, page), 0))
+    metrics = _metrics(end.step_time_s, end.idle_s, jnp.sum(dec), jnp.sum(admission.admit),
+                       jnp.sum(slot_units, 0), cost, busy, selected, persisted,
+                       jnp.sum(admission.rejected))
     return new_state, metrics
 
 
@@ -333,7 +312,7 @@ def leap(config: EngineConfig, params: SimParams, s: LeapState, workload: Device
     """
     page, n_units, n_req = config.page_size, config.units_per_slot, config.num_requests
     i = jnp.arange(num_steps, dtype=jnp.int32)[:, None]  # [L, 1] leap step
-    capacity = jnp.where(params.tier_enabled, params.capacity_units, 0).astype(jnp.int32)
+    capacity = batching.tier_capacity(params)
     live = s.slot_request >= 0
     req = jnp.maximum(s.slot_request, 0)
     c, g = s.slot_context, s.slot_generated
@@ -344,8 +323,8 @@ def leap(config: EngineConfig, params: SimParams, s: LeapState, workload: Device
     decoding = live & (i <= last_step)  # [L, R]
     context = c + i + 1
     opens = decoding & ((context - 1) % page == 0)
-    opened = engine.units_needed(context, page) - total_units  # new units so far, all in HBM
-    hbm_room = jnp.maximum(capacity[0] - jnp.sum(units[:, 0]), 0)
+    opened = units_needed(context, page) - total_units  # new units so far, all in HBM
+    hbm_room = jnp.maximum(capacity[HBM] - jnp.sum(units[:, HBM]), 0)
     fits_hbm = jnp.cumsum(jnp.sum(opens, -1)) <= hbm_room
 
     room_in_last = total_units * page - c
@@ -363,17 +342,16 @@ def leap(config: EngineConfig, params: SimParams, s: LeapState, workload: Device
     # The clock exactly as engine.step advances it, one float32 addition per step.
     clock = [(s.clock_whole, s.clock_frac, s.clock_whole + s.clock_frac)]
     for k in range(num_steps):
-        clock.append(engine.advance_clock(*clock[-1][:2], dt[k], 0.0))
+        clock.append(batching.advance_clock(*clock[-1][:2], dt[k], 0.0))
     whole_after, frac_after, end = (jnp.stack(column) for column in zip(*clock[1:]))
     start = jnp.stack([c[2] for c in clock[:-1]])
 
     # Would the head of the queue be admitted or rejected at a step's start?
     head = jnp.minimum(s.next_request, n_req - 1)
-    need = engine.units_needed(workload.prompt_tokens[head] + workload.output_tokens[head] - 1,
-                               page)
+    need = units_needed(workload.prompt_tokens[head] + workload.output_tokens[head] - 1, page)
     never_fits = (need > jnp.sum(capacity)) | (need > n_units)
     # The requests running at a leap step's start are exactly those decoding in it.
-    reserved = jnp.sum(jnp.where(decoding, engine.units_needed(
+    reserved = jnp.sum(jnp.where(decoding, units_needed(
         workload.prompt_tokens[req] + workload.output_tokens[req] - 1, page), 0), -1)
     has_slot = jnp.sum(decoding, -1) < jnp.minimum(params.max_batch, config.num_slots)
     fits = need <= jnp.sum(capacity) - reserved
@@ -389,7 +367,7 @@ def leap(config: EngineConfig, params: SimParams, s: LeapState, workload: Device
     finished = live & (last_step < kept)
     stays = live & ~finished
     moved = kept > 0
-    new_units = units.at[:, 0].add(jnp.where(stays & moved, opened[last], 0))
+    new_units = units.at[:, HBM].add(jnp.where(stays & moved, opened[last], 0))
     finished_id = jnp.where(finished, s.slot_request, n_req)
     valid_dec = decoding & kept_mask[:, None]
     overflow = s.overflow | jnp.any(valid_dec & opens & ((context - 1) // page >= n_units))
@@ -412,8 +390,8 @@ def leap(config: EngineConfig, params: SimParams, s: LeapState, workload: Device
     after = live & (i < last_step)  # still holding units after the step
     tier_units = jnp.sum(jnp.where(after[..., None], units + _one_hot(
         jnp.zeros_like(opened), opened), 0), 1)
-    selected = jnp.sum(dec * engine.units_needed(context, page), -1)
-    persisted = jnp.sum(jnp.where(decoding & (g + i >= 2), engine.units_needed(context - 1, page),
+    selected = jnp.sum(dec * units_needed(context, page), -1)
+    persisted = jnp.sum(jnp.where(decoding & (g + i >= 2), units_needed(context - 1, page),
                                   0), -1)
     zero = jnp.zeros((num_steps,), jnp.int32)
     metrics = _metrics(dt, jnp.zeros((num_steps,), jnp.float32), jnp.sum(dec, -1), zero,

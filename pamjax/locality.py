@@ -51,8 +51,16 @@ import pathlib
 
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 from jax import lax
 
+from pamjax._numerics import (
+    integer_sum,
+    normal_from_hash,
+    small_normal_from_hash,
+    threshold_bracket,
+    unit_hash,
+)
 from pamjax.errors import ConfigError, TraceFormatError
 
 
@@ -97,66 +105,6 @@ class AccessModel:
     def dense(self) -> AccessModel:
         """The same access model with dense attention (``select_fraction = 1``)."""
         return dataclasses.replace(self, select_fraction=1.0)
-
-
-# ---------------------------------------------------------------------------------------------
-# Counter-based random numbers
-# ---------------------------------------------------------------------------------------------
-
-def _mix(x):
-    """lowbias32 integer hash (uint32 -> uint32), a good avalanche for counters."""
-    x = x ^ (x >> 16)
-    x = x * jnp.uint32(0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = x * jnp.uint32(0x846CA68B)
-    return x ^ (x >> 16)
-
-
-def unit_hash(seed, request, unit, salt):
-    """uint32 hash of (seed, request id, unit index, salt), broadcasting.
-
-    Args:
-      seed: int scalar; request: int32 request ids; unit: int32 unit indices; salt: int32
-        (0 for the initial draw, step + 1 for the innovation of a step). Any shapes that
-        broadcast, e.g. request [R, 1] and unit [U].
-
-    Returns:
-      uint32 array of the broadcast shape.
-    """
-    h = _mix(jnp.asarray(seed, jnp.uint32) ^ jnp.uint32(0x9E3779B9))
-    h = _mix(h ^ jnp.asarray(request, jnp.int32).astype(jnp.uint32))
-    h = _mix(h ^ (jnp.asarray(unit, jnp.int32).astype(jnp.uint32) * jnp.uint32(0x85EBCA6B)))
-    return _mix(h ^ (jnp.asarray(salt, jnp.int32).astype(jnp.uint32) * jnp.uint32(0xC2B2AE35)))
-
-
-def normal_from_hash(h):
-    """Standard normal via Box-Muller from one uint32 hash (two 16-bit uniforms).
-
-    Args:
-      h: uint32 array, any shape.
-
-    Returns:
-      float32 array of the same shape, approximately N(0, 1).
-    """
-    u1 = ((h >> 16).astype(jnp.float32) + 0.5) / 65536.0
-    u2 = ((h & jnp.uint32(0xFFFF)).astype(jnp.float32) + 0.5) / 65536.0
-    return jnp.sqrt(-2.0 * jnp.log(u1)) * jnp.cos(2.0 * jnp.pi * u2)
-
-
-def small_normal_from_hash(h):
-    """Approximately standard normal (Irwin-Hall sum of the hash's 4 bytes), for innovations.
-
-    Four byte-uniforms have variance 4 * (256^2 - 1) / 12; cheaper than Box-Muller and
-    exact in the first two moments, which is all an AR(1) innovation needs.
-
-    Args:
-      h: uint32 array, any shape.
-
-    Returns:
-      float32 array of the same shape, mean 0 and variance 1.
-    """
-    total = ((h & 255) + ((h >> 8) & 255) + ((h >> 16) & 255) + (h >> 24)).astype(jnp.float32)
-    return (total - 510.0) / np.float32(np.sqrt(4 * (256.0**2 - 1) / 12))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,23 +154,47 @@ def unit_tokens(context, page_size: int, num_units: int):
     return jnp.clip(context[:, None] - start[None, :], 0, page_size)
 
 
-def logits(params, latent, context, page_size: int):
+def logits(params, latent, context, page_size: int, xp=jnp):
     """Attention logits of every unit: latent + sink bonus + recency bonus.
+
+    The one definition of the access model's logit: the engine, the reference, the
+    relaxation and the host-side x:y calibration (systems.calibrate_targets, with
+    ``xp=numpy`` in float64) all call it.
 
     Args:
       params: uses ``sink_tokens``, ``sink_bonus``, ``recency_bonus``, ``recency_tokens``;
-      latent: f32 [R, U]; context: int32 [R] tokens; page_size: tokens per unit.
+      latent: f32 [R, U]; context: int32 [R] tokens; page_size: tokens per unit;
+      xp: the array module, ``jax.numpy`` (float32) or ``numpy`` (float64).
 
     Returns:
-      f32 [R, U] logits (meaningless where the unit is empty).
+      [R, U] logits (meaningless where the unit is empty).
     """
+    dtype = np.float64 if xp is np else jnp.float32
     num_units = latent.shape[-1]
-    start = jnp.arange(num_units, dtype=jnp.float32) * page_size
-    last = jnp.minimum(start + page_size, context[:, None].astype(jnp.float32)) - 1.0
-    age = jnp.maximum(context[:, None].astype(jnp.float32) - 1.0 - last, 0.0)
-    sink = (start < params.sink_tokens).astype(jnp.float32)[None, :]
-    recency = jnp.exp(-age / params.recency_tokens)
+    start = xp.arange(num_units, dtype=dtype) * page_size
+    last = xp.minimum(start + page_size, context[:, None].astype(dtype)) - 1.0
+    age = xp.maximum(context[:, None].astype(dtype) - 1.0 - last, 0.0)
+    sink = (start < params.sink_tokens).astype(dtype)[None, :]
+    recency = xp.exp(-age / params.recency_tokens)
     return latent + params.sink_bonus * sink + params.recency_bonus * recency
+
+
+def unit_logits(config, params, latent, context, generated, recorded):
+    """The logits the engine ranks and weighs units by: the synthetic access model's
+    (:func:`logits`), or the recorded scores' row of each request's decode step when
+    ``config.recorded_steps`` > 0 (row ``(generated - 1) mod steps``).
+
+    Args:
+      config: EngineConfig; params: SimParams; latent: f32 [R, U]; context, generated: i32
+        [R] tokens in the KV and output tokens so far; recorded: f32 [S, U] or None.
+
+    Returns:
+      f32 [R, U].
+    """
+    if config.recorded_steps:
+        row = (jnp.maximum(generated - 1, 0) % config.recorded_steps)
+        return recorded[row]
+    return logits(params, latent, context, config.page_size)
 
 
 def attention_mass(unit_logits, tokens):
@@ -240,59 +212,6 @@ def attention_mass(unit_logits, tokens):
     peak = jnp.where(jnp.isfinite(peak), peak, 0.0)
     p = jnp.where(present, jnp.exp(weighted - peak), 0.0)
     return p / jnp.maximum(p.sum(-1, keepdims=True), 1e-30)
-
-
-def threshold_bracket(values, weights, target, iters: int):
-    """Per-row bracket (lo, hi) with sum(w[v >= lo]) >= target > sum(w[v >= hi]).
-
-    A fixed-iteration bisection: no sort (XLA's CPU sort costs ~150 ns per element), so each
-    iteration is one masked sum over [R, U]. Rows whose total weight is below ``target``
-    keep the lowest ``lo`` (everything counts).
-
-    Args:
-      values: f32 [R, U]; weights: f32 [R, U], 0 where a unit does not count;
-      target: f32 [R]; iters: bisection iterations (bracket width = span / 2**iters).
-
-    Returns:
-      (lo, hi) f32 [R] each.
-    """
-    present = weights > 0
-    lo = jnp.min(jnp.where(present, values, jnp.inf), axis=-1) - 1.0
-    hi = jnp.max(jnp.where(present, values, -jnp.inf), axis=-1) + 1.0
-    lo = jnp.where(jnp.isfinite(lo), lo, 0.0)
-    hi = jnp.where(jnp.isfinite(hi), hi, 1.0)
-
-    def body(_, bounds):
-        lo, hi = bounds
-        mid = 0.5 * (lo + hi)
-        covered = jnp.sum(jnp.where(values >= mid[:, None], weights, 0.0), axis=-1)
-        ok = covered >= target
-        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
-
-    # Unrolled: the iterations are tiny, and a rolled loop pays per-iteration thunk overhead.
-    return lax.fori_loop(0, iters, body, (lo, hi), unroll=True)
-
-
-def top_count(values, present, count, iters: int):
-    """Exactly ``count`` present units per row with the highest values, ties by position.
-
-    Units at or above the bracket's upper end are taken; the units inside the bracket (equal
-    or nearly equal values) are taken in position order until ``count`` is reached.
-
-    Args:
-      values: f32 [R, U]; present: bool [R, U]; count: i32 [R] (clipped to the present
-        count); iters: bisection iterations.
-
-    Returns:
-      bool [R, U].
-    """
-    lo, hi = threshold_bracket(values, present.astype(jnp.float32),
-                               count.astype(jnp.float32), iters)
-    sure = present & (values >= hi[:, None])
-    band = present & ~sure & (values >= lo[:, None])
-    missing = count - sure.sum(-1)
-    band_rank = jnp.cumsum(band, axis=-1) - 1
-    return sure | (band & (band_rank < missing[:, None]))
 
 
 def select(params, unit_logits, tokens, iters: int):
@@ -340,6 +259,67 @@ def update_importance(params, importance, mass, present):
     """
     lam = params.ema_lambda
     return jnp.where(present, lam * mass + (1.0 - lam) * importance, 0.0)
+
+
+@struct.dataclass
+class Attention:
+    """What the step's decode attends (attend); [R, U] unless marked.
+
+    tokens i32: tokens per unit of the decoding requests (0 elsewhere); present bool: their
+    units; mass f32: each unit's share of its request's attention mass; selected bool: the
+    units the selector attends; persisted_units i32 []: selected units also selected at the
+    previous step; previously_selected_units i32 []: units of decoding requests selected at
+    the previous step; selected_mass f32 []: attention mass covered by the selections,
+    summed over requests.
+    """
+
+    tokens: jnp.ndarray
+    present: jnp.ndarray
+    mass: jnp.ndarray
+    selected: jnp.ndarray
+    persisted_units: jnp.ndarray
+    previously_selected_units: jnp.ndarray
+    selected_mass: jnp.ndarray
+
+
+def attend(config, params, state, decoding, token, recorded):
+    """The access model's step for every decoding request: latents drift, the selector
+    picks the attended units, PAM's importance EMA absorbs this step's attention mass.
+
+    Args:
+      config: EngineConfig; params: SimParams; state: EngineState after new units;
+      decoding: bool [R]; token: batching.DecodeToken (``context`` after the decode,
+      ``column`` of the unit opened this step); recorded: recorded unit logits or None.
+
+    Returns:
+      (EngineState with ``unit_latent`` and ``unit_importance`` updated, Attention).
+    """
+    n_units, page = config.units_per_slot, config.page_size
+    unit_idx = jnp.arange(n_units, dtype=jnp.int32)
+    req = jnp.maximum(state.slot_request, 0)
+    dec2 = decoding[:, None]
+    tokens = jnp.where(dec2, unit_tokens(token.context, page, n_units), 0)
+    present = tokens > 0
+    evolved = evolve_latent(params, state.unit_latent, state.seed, req[:, None],
+                            unit_idx[None, :], state.step)
+    # A unit opened this step keeps its fresh draw; older ones drift.
+    fresh = unit_idx[None, :] == token.column[:, None]
+    latent = jnp.where(dec2 & present & ~fresh, evolved, state.unit_latent)
+    the_logits = unit_logits(config, params, latent, token.context, state.slot_generated,
+                             recorded)
+    mass = attention_mass(the_logits, tokens)
+    # Dense systems attend every unit: the selector's bisection is skipped for them.
+    selected = lax.cond(params.select_fraction >= 1.0, lambda: present,
+                        lambda: select(params, the_logits, tokens,
+                                       config.bisection_iters) & present)
+    importance = jnp.where(dec2, update_importance(params, state.unit_importance, mass,
+                                                   present), state.unit_importance)
+    attended = Attention(
+        tokens=tokens, present=present, mass=mass, selected=selected,
+        persisted_units=integer_sum(selected & state.unit_selected, selected.size),
+        previously_selected_units=integer_sum(state.unit_selected & dec2, selected.size),
+        selected_mass=jnp.sum(jnp.where(selected, mass, 0.0)))
+    return state.replace(unit_latent=latent, unit_importance=importance), attended
 
 
 def load_recorded_scores(path) -> np.ndarray:

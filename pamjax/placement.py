@@ -1,20 +1,34 @@
-"""Where KV units live: tier allocation, initial (prefill) placement and bank-group mapping.
+"""Where KV units live: prompt placement, new units, bank-group mapping and the attention load.
 
 The placement table is two [R, U] arrays in the engine state: ``unit_tier`` (int8, -1 = no
 unit) and ``unit_bank_group`` (int16). Every function here is vectorised over requests and
 units; capacity is shared by all requests, so allocations are made in slot (FCFS) order with
 an exclusive cumulative sum instead of a loop.
+
+Engine phases that live here (engine.step): ``place_prompts`` (admitted prompts, PAM_SPEC §5
+initial placement), ``place_new_units`` (the units decode tokens open, with PAM's HBM
+displacement) and ``attention_load`` (attended tokens per bank group, the partials each
+device produces, the activation window that the greedy mapping reads).
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
+from flax import struct
 from jax import lax
 
-from pamjax.locality import threshold_bracket, top_count, unit_hash
-from pamjax.types import PLACEMENT_IMPORTANCE_RATIO
-
-NUM_TIERS = 3
+from pamjax import locality
+from pamjax._numerics import threshold_bracket, tier_sums, tier_units, top_count, unit_hash
+from pamjax.types import (
+    DDR,
+    HBM,
+    NEW_TOKEN_HBM_DISPLACE,
+    NO_UNIT,
+    NUM_TIERS,
+    PLACEMENT_IMPORTANCE_RATIO,
+    SSD,
+)
 
 
 def allocate_in_order(demand, free):
@@ -77,6 +91,27 @@ def corrected_key(importance, log_correction, present):
     return jnp.where(present, importance * factor, 0.0)
 
 
+def target_share(params):
+    """Importance share per tier implied by PAM's x:y:1 target, f32 [T] summing to 1."""
+    total = params.target_x + params.target_y + 1.0
+    return jnp.stack([params.target_x, params.target_y, jnp.ones_like(total)]) / total
+
+
+def fastest_free_tier(opens, free):
+    """Tier of each new unit when new units fill the fastest tier with room, in row order.
+
+    Args:
+      opens: bool [M] rows that open a unit; free: i32 [T] free units per tier.
+
+    Returns:
+      i32 [M] HBM while HBM has room, then DDR, then SSD (meaningful where ``opens``).
+    """
+    count = opens.astype(jnp.int32)
+    to_hbm = allocate_in_order(count, free[HBM])
+    to_ddr = allocate_in_order(count - to_hbm, free[DDR])
+    return jnp.where(to_hbm > 0, HBM, jnp.where(to_ddr > 0, DDR, SSD))
+
+
 def initial_tiers(params, log_mass, present, free, target_share, iters: int):
     """Tier of every prompt unit of the requests being admitted.
 
@@ -129,7 +164,7 @@ def initial_tiers(params, log_mass, present, free, target_share, iters: int):
                        position < hbm[:, None])
     in_fast = jnp.where(by_importance, top_count(values, present, hbm + ddr, iters),
                         position < (hbm + ddr)[:, None])
-    tier = jnp.where(in_hbm, 0, jnp.where(in_fast, 1, 2))
+    tier = jnp.where(in_hbm, HBM, jnp.where(in_fast, DDR, SSD))
     return jnp.where(present, tier, -1).astype(jnp.int8)
 
 
@@ -236,3 +271,210 @@ def spread_over_pages(params, start_load, page_size: int):
     spread = (whole * load.sum(-1, keepdims=True) + window) / page_size
     spread = jnp.where(inside, spread, 0.0)
     return jnp.where(params.greedy_mapping, spread, start_load)
+
+
+# ---------------------------------------------------------------------------------------------
+# Engine phases
+# ---------------------------------------------------------------------------------------------
+
+def mapping_order(config, params, state, admission, decoding):
+    """Bank groups by increasing activation (bank_group_order), computed only when the step
+    places units under the greedy mapping: prompts admitted, or a decode opening a unit.
+
+    The order is a sort, the costliest single operation of a step, so other steps skip it
+    (a select under vmap). Returns i32 [T, G] (zeros when skipped).
+    """
+    places_units = jnp.any(admission.admit) | jnp.any(
+        decoding & (state.slot_context % config.page_size == 0))
+    return lax.cond(params.greedy_mapping & places_units,
+                    lambda a: bank_group_order(params, a),
+                    lambda a: jnp.zeros((NUM_TIERS, a.shape[-1]), jnp.int32),
+                    state.activation)
+
+
+@struct.dataclass
+class PromptUnits:
+    """The KV units of the prompts in the admission window A (place_prompts), each [A, U].
+
+    tier i8 (-1 where no unit), bank_group i16, latent f32 (access-model log-importance),
+    importance f32 (PAM's importance factor: the unit's prefill attention mass), tokens i32
+    (tokens per unit, 0 for candidates not admitted); tier_tokens i32 [T]: prompt tokens
+    written to each tier.
+    """
+
+    tier: jnp.ndarray
+    bank_group: jnp.ndarray
+    latent: jnp.ndarray
+    importance: jnp.ndarray
+    tokens: jnp.ndarray
+    tier_tokens: jnp.ndarray
+
+
+def place_prompts(config, params, state, admission, capacity, order, recorded) -> PromptUnits:
+    """Tiers and bank groups of the admitted prompts' units (PAM_SPEC §5 initial placement).
+
+    Each prompt unit gets its access-model latent; its prefill attention mass is its initial
+    importance and ranks it for PAM's importance-ratio placement (initial_tiers), or the
+    units fill the tiers in position order (fastest-first). Prompts are placed before
+    anything else takes capacity this step. Most steps admit nobody, so the work is skipped
+    then (a select under vmap).
+
+    Args:
+      config: static sizes; params: SimParams; state: EngineState before admission;
+      admission: batching.Admission; capacity: i32 [T] units per enabled tier;
+      order: i32 [T, G] from mapping_order; recorded: optional recorded unit logits.
+
+    Returns:
+      PromptUnits.
+    """
+    n_units, page = config.units_per_slot, config.page_size
+    unit_idx = jnp.arange(n_units, dtype=jnp.int32)
+    cand_c, c_prompt, admit = admission.cand_c, admission.prompt, admission.admit
+    c_tokens = locality.unit_tokens(jnp.where(admit, c_prompt, 0), page, n_units)
+    c_present = c_tokens > 0
+    free_now = jnp.maximum(capacity - tier_units(state.unit_tier), 0)
+
+    def place(_):
+        latent = locality.initial_latent(params, state.seed, cand_c[:, None], unit_idx[None, :])
+        the_logits = locality.unit_logits(config, params, latent, c_prompt,
+                                          jnp.ones_like(cand_c), recorded)
+        mass = jnp.where(c_present, locality.attention_mass(the_logits, c_tokens), 0.0)
+        log_mass = the_logits + jnp.log(jnp.maximum(c_tokens, 1).astype(jnp.float32))
+        if config.placement_score is not None:
+            # A learned policy ranks the prompt's units at admission too, with what is known
+            # then: prefill mass as importance, nothing selected yet, no tier yet (-1).
+            log_mass = log_mass + config.placement_score(
+                params.policy, mass, jnp.zeros_like(c_present), c_prompt,
+                jnp.full(c_present.shape, NO_UNIT, jnp.int8), c_present)
+        tier = initial_tiers(params, log_mass, c_present, free_now, target_share(params),
+                             config.bisection_iters)
+        bank_group = assign_bank_groups(
+            params, tier.ravel(), c_present.ravel(), order,
+            jnp.broadcast_to(cand_c[:, None], tier.shape).ravel(),
+            jnp.broadcast_to(unit_idx[None, :], tier.shape).ravel()).reshape(tier.shape)
+        return tier, bank_group, latent, mass
+
+    def nothing_to_place(_):
+        shape = (config.admit_window, n_units)
+        return (jnp.full(shape, NO_UNIT, jnp.int8), jnp.zeros(shape, jnp.int16),
+                jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32))
+
+    tier, bank_group, latent, mass = lax.cond(jnp.any(admit), place, nothing_to_place, None)
+    return PromptUnits(tier=tier, bank_group=bank_group, latent=latent, importance=mass,
+                       tokens=c_tokens, tier_tokens=tier_sums(tier, c_tokens))
+
+
+def place_new_units(config, params, state, token, capacity, order):
+    """Tier, bank group and latent of the units that this step's decode tokens open.
+
+    Fastest-free (baselines): the fastest tier with room, granted in slot order. PAM: HBM;
+    without room there, the request's least important HBM unit is displaced to the fastest
+    lower tier with room (DDR, else SSD), or the new unit goes there itself when the request
+    has no HBM unit. New units are mapped to bank groups first, displaced ones after them.
+
+    Args:
+      config: static sizes; params: SimParams; state: EngineState after admission;
+      token: batching.DecodeToken of the step; capacity: i32 [T]; order: i32 [T, G].
+
+    Returns:
+      EngineState with ``unit_tier``, ``unit_bank_group`` and ``unit_latent`` updated.
+    """
+    r_slots, n_units = config.num_slots, config.units_per_slot
+    rows = jnp.arange(r_slots)
+    unit_idx = jnp.arange(n_units, dtype=jnp.int32)
+    req = jnp.maximum(state.slot_request, 0)
+    unit_tier = state.unit_tier
+    opens = token.opens
+
+    free = jnp.maximum(capacity - tier_units(unit_tier), 0)
+    fastest_free = fastest_free_tier(opens, free)
+    hbm_key = jnp.where(unit_tier == HBM, state.unit_importance, jnp.inf)
+    lowest = jnp.min(hbm_key, axis=-1)
+    # argmin (first least unit) as two plain reductions: XLA:CPU's variadic argmin
+    # reduction is several times slower over [R, U].
+    victim = jnp.min(jnp.where(hbm_key == lowest[:, None], unit_idx[None, :], n_units), -1)
+    victim = jnp.minimum(victim, n_units - 1)
+    has_victim = jnp.isfinite(lowest)
+    needs_room = opens & (fastest_free != HBM)
+    displaces = params.new_token_policy == NEW_TOKEN_HBM_DISPLACE
+    displace = displaces & needs_room
+    down_ddr = allocate_in_order(displace.astype(jnp.int32), free[DDR])
+    lower_tier = jnp.where(down_ddr > 0, DDR, SSD)
+    pam_tier = jnp.where(needs_room & ~has_victim, lower_tier, HBM)
+    new_tier = jnp.where(displaces, pam_tier, fastest_free)
+    demote = displace & has_victim
+    victim_col = jnp.where(demote, victim, n_units)
+
+    mapped = assign_bank_groups(
+        params,
+        jnp.concatenate([new_tier, lower_tier]).astype(jnp.int8),
+        jnp.concatenate([opens, demote]),
+        order,
+        jnp.concatenate([req, req]),
+        jnp.concatenate([token.unit, victim]).astype(jnp.int32))
+    unit_tier = unit_tier.at[rows, victim_col].set(lower_tier.astype(jnp.int8), mode="drop")
+    unit_bg = state.unit_bank_group.at[rows, victim_col].set(mapped[r_slots:], mode="drop")
+    unit_tier = unit_tier.at[rows, token.column].set(new_tier.astype(jnp.int8), mode="drop")
+    unit_bg = unit_bg.at[rows, token.column].set(mapped[:r_slots], mode="drop")
+    new_latent = locality.initial_latent(params, state.seed, req, token.unit)
+    unit_latent = state.unit_latent.at[rows, token.column].set(new_latent, mode="drop")
+    return state.replace(unit_tier=unit_tier, unit_bank_group=unit_bg, unit_latent=unit_latent)
+
+
+@struct.dataclass
+class AttentionLoad:
+    """Where the step's attention reads (attention_load); costs.StepCounts is built from it.
+
+    bank_group_tokens i32 [T, G]: attended tokens per (tier, bank group of their unit);
+    tier_tokens i32 [T]: tokens of decoding requests held per tier (their selection labels
+      are read there);
+    tier_holders i32 [T]: decoding requests with any KV on the tier (Q goes there);
+    tier_requests i32 [T]: decoding requests with attended tokens on the tier;
+    active_bank_groups i32 [T]: sum over decoding requests of the bank groups holding their
+      attended tokens (one partial result each before reduction).
+    """
+
+    bank_group_tokens: jnp.ndarray
+    tier_tokens: jnp.ndarray
+    tier_holders: jnp.ndarray
+    tier_requests: jnp.ndarray
+    active_bank_groups: jnp.ndarray
+
+
+def attention_load(config, state, attended):
+    """Attended tokens per bank group and partial results per device, on the placement
+    before this step's scheduling (labels are read, and attention runs, where the tokens sit
+    when they are selected); the activation window gains this step's row.
+
+    Args:
+      config: static sizes; state: EngineState after new units; attended:
+        locality.Attention of the step.
+
+    Returns:
+      (activation i32 [W, T, G] with this step's selected units per bank group, AttentionLoad).
+    """
+    r_slots, groups, page = config.num_slots, config.bank_groups, config.page_size
+    rows = jnp.arange(r_slots)
+    unit_tier, selected, tokens = state.unit_tier, attended.selected, attended.tokens
+    sel_tokens = jnp.where(selected, tokens, 0)
+    tier_i = jnp.clip(unit_tier.astype(jnp.int32), 0, NUM_TIERS - 1)
+    segment = tier_i * groups + state.unit_bank_group.astype(jnp.int32)
+    bg_tokens = jax.ops.segment_sum(sel_tokens.ravel(), segment.ravel(),
+                                    num_segments=NUM_TIERS * groups).reshape(NUM_TIERS, groups)
+    # Partials a request's attention produces per device: one per bank group holding its
+    # attended units (a [R, T x G] presence table; PAM_SPEC §4 and its ablation).
+    request_bg = jnp.zeros((r_slots, NUM_TIERS * groups), bool).at[rows[:, None], segment].max(
+        selected).reshape(r_slots, NUM_TIERS, groups)
+    present = attended.present
+    tier_holders = jnp.stack([jnp.sum(jnp.any(present & (unit_tier == t), axis=-1))
+                              for t in range(NUM_TIERS)])
+    sel_units_bg = jax.ops.segment_sum(selected.ravel().astype(jnp.int32), segment.ravel(),
+                                       num_segments=NUM_TIERS * groups)
+    activation = state.activation.at[state.step % config.window].set(
+        sel_units_bg.reshape(NUM_TIERS, groups))
+    return activation, AttentionLoad(
+        bank_group_tokens=bg_tokens,
+        tier_tokens=tier_sums(unit_tier, tokens, unit_tier.size * page),
+        tier_holders=tier_holders,
+        tier_requests=request_bg.any(-1).sum(0),
+        active_bank_groups=request_bg.sum((0, 2)))

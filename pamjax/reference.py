@@ -96,8 +96,13 @@ from pamjax.costs import StepCounts, step_cost
 from pamjax.errors import ConfigError
 from pamjax.placement import naive_start
 from pamjax.types import (
+    DDR,
+    HBM,
     NEW_TOKEN_HBM_DISPLACE,
+    NO_UNIT,
+    NUM_TIERS,
     PLACEMENT_IMPORTANCE_RATIO,
+    SSD,
     STATUS_FINISHED,
     STATUS_REJECTED,
     STATUS_RUNNING,
@@ -105,10 +110,6 @@ from pamjax.types import (
     EngineConfig,
     SimParams,
 )
-
-NUM_TIERS = 3
-HBM, DDR, SSD = 0, 1, 2
-NO_UNIT = -1
 
 # Compiled once per shape only so that the per-request calls below are cheap; what they compute
 # is the definition in locality.py and costs.py, unchanged.
@@ -479,8 +480,49 @@ def _numpy_params(params: SimParams) -> SimParams:
 # The step
 # ---------------------------------------------------------------------------------------------
 
+@dataclasses.dataclass
+class _Requests:
+    """The workload as float64/int64 numpy arrays [N]: arrival_s, prompt and output tokens."""
+
+    arrival: np.ndarray
+    prompt: np.ndarray
+    output: np.ndarray
+
+    def kv_units(self, i: int, page_size: int) -> int:
+        """Units of request i's whole KV: prompt + all but the last output token."""
+        return units_for(int(self.prompt[i] + self.output[i] - 1), page_size)
+
+
+@dataclasses.dataclass
+class _Prefill:
+    """What the step's prefill writes: prompt tokens per tier [T], the sum of prompt lengths
+    n and of n (n + 1) / 2 (prefill FLOPs), and (request, slot) of each admitted prompt."""
+
+    tier_tokens: np.ndarray
+    tokens: float
+    pairs: float
+    slots: list
+
+
+@dataclasses.dataclass
+class _Load:
+    """Where the step's attention reads (phase 6): attended tokens per (tier, bank group) and
+    the same spread over a page's bank groups (busiest-group input), tokens per tier,
+    requests holding KV / attending per tier, active bank groups per tier."""
+
+    bank_group_tokens: np.ndarray
+    bank_group_load: np.ndarray
+    tier_tokens: np.ndarray
+    tier_holders: np.ndarray
+    tier_requests: np.ndarray
+    active_bank_groups: np.ndarray
+
+
 def reference_step(config: EngineConfig, params: SimParams, state: RefState, workload):
     """Advance the reference system by one step (see the module docstring for the model).
+
+    The phases have the engine's names and order (engine.step), written as plain loops
+    and without calling the engine's phases.
 
     Args:
       config: static sizes (recorded scores are not supported: ``recorded_steps`` must be 0).
@@ -500,51 +542,100 @@ def reference_step(config: EngineConfig, params: SimParams, state: RefState, wor
                           "the reference implements the synthetic access model only")
     p = _numpy_params(params)
     s = copy.deepcopy(state)
-    num_slots, num_units, page = config.num_slots, config.units_per_slot, config.page_size
-    arrival = np.asarray(workload.arrival_s, np.float64)
-    prompt = np.asarray(workload.prompt_tokens, np.int64)
-    output = np.asarray(workload.output_tokens, np.int64)
-    num_requests = len(arrival)
+    requests = _Requests(np.asarray(workload.arrival_s, np.float64),
+                         np.asarray(workload.prompt_tokens, np.int64),
+                         np.asarray(workload.output_tokens, np.int64))
     capacity = [int(p.capacity_units[t]) if bool(p.tier_enabled[t]) else 0
                 for t in range(NUM_TIERS)]
-    now = s.clock_s
+    # Requests admitted in this step decode from the next step on.
+    decoding = [r for r in range(config.num_slots) if s.slot_request[r] >= 0]
 
-    def kv_units_needed(i):  # the whole KV of request i: prompt + all but the last output
-        return units_for(int(prompt[i] + output[i] - 1), page)
+    admitted, rejected = admit(config, p, s, requests, capacity)                # 1.
+    prefill = prefill_and_place_prompts(config, p, s, requests, admitted, capacity)
+    tier_before = s.unit_tier.copy()
+    opened = place_new_units(config, p, s, decoding, capacity)                  # 2.
+    tokens, selected, selected_mass = attend(config, p, s, decoding, opened)   # 3.
+    load = attention_load(config, p, s, decoding, tokens, selected)            # 4.
+    for r in decoding:                                                          # 5.
+        _schedule_request(p, config, s.unit_importance[r], s.unit_tier[r],
+                          s.unit_bank_group[r], tokens[r] > 0)
+    migrated, migrated_units, migrated_from_ssd = migration(tier_before, s.unit_tier, tokens)
+    busy = bool(decoding) or bool(admitted)
+    cost = step_cost_of(p, s, decoding, load, prefill, migrated)                # 6.
+    step_time, idle = complete(config, s, state, requests, decoding, prefill,   # 7.
+                               rejected, float(cost.time_s) if busy else 0.0, busy)
+    unit_selected_before = state.unit_selected
+    selected_units = int(selected.sum())
+    persisted = int((selected & unit_selected_before).sum())
+    previously_selected = int(sum(unit_selected_before[r].sum() for r in decoding))
+    for r in range(config.num_slots):
+        if s.slot_request[r] < 0:
+            selected[r] = False
+    s.unit_selected = selected
 
-    running = [r for r in range(num_slots) if s.slot_request[r] >= 0]
+    metrics = RefMetrics(
+        step_time_s=step_time,
+        idle_s=idle,
+        decode_requests=len(decoding),
+        prefill_requests=len(admitted),
+        output_tokens=len(decoding) + len(admitted),
+        tier_units=np.array(count_units_per_tier(s.unit_tier)),
+        attention_s=float(cost.attention_s) if busy else 0.0,
+        tier_attention_s=cost.tier_attention_s if busy else np.zeros(NUM_TIERS),
+        selected_units=selected_units,
+        persisted_units=persisted,
+        previously_selected_units=previously_selected,
+        selected_mass=selected_mass,
+        migrated_units=migrated_units,
+        migrated_from_ssd=migrated_from_ssd,
+        energy_pj=cost.energy_pj if busy else np.zeros_like(cost.energy_pj),
+        rejected=len(rejected),
+    )
+    return s, metrics
 
-    # ------------------------------------------------------------ 1. admission (FCFS)
-    reserved = sum(kv_units_needed(s.slot_request[r]) for r in running)
-    room = min(int(p.max_batch), num_slots) - len(running)
+
+def admit(config: EngineConfig, p: SimParams, s: RefState, requests: _Requests,
+          capacity: list[int]) -> tuple[list[int], list[int]]:
+    """Phase 1a, admission (FCFS): the requests admitted and rejected in this step."""
+    page = config.page_size
+    running = [r for r in range(config.num_slots) if s.slot_request[r] >= 0]
+    reserved = sum(requests.kv_units(s.slot_request[r], page) for r in running)
+    room = min(int(p.max_batch), config.num_slots) - len(running)
     admitted, rejected = [], []
     admitted_units = admitted_prompt_tokens = 0
-    for i in range(s.next_request, min(s.next_request + config.admit_window, num_requests)):
-        if arrival[i] > now:
+    last = min(s.next_request + config.admit_window, len(requests.arrival))
+    for i in range(s.next_request, last):
+        if requests.arrival[i] > s.clock_s:
             break
-        need = kv_units_needed(i)
-        if need > sum(capacity) or need > num_units:
+        need = requests.kv_units(i, page)
+        if need > sum(capacity) or need > config.units_per_slot:
             rejected.append(i)
             continue
         if reserved + admitted_units + need > sum(capacity) or len(admitted) >= room:
             break
-        if admitted and admitted_prompt_tokens + prompt[i] > int(p.prefill_token_budget):
+        if admitted and admitted_prompt_tokens + requests.prompt[i] > int(
+                p.prefill_token_budget):
             break
         admitted.append(i)
         admitted_units += need
-        admitted_prompt_tokens += int(prompt[i])
-    taken = len(admitted) + len(rejected)
-    free_slots = [r for r in range(num_slots) if s.slot_request[r] < 0]
-    admitted_slots = list(zip(admitted, free_slots[:len(admitted)], strict=True))
+        admitted_prompt_tokens += int(requests.prompt[i])
+    return admitted, rejected
 
-    # ------------------------------------------------------------ 2. prompt placement
+
+def prefill_and_place_prompts(config: EngineConfig, p: SimParams, s: RefState,
+                              requests: _Requests, admitted: list[int],
+                              capacity: list[int]) -> _Prefill:
+    """Phase 1b, prefill and prompt placement: each admitted request takes the lowest free
+    slot, gets its first token, and its prompt units are placed and mapped (in place)."""
+    num_units, page = config.units_per_slot, config.page_size
+    free_slots = [r for r in range(config.num_slots) if s.slot_request[r] < 0]
+    slots = list(zip(admitted, free_slots[:len(admitted)], strict=True))
     free = [max(capacity[t] - n, 0) for t, n in enumerate(count_units_per_tier(s.unit_tier))]
-    prefill_tier_tokens = np.zeros(NUM_TIERS)
-    prefill_tokens = prefill_pairs = 0.0
-    prompt_placements = []  # (slot, unit, tier, request id) in placement order
+    prefill = _Prefill(np.zeros(NUM_TIERS), 0.0, 0.0, slots)
+    placements = []  # (slot, unit, tier, request id) in placement order
     prompts = []  # (request, slot, tokens, units, latent, logits) in FCFS order
-    for i, slot in admitted_slots:
-        n_prompt = int(prompt[i])
+    for i, slot in slots:
+        n_prompt = int(requests.prompt[i])
         latent = np.asarray(_initial_latent(p, np.uint32(s.seed), i, np.arange(num_units)),
                             np.float32)
         prompts.append((i, slot, tokens_per_unit(n_prompt, page, num_units),
@@ -555,30 +646,34 @@ def reference_step(config: EngineConfig, params: SimParams, state: RefState, wor
             for _, _, tokens, n_units, _, logits_row in prompts], free)
     for (i, slot, tokens, n_prompt_units, latent, logits_row), tiers in zip(prompts, placed,
                                                                             strict=True):
-        n_prompt = int(prompt[i])
+        n_prompt = int(requests.prompt[i])
         mass = _row_mass(logits_row, tokens)
         for u in range(n_prompt_units):
             s.unit_tier[slot, u] = tiers[u]
             s.unit_latent[slot, u] = latent[u]
             s.unit_importance[slot, u] = mass[u]
-            prefill_tier_tokens[tiers[u]] += tokens[u]
-            prompt_placements.append((slot, u, tiers[u], i))
+            prefill.tier_tokens[tiers[u]] += tokens[u]
+            placements.append((slot, u, tiers[u], i))
         s.slot_request[slot] = i
         s.slot_generated[slot] = 1  # prefill produces the first token
         s.slot_context[slot] = n_prompt
         s.req_status[i] = STATUS_RUNNING
-        prefill_tokens += n_prompt
-        prefill_pairs += n_prompt * (n_prompt + 1) / 2.0
-    bank_groups = _map_bank_groups(p, [(t, i, u) for _, u, t, i in prompt_placements],
-                                   s.activation)
-    for (slot, u, _, _), group in zip(prompt_placements, bank_groups, strict=True):
+        prefill.tokens += n_prompt
+        prefill.pairs += n_prompt * (n_prompt + 1) / 2.0
+    groups = _map_bank_groups(p, [(t, i, u) for _, u, t, i in placements], s.activation)
+    for (slot, u, _, _), group in zip(placements, groups, strict=True):
         s.unit_bank_group[slot, u] = group
+    return prefill
 
-    # ------------------------------------------------------------ 3. decode: the new token
-    decoding = running  # requests admitted in this step decode from the next step on
-    tier_before = s.unit_tier.copy()
+
+def place_new_units(config: EngineConfig, p: SimParams, s: RefState, decoding: list[int],
+                    capacity: list[int]) -> dict[int, int]:
+    """Phase 2, the decode token: each decoding request adds a token; one that opens a unit
+    gets a tier (fastest with room, or PAM's HBM with displacement) and, with the units it
+    displaced, a bank group (in place). Returns {slot: index of the unit opened}."""
+    num_units, page = config.units_per_slot, config.page_size
     free = [max(capacity[t] - n, 0) for t, n in enumerate(count_units_per_tier(s.unit_tier))]
-    opened = {}  # slot -> index of the unit opened in this step
+    opened = {}
     new_units, demoted = [], []  # (slot, unit, tier, request id)
     for r in decoding:
         s.slot_context[r] += 1
@@ -610,18 +705,22 @@ def reference_step(config: EngineConfig, params: SimParams, state: RefState, wor
         s.unit_tier[r, u] = tier
         s.unit_latent[r, u] = np.float32(_initial_latent(p, np.uint32(s.seed), i, u))
         new_units.append((r, u, tier, i))
-
-    # ------------------------------------------------------------ 4. decode bank groups
-    decode_placements = new_units + demoted
-    bank_groups = _map_bank_groups(p, [(t, i, u) for _, u, t, i in decode_placements],
-                                   s.activation)
-    for (r, u, _, _), group in zip(decode_placements, bank_groups, strict=True):
+    placements = new_units + demoted
+    groups = _map_bank_groups(p, [(t, i, u) for _, u, t, i in placements], s.activation)
+    for (r, u, _, _), group in zip(placements, groups, strict=True):
         s.unit_bank_group[r, u] = group
+    return opened
 
-    # ------------------------------------------------------------ 5. access model
+
+def attend(config: EngineConfig, p: SimParams, s: RefState, decoding: list[int],
+           opened: dict[int, int]) -> tuple[np.ndarray, np.ndarray, float]:
+    """Phase 3, the access model: latents drift, the selector picks units, the importance
+    EMA absorbs the attention mass (in place). Returns (tokens [R, U], selected [R, U], the
+    attention mass the selections cover)."""
+    num_units, page = config.units_per_slot, config.page_size
     lam = float(p.ema_lambda)
-    tokens = np.zeros((num_slots, num_units), np.int64)
-    selected = np.zeros((num_slots, num_units), bool)
+    tokens = np.zeros((config.num_slots, num_units), np.int64)
+    selected = np.zeros((config.num_slots, num_units), bool)
     selected_mass = 0.0
     for r in decoding:
         i = int(s.slot_request[r])
@@ -640,101 +739,113 @@ def reference_step(config: EngineConfig, params: SimParams, state: RefState, wor
                 s.unit_importance[r, u] = lam * mass[u] + (1.0 - lam) * s.unit_importance[r, u]
                 if selected[r, u]:
                     selected_mass += mass[u]
+    return tokens, selected, selected_mass
 
-    # ------------------------------------------------------------ 6. attention load
+
+def attention_load(config: EngineConfig, p: SimParams, s: RefState, decoding: list[int],
+                   tokens: np.ndarray, selected: np.ndarray) -> _Load:
+    """Phase 4, the attention load on the placement before scheduling; the activation
+    window records this step's selected units per bank group (in place)."""
     groups = config.bank_groups
-    bg_tokens = np.zeros((NUM_TIERS, groups), np.int64)
+    load = _Load(np.zeros((NUM_TIERS, groups), np.int64), None, np.zeros(NUM_TIERS),
+                 np.zeros(NUM_TIERS), np.zeros(NUM_TIERS), np.zeros(NUM_TIERS))
     bg_units = np.zeros((NUM_TIERS, groups), np.int64)
-    tier_tokens = np.zeros(NUM_TIERS)
-    tier_requests = np.zeros(NUM_TIERS)
-    tier_holders = np.zeros(NUM_TIERS)  # requests with any KV on the tier: Q goes there
-    active_bank_groups = np.zeros(NUM_TIERS)
     for r in decoding:
         touched = set()
         holds = set()
-        for u in range(num_units):
+        for u in range(config.units_per_slot):
             if tokens[r, u] == 0:
                 continue
             tier, group = s.unit_tier[r, u], s.unit_bank_group[r, u]
-            tier_tokens[tier] += tokens[r, u]
+            load.tier_tokens[tier] += tokens[r, u]
             holds.add(tier)
             if selected[r, u]:
-                bg_tokens[tier, group] += tokens[r, u]
+                load.bank_group_tokens[tier, group] += tokens[r, u]
                 bg_units[tier, group] += 1
                 touched.add((tier, group))
         for t in range(NUM_TIERS):
             on_t = sum(1 for tier, _ in touched if tier == t)
-            active_bank_groups[t] += on_t
-            tier_requests[t] += on_t > 0
-            tier_holders[t] += t in holds
+            load.active_bank_groups[t] += on_t
+            load.tier_requests[t] += on_t > 0
+            load.tier_holders[t] += t in holds  # Q goes to every tier holding the request's KV
     s.activation[s.step % config.window] = bg_units
     # Busiest bank group. Under the greedy mapping a page's tokens stand for tokens that would
     # sit in page_size consecutive bank groups (cyclically within the tier), so each of those
     # gets an equal share; under sequential fill a page stays in its one group.
-    bg_load = bg_tokens.astype(np.float64)
+    page = config.page_size
+    load.bank_group_load = load.bank_group_tokens.astype(np.float64)
     if bool(p.greedy_mapping) and page > 1:
-        bg_load = np.zeros_like(bg_load)
+        load.bank_group_load = np.zeros_like(load.bank_group_load)
         for t in range(NUM_TIERS):
             count = int(p.bank_groups[t])
             for group in range(count):
                 for j in range(page):
-                    bg_load[t, (group + j) % count] += bg_tokens[t, group] / page
+                    load.bank_group_load[t, (group + j) % count] += \
+                        load.bank_group_tokens[t, group] / page
+    return load
 
-    # ------------------------------------------------------------ 7. online scheduling
-    for r in decoding:
-        _schedule_request(p, config, s.unit_importance[r], s.unit_tier[r],
-                          s.unit_bank_group[r], tokens[r] > 0)
 
+def migration(tier_before: np.ndarray, tier_after: np.ndarray, tokens: np.ndarray):
+    """Phase 5 (after the swaps): tokens moved from tier i to tier j [T, T], units moved,
+    units moved off the SSD (scheduler swaps and HBM displacements alike)."""
     migrated_tokens = np.zeros((NUM_TIERS, NUM_TIERS))
     migrated_units = migrated_from_ssd = 0
-    for r in range(num_slots):
-        for u in range(num_units):
-            start, end = tier_before[r, u], s.unit_tier[r, u]
+    rows, cols = tier_before.shape
+    for r in range(rows):
+        for u in range(cols):
+            start, end = tier_before[r, u], tier_after[r, u]
             if start != NO_UNIT and end != start:
                 migrated_tokens[start, end] += tokens[r, u]
                 migrated_units += 1
                 migrated_from_ssd += start == SSD
+    return migrated_tokens, migrated_units, migrated_from_ssd
 
-    # ------------------------------------------------------------ 8. time, energy, clock
+
+def step_cost_of(p: SimParams, s: RefState, decoding: list[int], load: _Load,
+                 prefill: _Prefill, migrated_tokens: np.ndarray):
+    """Phase 6, cost: the step's counts through pamjax.costs.step_cost, in float64."""
     counts = StepCounts(
         decode_requests=np.float64(len(decoding)),
         decode_context=np.float64(sum(int(s.slot_context[r]) for r in decoding)),
-        tier_tokens=tier_tokens,
-        tier_selected=bg_tokens.sum(axis=1).astype(np.float64),
-        tier_busiest_bank_group=bg_load.max(axis=1),
-        tier_requests=tier_requests,
-        tier_holders=tier_holders,
-        tier_active_bank_groups=active_bank_groups,
-        prefill_tokens=np.float64(prefill_tokens),
-        prefill_pairs=np.float64(prefill_pairs),
-        prefill_tier_tokens=prefill_tier_tokens,
+        tier_tokens=load.tier_tokens,
+        tier_selected=load.bank_group_tokens.sum(axis=1).astype(np.float64),
+        tier_busiest_bank_group=load.bank_group_load.max(axis=1),
+        tier_requests=load.tier_requests,
+        tier_holders=load.tier_holders,
+        tier_active_bank_groups=load.active_bank_groups,
+        prefill_tokens=np.float64(prefill.tokens),
+        prefill_pairs=np.float64(prefill.pairs),
+        prefill_tier_tokens=prefill.tier_tokens,
         migrated_tokens=migrated_tokens,
         sparse=np.float64(float(p.select_fraction) < 1.0),
     )
     with jax.enable_x64(True):
-        cost = jax.tree.map(lambda v: np.asarray(v, np.float64), _step_cost(p, counts))
-    busy = bool(decoding) or bool(admitted)
-    step_time = float(cost.time_s) if busy else 0.0
+        return jax.tree.map(lambda v: np.asarray(v, np.float64), _step_cost(p, counts))
+
+
+def complete(config: EngineConfig, s: RefState, start: RefState, requests: _Requests,
+             decoding: list[int], prefill: _Prefill, rejected: list[int], step_time: float,
+             busy: bool) -> tuple[float, float]:
+    """Phase 7, completion: the clock (an idle step jumps to the next arrival), request
+    events, finished requests free their slot and KV (in place). Returns (step time, idle
+    jump) in seconds."""
+    now = start.clock_s
     s.clock_s = now + step_time
     idle = 0.0
-    if not busy and state.next_request + taken < num_requests:
-        s.clock_s = max(now, float(arrival[state.next_request]))  # jump to the next arrival
+    taken = len(prefill.slots) + len(rejected)
+    if not busy and start.next_request + taken < len(requests.arrival):
+        s.clock_s = max(now, float(requests.arrival[start.next_request]))  # next arrival
         idle = s.clock_s - now
     end = s.clock_s
-
-    # ------------------------------------------------------------ 9. completion
-    selected_units = int(selected.sum())
-    persisted = int((selected & state.unit_selected).sum())
-    previously_selected = int(sum(state.unit_selected[r].sum() for r in decoding))
     for r in decoding:
         s.slot_generated[r] += 1
-    for i, _ in admitted_slots:
+    for i, _ in prefill.slots:
         s.req_first_token_s[i] = end
     for i in rejected:
         s.req_status[i] = STATUS_REJECTED
-    for r in range(num_slots):
+    for r in range(config.num_slots):
         i = int(s.slot_request[r])
-        if i >= 0 and s.slot_generated[r] >= output[i]:
+        if i >= 0 and s.slot_generated[r] >= requests.output[i]:
             s.req_status[i] = STATUS_FINISHED
             s.req_finish_s[i] = end
             s.slot_request[r] = -1
@@ -743,30 +854,9 @@ def reference_step(config: EngineConfig, params: SimParams, state: RefState, wor
             s.unit_bank_group[r] = 0
             s.unit_latent[r] = 0.0
             s.unit_importance[r] = 0.0
-            selected[r] = False
-    s.unit_selected = selected
     s.step += 1
     s.next_request += taken
-
-    metrics = RefMetrics(
-        step_time_s=step_time,
-        idle_s=idle,
-        decode_requests=len(decoding),
-        prefill_requests=len(admitted),
-        output_tokens=len(decoding) + len(admitted),
-        tier_units=np.array(count_units_per_tier(s.unit_tier)),
-        attention_s=float(cost.attention_s) if busy else 0.0,
-        tier_attention_s=cost.tier_attention_s if busy else np.zeros(NUM_TIERS),
-        selected_units=selected_units,
-        persisted_units=persisted,
-        previously_selected_units=previously_selected,
-        selected_mass=selected_mass,
-        migrated_units=migrated_units,
-        migrated_from_ssd=migrated_from_ssd,
-        energy_pj=cost.energy_pj if busy else np.zeros_like(cost.energy_pj),
-        rejected=len(rejected),
-    )
-    return s, metrics
+    return step_time, idle
 
 
 def reference_rollout(config: EngineConfig, params: SimParams, workload, num_steps: int,

@@ -22,8 +22,12 @@ from __future__ import annotations
 
 import functools
 
+import jax
 import jax.numpy as jnp
 from jax import lax
+
+from pamjax.placement import corrected_key
+from pamjax.types import DDR, HBM, NUM_TIERS, SSD
 
 _ABSENT = -3.0e38  # top_k key for units that are not candidates
 
@@ -91,7 +95,7 @@ def tier_importance(importance, tier, present):
       f32 [R, T] IS per request and tier (tiers in TIER_NAMES order).
     """
     return jnp.stack([jnp.sum(jnp.where(present & (tier == t), importance, 0.0), axis=-1)
-                      for t in range(3)], axis=-1)
+                      for t in range(NUM_TIERS)], axis=-1)
 
 
 def schedule(params, importance, tier, bank_group, present, max_swaps: int):
@@ -112,82 +116,60 @@ def schedule(params, importance, tier, bank_group, present, max_swaps: int):
     hbm, ddr, ssd = share[:, 0:1], share[:, 1:2], share[:, 2:3]
     # Phase 1, (IS_H + IS_D') < (x + y) IS_S' written without division (IS_S may be 0).
     tier, bank_group, ds = _swap_phase(
-        importance, tier, bank_group, present, 1, 2, budget, max_swaps,
+        importance, tier, bank_group, present, DDR, SSD, budget, max_swaps,
         lambda g: (hbm + ddr + g) < (x + y) * (ssd - g))
 
     share = tier_importance(importance, tier, present)
     hbm, ddr = share[:, 0:1], share[:, 1:2]
     # Phase 2, IS_H' / IS_D' < x / y.
     tier, bank_group, hd = _swap_phase(
-        importance, tier, bank_group, present, 0, 1, budget, max_swaps,
+        importance, tier, bank_group, present, HBM, DDR, budget, max_swaps,
         lambda g: y * (hbm + g) < x * (ddr - g))
     return tier, bank_group, ds, hd
 
 
-def calibrate_targets(tier_rates, access, *, context: int = 1024, label_fraction: float,
-                      kv_bytes_per_token: float = 1.0, batch: int = 1,
-                      tier_fixed_s=(0.0, 0.0, 0.0), seed: int = 0, grid: int = 256,
-                      max_ratio: float = 1e12):
-    """PAM's offline x:y:1 target chosen so that expected attention time per tier is equal.
+def schedule_step(config, params, state, attended, context):
+    """The engine's scheduling phase: PAM's swaps on every decoding request.
 
-    PAM_SPEC §5 [D] asks for x, y that equalise the expected attention time of the tiers.
-    A tier's time per step is a fixed cost when it holds any KV (``tier_fixed_s``: the Q and
-    partial-result round trips of every layer) plus ``batch`` x (selected KV bytes +
-    selection-label bytes of every token it holds) / its effective PIM rate, so
-    throughput-proportional importance shares alone do not equalise it: label reads scale
-    with the token *count* a tier holds. This draws one request of ``context`` tokens from
-    the access model (importance = attention mass), ranks its tokens by importance, assumes
-    the selector attends the top ``select_fraction``, and searches the split (HBM gets the
-    top ``a`` tokens, DDR the next ``b``, SSD the rest) that minimises the largest tier time
-    (which equalises the times of the tiers it uses); x and y are the importance ratios of
-    that split. A tier the best split leaves empty gets no importance share: x (and y when
-    DDR is empty too) is then ``max_ratio``. Capacity is ignored here: when a tier is full,
-    placement spills downwards at run time.
+    Units are ranked by the importance factor, or by ``importance x exp(c)`` with a learned
+    placement score c (``config.placement_score``, placement.corrected_key). Systems without
+    online scheduling (swap budget 0) skip the phase: no swap could happen.
 
     Args:
-      tier_rates: effective PIM bytes/s per tier [T].
-      access: AccessModel.
-      context: tokens of the calibration request.
-      label_fraction: label bytes per KV byte read for every held token (costs.py).
-      kv_bytes_per_token: KV bytes of one token (all layers).
-      batch: requests per step the split is optimised for.
-      tier_fixed_s: seconds per step a tier costs as soon as it holds KV [T].
-      grid: candidate split points per tier (resolution of the search).
-      max_ratio: x (and y) when the best split leaves the SSD (and DDR) no token.
+      config: EngineConfig; params: SimParams; state: EngineState after the access model;
+      attended: locality.Attention; context: i32 [R] tokens per slot after the decode.
 
     Returns:
-      (x, y) floats.
+      EngineState with ``unit_tier`` and ``unit_bank_group`` after the swaps.
     """
-    import numpy as np
+    present, importance = attended.present, state.unit_importance
 
-    rng = np.random.default_rng(seed)
-    pos = np.arange(context)
-    age = context - 1 - pos
-    logit = access.sigma * rng.standard_normal(context) \
-        + access.sink_bonus * (pos < access.sink_tokens) \
-        + access.recency_bonus * np.exp(-age / access.recency_tokens)
-    mass = np.exp(logit - logit.max())
-    mass = np.sort(mass / mass.sum())[::-1]
-    cum = np.concatenate([[0.0], np.cumsum(mass)])
-    selected = max(1, int(np.ceil(access.select_fraction * context)))
-    cuts = np.unique(np.linspace(0, context, grid + 1).round().astype(int))
-    a, b = np.meshgrid(cuts, cuts, indexing="ij")
-    valid = a + b <= context
-    c = np.clip(context - a - b, 0, None)
-    sel_h = np.minimum(a, selected)
-    sel_d = np.clip(selected - a, 0, b)
-    sel_s = selected - sel_h - sel_d
-    rates = np.asarray(tier_rates, np.float64)
-    scale = batch * kv_bytes_per_token
-    fixed = np.asarray(tier_fixed_s, np.float64)
-    times = np.stack([fixed[t] * (n > 0) + scale * (sel + label_fraction * n) / rates[t]
-                      for t, (sel, n) in enumerate(((sel_h, a), (sel_d, b), (sel_s, c)))])
-    worst = np.where(valid, times.max(0), np.inf)
-    i, j = np.unravel_index(np.argmin(worst), worst.shape)
-    best_a, best_b = int(a[i, j]), int(b[i, j])
-    is_h = cum[best_a]
-    is_d = cum[best_a + best_b] - is_h
-    if best_a + best_b >= context:  # the SSD holds nothing
-        return max_ratio, max_ratio * is_d / max(is_h, 1e-30)
-    is_s = 1.0 - is_h - is_d
-    return float(is_h / is_s), float(is_d / is_s)
+    def run_scheduler(tier, bank_group):
+        rank_key = importance if config.placement_score is None else corrected_key(
+            importance, config.placement_score(params.policy, importance, attended.selected,
+                                               context, tier, present), present)
+        return schedule(params, rank_key, tier, bank_group, present, config.max_swaps)[:2]
+
+    tier, bank_group = lax.cond(params.swap_budget > 0, run_scheduler,
+                                lambda tier, bank_group: (tier, bank_group),
+                                state.unit_tier, state.unit_bank_group)
+    return state.replace(unit_tier=tier, unit_bank_group=bank_group)
+
+
+def migrated_tokens(tier_before, tier_after, tokens):
+    """Units and tokens that changed tier in a step (swaps and HBM displacements).
+
+    Args:
+      tier_before, tier_after: i8 [R, U] tier tables at the start of the step's decode and
+        after scheduling; tokens: i32 [R, U] tokens per unit.
+
+    Returns:
+      (moved bool [R, U], tokens moved from tier i to tier j, i32 [T, T]).
+    """
+    moved = (tier_before >= 0) & (tier_after != tier_before)
+    from_i = jnp.clip(tier_before.astype(jnp.int32), 0, NUM_TIERS - 1)
+    to_i = jnp.clip(tier_after.astype(jnp.int32), 0, NUM_TIERS - 1)
+    migrated = jax.ops.segment_sum(jnp.where(moved, tokens, 0).ravel(),
+                                   (from_i * NUM_TIERS + to_i).ravel(),
+                                   num_segments=NUM_TIERS * NUM_TIERS)
+    return moved, migrated.reshape(NUM_TIERS, NUM_TIERS)

@@ -284,7 +284,7 @@ def simulate(system: str, model: str, workload: HostWorkload, *, max_batch: int 
 
     Args:
       system, model: names (systems.SYSTEMS, models.MODELS) or objects.
-      workload: host workload (pamjax.workload.synthetic or load_trace).
+      workload: host workload (pamjax.workload.synthetic or pamjax.traces.load_trace).
       max_batch: largest number of concurrent requests.
       platform, access, knobs: hardware, access model and modelling knobs (defaults).
       page_size: tokens per KV unit (default: token granularity when it fits).

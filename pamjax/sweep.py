@@ -93,7 +93,8 @@ from pamjax.hardware import get_platform
 from pamjax.models import get_model
 from pamjax.simulation import choose_page_size, device_workload, make_config
 from pamjax.systems import get_system, make_params, max_bank_groups
-from pamjax.workload import DATASETS, Workload, load_trace, synthetic
+from pamjax.traces import load_trace
+from pamjax.workload import DATASETS, Workload, synthetic
 
 KEY_COLUMNS = ("system", "overrides", "batch", "seed", "slo_ms")
 """Columns identifying a row, in sort order."""

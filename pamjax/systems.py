@@ -31,9 +31,8 @@ import numpy as np
 from pamjax.costs import LABEL_FRACTION_OF_KV
 from pamjax.errors import CapacityError, ConfigError, UnknownNameError
 from pamjax.hardware import TIER_NAMES, Platform, get_platform
-from pamjax.locality import AccessModel
+from pamjax.locality import AccessModel, logits
 from pamjax.models import Model, get_model
-from pamjax.scheduler import calibrate_targets
 from pamjax.types import (
     NEW_TOKEN_FASTEST_FREE,
     NEW_TOKEN_HBM_DISPLACE,
@@ -152,6 +151,70 @@ class Knobs:
 
 
 TARGET_RULES = ("equal-time", "throughput")
+
+
+def calibrate_targets(tier_rates, access, *, context: int = 1024, label_fraction: float,
+                      kv_bytes_per_token: float = 1.0, batch: int = 1,
+                      tier_fixed_s=(0.0, 0.0, 0.0), seed: int = 0, grid: int = 256,
+                      max_ratio: float = 1e12):
+    """PAM's offline x:y:1 target chosen so that expected attention time per tier is equal.
+
+    PAM_SPEC §5 [D] asks for x, y that equalise the expected attention time of the tiers.
+    A tier's time per step is a fixed cost when it holds any KV (``tier_fixed_s``: the Q and
+    partial-result round trips of every layer) plus ``batch`` x (selected KV bytes +
+    selection-label bytes of every token it holds) / its effective PIM rate, so
+    throughput-proportional importance shares alone do not equalise it: label reads scale
+    with the token *count* a tier holds. This draws one request of ``context`` tokens from
+    the access model (importance = attention mass), ranks its tokens by importance, assumes
+    the selector attends the top ``select_fraction``, and searches the split (HBM gets the
+    top ``a`` tokens, DDR the next ``b``, SSD the rest) that minimises the largest tier time
+    (which equalises the times of the tiers it uses); x and y are the importance ratios of
+    that split. A tier the best split leaves empty gets no importance share: x (and y when
+    DDR is empty too) is then ``max_ratio``. Capacity is ignored here: when a tier is full,
+    placement spills downwards at run time.
+
+    Args:
+      tier_rates: effective PIM bytes/s per tier [T].
+      access: AccessModel.
+      context: tokens of the calibration request.
+      label_fraction: label bytes per KV byte read for every held token (costs.py).
+      kv_bytes_per_token: KV bytes of one token (all layers).
+      batch: requests per step the split is optimised for.
+      tier_fixed_s: seconds per step a tier costs as soon as it holds KV [T].
+      grid: candidate split points per tier (resolution of the search).
+      max_ratio: x (and y) when the best split leaves the SSD (and DDR) no token.
+
+    Returns:
+      (x, y) floats.
+    """
+    rng = np.random.default_rng(seed)
+    latent = access.sigma * rng.standard_normal(context)
+    logit = logits(access, latent[None, :], np.array([context]), 1, xp=np)[0]
+    mass = np.exp(logit - logit.max())
+    mass = np.sort(mass / mass.sum())[::-1]
+    cum = np.concatenate([[0.0], np.cumsum(mass)])
+    selected = max(1, int(np.ceil(access.select_fraction * context)))
+    cuts = np.unique(np.linspace(0, context, grid + 1).round().astype(int))
+    a, b = np.meshgrid(cuts, cuts, indexing="ij")
+    valid = a + b <= context
+    c = np.clip(context - a - b, 0, None)
+    sel_h = np.minimum(a, selected)
+    sel_d = np.clip(selected - a, 0, b)
+    sel_s = selected - sel_h - sel_d
+    rates = np.asarray(tier_rates, np.float64)
+    scale = batch * kv_bytes_per_token
+    fixed = np.asarray(tier_fixed_s, np.float64)
+    times = np.stack([fixed[t] * (n > 0) + scale * (sel + label_fraction * n) / rates[t]
+                      for t, (sel, n) in enumerate(((sel_h, a), (sel_d, b), (sel_s, c)))])
+    worst = np.where(valid, times.max(0), np.inf)
+    i, j = np.unravel_index(np.argmin(worst), worst.shape)
+    best_a, best_b = int(a[i, j]), int(b[i, j])
+    is_h = cum[best_a]
+    is_d = cum[best_a + best_b] - is_h
+    if best_a + best_b >= context:  # the SSD holds nothing
+        return max_ratio, max_ratio * is_d / max(is_h, 1e-30)
+    is_s = 1.0 - is_h - is_d
+    return float(is_h / is_s), float(is_d / is_s)
 
 
 @functools.lru_cache(maxsize=256)

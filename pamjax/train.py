@@ -46,8 +46,9 @@ from pamjax import engine, policy, relaxed, report, study
 from pamjax.errors import ConfigError, UnknownNameError
 from pamjax.simulation import device_workload
 from pamjax.systems import make_params
+from pamjax.traces import load_trace
 from pamjax.types import EngineConfig
-from pamjax.workload import DATASETS, Workload, load_trace, synthetic
+from pamjax.workload import DATASETS, Workload, synthetic
 
 TRAIN_SEED_BASE = 1000  # training episodes use seeds TRAIN_SEED_BASE + i
 HELDOUT_SEED_BASE = 1  # held-out episodes use seeds 1, 2, ... (disjoint from training)

@@ -1,8 +1,8 @@
 """Engine data types: static shape config, the numeric parameter pytree, state and metrics.
 
-Shapes use R = request slots (the largest batch), U = KV units per slot (a unit is
-``page_size`` consecutive tokens; page_size 1 is token granularity), T = 3 tiers in
-``hardware.TIER_NAMES`` order, G = bank-group units per device (padded to the largest tier),
+Shapes use R = request slots (the largest batch), U = KV units per slot (a KV unit is a
+page of ``page_size`` consecutive tokens; page_size 1 is token granularity), T = 3 tiers in
+:data:`TIER_NAMES` order, G = bank groups per device (padded to the largest tier's count),
 W = activation window (decode steps), N = requests in the workload, C = energy components.
 
 Everything in :class:`SimParams` is a JAX array, so ``jax.vmap`` over a stacked params pytree
@@ -18,6 +18,14 @@ import jax.numpy as jnp
 from flax import struct
 
 from pamjax.errors import ConfigError
+
+TIER_NAMES = ("hbm", "ddr", "ssd")
+"""Tier order used by every [T] array in pamjax: index 0 is the fastest tier."""
+HBM, DDR, SSD = 0, 1, 2
+"""Tier indices (positions in :data:`TIER_NAMES`)."""
+NUM_TIERS = len(TIER_NAMES)
+NO_UNIT = -1
+"""``unit_tier`` of a KV unit that does not exist."""
 
 ENERGY_COMPONENTS = (
     "gpu_compute",  # FC layers, prefill and (GPU-side) attention arithmetic

@@ -19,7 +19,8 @@ from pamjax.errors import CapacityError, ConfigError, TraceFormatError, UnknownN
 from pamjax.hardware import get_platform
 from pamjax.models import get_model
 from pamjax.systems import make_params
-from pamjax.workload import load_trace, synthetic
+from pamjax.traces import load_trace
+from pamjax.workload import synthetic
 
 CORPUS = pathlib.Path(__file__).resolve().parent / "bad_inputs"
 

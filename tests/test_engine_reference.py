@@ -462,7 +462,7 @@ def engine_prompt_tiers(params, log_masses, free) -> list[list[int]]:
     for k, row in enumerate(log_masses):
         values[k, :len(row)], present[k, :len(row)] = row, True
     tiers = np.asarray(_INITIAL_TIERS(params, values, present, jnp.asarray(free, jnp.int32),
-                                      engine.target_share(params)))
+                                      placement.target_share(params)))
     assert np.all(tiers[~present] == -1)
     return [tiers[k, :len(row)].tolist() for k, row in enumerate(log_masses)]
 

@@ -25,8 +25,9 @@ import pytest
 
 from pamjax import leap, simulation, systems
 from pamjax.errors import ConfigError
+from pamjax.traces import default_azure_trace_path, load_trace
 from pamjax.types import STATUS_REJECTED, EngineConfig
-from pamjax.workload import Workload, default_azure_trace_path, load_trace
+from pamjax.workload import Workload
 
 MODEL = "llama3-8b"
 SLOTS, REQUESTS, PAGE, UNITS = 6, 24, 4, 40  # contexts < 160 tokens
@@ -73,7 +74,9 @@ def assert_same_trajectory(step, leaped):
         x, y = np.asarray(getattr(a, field.name)), np.asarray(getattr(b, field.name))
         assert not np.any(x[n:]), f"{field.name}: the engine did work after the leap stopped"
         if field.name == "selected_mass":
-            np.testing.assert_allclose(x[:n], y, atol=1e-5, err_msg=field.name)
+            # The leap counts each decoding request's mass as exactly 1; the engine sums
+            # float32 softmax terms, within 1e-6 per request (so relative to the count).
+            np.testing.assert_allclose(x[:n], y, rtol=1e-6, atol=1e-5, err_msg=field.name)
         elif np.issubdtype(x.dtype, np.integer):
             np.testing.assert_array_equal(x[:n], y, err_msg=field.name)
         else:
