@@ -78,6 +78,20 @@ class StepCounts:
     sparse: jnp.ndarray
 
 
+def empty_counts(shape=()) -> StepCounts:
+    """StepCounts of nothing (every field zero, f32 with a leading ``shape``): the start of
+    an engine's counts when it fills only some fields (the event leap)."""
+    def zeros(*trailing):
+        return jnp.zeros(tuple(shape) + trailing, jnp.float32)
+
+    return StepCounts(
+        decode_requests=zeros(), decode_context=zeros(), tier_tokens=zeros(3),
+        tier_selected=zeros(3), tier_busiest_bank_group=zeros(3), tier_requests=zeros(3),
+        tier_holders=zeros(3), tier_active_bank_groups=zeros(3), prefill_tokens=zeros(),
+        prefill_pairs=zeros(), prefill_tier_tokens=zeros(3), migrated_tokens=zeros(3, 3),
+        sparse=zeros())
+
+
 @struct.dataclass
 class StepCost:
     """Step time (s), attention time (s), per-tier attention time (s, [T]), energy (pJ, [C])."""

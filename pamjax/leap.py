@@ -69,7 +69,7 @@ from jax import lax
 
 from pamjax import batching, placement
 from pamjax.batching import units_needed
-from pamjax.costs import StepCounts, step_cost
+from pamjax.costs import StepCounts, empty_counts, step_cost
 from pamjax.errors import ConfigError
 from pamjax.types import (
     DDR,
@@ -166,31 +166,18 @@ def _one_hot(tier, count):
 def _counts(decode_requests, decode_context, tier_tokens, prefill_n=None,
             prefill_tier_tokens=None) -> StepCounts:
     """StepCounts of a dense GPU-attention step ([...]-batched). Fields that only PIM
-    attention reads (bank groups, holders, partials) are zero."""
+    attention reads (bank groups, holders, partials) stay zero."""
     f32 = jnp.float32
-    zeros_t = jnp.zeros(tier_tokens.shape, f32)
-    batch = decode_requests.shape
-    if prefill_n is None:
-        prefill_tokens = prefill_pairs = jnp.zeros(batch, f32)
-        prefill_tier_tokens = zeros_t
-    else:
-        prefill_tokens = jnp.sum(prefill_n)
-        prefill_pairs = jnp.sum(prefill_n * (prefill_n + 1.0) / 2.0)
-    return StepCounts(
+    counts = empty_counts(decode_requests.shape).replace(
         decode_requests=decode_requests.astype(f32),
         decode_context=decode_context.astype(f32),
         tier_tokens=tier_tokens.astype(f32),
-        tier_selected=tier_tokens.astype(f32),
-        tier_busiest_bank_group=zeros_t,
-        tier_requests=zeros_t,
-        tier_holders=zeros_t,
-        tier_active_bank_groups=zeros_t,
-        prefill_tokens=prefill_tokens,
-        prefill_pairs=prefill_pairs,
-        prefill_tier_tokens=prefill_tier_tokens.astype(f32),
-        migrated_tokens=jnp.zeros(batch + (NUM_TIERS, NUM_TIERS), f32),
-        sparse=jnp.zeros(batch, f32),
-    )
+        tier_selected=tier_tokens.astype(f32))
+    if prefill_n is None:
+        return counts
+    return counts.replace(prefill_tokens=jnp.sum(prefill_n),
+                          prefill_pairs=jnp.sum(prefill_n * (prefill_n + 1.0) / 2.0),
+                          prefill_tier_tokens=prefill_tier_tokens.astype(f32))
 
 
 def general_step(config: EngineConfig, params: SimParams, s: LeapState,
@@ -295,6 +282,29 @@ def _metrics(dt, idle, decode_requests, prefill_requests, tier_units, cost, busy
     )
 
 
+def _queue_head_taken(config: EngineConfig, params: SimParams, s: LeapState,
+                      workload: DeviceWorkload, decoding, start):
+    """bool [L]: would the head of the queue be admitted or rejected at the start of each
+    leap step (then that step is not a leap step)?
+
+    Args:
+      decoding: bool [L, R], the requests running at each leap step's start (exactly those
+        decoding in it); start: f32 [L], each step's start time as engine.step's clock.
+    """
+    page, n_units, n_req = config.page_size, config.units_per_slot, config.num_requests
+    capacity = batching.tier_capacity(params)
+    req = jnp.maximum(s.slot_request, 0)
+    head = jnp.minimum(s.next_request, n_req - 1)
+    need = units_needed(workload.prompt_tokens[head] + workload.output_tokens[head] - 1, page)
+    never_fits = (need > jnp.sum(capacity)) | (need > n_units)
+    reserved = jnp.sum(jnp.where(decoding, units_needed(
+        workload.prompt_tokens[req] + workload.output_tokens[req] - 1, page), 0), -1)
+    has_slot = jnp.sum(decoding, -1) < jnp.minimum(params.max_batch, config.num_slots)
+    fits = need <= jnp.sum(capacity) - reserved
+    arrived = (s.next_request < n_req) & (workload.arrival_s[head] <= start)
+    return arrived & (never_fits | (fits & has_slot))
+
+
 def leap(config: EngineConfig, params: SimParams, s: LeapState, workload: DeviceWorkload,
          num_steps: int, step_limit):
     """Up to ``num_steps`` decode-only steps from ``s``, keeping the prefix of steps that
@@ -346,17 +356,7 @@ def leap(config: EngineConfig, params: SimParams, s: LeapState, workload: Device
     whole_after, frac_after, end = (jnp.stack(column) for column in zip(*clock[1:]))
     start = jnp.stack([c[2] for c in clock[:-1]])
 
-    # Would the head of the queue be admitted or rejected at a step's start?
-    head = jnp.minimum(s.next_request, n_req - 1)
-    need = units_needed(workload.prompt_tokens[head] + workload.output_tokens[head] - 1, page)
-    never_fits = (need > jnp.sum(capacity)) | (need > n_units)
-    # The requests running at a leap step's start are exactly those decoding in it.
-    reserved = jnp.sum(jnp.where(decoding, units_needed(
-        workload.prompt_tokens[req] + workload.output_tokens[req] - 1, page), 0), -1)
-    has_slot = jnp.sum(decoding, -1) < jnp.minimum(params.max_batch, config.num_slots)
-    fits = need <= jnp.sum(capacity) - reserved
-    arrived = (s.next_request < n_req) & (workload.arrival_s[head] <= start)
-    admission = arrived & (never_fits | (fits & has_slot))
+    admission = _queue_head_taken(config, params, s, workload, decoding, start)
 
     ok = busy & ~admission & fits_hbm & (s.step + i[:, 0] < step_limit)
     kept_mask = jnp.cumprod(ok.astype(jnp.int32)).astype(bool)  # [L]

@@ -32,6 +32,7 @@ is at most ``HIST_RELATIVE_ERROR`` = 10**(1/400) - 1 = 0.58% for step times insi
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 
 import numpy as np
 
@@ -82,18 +83,18 @@ class RunningStats:
     decode_requests: int = 0
     step_time_s: float = 0.0
     step_time_max_s: float = 0.0
-    energy_pj: np.ndarray = dataclasses.field(
-        default_factory=lambda: np.zeros(len(ENERGY_COMPONENTS)))
-    held_unit_s: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(len(TIER_NAMES)))
-    tier_attention_s: np.ndarray = dataclasses.field(
-        default_factory=lambda: np.zeros(len(TIER_NAMES)))
+    energy_pj: np.ndarray = dataclasses.field(default_factory=partial(np.zeros, len(
+        ENERGY_COMPONENTS)))
+    held_unit_s: np.ndarray = dataclasses.field(default_factory=partial(np.zeros, len(TIER_NAMES)))
+    tier_attention_s: np.ndarray = dataclasses.field(default_factory=partial(np.zeros, len(
+        TIER_NAMES)))
     migrated_fraction: float = 0.0
     ssd_migrated_fraction: float = 0.0
     persisted_units: float = 0.0
     previously_selected_units: float = 0.0
     selected_mass: float = 0.0
-    step_time_hist: np.ndarray = dataclasses.field(
-        default_factory=lambda: np.zeros(_HIST_BINS, np.int64))
+    step_time_hist: np.ndarray = dataclasses.field(default_factory=partial(
+        np.zeros, _HIST_BINS, np.int64))
 
     def fold(self, metrics) -> RunningStats:
         """Add a chunk of StepMetrics stacked over steps [S] (numpy); returns self."""

@@ -213,8 +213,8 @@ def _check_context(path: pathlib.Path, line: int, prompt: int, output: int) -> N
         )
 
 
-def _whole_float(path: pathlib.Path, line: int, column: str, text: str) -> int:
-    # Accept "374.0": some exporters write integer columns as floats.
+def _finite_float(path: pathlib.Path, line: int, column: str, text: str) -> float:
+    """A finite number written in ``column``, else a TraceFormatError naming it."""
     try:
         value = float(text)
     except ValueError:
@@ -222,6 +222,12 @@ def _whole_float(path: pathlib.Path, line: int, column: str, text: str) -> int:
         raise TraceFormatError(path, line, f"{column} {what}") from None
     if not math.isfinite(value):
         raise TraceFormatError(path, line, f"{column} {text!r} is not finite")
+    return value
+
+
+def _whole_float(path: pathlib.Path, line: int, column: str, text: str) -> int:
+    # Accept "374.0": some exporters write integer columns as floats.
+    value = _finite_float(path, line, column, text)
     if not value.is_integer():
         raise TraceFormatError(path, line, f"{column} {text!r} is not a whole number")
     return int(value)
@@ -229,13 +235,7 @@ def _whole_float(path: pathlib.Path, line: int, column: str, text: str) -> int:
 
 def _plain_arrival(path: pathlib.Path, line: int, text: str, previous: float | None) -> float:
     """arrival_s of a plain-format row, in seconds: finite, >= 0, not before ``previous``."""
-    try:
-        arrival = float(text)
-    except ValueError:
-        what = "is empty" if not text else f"{text!r} is not a number"
-        raise TraceFormatError(path, line, f"arrival_s {what}") from None
-    if not math.isfinite(arrival):
-        raise TraceFormatError(path, line, f"arrival_s {text!r} is not finite")
+    arrival = _finite_float(path, line, "arrival_s", text)
     if arrival < 0:
         raise TraceFormatError(path, line, f"arrival_s {text!r} is negative")
     if previous is not None and arrival < previous:

@@ -243,91 +243,20 @@ class DatasetStats:
         return self.prompt_mean + self.output_mean
 
 
-DATASETS: dict[str, DatasetStats] = {
-    s.name: s
-    for s in (
-        DatasetStats(
-            name="sharegpt",
-            mode="online",
-            prompt_mean=161,
-            prompt_sigma=1.00,
-            prompt_min=4,
-            prompt_max=1024,
-            output_mean=373,
-            output_sigma=0.90,
-            output_min=4,
-            output_max=1024,
-            source=(
-                "[P] context 534 (PAM §6); [D] prompt mean near the ~160 tokens serving studies "
-                "report for ShareGPT, bounds of the usual 1024-token prompt/output filter"
-            ),
-        ),
-        DatasetStats(
-            name="wildchat",
-            mode="online",
-            prompt_mean=258,
-            prompt_sigma=1.10,
-            prompt_min=4,
-            prompt_max=2048,
-            output_mean=480,
-            output_sigma=0.80,
-            output_min=4,
-            output_max=2048,
-            source=(
-                "[P] context 738 (PAM §6); [D] prompt takes the rest of the 183-token online "
-                "average, wider tails than ShareGPT (longer pasted documents)"
-            ),
-        ),
-        DatasetStats(
-            name="humaneval",
-            mode="online",
-            prompt_mean=130,
-            prompt_sigma=0.35,
-            prompt_min=40,
-            prompt_max=450,
-            output_mean=44,
-            output_sigma=0.60,
-            output_min=8,
-            output_max=256,
-            source=(
-                "[P] 183/299 average over the three online sets (PAM §6); [D] signature+docstring "
-                "prompts and short function-body completions"
-            ),
-        ),
-        DatasetStats(
-            name="arxiv-sum",
-            mode="offline",
-            prompt_mean=4000,
-            prompt_sigma=0.45,
-            prompt_min=1400,
-            prompt_max=7500,
-            output_mean=220,
-            output_sigma=0.35,
-            output_min=100,
-            output_max=500,
-            source=(
-                "[P] 1,500-8,000-token sequences (PAM §6); [D] long paper in, abstract-sized "
-                "summary out"
-            ),
-        ),
-        DatasetStats(
-            name="write-doc",
-            mode="offline",
-            prompt_mean=120,
-            prompt_sigma=0.50,
-            prompt_min=20,
-            prompt_max=500,
-            output_mean=3000,
-            output_sigma=0.45,
-            output_min=1480,
-            output_max=7500,
-            source=(
-                "[P] 1,500-8,000-token sequences (PAM §6); [D] short instruction in, long "
-                "generated document out"
-            ),
-        ),
-    )
-}
+# The module docstring's table, as DatasetStats fields in order (sources: PAM §6 for [P]):
+#   name, mode, prompt mean, sigma, min, max, output mean, sigma, min, max, source.
+DATASETS: dict[str, DatasetStats] = {s.name: s for s in (
+    DatasetStats("sharegpt", "online", 161, 1.00, 4, 1024, 373, 0.90, 4, 1024,
+                 "[P] context 534; [D] prompt ~160 tokens as serving studies report it"),
+    DatasetStats("wildchat", "online", 258, 1.10, 4, 2048, 480, 0.80, 4, 2048,
+                 "[P] context 738; [D] prompt takes the rest of the 183-token online mean"),
+    DatasetStats("humaneval", "online", 130, 0.35, 40, 450, 44, 0.60, 8, 256,
+                 "[P] 183/299 online means; [D] signature+docstring in, short body out"),
+    DatasetStats("arxiv-sum", "offline", 4000, 0.45, 1400, 7500, 220, 0.35, 100, 500,
+                 "[P] 1,500-8,000-token sequences; [D] long paper in, abstract out"),
+    DatasetStats("write-doc", "offline", 120, 0.50, 20, 500, 3000, 0.45, 1480, 7500,
+                 "[P] 1,500-8,000-token sequences; [D] short instruction in, document out"),
+)}
 
 
 def _normal_cdf(x: float) -> float:
