@@ -184,7 +184,7 @@ def configs_scaling(counts, steps: int, min_seconds: float, progress: bool) -> l
     """Wall seconds per configuration with ``count`` small configurations in one call."""
     wl = synthetic("sharegpt", 8, seed=0)
     page = 64
-    config = make_config(wl, 4, page_size=page, bank_groups=max_bank_groups())
+    config = make_config(wl, 4, page_size=page, padded_bank_groups=max_bank_groups())
     variants = [make_params(s, "llama3-8b", max_batch=4, page_size=page)
                 for s in MAIN_SYSTEMS]
     dev = device_workload(wl)

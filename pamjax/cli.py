@@ -208,7 +208,7 @@ def cmd_presets(args) -> int:
     print(format_table([{
         "tier": t.name, "devices": t.num_devices, "capacity GB": t.capacity_gb,
         "PIM GB/s per device": t.device_effective_gbps, "PIM GB/s tier": t.effective_gbps,
-        "bank groups/device": t.bank_group_units, "link GB/s": t.link_total_gbps,
+        "bank groups/device": t.bank_groups_per_device, "link GB/s": t.link_total_gbps,
     } for t in platform.tiers], ["tier", "devices", "capacity GB", "PIM GB/s per device",
                                  "PIM GB/s tier", "bank groups/device", "link GB/s"]))
     print("\nmodels:")

@@ -167,9 +167,9 @@ def step_cost(params: SimParams, counts: StepCounts, *, smooth_max=None,
     # --- attention in PIM ------------------------------------------------------------------
     selected_bytes = counts.tier_selected * kv
     label_bytes = counts.sparse * counts.tier_tokens * kv * LABEL_FRACTION_OF_KV
-    bank_group_rate = params.device_rate / params.bank_groups
+    bank_group_rate = params.device_rate / params.bank_groups_per_device
     busiest_bytes = counts.tier_busiest_bank_group * kv / params.num_devices \
-        + label_bytes / (params.num_devices * params.bank_groups)
+        + label_bytes / (params.num_devices * params.bank_groups_per_device)
     compute = busiest_bytes / bank_group_rate
     q_bytes = counts.tier_holders * layers * heads * dim * 2.0
     partial = layers * heads * (dim + 2.0) * PARTIAL_BYTES_PER_HEAD_DIM

@@ -67,7 +67,7 @@ def init_state(config: EngineConfig, seed: int = 0) -> EngineState:
         unit_latent=jnp.zeros((r, u), jnp.float32),
         unit_importance=jnp.zeros((r, u), jnp.float32),
         unit_selected=jnp.zeros((r, u), bool),
-        activation=jnp.zeros((config.window, NUM_TIERS, config.bank_groups), jnp.int32),
+        activation=jnp.zeros((config.window, NUM_TIERS, config.padded_bank_groups), jnp.int32),
         seed=jnp.asarray(seed, jnp.uint32),
         **batching.empty_request_log(config.num_requests),
     )

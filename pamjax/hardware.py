@@ -114,8 +114,8 @@ class DramPimDevice:
                 * self.bank_groups * self.banks_per_group)
 
     @property
-    def bank_group_units(self) -> int:
-        """Independent bank-group units per device (lock-step chips of a rank count once).
+    def bank_groups_per_device(self) -> int:
+        """Independent bank groups per device (lock-step chips of a rank count once).
 
         This is the granularity of PAM's intra-device mapping: a token placed on a device
         sits in one of these units, and the device's attention time is the maximum over them.
@@ -215,7 +215,7 @@ class SsdPimDevice:
         _validate_positive(self, self.name)
 
     @property
-    def bank_group_units(self) -> int:
+    def bank_groups_per_device(self) -> int:
         """Mapping granularity inside an SSD: its channels."""
         return self.channels
 
@@ -274,7 +274,7 @@ class Tier:
     """A memory tier: ``num_devices`` identical devices and their link to the host/GPUs.
 
     A token's KV is interleaved over all devices of its tier (tensor- and pipeline-parallel
-    slices), and inside every device it sits in one bank-group unit; see engine.py.
+    slices), and inside every device it sits in one bank group; see placement.py.
     """
 
     name: str
@@ -295,9 +295,9 @@ class Tier:
         return self.num_devices * self.device.capacity_gb
 
     @property
-    def bank_group_units(self) -> int:
+    def bank_groups_per_device(self) -> int:
         """Mapping units per device (bank groups, or SSD channels); see the device classes."""
-        return self.device.bank_group_units
+        return self.device.bank_groups_per_device
 
     @property
     def device_effective_gbps(self) -> float:

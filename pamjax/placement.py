@@ -175,14 +175,14 @@ def bank_group_order(params, activation):
     every placement of that step (a CPU sort of [T, G] costs ~0.1 ms).
 
     Args:
-      params: uses ``bank_groups`` f32 [T] (each tier's bank-group units per device);
+      params: uses ``bank_groups_per_device`` f32 [T] (each tier's count);
       activation: i32 [W, T, G] selected units per bank group over the last W steps.
 
     Returns:
       i32 [T, G] bank-group indices, least activated first (ties by index).
     """
     groups = activation.shape[-1]
-    count = params.bank_groups.astype(jnp.int32)
+    count = params.bank_groups_per_device.astype(jnp.int32)
     g = jnp.arange(groups, dtype=jnp.int32)
     padding = jnp.where(g[None, :] < count[:, None], 0, jnp.iinfo(jnp.int32).max // 2)
     return jnp.argsort(activation.sum(0) + padding, axis=-1, stable=True).astype(jnp.int32)
@@ -222,7 +222,7 @@ def assign_bank_groups(params, tier, is_new, order, request, unit):
     Returns:
       i16 [M] bank groups (meaningful where ``is_new``; the caller masks).
     """
-    count = params.bank_groups.astype(jnp.int32)  # [T]
+    count = params.bank_groups_per_device.astype(jnp.int32)  # [T]
     tier_i = jnp.clip(tier.astype(jnp.int32), 0, NUM_TIERS - 1)
     one_hot = (tier_i[:, None] == jnp.arange(NUM_TIERS)[None, :]) & is_new[:, None]
     rank = (jnp.cumsum(one_hot, axis=0) - one_hot)[jnp.arange(tier.shape[0]), tier_i]
@@ -253,7 +253,7 @@ def spread_over_pages(params, start_load, page_size: int):
     if page_size == 1:
         return start_load
     groups = start_load.shape[-1]
-    count = params.bank_groups.astype(jnp.int32)[:, None]  # [T, 1]
+    count = params.bank_groups_per_device.astype(jnp.int32)[:, None]  # [T, 1]
     g = jnp.arange(groups, dtype=jnp.int32)[None, :]
     # A window of page_size groups ending at g wraps ``whole`` times around the tier's
     # ``count`` groups plus a partial window of ``part`` groups: prefix sums over the tier's
@@ -453,7 +453,7 @@ def attention_load(config, state, attended):
     Returns:
       (activation i32 [W, T, G] with this step's selected units per bank group, AttentionLoad).
     """
-    r_slots, groups, page = config.num_slots, config.bank_groups, config.page_size
+    r_slots, groups, page = config.num_slots, config.padded_bank_groups, config.page_size
     rows = jnp.arange(r_slots)
     unit_tier, selected, tokens = state.unit_tier, attended.selected, attended.tokens
     sel_tokens = jnp.where(selected, tokens, 0)

@@ -218,7 +218,7 @@ def reference_init(config: EngineConfig, seed: int = 0) -> RefState:
         unit_latent=np.zeros((r, u), np.float32),
         unit_importance=np.zeros((r, u), np.float64),
         unit_selected=np.zeros((r, u), bool),
-        activation=np.zeros((config.window, NUM_TIERS, config.bank_groups), np.int64),
+        activation=np.zeros((config.window, NUM_TIERS, config.padded_bank_groups), np.int64),
         clock_s=0.0,
         step=0,
         next_request=0,
@@ -292,14 +292,14 @@ def _map_bank_groups(p: SimParams, placements: list[tuple[int, int]],
     """Bank groups for a batch of units placed together.
 
     Args:
-      p: parameters (``bank_groups`` per tier, ``greedy_mapping``, ``naive_run_units``).
+      p: parameters (``bank_groups_per_device`` per tier, ``greedy_mapping``, ``naive_run_units``).
       placements: (tier, request id, unit index) of each unit, in placement order.
       activation: int [W, T, G] activation history at the start of the step.
 
     Returns:
       The bank group of each unit.
     """
-    groups = [int(p.bank_groups[t]) for t in range(NUM_TIERS)]
+    groups = [int(p.bank_groups_per_device[t]) for t in range(NUM_TIERS)]
     if bool(p.greedy_mapping):
         # Least-activated first (lowest index among equals), then round-robin.
         order = []
@@ -746,7 +746,7 @@ def attention_load(config: EngineConfig, p: SimParams, s: RefState, decoding: li
                    tokens: np.ndarray, selected: np.ndarray) -> _Load:
     """Phase 4, the attention load on the placement before scheduling; the activation
     window records this step's selected units per bank group (in place)."""
-    groups = config.bank_groups
+    groups = config.padded_bank_groups
     load = _Load(np.zeros((NUM_TIERS, groups), np.int64), None, np.zeros(NUM_TIERS),
                  np.zeros(NUM_TIERS), np.zeros(NUM_TIERS), np.zeros(NUM_TIERS))
     bg_units = np.zeros((NUM_TIERS, groups), np.int64)
@@ -777,7 +777,7 @@ def attention_load(config: EngineConfig, p: SimParams, s: RefState, decoding: li
     if bool(p.greedy_mapping) and page > 1:
         load.bank_group_load = np.zeros_like(load.bank_group_load)
         for t in range(NUM_TIERS):
-            count = int(p.bank_groups[t])
+            count = int(p.bank_groups_per_device[t])
             for group in range(count):
                 for j in range(page):
                     load.bank_group_load[t, (group + j) % count] += \

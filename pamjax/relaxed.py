@@ -308,11 +308,11 @@ def _decode_step(config, params, knobs, seed, temperature, score_fn, net_params,
         decode_context=jnp.sum(context).astype(jnp.float32),
         tier_tokens=tier_tokens,
         tier_selected=tier_selected,
-        tier_busiest_bank_group=tier_selected / params.bank_groups
+        tier_busiest_bank_group=tier_selected / params.bank_groups_per_device
         * config.bank_group_imbalance,
         tier_requests=jnp.sum(_soft_any(attends, 1), 0),
         tier_holders=jnp.sum(_soft_any(holds, 1), 0),
-        tier_active_bank_groups=jnp.sum(jnp.minimum(sel_units, params.bank_groups), 0),
+        tier_active_bank_groups=jnp.sum(jnp.minimum(sel_units, params.bank_groups_per_device), 0),
         prefill_tokens=jnp.float32(0.0),
         prefill_pairs=jnp.float32(0.0),
         prefill_tier_tokens=jnp.zeros(NUM_TIERS, jnp.float32),

@@ -78,7 +78,8 @@ def choose_page_size(num_slots: int, max_context: int,
 
 
 def make_config(workload: HostWorkload, num_slots: int, *, page_size: int | None = None,
-                bank_groups: int = 256, recorded_steps: int = 0, **overrides) -> EngineConfig:
+                padded_bank_groups: int = 256, recorded_steps: int = 0,
+                **overrides) -> EngineConfig:
     """EngineConfig sized for a workload: U covers its longest request."""
     if num_slots < 1:
         raise ConfigError("num_slots", num_slots, "must be >= 1")
@@ -86,9 +87,9 @@ def make_config(workload: HostWorkload, num_slots: int, *, page_size: int | None
     units = -(-workload.max_context // page)
     admit = min(num_slots, 64, workload.num_requests)
     return EngineConfig(num_slots=num_slots, units_per_slot=units, page_size=page,
-                        num_requests=workload.num_requests, bank_groups=bank_groups,
-                        admit_window=max(admit, 1), recorded_steps=recorded_steps,
-                        **overrides)
+                        num_requests=workload.num_requests,
+                        padded_bank_groups=padded_bank_groups, admit_window=max(admit, 1),
+                        recorded_steps=recorded_steps, **overrides)
 
 
 def device_workload(workload: HostWorkload) -> DeviceWorkload:
@@ -306,7 +307,7 @@ def simulate(system: str, model: str, workload: HostWorkload, *, max_batch: int 
 
     # No more slots than requests: concurrency cannot exceed them, and slots cost memory.
     config = make_config(workload, min(max_batch, workload.num_requests), page_size=page_size,
-                         bank_groups=max_bank_groups(platform),
+                         padded_bank_groups=max_bank_groups(platform),
                          recorded_steps=0 if recorded_scores is None else
                          int(recorded_scores.shape[0]))
     params = make_params(system, model, platform, access, max_batch=max_batch,

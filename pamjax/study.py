@@ -152,7 +152,7 @@ def _key(row):
 
 def _run_group(points, workload, steps, seed, access, knobs, page, chunk_steps, label):
     config = make_config(workload, max(p.batch for p in points), page_size=page,
-                         bank_groups=max(max_bank_groups(p.platform) for p in points))
+                         padded_bank_groups=max(max_bank_groups(p.platform) for p in points))
     params = [make_params(p.system, p.model, p.platform, access, max_batch=p.batch,
                           page_size=page, knobs=knobs) for p in points]
     stacked = jax.tree.map(lambda *xs: np.stack(xs), *params)

@@ -378,7 +378,7 @@ def run(spec: SweepSpec, out_dir, *, resume: bool = False, chunk_size: int = 64,
         configs = [(o, s, b, seed) for o in spec.overrides for s in spec.systems
                    for b in group for seed in spec.seeds]
         total += len(configs)
-        config = make_config(widest, group[-1], page_size=page, bank_groups=bank_groups)
+        config = make_config(widest, group[-1], page_size=page, padded_bank_groups=bank_groups)
         units = config.num_slots * config.units_per_slot
         width = min(chunk_size, len(configs), max(1, study.UNIT_BUDGET // units))
         pending = []

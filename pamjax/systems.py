@@ -372,7 +372,7 @@ def make_params(system: System | str, model: Model | str = "llama3-70b",
         recency_bonus=f32(access.recency_bonus),
         recency_tokens=f32(access.recency_tokens),
         capacity_units=i32(capacity),
-        bank_groups=f32([t.bank_group_units for t in tiers]),
+        bank_groups_per_device=f32([t.bank_groups_per_device for t in tiers]),
         device_rate=f32([t.device_effective_gbps * 1e9 for t in tiers]),
         num_devices=f32([t.num_devices for t in tiers]),
         link_rate=f32([t.link_total_gbps * 1e9 for t in tiers]),
@@ -407,4 +407,4 @@ def make_params(system: System | str, model: Model | str = "llama3-70b",
 def max_bank_groups(platform: Platform | None = None) -> int:
     """G for EngineConfig: the largest bank-group count of any tier."""
     platform = platform or get_platform()
-    return max(t.bank_group_units for t in platform.tiers)
+    return max(t.bank_groups_per_device for t in platform.tiers)

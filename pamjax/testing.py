@@ -52,7 +52,7 @@ def check_invariants(config: EngineConfig, params, state, workload, metrics=None
     context = np.asarray(state.slot_context)
     enabled = np.asarray(params.tier_enabled)
     capacity = np.asarray(params.capacity_units)
-    groups = np.asarray(params.bank_groups).astype(np.int64)
+    groups = np.asarray(params.bank_groups_per_device).astype(np.int64)
 
     page = config.page_size
     units = -(-context // page)

@@ -345,22 +345,22 @@ NEVER_S = 1e9
 """Arrival time (s) of the padding requests of :func:`engine_config`'s fixed workload size."""
 
 
-def engine_config(setup: TrainSetup, bank_groups: int, net: bool = False) -> EngineConfig:
+def engine_config(setup: TrainSetup, padded_bank_groups: int, net: bool = False) -> EngineConfig:
     """The exact engine's static config for every run of a setup (episodes and SLO search).
 
     Sized by the setup, not by a workload, so every exact run of a setup shares one compile
     per hook and platform: R = setup.exact_slots, N = setup.exact_requests (shorter
     workloads are padded with requests arriving at NEVER_S), U covers max_context + steps + 2
     tokens (the largest reservation of either), the admission window is R (so step 0 admits
-    a whole episode), G = ``bank_groups`` (the largest bank-group count of any tier of the
-    platform run: max of ``SimParams.bank_groups``). ``net`` installs the UnitScorer hook
+    a whole episode), G = ``padded_bank_groups`` (the largest bank-group count of any tier of the
+    platform run: max of ``SimParams.bank_groups_per_device``). ``net`` installs the UnitScorer hook
     (policy.net_engine_hook).
     """
     hook = policy.net_engine_hook(setup.hidden, setup.depth, setup.page_size) if net else None
     units = -(-(setup.max_context + setup.steps + 2) // setup.page_size)
     return EngineConfig(num_slots=setup.exact_slots, units_per_slot=units,
                         page_size=setup.page_size, num_requests=setup.exact_requests,
-                        bank_groups=bank_groups, admit_window=setup.exact_slots,
+                        padded_bank_groups=padded_bank_groups, admit_window=setup.exact_slots,
                         placement_score=hook)
 
 
@@ -387,8 +387,9 @@ def _run_exact(setup: TrainSetup, params_list, workload: Workload, seed: int, ch
       (final EngineState, StepMetrics [chunks x (steps + 1)]) as numpy pytrees stacked over
       ``params_list`` [P].
     """
-    bank_groups = max(int(np.max(np.asarray(p.bank_groups))) for p in params_list)
-    config = engine_config(setup, bank_groups, net=net is not None)
+    padded_bank_groups = max(int(np.max(np.asarray(p.bank_groups_per_device)))
+                             for p in params_list)
+    config = engine_config(setup, padded_bank_groups, net=net is not None)
     device = device_workload(padded_workload(setup, workload))
     if net is not None:
         params_list = [p.replace(policy=net) for p in params_list]

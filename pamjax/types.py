@@ -52,7 +52,8 @@ class EngineConfig:
       units_per_slot: U, KV units per slot; ceil(max context / page_size).
       page_size: tokens per KV unit (1 = token granularity).
       num_requests: N, requests in the workload arrays.
-      bank_groups: G, padded bank-group units per device (largest tier's count).
+      padded_bank_groups: G, bank groups per device, padded to the largest tier's count
+        (SimParams.bank_groups_per_device has each tier's own count).
       window: W, decode steps of bank-group activation history (PAM: 10).
       max_swaps: static bound on the per-request swap budget of each scheduling phase.
       admit_window: requests considered for admission per step (FCFS look-ahead).
@@ -71,7 +72,7 @@ class EngineConfig:
     units_per_slot: int
     page_size: int = 1
     num_requests: int = 1
-    bank_groups: int = 256
+    padded_bank_groups: int = 256
     window: int = 10
     max_swaps: int = 8
     admit_window: int = 64
@@ -116,8 +117,8 @@ class SimParams:
         max_num_batched_tokens); a longer single prompt is still admitted alone.
     Access model (locality.py): sigma, persistence, sink_tokens, sink_bonus, recency_bonus,
       recency_tokens, all f32 [].
-    Tiers, f32 [T]: capacity_units (KV units the tier may hold), bank_groups (units per
-      device), device_rate (effective PIM attention bytes/s per device), num_devices,
+    Tiers, f32 [T]: capacity_units (KV units the tier may hold), bank_groups_per_device
+      (bank groups, or SSD channels, per device), device_rate (effective PIM attention bytes/s per device), num_devices,
       link_rate (bytes/s, all devices, per direction), link_latency (s), pim_read_pj and
       host_read_pj (pJ/bit).
     GPU, f32 []: num_gpus, tp, pp, gpu_flops (achievable FLOP/s per GPU), gpu_mem_rate
@@ -154,7 +155,7 @@ class SimParams:
     recency_bonus: jnp.ndarray
     recency_tokens: jnp.ndarray
     capacity_units: jnp.ndarray
-    bank_groups: jnp.ndarray
+    bank_groups_per_device: jnp.ndarray
     device_rate: jnp.ndarray
     num_devices: jnp.ndarray
     link_rate: jnp.ndarray

@@ -35,7 +35,7 @@ def derived_figures(platform) -> dict:
     out = {"gpus": platform.gpu.num_gpus}
     for tier in platform.tiers:
         out[tier.name] = (tier.capacity_gb, tier.effective_gbps, tier.link_total_gbps,
-                          tier.bank_group_units, tier.device.internal_gbps(tier.kv_run_bytes),
+                          tier.bank_groups_per_device, tier.device.internal_gbps(tier.kv_run_bytes),
                           tier.device.pu_peak_gflops)
     return out
 

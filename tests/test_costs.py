@@ -68,7 +68,7 @@ def test_pim_tier_time_is_the_busiest_bank_group_plus_its_link():
                tier_requests=[1, 0, 0], tier_holders=[1, 0, 0],
                tier_active_bank_groups=[100, 0, 0])
     layers, heads, dim = float(p.layers), float(p.q_heads), float(p.head_dim)
-    bank_group_rate = float(p.device_rate[HBM]) / float(p.bank_groups[HBM])
+    bank_group_rate = float(p.device_rate[HBM]) / float(p.bank_groups_per_device[HBM])
     compute = 10 * 40 * kv / float(p.num_devices[HBM]) / bank_group_rate
     q = layers * heads * dim * 2.0
     partial = layers * heads * (dim + 2.0) * costs.PARTIAL_BYTES_PER_HEAD_DIM

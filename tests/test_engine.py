@@ -36,7 +36,7 @@ def squeezed(params, hbm_units, ddr_units):
 @pytest.mark.parametrize("system", sorted(SYSTEMS))
 def test_every_system_conserves_tokens_and_requests(system):
     wl = small_workload(arrivals=True)
-    config = make_config(wl, 4, page_size=4, bank_groups=256)
+    config = make_config(wl, 4, page_size=4, padded_bank_groups=256)
     params = make_params(system, "llama3-8b", max_batch=4, page_size=4)
     if system != "attacc":  # squeeze HBM and DDR so spilling, displacement and swaps happen
         params = squeezed(params, hbm_units=40, ddr_units=30)
@@ -198,7 +198,7 @@ def test_a_configuration_does_not_depend_on_its_vmap_neighbours():
     from pamjax.systems import MAIN_SYSTEMS, make_params, max_bank_groups
 
     wl = synthetic("sharegpt", 8, seed=3)
-    config = make_config(wl, 4, page_size=16, bank_groups=max_bank_groups())
+    config = make_config(wl, 4, page_size=16, padded_bank_groups=max_bank_groups())
     dev = device_workload(wl)
     # Small tiers, so that PAM spreads KV over all three and its scheduler moves units.
     every = [make_params(s, "llama3-8b", max_batch=4, page_size=16).replace(

@@ -100,7 +100,7 @@ def make_workload(seed: int, staggered: bool) -> Workload:
 
 def make_config(page_size: int) -> EngineConfig:
     return EngineConfig(num_slots=NUM_SLOTS, units_per_slot=-(-UNITS_PAGE_1 // page_size),
-                        page_size=page_size, num_requests=NUM_REQUESTS, bank_groups=4,
+                        page_size=page_size, num_requests=NUM_REQUESTS, padded_bank_groups=4,
                         window=10, max_swaps=8, admit_window=NUM_SLOTS)
 
 
@@ -109,7 +109,7 @@ def make_params(system: str, case: Case, **extra):
     changes = {name: jnp.asarray(value, getattr(params, name).dtype)
                for name, value in case.overrides + tuple(extra.items())}
     return params.replace(capacity_units=jnp.asarray(case.capacity_units, jnp.int32),
-                          bank_groups=jnp.asarray(case.bank_groups, jnp.float32), **changes)
+                          bank_groups_per_device=jnp.asarray(case.bank_groups, jnp.float32), **changes)
 
 
 # Every engine step in this file goes through here: one trace per EngineConfig, of which there
@@ -324,10 +324,10 @@ def hand_decode_step_s(context: int, groups_per_stack: int) -> float:
 def _one_request(system: str, groups_per_stack: int):
     """A 40-token prompt, 3 output tokens; HBM alone holds its KV."""
     host = Workload(np.zeros(1), np.array([40]), np.array([3]))
-    config = EngineConfig(num_slots=1, units_per_slot=48, num_requests=1, bank_groups=256,
+    config = EngineConfig(num_slots=1, units_per_slot=48, num_requests=1, padded_bank_groups=256,
                           admit_window=1)
     params = systems.make_params(system, MODEL, max_batch=1)
-    params = params.replace(bank_groups=params.bank_groups.at[HBM].set(groups_per_stack))
+    params = params.replace(bank_groups_per_device=params.bank_groups_per_device.at[HBM].set(groups_per_stack))
     return config, params, host
 
 

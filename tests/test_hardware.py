@@ -14,7 +14,7 @@ def test_hbm3_stack_organisation_and_clock():
     d = HBM3_PIM_STACK
     # 16 channels x 2 pseudo-channels x 2 ranks x 4 bank groups x 4 banks.
     assert d.banks == 16 * 2 * 2 * 4 * 4 == 1024
-    assert d.bank_group_units == 16 * 2 * 2 * 4 == 256
+    assert d.bank_groups_per_device == 16 * 2 * 2 * 4 == 256
     # 1024 banks x 16384 rows x 1 KB = 16 GiB.
     assert d.capacity_gb == pytest.approx(1024 * 16384 * 1024 / 1e9)
     # 1024 pins x 5.2 Gb/s / 8 = 665.6 GB/s (the published external figure).
@@ -52,7 +52,7 @@ def test_ddr4_dimm_figures():
     d = DDR4_3200_PIM_DIMM
     # 2 ranks x 8 chips x 2 bank groups x 4 banks = 128 banks; 4 bank-group units (chips of a
     # rank are in lock-step).
-    assert d.banks == 128 and d.bank_group_units == 4
+    assert d.banks == 128 and d.bank_groups_per_device == 4
     assert d.capacity_gb == pytest.approx(128 * 262144 * 1024 / 1e9)  # 32 GiB
     assert d.external_gbps == pytest.approx(64 * 3.2 / 8)  # 25.6 GB/s
     assert d.clock_ghz == pytest.approx(1.6)

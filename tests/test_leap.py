@@ -35,7 +35,7 @@ SLOTS, REQUESTS, PAGE, UNITS = 6, 24, 4, 40  # contexts < 160 tokens
 
 def tiny_config() -> EngineConfig:
     return EngineConfig(num_slots=SLOTS, units_per_slot=UNITS, page_size=PAGE,
-                        num_requests=REQUESTS, bank_groups=systems.max_bank_groups(None),
+                        num_requests=REQUESTS, padded_bank_groups=systems.max_bank_groups(None),
                         admit_window=SLOTS)
 
 
@@ -153,7 +153,7 @@ def test_azure_trace_prefix_matches_the_engine():
     if path is None or not path.is_file():
         pytest.skip("Azure trace not found beside the repository (see test_workload.py)")
     workload = load_trace(path, max_requests=300)
-    config = simulation.make_config(workload, 64, page_size=256, bank_groups=256)
+    config = simulation.make_config(workload, 64, page_size=256, padded_bank_groups=256)
     params = systems.make_params("vllm-offload", "llama3-70b", max_batch=64, page_size=256)
     step = simulation.run(params, workload, config, timeline=True, chunk_steps=2048)
     leaped = simulation.run(params, workload, config, timeline=True, chunk_steps=2048,

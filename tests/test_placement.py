@@ -89,11 +89,11 @@ def test_assign_bank_groups_greedy_and_sequential():
     request = jnp.array([0, 0, 1, 1, 2], jnp.int32)
     unit = jnp.array([0, 1, 0, 1, 5], jnp.int32)
     greedy = placement.assign_bank_groups(
-        params_for("pam", bank_groups=[4.0, 2.0, 4.0]), tier, is_new, order, request, unit)
+        params_for("pam", bank_groups_per_device=[4.0, 2.0, 4.0]), tier, is_new, order, request, unit)
     # HBM's new units go round-robin over its order [2, 0, 1, 3]: rows 0, 1, 4 -> 2, 0, 1.
     # DDR (2 groups): its first new unit takes order[DDR][0] = 1.
     np.testing.assert_array_equal(np.asarray(greedy)[np.asarray(is_new)], [2, 0, 1, 1])
-    naive_params = params_for("ls-pim", bank_groups=[4.0, 2.0, 4.0], naive_run_units=2)
+    naive_params = params_for("ls-pim", bank_groups_per_device=[4.0, 2.0, 4.0], naive_run_units=2)
     naive = placement.assign_bank_groups(naive_params, tier, is_new, order, request, unit)
     start = np.asarray(placement.naive_start(request)).astype(np.int64)
     groups = np.array([4, 4, 2, 4, 4])
@@ -102,7 +102,7 @@ def test_assign_bank_groups_greedy_and_sequential():
 
 
 def test_spread_over_pages_matches_a_direct_loop():
-    params = params_for("pam", bank_groups=[4.0, 3.0, 8.0])
+    params = params_for("pam", bank_groups_per_device=[4.0, 3.0, 8.0])
     rng = np.random.default_rng(0)
     load = np.zeros((3, 8))
     load[0, :4] = rng.integers(0, 20, 4)
@@ -116,7 +116,7 @@ def test_spread_over_pages_matches_a_direct_loop():
                 for j in range(page):
                     expected[t, (g + j) % count] += load[t, g] / page
         np.testing.assert_allclose(spread, expected, rtol=1e-6)
-    sequential = params_for("ls-pim", bank_groups=[4.0, 3.0, 8.0])
+    sequential = params_for("ls-pim", bank_groups_per_device=[4.0, 3.0, 8.0])
     np.testing.assert_array_equal(
         placement.spread_over_pages(sequential, jnp.asarray(load, jnp.float32), 4), load)
 
@@ -147,10 +147,10 @@ def one_request_state(tiers, importance, config, slot_request=0, context=None):
     ("ls-pim", 0, DDR, None),
 ])
 def test_place_new_units(system, hbm_free, expected_new, expected_victim):
-    config = EngineConfig(num_slots=1, units_per_slot=8, num_requests=1, bank_groups=4)
+    config = EngineConfig(num_slots=1, units_per_slot=8, num_requests=1, padded_bank_groups=4)
     tiers = [HBM, HBM, HBM, SSD]
     state = one_request_state(tiers, [0.5, 0.1, 0.3, 0.1], config)
-    params = params_for(system, bank_groups=[4.0, 4.0, 4.0])
+    params = params_for(system, bank_groups_per_device=[4.0, 4.0, 4.0])
     capacity = jnp.array([3 + hbm_free, 10, 10], jnp.int32)
     token = batching.decode_token(config, state.slot_context, jnp.array([True]))
     assert bool(token.opens[0]) and int(token.unit[0]) == 4
@@ -169,7 +169,7 @@ def test_place_new_units(system, hbm_free, expected_new, expected_victim):
 
 def test_attention_load_counts_by_hand():
     # Two requests; tiers and bank groups chosen so every count is easy to read.
-    config = EngineConfig(num_slots=2, units_per_slot=4, num_requests=2, bank_groups=4,
+    config = EngineConfig(num_slots=2, units_per_slot=4, num_requests=2, padded_bank_groups=4,
                           page_size=2)
     state = engine.init_state(config)
     state = state.replace(
