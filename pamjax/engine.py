@@ -33,8 +33,9 @@ from jax import lax
 
 from pamjax import batching, locality, placement, scheduler
 from pamjax._numerics import integer_sum, tier_units
-from pamjax.costs import StepCounts, step_cost
+from pamjax.costs import StepCounts, static_energy_pj, step_cost
 from pamjax.types import (
+    ENERGY_COMPONENTS,
     NO_UNIT,
     NUM_TIERS,
     SSD,
@@ -109,7 +110,7 @@ def step(config: EngineConfig, params: SimParams, state: EngineState,
     state, attended = locality.attend(config, params, state, decoding, token, recorded)
 
     # 4. Account the attention load (on the placement before this step's scheduling).
-    activation, load = placement.attention_load(config, state, attended)
+    activation, load = placement.attention_load(config, params, state, attended, token)
 
     # 5. Schedule.
     state = scheduler.schedule_step(config, params, state, attended, token.context)
@@ -124,8 +125,8 @@ def step(config: EngineConfig, params: SimParams, state: EngineState,
     end = batching.close_step(config, workload, start, admission, state.slot_request,
                               state.slot_generated, decoding, busy, cost.time_s)
     new_state = _next_state(state, end, token, attended, activation, start)
-    metrics = _metrics(end, decoding, admission, new_state, cost, busy, attended, moved,
-                       tier_before)
+    metrics = _metrics(params, end, decoding, admission, new_state, cost, busy, attended,
+                       moved, tier_before)
     return new_state, metrics
 
 
@@ -144,6 +145,9 @@ def _step_counts(config, params, decoding, token, prompts, admission, attended, 
         tier_requests=load.tier_requests.astype(jnp.float32),
         tier_holders=load.tier_holders.astype(jnp.float32),
         tier_active_bank_groups=load.active_bank_groups.astype(jnp.float32),
+        tier_active_chunks=load.active_chunks.astype(jnp.float32),
+        tier_topk_candidates=load.topk_candidates.astype(jnp.float32),
+        tier_decode_writes=load.decode_writes.astype(jnp.float32),
         prefill_tokens=jnp.sum(prefill_n),
         prefill_pairs=jnp.sum(prefill_n * (prefill_n + 1.0) / 2.0),
         prefill_tier_tokens=prompts.tier_tokens.astype(jnp.float32),
@@ -178,10 +182,10 @@ def _next_state(state: EngineState, end: batching.StepEnd, token: batching.Decod
     )
 
 
-def _metrics(end: batching.StepEnd, decoding, admission: batching.Admission,
+def _metrics(params, end: batching.StepEnd, decoding, admission: batching.Admission,
              new_state: EngineState, cost, busy, attended: locality.Attention, moved,
              tier_before) -> StepMetrics:
-    """What the step reports (types.StepMetrics)."""
+    """What the step reports (types.StepMetrics); an idle clock jump costs static energy."""
     selected = attended.selected
     return StepMetrics(
         step_time_s=end.step_time_s,
@@ -198,9 +202,16 @@ def _metrics(end: batching.StepEnd, decoding, admission: batching.Admission,
         selected_mass=attended.selected_mass,
         migrated_units=integer_sum(moved, moved.size),
         migrated_from_ssd=integer_sum(moved & (tier_before == SSD), moved.size),
-        energy_pj=jnp.where(busy, cost.energy_pj, 0.0),
+        energy_pj=step_energy_pj(params, cost, busy, end.idle_s),
         rejected=jnp.sum(admission.rejected).astype(jnp.int32),
     )
+
+
+def step_energy_pj(params: SimParams, cost, busy, idle_s):
+    """A step's energy per component, pJ [C]: the cost model's when the step did work, plus
+    the static power of an idle clock jump (shared with the event leap)."""
+    energy = jnp.where(busy, cost.energy_pj, 0.0)
+    return energy.at[ENERGY_COMPONENTS.index("static")].add(static_energy_pj(params, idle_s))
 
 
 def rollout(config: EngineConfig, params: SimParams, state: EngineState,
