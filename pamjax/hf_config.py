@@ -93,7 +93,8 @@ class _Reader:
             return default
         return _check_type(self.path, key, value, kind)
 
-    def refuse(self, key: str, value, reason: str):
+    def refuse(self, key: str, value, reason: str) -> ConfigFileError:
+        """The error for a present key whose value pamjax cannot model."""
         return ConfigFileError(self.path, key, value, reason)
 
 
@@ -124,9 +125,10 @@ def model_from_hf_config(data: Mapping[str, Any], source: str | os.PathLike = "<
     model_type = _check_type(path, "model_type", data["model_type"], "str")
     hf = _Reader(path, data, model_type)
     if model_type in _MLA_TYPES or data.get("kv_lora_rank") is not None:
-        raise hf.refuse("model_type", model_type, "multi-head latent attention (kv_lora_rank="
-                        f"{data.get('kv_lora_rank')!r}) is not modelled: its compressed KV "
-                        "cache and attention FLOPs differ from grouped-query attention")
+        key = "model_type" if model_type in _MLA_TYPES else "kv_lora_rank"
+        raise hf.refuse(key, data.get(key), "multi-head latent attention (DeepSeek-V2/V3) is "
+                        "not modelled: its compressed KV cache and attention FLOPs differ "
+                        "from grouped-query attention")
     if model_type not in FAMILIES:
         raise hf.refuse("model_type", model_type, "unsupported Hugging Face model_type; "
                         "supported: " + ", ".join(FAMILIES) + " (or write a pamjax model "

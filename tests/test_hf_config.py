@@ -179,7 +179,7 @@ HF_ERRORS = [
      "deepseek_v3", "multi-head latent attention"),
     (edit("deepseek-moe-16b-base", model_type="deepseek_v2", kv_lora_rank=512), "model_type",
      "deepseek_v2", "multi-head latent attention"),
-    (edit("deepseek-moe-16b-base", kv_lora_rank=512), "model_type", "deepseek",
+    (edit("deepseek-moe-16b-base", kv_lora_rank=512), "kv_lora_rank", 512,
      "multi-head latent attention"),
     (config("mistral-7b-v0.1"), "sliding_window", 4096, "sliding-window attention"),
     (edit("mistral-7b-instruct-v0.2", sliding_window=None), "sliding_window", 4096,
