@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 from jax import lax
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from pamjax.errors import ConfigError
 
@@ -199,6 +199,7 @@ def pam_attention(
     valid: jax.Array | None = None,
     blocks_per_tier: int = 4,
     mesh: Mesh | None = None,
+    tier_axis: str | None = None,
 ) -> jax.Array:
     """Decode attention computed where the KV lives, reduced in two levels (PAMattention).
 
@@ -215,14 +216,20 @@ def pam_attention(
     ``num_tiers · blocks_per_tier``; fine for a simulator, never dynamic shapes). Tokens whose
     tier lies outside ``[0, num_tiers)`` are attended by no tier.
 
-    With ``mesh``, the tier axis is sharded over the mesh's first axis with
+    With ``mesh``, the tier axis is sharded over the mesh axis ``tier_axis`` with
     :func:`jax.shard_map`, ``num_tiers / size`` tiers per device; each device merges its own
     tiers and the inter-device merge is the collective form of :func:`merge_partials`
     (``m = pmax(m_local)``, ``l = psum(exp(m_local − m)·l_local)``, ``o`` likewise). Queries and
-    KV are replicated (which device holds which token is traced data, not a static split);
-    the result equals the unsharded one up to float32 summation order.
+    KV are replicated (which device holds which token is traced data, not a static split), and
+    so is the computation over every other mesh axis: on a ``("data", "tier")`` mesh each
+    ``"data"`` row computes the whole batch and the result is replicated over the whole mesh.
+    Any :class:`jax.sharding.Mesh` works, ``Auto`` or ``Explicit`` axis types (the default of
+    :func:`jax.make_mesh`), inside or outside ``with jax.set_mesh(mesh)``: inputs, whatever
+    their sharding, are first resharded to the layout above. The result equals the unsharded
+    one up to float32 summation order. Without ``mesh`` the tiers are not sharded; under a
+    context mesh with ``Explicit`` axes the inputs are then replicated over it first.
 
-    Jit with ``num_tiers``, ``blocks_per_tier`` and ``mesh`` static.
+    Jit with ``num_tiers``, ``blocks_per_tier``, ``mesh`` and ``tier_axis`` static.
 
     Args:
       q: queries, ``[B, Hq, D]``, float dtype (one decode token per request).
@@ -232,8 +239,10 @@ def pam_attention(
       num_tiers: number of tiers ``T`` (static, at least 1).
       valid: bool ``[B, N]``, the tokens the selector attends; all tokens when ``None``.
       blocks_per_tier: bank groups per tier (static, at least 1).
-      mesh: optional device mesh whose first axis shards the tiers; its size must divide
-        ``num_tiers``.
+      mesh: optional :class:`jax.sharding.Mesh` whose axis ``tier_axis`` shards the tiers; it
+        must be the context mesh when one is set with :func:`jax.set_mesh`.
+      tier_axis: name of the mesh axis that shards the tiers (static); ``None`` picks the
+        mesh's first axis. Its size must divide ``num_tiers``. Only with ``mesh``.
 
     Returns:
       Attention output ``[B, Hq, D]`` in ``q``'s dtype (accumulated in float32); zeros for a
@@ -241,8 +250,10 @@ def pam_attention(
 
     Raises:
       ConfigError: on a non-positive ``num_tiers`` or ``blocks_per_tier``, mismatched shapes,
-        ``Hq`` not a multiple of ``Hkv``, a non-integer ``tier``, a non-bool ``valid``, or a
-        mesh axis size that does not divide ``num_tiers``.
+        ``Hq`` not a multiple of ``Hkv``, a non-integer ``tier``, a non-bool ``valid``, a
+        ``mesh`` that is not a :class:`jax.sharding.Mesh` or differs from the context mesh, a
+        ``tier_axis`` without a mesh or not among its axes, or a tier axis whose size does
+        not divide ``num_tiers``.
     """
     q, k, v, tier = (jnp.asarray(x) for x in (q, k, v, tier))
     valid = _check_batched(q, k, v, valid)
@@ -253,11 +264,10 @@ def pam_attention(
     if not jnp.issubdtype(tier.dtype, jnp.integer):
         raise ConfigError("tier.dtype", tier.dtype, "expected an integer dtype")
     if mesh is not None:
-        size = mesh.shape[mesh.axis_names[0]]
-        if num_tiers % size:
-            raise ConfigError(
-                "num_tiers", num_tiers, f"not divisible by the mesh's first axis size {size}"
-            )
+        axis_name = _tier_axis(mesh, tier_axis, num_tiers)
+    elif tier_axis is not None:
+        raise ConfigError("tier_axis", tier_axis, "names a mesh axis, but no mesh was given")
+    q, k, v, tier, valid = _replicated(mesh, q, k, v, tier, valid)
     block = _bank_group(tier, num_tiers, blocks_per_tier)
     # [T, B, N]: tier-major so that the tier axis is the one a mesh shards.
     attended = (tier == jnp.arange(num_tiers)[:, None, None]) & valid
@@ -265,17 +275,22 @@ def pam_attention(
     if mesh is None:
         merged = merge_partials(tier_partials(q, k, v, attended, block), axis=0)
     else:
-        axis_name = mesh.axis_names[0]
 
         def per_device(q, k, v, attended, block):
             local = merge_partials(tier_partials(q, k, v, attended, block), axis=0)
             return _merge_across(local, axis_name)
 
-        replicated = PartitionSpec()
+        # Manual over every mesh axis; only the tier axis splits data, so on the other axes
+        # every device computes the same (replicated) result.
+        replicated, by_tier = PartitionSpec(), PartitionSpec(axis_name)
+        if dict(zip(mesh.axis_names, mesh.axis_types))[axis_name] == AxisType.Explicit:
+            # shard_map checks that an input typed by explicit axes already has its in_spec
+            # (on Auto axes it lays the inputs out itself, and reshard refuses Auto axes).
+            attended = jax.reshard(attended, NamedSharding(mesh, by_tier))
         merged = jax.shard_map(
             per_device,
             mesh=mesh,
-            in_specs=(replicated, replicated, replicated, PartitionSpec(axis_name), replicated),
+            in_specs=(replicated, replicated, replicated, by_tier, replicated),
             out_specs=replicated,
         )(q, k, v, attended, block)
     return finalize(merged).astype(q.dtype)
@@ -391,6 +406,50 @@ def _merge_across(partial: Partial, axis_name: str) -> Partial:
         m=m,
         l=lax.psum(w * partial.l, axis_name),
     )
+
+
+def _tier_axis(mesh: Mesh, tier_axis: str | None, num_tiers: int) -> str:
+    """Validate ``mesh`` for :func:`pam_attention` and return the name of its tier axis.
+
+    Raises:
+      ConfigError: if ``mesh`` is not a :class:`jax.sharding.Mesh`, has a ``Manual`` axis,
+        differs from the context mesh of :func:`jax.set_mesh`, lacks ``tier_axis``, or that
+        axis's size does not divide ``num_tiers``.
+    """
+    if not isinstance(mesh, Mesh):
+        raise ConfigError("mesh", mesh, "expected a jax.sharding.Mesh")
+    if AxisType.Manual in mesh.axis_types:
+        raise ConfigError("mesh", mesh, "Manual axes are not supported; use Auto or Explicit")
+    context = jax.sharding.get_abstract_mesh()
+    if not context.empty and context != mesh.abstract_mesh:
+        raise ConfigError("mesh", mesh, f"differs from the context mesh {context}")
+    axis_name = mesh.axis_names[0] if tier_axis is None else tier_axis
+    if axis_name not in mesh.axis_names:
+        raise ConfigError("tier_axis", tier_axis, f"not an axis of the mesh {mesh.axis_names}")
+    size = mesh.shape[axis_name]
+    if num_tiers % size:
+        raise ConfigError(
+            "num_tiers", num_tiers, f"not divisible by the size {size} of mesh axis {axis_name!r}"
+        )
+    return axis_name
+
+
+def _replicated(mesh: Mesh | None, *arrays: jax.Array) -> tuple[jax.Array, ...]:
+    """``arrays`` replicated over the ``Explicit`` axes of ``mesh`` (or of the context mesh).
+
+    Explicit axes type every array by its sharding, and some ops refuse an axis sharded that
+    way (the ``cumsum`` over tokens in :func:`_bank_group`), as does :func:`jax.shard_map`
+    when an input's sharding differs from its in_spec. Replicating first makes any input
+    layout work. ``Auto`` axes need nothing (the compiler picks the layout), so the arrays
+    come back unchanged when the mesh has no ``Explicit`` axis, or when ``mesh`` is ``None``
+    and no context mesh is set (the unsharded path, as before meshes existed).
+    """
+    target = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    if AxisType.Explicit not in target.axis_types:
+        return arrays
+    # A bare PartitionSpec refers to the context mesh, which a mesh=None call relies on.
+    sharding = PartitionSpec() if mesh is None else NamedSharding(mesh, PartitionSpec())
+    return tuple(jax.reshard(x, sharding) for x in arrays)
 
 
 def _check_count(field: str, value) -> None:

@@ -193,7 +193,8 @@ def cmd_simulate(args) -> int:
 
 
 def cmd_presets(args) -> int:
-    """`pamjax presets`: tiers (preset or --hardware file), models, systems, workloads."""
+    """`pamjax presets`: tiers (preset or --hardware file), models (and a --model-file's
+    derived figures), systems, workloads."""
     from pamjax.hardware import get_platform
     from pamjax.models import MODELS
     from pamjax.systems import SYSTEMS
@@ -204,6 +205,11 @@ def cmd_presets(args) -> int:
         from pamjax.config_files import load_platform_file
 
         platform = load_platform_file(args.hardware)
+    model = None
+    if args.model_file:  # read before printing anything, so a bad file is the only output
+        from pamjax.config_files import load_model_file
+
+        model = load_model_file(args.model_file)
     print(f"tiers (platform {platform.name}):")
     print(format_table([{
         "tier": t.name, "devices": t.num_devices, "capacity GB": t.capacity_gb,
@@ -217,6 +223,13 @@ def cmd_presets(args) -> int:
         "params B": m.params / 1e9, "KV KiB/token": m.kv_bytes_per_token / 1024,
     } for m in MODELS.values()], ["model", "layers", "heads q/kv", "params B",
                                   "KV KiB/token"]))
+    if model is not None:
+        print(f"\nmodel file {args.model_file}:")
+        rows = _model_figures(model)
+        width = max(len(name) for name, _ in rows)
+        for name, value in rows:
+            print(f"  {name.ljust(width)}  {value:.4g}" if isinstance(value, float)
+                  else f"  {name.ljust(width)}  {value}")
     print("\nsystems:")
     print(format_table([{
         "system": s.name, "attention": "PIM" if s.attention_on_pim else "GPU",
@@ -230,6 +243,27 @@ def cmd_presets(args) -> int:
         "output mean": d.output_mean,
     } for d in DATASETS.values()], ["workload", "mode", "prompt mean", "output mean"]))
     return 0
+
+
+def _model_figures(m) -> list[tuple[str, object]]:
+    """(figure, value) pairs of what pamjax derives from a Model."""
+    experts = "dense"
+    if m.is_moe:
+        experts = (f"{m.num_experts} routed (top {m.experts_per_token}), "
+                   f"{m.shared_experts} shared, {m.expert_ffn} wide")
+        if m.first_dense_layers:
+            experts += f"; first {m.first_dense_layers} layer(s) dense"
+    return [("name", m.name), ("layers", m.layers), ("heads q/kv", f"{m.q_heads}/{m.kv_heads}"),
+            ("GQA group (q/kv heads)", m.gqa_group), ("head dim", m.head_dim),
+            ("hidden / ffn", f"{m.hidden} / {m.ffn}"), ("vocab", m.vocab), ("experts", experts),
+            ("params B (total)", m.params / 1e9),
+            ("params B (active per token)", m.active_params / 1e9),
+            ("weight GB", m.weight_bytes / 1e9),
+            ("bytes per weight / KV value",
+             f"{m.weight_bytes_per_value} / {m.kv_bytes_per_value}"),
+            ("KV KiB per token", m.kv_bytes_per_token / 1024),
+            ("FC GFLOP per token (active)", m.fc_flops_per_token / 1e9),
+            ("attention MFLOP per token per 1k context", m.attention_flops(1000.0) / 1e6)]
 
 
 def cmd_attention_demo(args) -> int:
@@ -628,6 +662,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("presets", "list hardware tiers, models, systems and workloads", cmd_presets)
     p.add_argument("--hardware", metavar="FILE", help="show the derived figures of a custom "
                    "platform file (TOML or JSON) instead of the preset")
+    p.add_argument("--model-file", metavar="FILE", help="also show the derived figures of a "
+                   "model file (TOML, JSON or a Hugging Face config.json): parameters, "
+                   "weight and KV bytes, FLOPs per token, GQA group")
 
     from pamjax.reproduce import STUDIES
 

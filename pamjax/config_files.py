@@ -61,10 +61,23 @@ Top-level keys are the fields of :class:`~pamjax.models.Model`::
     vocab = 32000
     gated_ffn = true             # optional, default true (SwiGLU MLP)
     tied_embeddings = false      # optional, default false
-    bytes_per_value = 2          # optional, default 2 (16-bit weights and KV)
+    weight_bytes_per_value = 2   # optional, default 2 (16-bit weights)
+    kv_bytes_per_value = 2       # optional, default 2 (16-bit KV cache; 1 for FP8)
+
+``bytes_per_value = 1`` (the older single key) sets both byte widths; giving it together
+with ``weight_bytes_per_value`` or ``kv_bytes_per_value`` is an error. A mixture-of-experts
+model adds ``num_experts`` (routed experts per MoE layer; 0, the default, is dense),
+``experts_per_token`` (top-k), and optionally ``shared_experts``, ``moe_ffn`` (expert FFN
+width when it differs from ``ffn``) and ``first_dense_layers`` (see
+``examples/models/mixtral-8x7b.toml`` and :class:`~pamjax.models.Model`).
 
 ``base = "llama3-8b"`` starts from a preset (``pamjax.models.MODELS``), after which every
 field is optional.
+
+A Hugging Face ``config.json`` (recognised by its ``model_type`` or ``architectures`` key) is
+read too, for the families :mod:`pamjax.hf_config` lists (LLaMA, Mistral, Mixtral, Qwen2,
+Qwen2-MoE, Qwen3, Qwen3-MoE, DeepSeekMoE, OPT); see ``examples/models/qwen3-30b-a3b/
+config.json``.
 
 Validation
 ----------
@@ -403,9 +416,15 @@ def load_platform_file(path: str | os.PathLike) -> hardware.Platform:
 
 # -- models -----------------------------------------------------------------------------------
 
+_BYTE_FIELDS = ("weight_bytes_per_value", "kv_bytes_per_value")
+_LEGACY_BYTES = "bytes_per_value"  # before the two widths were separate: sets both
+
+
 def model_from_dict(data: Mapping[str, Any], source: str | os.PathLike = "<dict>"
                     ) -> models.Model:
-    """Build a model from a parsed file: Model fields at the top level, optional ``base``.
+    """Build a model from a parsed file: Model fields at the top level, optional ``base``;
+    or a Hugging Face ``config.json`` (a ``model_type`` or ``architectures`` key), which
+    :func:`pamjax.hf_config.model_from_hf_config` translates.
 
     Args:
       data: e.g. ``{"layers": 32, "q_heads": 32, ...}``; see the module docstring.
@@ -415,9 +434,15 @@ def model_from_dict(data: Mapping[str, Any], source: str | os.PathLike = "<dict>
       The :class:`~pamjax.models.Model`.
 
     Raises:
-      ConfigFileError: unknown field or preset, wrong type, invalid or missing value.
+      ConfigFileError: unknown field or preset, wrong type, invalid or missing value (for a
+        Hugging Face config: an unsupported ``model_type`` or a missing key).
     """
     path = source
+    if "model_type" in data or "architectures" in data:
+        # Imported here: pamjax.hf_config raises this module's ConfigFileError.
+        from pamjax.hf_config import model_from_hf_config
+
+        return model_from_hf_config(data, path)
     flat = _flatten(path, data)
     base = None
     if "base" in flat:
@@ -426,7 +451,19 @@ def model_from_dict(data: Mapping[str, Any], source: str | os.PathLike = "<dict>
             raise ConfigFileError(path, "base", base_name, "unknown model preset; choose one "
                                   "of: " + ", ".join(models.MODELS))
         base = models.get_model(base_name)
+    both = {}
+    if _LEGACY_BYTES in flat:
+        width = _check_type(path, _LEGACY_BYTES, flat.pop(_LEGACY_BYTES), "int")
+        if width <= 0:
+            raise ConfigFileError(path, _LEGACY_BYTES, width, "must be a positive integer")
+        for field in _BYTE_FIELDS:
+            if field in flat:
+                raise ConfigFileError(path, _LEGACY_BYTES, width, f"conflicts with {field}: "
+                                      f"{_LEGACY_BYTES} sets both {' and '.join(_BYTE_FIELDS)}; "
+                                      f"give it or them, not both")
+        both = dict.fromkeys(_BYTE_FIELDS, width)
     values = _section_values(path, "", models.Model, flat)
+    values.update(both)
     if base is None:
         _require(path, "", models.Model, values, excluded=("name",))
     values.setdefault("name", _default_name(path))
@@ -434,7 +471,8 @@ def model_from_dict(data: Mapping[str, Any], source: str | os.PathLike = "<dict>
 
 
 def load_model_file(path: str | os.PathLike) -> models.Model:
-    """Read a model from a ``.toml`` or ``.json`` file (format: module docstring).
+    """Read a model from a ``.toml`` or ``.json`` file (format: module docstring), or from
+    a Hugging Face ``config.json``.
 
     Args:
       path: the file.

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import pathlib
 import subprocess
 import sys
 
 import pytest
 
 from pamjax.cli import build_parser, main
+
+EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples" / "models"
 
 SIMULATE_KEYS = {
     "requests_total", "requests_finished", "requests_rejected", "requests_unfinished",
@@ -150,6 +153,43 @@ def test_presets_lists_everything(capsys):
     for word in ("hbm", "ddr", "ssd", "llama3-70b", "opt-175b", "vllm-offload", "pam",
                  "sharegpt", "write-doc"):
         assert word in out
+
+
+def test_presets_prints_a_model_files_derived_figures(capsys):
+    assert main(["presets"]) == 0
+    plain = capsys.readouterr().out
+    assert main(["presets", "--model-file", str(EXAMPLES / "mixtral-8x7b.toml")]) == 0
+    out = capsys.readouterr().out
+    # The usual listing is unchanged; the file's figures come after the model presets.
+    section = out[out.index("\nmodel file "):out.index("\nsystems:")]
+    assert out.replace(section, "") == plain
+    figures = dict(line.strip().rsplit("  ", 1) for line in section.splitlines()[2:])
+    figures = {k.strip(): v.strip() for k, v in figures.items()}
+    assert figures["name"] == "mixtral-8x7b"
+    assert figures["heads q/kv"] == "32/8" and figures["GQA group (q/kv heads)"] == "4"
+    assert figures["experts"] == "8 routed (top 2), 0 shared, 14336 wide"
+    assert figures["params B (total)"] == "46.7"  # Mistral AI: 46.7B total
+    assert figures["params B (active per token)"] == "12.88"  # and 12.9B per token
+    assert figures["weight GB"] == "93.41" and figures["KV KiB per token"] == "128"
+    # 2 FLOPs x (active linear weights + LM head): 2 x (12.88e9 - 32000 x 4096) ~ 25.5 G.
+    assert figures["FC GFLOP per token (active)"] == "25.5"
+
+
+def test_presets_reads_a_hugging_face_config(capsys):
+    path = EXAMPLES / "qwen3-30b-a3b" / "config.json"
+    assert main(["presets", "--model-file", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"model file {path}:" in out and "qwen3-30b-a3b" in out
+    assert "128 routed (top 8), 0 shared, 768 wide" in out
+
+
+def test_presets_refuses_a_bad_model_file_before_printing(tmp_path, capsys):
+    path = tmp_path / "config.json"
+    path.write_text('{"model_type": "deepseek_v3", "kv_lora_rank": 512}')
+    assert main(["presets", "--model-file", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1 and "multi-head latent attention" in captured.err
 
 
 def test_same_seed_gives_byte_identical_outputs(tmp_path, capsys):

@@ -143,11 +143,52 @@ def test_names_default_to_the_file_stem(tmp_path):
     ("mistral-7b-like.toml", 128, 7.24),  # 2 x 32 layers x 8 heads x 128 x 2 B
     ("llama2-7b.toml", 512, 6.74),  # 2 x 32 x 32 x 128 x 2
     ("llama3-70b-8bit.json", 160, 70.55),  # llama3-70b at 1 byte per value
+    ("mixtral-8x7b.toml", 128, 46.70),  # 2 x 32 x 8 x 128 x 2; Mistral AI: 46.7B
+    ("qwen3-30b-a3b/config.json", 96, 30.53),  # 2 x 48 x 4 x 128 x 2; model card: 30.5B
 ])
 def test_shipped_model_examples(name, kv_kib, params_b):
     m = cf.load_model_file(EXAMPLES / "models" / name)
     assert m.kv_bytes_per_token == kv_kib * 1024
     assert m.params / 1e9 == pytest.approx(params_b, abs=0.01)
+
+
+def test_shipped_moe_example_is_mixtral():
+    m = cf.load_model_file(EXAMPLES / "models" / "mixtral-8x7b.toml")
+    assert (m.num_experts, m.experts_per_token, m.shared_experts, m.expert_ffn) == \
+        (8, 2, 0, 14336)
+    assert m.active_params / 1e9 == pytest.approx(12.88, abs=0.01)  # published: 12.9B
+
+
+# -- byte widths: the older single key ---------------------------------------------------------
+
+def test_bytes_per_value_sets_both_widths(tmp_path):
+    full = cf.load_model_file(write(tmp_path, "a.toml", MODEL + "bytes_per_value = 1\n"))
+    assert (full.weight_bytes_per_value, full.kv_bytes_per_value) == (1, 1)
+    # The shipped example gives the two new keys; the old key gives the same model.
+    old_key = cf.load_model_file(write(tmp_path, "llama3-70b-8bit.json", json.dumps(
+        {"base": "llama3-70b", "bytes_per_value": 1})))
+    assert old_key == cf.load_model_file(EXAMPLES / "models" / "llama3-70b-8bit.json")
+    preset = get_model("llama3-70b")
+    assert old_key.kv_bytes_per_token == preset.kv_bytes_per_token // 2
+    assert old_key.weight_bytes == preset.params
+
+
+def test_byte_widths_apart(tmp_path):
+    m = cf.load_model_file(write(tmp_path, "fp8kv.toml", 'base = "llama3-8b"\n'
+                                 "kv_bytes_per_value = 1\n"))
+    preset = get_model("llama3-8b")
+    assert (m.weight_bytes, m.kv_bytes_per_token) == \
+        (preset.weight_bytes, preset.kv_bytes_per_token // 2)
+
+
+def test_moe_model_round_trips(tmp_path):
+    moe = cf.load_model_file(EXAMPLES / "models" / "mixtral-8x7b.toml")
+    deepseek = dataclasses.replace(moe, shared_experts=2, moe_ffn=1408, first_dense_layers=1,
+                                   kv_bytes_per_value=1)
+    for model in (moe, deepseek):
+        for suffix in (".toml", ".json"):
+            assert cf.load_model_file(cf.write_config_file(model, tmp_path / f"m{suffix}")) \
+                == model
 
 
 # -- validation -------------------------------------------------------------------------------
@@ -229,6 +270,27 @@ MODEL_ERRORS = [
     (MODEL.replace("kv_heads = 8", "kv_heads = 5"), "kv_heads", 5, "must divide q_heads=32"),
     (MODEL + "gated_ffn = 1\n", "gated_ffn", 1, "true or false"),
     ('base = "gpt-5"\n', "base", "gpt-5", "unknown model preset"),
+    (MODEL + "bytes_per_value = 1\nkv_bytes_per_value = 1\n", "bytes_per_value", 1,
+     "conflicts with kv_bytes_per_value"),
+    (MODEL + "weight_bytes_per_value = 2\nbytes_per_value = 1\n", "bytes_per_value", 1,
+     "conflicts with weight_bytes_per_value"),
+    (MODEL + "bytes_per_value = 0\n", "bytes_per_value", 0, "positive integer"),
+    (MODEL + "bytes_per_value = 1.5\n", "bytes_per_value", 1.5, "must be an integer"),
+    (MODEL + "kv_bytes_per_value = 0\n", "kv_bytes_per_value", 0, "positive integer"),
+    (MODEL + "weight_bytes_per_value = 0.5\n", "weight_bytes_per_value", 0.5,
+     "must be an integer"),
+    (MODEL + "num_experts = 8\nexperts_per_token = 9\n", "experts_per_token", 9,
+     "in 1..num_experts=8"),
+    (MODEL + "num_experts = 8\n", "experts_per_token", 0, "in 1..num_experts=8"),
+    (MODEL + "num_experts = 1\nexperts_per_token = 1\n", "num_experts", 1,
+     "0 (dense) or >= 2"),
+    (MODEL + "experts_per_token = 2\n", "experts_per_token", 2, "0 in a dense model"),
+    (MODEL + "num_experts = 8\nexperts_per_token = 2\nshared_experts = -1\n",
+     "shared_experts", -1, ">= 0"),
+    (MODEL + "num_experts = 8\nexperts_per_token = 2\nfirst_dense_layers = 32\n",
+     "first_dense_layers", 32, "< layers=32"),
+    (MODEL + 'num_experts = 8\nexperts_per_token = 2\nmoe_ffn = "1408"\n', "moe_ffn", "1408",
+     "not a string"),
 ]
 
 
