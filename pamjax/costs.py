@@ -204,9 +204,9 @@ def prefill_time_and_flops(params: SimParams, counts: StepCounts):
         + 4.0 * params.layers * params.q_heads * params.head_dim * counts.prefill_pairs
     compute = flops / (params.num_gpus * params.gpu_flops)
     weights = params.streamed_weight_bytes / (params.tp * params.gpu_mem_rate)
-    # Each pipeline stage all-reduces every prompt token's activations twice per layer;
-    # the stages work on different micro-batches at once.
-    allreduce = params.layers / params.pp * 2.0 * allreduce_s(params, n / params.pp)
+    # Each pipeline stage all-reduces every prompt token's activations twice per layer of
+    # its own; the stages work on different micro-batches at once (as the FLOPs above).
+    allreduce = params.layers / params.pp * 2.0 * allreduce_s(params, n)
     write_bytes = counts.prefill_tier_tokens * params.kv_bytes_per_token \
         * (1.0 + counts.sparse * LABEL_FRACTION_OF_KV)
     link = path_times(params, write_bytes, jnp.zeros((NUM_TIERS, NUM_TIERS)))
@@ -228,8 +228,9 @@ def step_cost(params: SimParams, counts: StepCounts, *, smooth_max=None,
       counts: StepCounts of the step.
       smooth_max: f32 [T] -> f32 [] replacing the max over tiers of PIM attention time (the
         step's critical path), e.g. a log-sum-exp; None = ``jnp.max``.
-      tier_in_use: f32 [T] in [0, 1], a soft "the tier is used" indicator gating each
-        tier's PIM time; None = holds KV of a decoding request, or is written or migrated.
+      tier_in_use: f32 [T] in [0, 1], a soft "the tier holds KV of a decoding request"
+        indicator gating each tier's PIM time; None = exact (round trips where a decoding
+        request holds KV, transfer and device time wherever bytes go).
     """
     kv = params.kv_bytes_per_token
     layers, heads, dim = params.layers, params.q_heads, params.head_dim
@@ -258,19 +259,21 @@ def step_cost(params: SimParams, counts: StepCounts, *, smooth_max=None,
     pim_path_bytes = q_bytes + partials_out + topk_bytes + write_bytes
     pim_path = path_times(params, pim_path_bytes, moved_bytes)
     round_trips = (2.0 + 2.0 * sparse) * layers * params.link_latency
-    pim_tier_time = compute + device_io + pim_path + round_trips
     if tier_in_use is None:
-        tier_in_use = ((counts.tier_holders > 0) | (moved_here > 0)
-                       | (counts.tier_decode_writes > 0)).astype(pim_tier_time.dtype)
-    pim_tier_time = tier_in_use * pim_tier_time
+        # Round trips for the requests holding KV there; transfers wherever bytes go.
+        pim_tier_time = jnp.where(counts.tier_holders > 0, round_trips, 0.0) \
+            + compute + device_io + pim_path
+    else:
+        pim_tier_time = tier_in_use * (compute + device_io + pim_path + round_trips)
 
     # --- attention on the GPUs (offloaded KV fetched over its path) ------------------------
     gpus = params.num_gpus
     gpu_attn_flops = 4.0 * layers * heads * dim * jnp.sum(counts.tier_selected)
     hbm_read = selected_bytes[HBM] / (gpus * params.gpu_mem_rate)
     gpu_part = jnp.maximum(hbm_read, gpu_attn_flops / (gpus * params.gpu_flops))
-    fetched = selected_bytes.at[HBM].set(0.0)
-    fetch_path = path_times(params, fetched + write_bytes.at[HBM].set(0.0),
+    host_side = jnp.arange(NUM_TIERS) != HBM
+    fetched = jnp.where(host_side, selected_bytes, 0.0)
+    fetch_path = path_times(params, fetched + jnp.where(host_side, write_bytes, 0.0),
                             jnp.zeros((NUM_TIERS, NUM_TIERS)))
     gpu_tier_time = jnp.stack([gpu_part, fetch_path[DDR], fetch_path[SSD]])
 
