@@ -1,8 +1,8 @@
-"""Engine speed benchmark: a thin wrapper around ``pamjax.bench`` (also ``pamjax bench``).
+"""Engine speed benchmark: a thin wrapper around ``pamjax.studies.bench`` (also ``pamjax bench``).
 
 Usage: python experiments/engine_benchmark.py [--quick] [--json PATH]
 
-The figures, their definitions and targets are documented in pamjax/bench.py; the Azure
+The figures, their definitions and targets are documented in pamjax/studies/bench.py; the Azure
 trace is read from $PAMJAX_TRACE or ../shared/traces/azure_llm_2023_conv.csv.
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import argparse
 
-from pamjax.bench import bench_command
 from pamjax.compile_cache import enable_compilation_cache
+from pamjax.studies.bench import bench_command
 
 
 def main():

@@ -1,7 +1,7 @@
 """Learned KV scheduling: training curve and held-out comparison with the PAM rule.
 
-Trains the ``knobs`` and ``net`` policy families through the relaxation (pamjax.relaxed,
-pamjax.train), runs the exact-engine grid search over (x, y), and judges every policy in the
+Trains the ``knobs`` and ``net`` policy families through the relaxation (pamjax.learn.relaxed,
+pamjax.learn.train), runs the exact-engine grid search over (x, y), and judges every policy in the
 exact engine on held-out workloads. Writes, under ``--out``:
 
 * ``training_curve.csv`` / ``training_curve.png``: relaxed mean decode-step time and
@@ -19,8 +19,8 @@ import argparse
 import csv
 import pathlib
 
-from pamjax import plots, report
-from pamjax.train import train_policy_command
+from pamjax.learn.train import train_policy_command
+from pamjax.studies import plots, report
 from pamjax.workload import default_azure_trace_path
 
 

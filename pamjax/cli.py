@@ -92,7 +92,7 @@ def _load_workload(args):
 
 def _check_outputs(args) -> None:
     """Refuse unusable output paths before any simulation runs (nothing is lost later)."""
-    from pamjax.report import writable_path
+    from pamjax.studies.report import writable_path
 
     if getattr(args, "json", None):
         writable_path(args.json)
@@ -124,10 +124,10 @@ def cmd_simulate(args) -> int:
     """`pamjax simulate`: one system on one workload; prints a row, optionally writes JSON."""
     import numpy as np
 
-    from pamjax.bounds import bound_columns
     from pamjax.leap import LeapState
     from pamjax.locality import load_recorded_scores
     from pamjax.simulation import simulate
+    from pamjax.studies.bounds import bound_columns
     from pamjax.systems import require_a_fitting_request
     from pamjax.types import STATUS_FINISHED, STATUS_RUNNING
 
@@ -145,7 +145,7 @@ def cmd_simulate(args) -> int:
     status = np.asarray(result.state.req_status)
     admitted = (status == STATUS_RUNNING) | (status == STATUS_FINISHED)
     if admitted.any():
-        # The run's physical bound (pamjax.bounds.run_bound): its admitted requests, never
+        # The run's physical bound (pamjax.studies.bounds.run_bound): its admitted requests, never
         # more than --batch at once; idle time between arrivals counts against efficiency.
         s.update(bound_columns(args.system, model, s["throughput_tokens_per_s"],
                                prompts=workload.prompt_tokens[admitted],
@@ -258,7 +258,7 @@ def cmd_attention_demo(args) -> int:
 
 
 def _write_json(path, payload) -> None:
-    from pamjax.report import write_json
+    from pamjax.studies.report import write_json
 
     print(f"wrote {write_json(path, payload)}")
 
@@ -303,8 +303,8 @@ def _queued(trace):
 
 def cmd_compare(args) -> int:
     """`pamjax compare`: peak throughput under an SLO per system; table, CSV, JSON, plots."""
-    from pamjax import plots, study
-    from pamjax.report import write_csv
+    from pamjax.studies import plots, study
+    from pamjax.studies.report import write_csv
     from pamjax.workload import load_trace
 
     if args.trace:
@@ -387,7 +387,7 @@ def _claim_reference(args, system: str, model, platform, workload) -> tuple[floa
     """(tokens/s, how it was obtained) of the claim's reference system B: its simulated
     peak over --batches (under the SLO when given), with a trace's requests queued at t=0
     as in `compare` (idle gaps between arrivals would understate B)."""
-    from pamjax import study
+    from pamjax.studies import study
 
     if args.reference_tokens_per_s:
         return args.reference_tokens_per_s, "given by --reference-tokens-per-s"
@@ -412,7 +412,7 @@ def _claim_reference(args, system: str, model, platform, workload) -> tuple[floa
 
 def cmd_bounds(args) -> int:
     """`pamjax bounds`: the closed-form bound per system and, with --claim, a verdict."""
-    from pamjax import bounds
+    from pamjax.studies import bounds
     from pamjax.workload import load_trace
 
     model, platform = _model_and_platform(args)
@@ -467,8 +467,8 @@ def cmd_bounds(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    """`pamjax sweep`: the sharded, resumable cartesian sweep (pamjax.sweep)."""
-    from pamjax.sweep import sweep_command
+    """`pamjax sweep`: the sharded, resumable cartesian sweep (pamjax.studies.sweep)."""
+    from pamjax.studies.sweep import sweep_command
 
     sweep_command(model=args.model, workload=args.workload, trace=args.trace,
                   max_requests=args.max_requests, systems=args.systems, batches=args.batches,
@@ -479,16 +479,16 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    """`pamjax bench`: the engine speed benchmark (pamjax.bench)."""
-    from pamjax.bench import bench_command
+    """`pamjax bench`: the engine speed benchmark (pamjax.studies.bench)."""
+    from pamjax.studies.bench import bench_command
 
     bench_command(quick=args.quick, json_path=args.json, progress=not args.quiet)
     return 0
 
 
 def cmd_train_policy(args) -> int:
-    """`pamjax train-policy`: gradient-trained scheduling policy (pamjax.train)."""
-    from pamjax.train import train_policy_command
+    """`pamjax train-policy`: gradient-trained scheduling policy (pamjax.learn.train)."""
+    from pamjax.learn.train import train_policy_command
 
     train_policy_command(quick=args.quick, eval_trace=args.eval_trace, json_path=args.json,
                          out_dir=args.out, family=args.family, seed=args.seed,
@@ -515,7 +515,7 @@ def cmd_reproduce(args) -> int:
     """`pamjax reproduce`: one study of the PAM evaluation, or all of them."""
     import time
 
-    from pamjax.reproduce import reproduce
+    from pamjax.studies.reproduce import reproduce
 
     start = time.perf_counter()
     written = reproduce(args.study, args.out, quick=args.quick, progress=not args.quiet)
@@ -627,7 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hardware", metavar="FILE", help="show the derived figures of a custom "
                    "platform file (TOML or JSON) instead of the preset")
 
-    from pamjax.reproduce import STUDIES
+    from pamjax.studies.reproduce import STUDIES
 
     p = add("reproduce", "reproduce the PAM study: online, offline, energy, ablation, "
             "scaling or all", cmd_reproduce)

@@ -84,13 +84,13 @@ def test_bad_input_is_one_line_and_nonzero(argv, needle, capsys):
 def test_unusable_output_and_unfit_requests_fail_before_simulating(tmp_path, capsys,
                                                                    monkeypatch):
     import pamjax.simulation
-    import pamjax.study
+    import pamjax.studies.study
 
     def refuse(*args, **kwargs):
         raise AssertionError("simulated although the input was unusable")
 
     monkeypatch.setattr(pamjax.simulation, "simulate", refuse)
-    monkeypatch.setattr(pamjax.study, "run_sweep", refuse)
+    monkeypatch.setattr(pamjax.studies.study, "run_sweep", refuse)
     rc = main(["simulate", "--system", "pam", "--model", "llama3-8b", "--json", str(tmp_path)])
     err = capsys.readouterr().err
     assert rc == 2 and "is a directory" in err and len(err.strip().splitlines()) == 1

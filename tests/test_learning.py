@@ -17,8 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pamjax import policy, relaxed, study, train
 from pamjax.errors import ConfigError, UnknownNameError
+from pamjax.learn import policy, relaxed, train
+from pamjax.studies import study
 from pamjax.systems import make_params
 from pamjax.workload import Workload
 

@@ -1,4 +1,5 @@
-"""pamjax.sweep: device-count independence, chunk commit and resume, compile count, bad input."""
+"""pamjax.studies.sweep: device-count independence, chunk commit and resume, compile count,
+bad input."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import textwrap
 
 import pytest
 
-from pamjax import sweep
 from pamjax.errors import ConfigError, UnknownNameError
+from pamjax.studies import sweep
 
 AXES = dict(model="llama3-8b", workload="sharegpt", trace=None, max_requests=8,
             systems=["pam", "l-pim"], batches=[2, 4], slo_ms=[50.0, 200.0], seeds=[0, 1],
@@ -18,7 +19,7 @@ AXES = dict(model="llama3-8b", workload="sharegpt", trace=None, max_requests=8,
 
 SCRIPT = textwrap.dedent("""
     import sys, jax
-    from pamjax.sweep import sweep_command
+    from pamjax.studies.sweep import sweep_command
     print("devices", jax.device_count())
     sweep_command(model="llama3-8b", workload="sharegpt", trace=None, max_requests=8,
                   systems=["pam", "l-pim"], batches=[2, 4], slo_ms=[50, 200], seeds=[0, 1],

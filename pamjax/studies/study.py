@@ -35,18 +35,18 @@ import jax
 import numpy as np
 
 from pamjax import engine
-from pamjax.bounds import bound_columns
 from pamjax.errors import ConfigError
 from pamjax.hardware import TIER_NAMES, Platform
 from pamjax.locality import AccessModel
 from pamjax.models import Model
 from pamjax.simulation import choose_page_size, device_workload, make_config
+from pamjax.studies.bounds import bound_columns
 from pamjax.systems import Knobs, make_params, max_bank_groups
 from pamjax.types import ENERGY_COMPONENTS, STATUS_FINISHED, STATUS_RUNNING
 from pamjax.workload import Workload, synthetic
 
 BOUND_COLUMNS = ("bound_tokens_per_s", "binding_resource", "efficiency")
-"""Columns every sweep row gets from pamjax.bounds, also with a ``decode_`` prefix."""
+"""Columns every sweep row gets from pamjax.studies.bounds, also with a ``decode_`` prefix."""
 
 UNIT_BUDGET = 9 << 19
 """Tracked KV units across all vmapped points before the page size grows (memory/speed)."""
@@ -113,7 +113,7 @@ def run_sweep(systems, model, workload: Workload | str, batches, *, steps: int =
       decode_throughput_tokens_per_s (decode tokens over the time of decode-only steps),
       tpot_p99_ms, tpot_p50_ms, peak_concurrency, oom, energy_j_per_token (+ per component),
       attention_time_s, tier token and attention shares, migrated fraction, page_size,
-      and BOUND_COLUMNS (whole-run, then ``decode_``-prefixed): pamjax.bounds.run_bound of
+      and BOUND_COLUMNS (whole-run, then ``decode_``-prefixed): pamjax.studies.bounds.run_bound of
       the requests the point admitted, at its peak concurrency.
     """
     batches = sorted({int(b) for b in batches})
@@ -258,7 +258,7 @@ def point_row(point: SweepPoint, m, state, workload: Workload, page: int) -> dic
 
 
 def _bound_columns(point: SweepPoint, row: dict, state, workload: Workload) -> dict:
-    """The row's whole-run and decode-only throughput beside pamjax.bounds.run_bound of the
+    """The row's whole-run and decode-only throughput beside pamjax.studies.bounds.run_bound of the
     requests it admitted (columns bound_tokens_per_s, binding_resource, efficiency and the
     same with a ``decode_`` prefix; None when no request was admitted)."""
     status = np.asarray(state.req_status)

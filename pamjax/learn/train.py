@@ -42,9 +42,11 @@ import numpy as np
 import optax
 from flax import serialization
 
-from pamjax import engine, policy, relaxed, report, study
+from pamjax import engine
 from pamjax.errors import ConfigError, UnknownNameError
+from pamjax.learn import policy, relaxed
 from pamjax.simulation import device_workload
+from pamjax.studies import report, study
 from pamjax.systems import make_params
 from pamjax.types import EngineConfig
 from pamjax.workload import DATASETS, Workload, load_trace, synthetic

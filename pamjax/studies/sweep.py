@@ -60,7 +60,7 @@ on a shared file system for resume). For example, two hosts with 4 GPUs each::
     import os, jax
     jax.distributed.initialize(coordinator_address="10.0.0.1:1234", num_processes=2,
                                process_id=int(os.environ["PROCESS_ID"]))
-    from pamjax.sweep import sweep_command
+    from pamjax.studies.sweep import sweep_command
     sweep_command(model="llama3-70b", workload="sharegpt", trace=None, max_requests=None,
                   systems=["pam", "l-pim"], batches=[64, 128, 256, 512],
                   slo_ms=[100, 150, 200], seeds=[0, 1, 2, 3],
@@ -87,11 +87,12 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from pamjax import engine, study
+from pamjax import engine
 from pamjax.errors import ConfigError, UnknownNameError
 from pamjax.hardware import get_platform
 from pamjax.models import get_model
 from pamjax.simulation import choose_page_size, device_workload, make_config
+from pamjax.studies import study
 from pamjax.systems import get_system, make_params, max_bank_groups
 from pamjax.workload import DATASETS, Workload, load_trace, synthetic
 

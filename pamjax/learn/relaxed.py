@@ -59,8 +59,8 @@ from jax import lax
 from pamjax import locality
 from pamjax.costs import StepCounts, step_cost
 from pamjax.errors import ConfigError
+from pamjax.learn.policy import SoftKnobs, unit_features
 from pamjax.placement import corrected_key, prompt_tier_counts
-from pamjax.policy import SoftKnobs, unit_features
 
 NUM_TIERS = 3
 _EPS = 1e-12

@@ -171,7 +171,7 @@ def engine_vs_reference_one_core(batch: int, reference_steps: int, min_seconds: 
     core = min(os.sched_getaffinity(0))
     # The child pins itself before it imports JAX (no fork hook in this threaded process).
     code = (f"import os; os.sched_setaffinity(0, {{{core}}}); import json, sys; "
-            "from pamjax.bench import engine_vs_reference; "
+            "from pamjax.studies.bench import engine_vs_reference; "
             f"json.dump(engine_vs_reference({batch}, {reference_steps}, {min_seconds}, False), "
             "sys.stdout)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
