@@ -1,6 +1,6 @@
-"""Training placement policies through the relaxation, and judging them in the exact engine.
+"""Training placement policies through the relaxation; the learned-policy study.
 
-Pipeline of :func:`train_policy_command` (behind ``pamjax train-policy``):
+Pipeline of :func:`run_study` (behind ``pamjax train-policy``):
 
 1. **Episodes.** A workload episode is R requests decoding together, each caught mid-stream:
    context = prompt + a uniform fraction of its output, drawn from a synthetic dataset with a
@@ -14,11 +14,10 @@ Pipeline of :func:`train_policy_command` (behind ``pamjax train-policy``):
    argument of the step, so annealing does not recompile).
 3. **Grid search** baseline (:func:`grid_search`): the exact engine over a log-spaced (x, y)
    grid on the same training episodes, vmapped; the best point goes to held-out evaluation.
-4. **Judging** (:func:`exact_decode_ms`): every number reported for a policy is the exact
-   engine's mean decode-step time with hard decisions (all requests admitted at step 0,
-   then ``steps`` decode steps), and its SLO throughput comes from the exact engine under
-   continuous batching (:func:`slo_throughput`; TPOT and the peak under an SLO as in
-   study.py).
+4. **Judging** (learn/judge.py): every number reported for a policy is the exact engine's
+   mean decode-step time with hard decisions (all requests admitted at step 0, then
+   ``steps`` decode steps), and its SLO throughput comes from the exact engine under
+   continuous batching (TPOT and the peak under an SLO as in studies/study.py).
 
 Why OPT-175B on arxiv-sum at batch 64 (the default): 350 GB of weights leave ~3.6K 16-token
 units (57K tokens) of HBM for KV while 64 requests of 1.4K-8K tokens hold ~280K, so KV
@@ -32,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import pathlib
-import sys
 import time
 
 import chex
@@ -42,19 +40,18 @@ import numpy as np
 import optax
 from flax import serialization
 
-from pamjax import engine
 from pamjax.errors import ConfigError, UnknownNameError
 from pamjax.learn import policy, relaxed
-from pamjax.simulation import device_workload
-from pamjax.studies import report, study
+from pamjax.learn.judge import exact_decode_ms, slo_throughput
+from pamjax.progress import Progress
+from pamjax.simulation import index_config
+from pamjax.studies import report
 from pamjax.systems import make_params
 from pamjax.types import EngineConfig
 from pamjax.workload import DATASETS, Workload, load_trace, synthetic
 
 TRAIN_SEED_BASE = 1000  # training episodes use seeds TRAIN_SEED_BASE + i
 HELDOUT_SEED_BASE = 1  # held-out episodes use seeds 1, 2, ... (disjoint from training)
-SLO_MS = (100.0, 150.0, 200.0)  # PAM_SPEC §8
-EXACT_CHUNK = 4  # exact-engine configurations vmapped per call
 MAX_SWAPS = EngineConfig(num_slots=1, units_per_slot=1).max_swaps  # the engine's static bound
 
 
@@ -149,7 +146,8 @@ class TrainSetup:
         return max(self.batch, 2 * max(self.slo_batches))
 
     def relax_config(self) -> relaxed.RelaxConfig:
-        return relaxed.RelaxConfig(self.batch, self.units, self.page_size, self.steps)
+        return relaxed.RelaxConfig(batch=self.batch, units_per_request=self.units,
+                                   page_size=self.page_size, steps=self.steps)
 
 
 QUICK = TrainSetup()
@@ -293,24 +291,18 @@ def train(setup: TrainSetup, family: str, *, seed: int = 0, progress: bool = Fal
     pool_seeds = TRAIN_SEED_BASE + 97 * seed + np.arange(setup.episode_pool * setup.episodes)
     pool = make_episodes(setup, setup.train_dataset, pool_seeds)
     batches = setup.episode_pool
-    iterator = range(setup.iterations)
-    if progress:
-        try:
-            from tqdm import tqdm
-            iterator = tqdm(iterator, desc=f"train {family}", file=sys.stderr, leave=False)
-        except ImportError:
-            pass
     history = []
-    for i in iterator:
-        b = i % batches
-        episodes = jax.tree.map(lambda x, b=b: x[b * setup.episodes:(b + 1) * setup.episodes],
-                                pool)
-        tau = temperature_at(setup, i)
-        theta, opt_state, loss, _ = step(theta, opt_state, episodes, jnp.float32(tau))
-        history.append({"family": family, "iteration": i, "temperature": tau,
-                        "relaxed_step_ms": float(loss)})
-        if progress and hasattr(iterator, "set_postfix"):
-            iterator.set_postfix(loss=f"{float(loss):.2f} ms", tau=f"{tau:.3f}")
+    with Progress(setup.iterations, desc=f"train {family}", unit="it",
+                  enabled=progress) as bar:
+        for i in range(setup.iterations):
+            b = i % batches
+            episodes = jax.tree.map(
+                lambda x, b=b: x[b * setup.episodes:(b + 1) * setup.episodes], pool)
+            tau = temperature_at(setup, i)
+            theta, opt_state, loss, _ = step(theta, opt_state, episodes, jnp.float32(tau))
+            history.append({"family": family, "iteration": i, "temperature": tau,
+                            "relaxed_step_ms": float(loss)})
+            bar.update(status=f"loss {float(loss):.2f} ms, tau {tau:.3f}")
     return theta, history, setup.iterations * setup.episodes
 
 
@@ -332,106 +324,8 @@ def load_checkpoint(path, like):
 
 
 # ---------------------------------------------------------------------------------------------
-# The exact engine as the judge
+# The grid-search baseline
 # ---------------------------------------------------------------------------------------------
-
-def episode_workload(setup: TrainSetup, episode: relaxed.Episode) -> Workload:
-    """The exact-engine workload of one episode: R requests at t = 0, prompt = the episode's
-    context, outputs long enough that nobody finishes within the steps."""
-    ctx = np.asarray(episode.context)
-    return Workload(np.zeros(ctx.size), ctx, np.full(ctx.size, setup.steps + 2), name="episode")
-
-
-NEVER_S = 1e9
-"""Arrival time (s) of the padding requests of :func:`engine_config`'s fixed workload size."""
-
-
-def engine_config(setup: TrainSetup, bank_groups: int, net: bool = False) -> EngineConfig:
-    """The exact engine's static config for every run of a setup (episodes and SLO search).
-
-    Sized by the setup, not by a workload, so every exact run of a setup shares one compile
-    per hook and platform: R = setup.exact_slots, N = setup.exact_requests (shorter
-    workloads are padded with requests arriving at NEVER_S), U covers max_context + steps + 2
-    tokens (the largest reservation of either), the admission window is R (so step 0 admits
-    a whole episode), G = ``bank_groups`` (the largest bank-group count of any tier of the
-    platform run: max of ``SimParams.bank_groups``). ``net`` installs the UnitScorer hook
-    (policy.net_engine_hook).
-    """
-    hook = policy.net_engine_hook(setup.hidden, setup.depth, setup.page_size) if net else None
-    units = -(-(setup.max_context + setup.steps + 2) // setup.page_size)
-    return EngineConfig(num_slots=setup.exact_slots, units_per_slot=units,
-                        page_size=setup.page_size, num_requests=setup.exact_requests,
-                        bank_groups=bank_groups, admit_window=setup.exact_slots,
-                        placement_score=hook)
-
-
-def padded_workload(setup: TrainSetup, workload: Workload) -> Workload:
-    """``workload`` padded to setup.exact_requests with one-token requests arriving at
-    NEVER_S (admitted only after the engine's idle clock jump to NEVER_S, i.e. once no real
-    request is left to run)."""
-    pad = setup.exact_requests - workload.num_requests
-    return Workload(np.concatenate([workload.arrival_s, np.full(pad, NEVER_S)]),
-                    np.concatenate([workload.prompt_tokens, np.ones(pad, np.int64)]),
-                    np.concatenate([workload.output_tokens, np.ones(pad, np.int64)]),
-                    name=workload.name)
-
-
-def _run_exact(setup: TrainSetup, params_list, workload: Workload, seed: int, chunks: int,
-               net=None):
-    """Exact-engine runs of ``chunks`` x (steps + 1) steps of each SimParams on a workload.
-
-    Points run in fixed-width vmapped groups of EXACT_CHUNK (the last padded with copies)
-    and time in scans of steps + 1, so a setup compiles once per hook. ``net``
-    (UnitScorer parameters) goes to every point through ``SimParams.policy``.
-
-    Returns:
-      (final EngineState, StepMetrics [chunks x (steps + 1)]) as numpy pytrees stacked over
-      ``params_list`` [P].
-    """
-    bank_groups = max(int(np.max(np.asarray(p.bank_groups))) for p in params_list)
-    config = engine_config(setup, bank_groups, net=net is not None)
-    device = device_workload(padded_workload(setup, workload))
-    if net is not None:
-        params_list = [p.replace(policy=net) for p in params_list]
-    count = len(params_list)
-    padded = params_list + params_list[:1] * (-count % EXACT_CHUNK)
-    states, metrics = [], []
-    for c in range(0, len(padded), EXACT_CHUNK):
-        # A fresh state per group: rollout_batch donates it.
-        state = jax.tree.map(lambda *xs: jnp.stack(xs),
-                             *[engine.init_state(config, seed)] * EXACT_CHUNK)
-        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *padded[c:c + EXACT_CHUNK])
-        parts = []
-        for _ in range(chunks):
-            state, m = engine.rollout_batch(config, stacked, state, device, setup.steps + 1)
-            parts.append(jax.device_get(m))
-        states.append(jax.device_get(state))
-        metrics.append(jax.tree.map(lambda *xs: np.concatenate(xs, axis=1), *parts))
-    take = functools.partial(jax.tree.map, lambda *xs: np.concatenate(xs)[:count])
-    return take(*states), take(*metrics)
-
-
-def exact_rollouts(setup: TrainSetup, params_list, episode, *, net=None):
-    """Exact engine on one episode: step 0 admits and prefills every request, steps 1..S
-    decode. With ``net`` (UnitScorer parameters) the engine ranks units with the network
-    through ``EngineConfig.placement_score``, at admission and in the online swaps.
-
-    Returns:
-      (final EngineState, StepMetrics [S + 1]) as numpy pytrees stacked over
-      ``params_list`` [P].
-    """
-    return _run_exact(setup, params_list, episode_workload(setup, episode),
-                      int(episode.seed), 1, net)
-
-
-def exact_decode_ms(setup: TrainSetup, params_list, episode, *, net=None) -> np.ndarray:
-    """Exact engine: mean decode-step time (ms) of each SimParams in ``params_list``, f64
-    [P] (:func:`exact_rollouts`; the prefill step 0 is left out)."""
-    _, metrics = exact_rollouts(setup, params_list, episode, net=net)
-    step_time = np.asarray(metrics.step_time_s, np.float64)
-    decode_only = np.asarray(metrics.prefill_requests) == 0
-    return np.array([1e3 * t[d].mean() for t, d in zip(step_time, decode_only)])
-
 
 def grid_points(setup: TrainSetup, params):
     return [params.replace(target_x=jnp.float32(10.0**lx), target_y=jnp.float32(10.0**ly))
@@ -442,7 +336,7 @@ def grid_search(setup: TrainSetup, params, episodes):
     """Exact-engine grid over (x, y) on training episodes; returns (best params, table,
     simulator evaluations)."""
     points = grid_points(setup, params)
-    scores = np.mean([exact_decode_ms(setup, points, study.index_config(episodes, k))
+    scores = np.mean([exact_decode_ms(setup, points, index_config(episodes, k))
                       for k in range(int(episodes.context.shape[0]))], axis=0)
     table = [{"log10_x": lx, "log10_y": ly, "train_step_ms": float(s)}
              for (lx, ly), s in zip([(a, b) for a in setup.grid_log10_x
@@ -451,248 +345,71 @@ def grid_search(setup: TrainSetup, params, episodes):
     return points[best], table, len(points) * int(episodes.context.shape[0])
 
 
-def params_at_batch(setup: TrainSetup, params, batch: int, *, rule: bool):
-    """SimParams of one policy at an SLO-search batch.
-
-    Every policy gets max batch ``batch`` and the default prefill token budget (the
-    episodes' params prefill everything at once). With ``rule`` (policies that use PAM's own
-    x:y:1 targets: pam_rule, learned_net) the targets are also rebuilt for ``batch`` by
-    systems.make_params, as study.run_sweep does (systems.pam_targets depends on the batch);
-    without it (learned knobs, grid best) the given x and y are the policy and are kept.
-    Every other field of ``params`` (e.g. a capacity override) is kept.
-
-    Args:
-      setup: TrainSetup (model and page size).
-      params: the policy's SimParams at ``setup.batch``.
-      batch: the SLO-search batch.
-      rule: rebuild the x:y:1 targets for ``batch``.
-
-    Raises:
-      ConfigError: ``rule`` and ``params`` do not carry PAM's targets at setup.batch for the
-        setup's model on the default platform, so they cannot be rebuilt for ``batch``.
-    """
-    fresh = make_params("pam", setup.model, max_batch=batch, page_size=setup.page_size)
-    out = params.replace(max_batch=jnp.int32(batch),
-                         prefill_token_budget=fresh.prefill_token_budget)
-    if not rule:
-        return out
-    own = make_params("pam", setup.model, max_batch=setup.batch, page_size=setup.page_size)
-    given = (float(params.target_x), float(params.target_y))
-    if given != (float(own.target_x), float(own.target_y)):
-        raise ConfigError("params.target_x/target_y", given,
-                          f"are not PAM's targets at batch {setup.batch} for {setup.model} on "
-                          "the default platform, so the rule cannot be rebuilt per batch")
-    return out.replace(target_x=fresh.target_x, target_y=fresh.target_y)
-
-
-def slo_throughput(setup: TrainSetup, params_by_name: dict, *, dataset: str, seed: int,
-                   rule_names=(), net_names=(), net=None) -> dict:
-    """Peak output tokens/s under each SLO for each policy (exact engine, study.py rules).
-
-    Each policy runs ``setup.slo_batches`` (its params per batch: :func:`params_at_batch`,
-    PAM's targets rebuilt for the policies in ``rule_names``) with ``2 x max batch``
-    requests of ``dataset`` queued at t = 0, their prompts and outputs each clipped to
-    ``max_context // 2`` tokens, under continuous batching with the default prefill budget,
-    for ``setup.slo_steps`` steps rounded up to whole scans of steps + 1 (the episodes'
-    compiled scan, :func:`_run_exact`). TPOT p99 follows study.py; throughput = output
-    tokens / simulated seconds over the steps before the first idle clock jump (all real
-    requests arrive at t = 0, so the clock only jumps once none is left to run, to the
-    padding's NEVER_S arrival: what follows is not the workload's). Policies in
-    ``net_names`` run with the ``net`` hook.
-
-    Returns:
-      {policy: {"<slo>ms": tokens/s for each SLO_MS, "rows": per-batch rows}}.
-    """
-    workload = synthetic(dataset, 2 * max(setup.slo_batches), seed=seed)
-    workload = Workload(workload.arrival_s * 0.0, np.minimum(workload.prompt_tokens,
-                                                             setup.max_context // 2),
-                        np.minimum(workload.output_tokens, setup.max_context // 2),
-                        name=dataset)
-    chunks = -(-setup.slo_steps // (setup.steps + 1))
-    rows = {name: [] for name in params_by_name}
-    for uses_net in (False, True):
-        runs = [(name, b, params_at_batch(setup, params, b, rule=name in rule_names))
-                for name, params in params_by_name.items() if (name in net_names) == uses_net
-                for b in setup.slo_batches]
-        if not runs:
-            continue
-        states, m = _run_exact(setup, [p for _, _, p in runs], workload, seed, chunks,
-                               net if uses_net else None)
-        for i, (name, b, _) in enumerate(runs):
-            mi, si = study.index_config(m, i), study.index_config(states, i)
-            tpot = study.request_tpot_s(si, padded_workload(setup, workload))
-            real = np.cumsum(mi.idle_s, dtype=np.float64) == 0  # before the first idle jump
-            elapsed = float(np.sum(mi.step_time_s[real], dtype=np.float64))
-            concurrency = np.asarray(mi.decode_requests) + np.asarray(mi.prefill_requests)
-            rows[name].append({
-                "system": name, "batch": b,
-                "throughput_tokens_per_s": float(np.sum(mi.output_tokens[real])) / elapsed
-                if elapsed > 0 else 0.0,
-                "tpot_p99_ms": float(np.percentile(tpot, 99) * 1e3)
-                if tpot.size else float("nan"),
-                "oom": int(concurrency[real].max(initial=0)) < b,
-                # study's roofline-bound columns are not computed here.
-                **{c: None for c in study.BOUND_COLUMNS}})
-    out = {}
-    for name, mine in rows.items():
-        out[name] = {f"{slo:g}ms": study.peak_under_slo(mine, slo)[name]
-                     ["throughput_tokens_per_s"] for slo in SLO_MS}
-        out[name]["rows"] = mine
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
-# The command
+# The study: train, grid-search, judge
 # ---------------------------------------------------------------------------------------------
 
-def train_policy_command(*, quick: bool, eval_trace: str | None, json_path: str | None,
-                         out_dir: str, family: str, seed: int, model: str,
-                         progress: bool) -> dict:
-    """Train, grid-search and judge placement policies; print a table; return the JSON dict.
-
-    Args:
-      quick: the small setup (QUICK, a few minutes on two CPU cores) instead of FULL.
-      eval_trace: optional trace file for one more held-out episode (first 400 requests).
-      json_path: where to write the result JSON (None: not written).
-      out_dir: folder for checkpoints (policy_<family>.msgpack), training_curve.csv and
-        grid.csv.
-      family: "knobs", "net" or "both".
-      seed: seed of the whole run (episodes, initialisation).
-      model: model preset.
-      progress: show tqdm progress bars on stderr.
-
-    Returns:
-      the dict of :func:`run_study`.
-
-    Raises:
-      UnknownNameError: unknown family or model; ConfigError: bad seed.
-    """
-    from pamjax.models import get_model
-
-    get_model(model)
-    setup = dataclasses.replace(QUICK if quick else FULL, model=model)
-    result = run_study(setup, family=family, seed=seed, out_dir=out_dir,
-                       eval_trace=eval_trace, progress=progress)
-    result["quick"] = quick
-    print(format_table(result))
-    if json_path:
-        report.write_json(json_path, result)
-    return result
+def setup_for(*, quick: bool, model: str) -> TrainSetup:
+    """QUICK (a few minutes on two CPU cores) or FULL, for ``model``."""
+    return dataclasses.replace(QUICK if quick else FULL, model=model)
 
 
 def run_study(setup: TrainSetup, *, family: str, seed: int, out_dir: str,
               eval_trace: str | None = None, progress: bool = False, params=None) -> dict:
-    """The whole study for one setup (see the module docstring).
+    """The whole study for one setup (see the module docstring); writes the checkpoints
+    ``policy_<family>.msgpack``, ``training_curve.csv`` and ``grid.csv`` to ``out_dir``.
 
     Args:
       setup: TrainSetup.
       family: "knobs", "net" or "both".
-      seed: seed of the run.
+      seed: seed of the run (episodes, initialisation).
       out_dir: folder for checkpoints and CSVs.
-      eval_trace: optional trace for one more held-out episode.
-      progress: tqdm bars.
+      eval_trace: optional trace for one more held-out episode (its first 400 requests).
+      progress: progress bars on stderr.
       params: SimParams to use instead of :func:`base_params` (e.g. a smaller HBM); its
         x:y:1 targets must be PAM's at setup.batch, as the SLO search rebuilds them per
-        batch (:func:`params_at_batch`).
+        batch (judge.params_at_batch).
 
     Returns:
       dict with heldout_step_time_ms {pam_rule, learned, grid_best, learned_<family>...}
       (every value an exact-engine measurement), heldout_by_workload, simulator_evaluations
       {gradient, grid, ...}, relaxation_gap (relative, relaxed at tau_end vs exact, per
       policy), slo_throughput_tokens_per_s, the final knobs, wall_seconds and the setup.
+
+    Raises:
+      UnknownNameError: unknown family; ConfigError: bad seed.
     """
     policy.check_family(family)
     if not isinstance(seed, int) or seed < 0:
         raise ConfigError("seed", seed, "must be an integer >= 0")
     start = time.perf_counter()
     out = pathlib.Path(out_dir)
-    families = ("knobs", "net") if family == "both" else (family,)
     params = base_params(setup) if params is None else params
-
-    learned, history, gradient_evals = {}, [], 0
-    for fam in families:
-        theta, hist, evals = train(setup, fam, seed=seed, progress=progress, params=params)
-        save_checkpoint(out / f"policy_{fam}.msgpack", theta)
-        learned[fam] = theta
-        history += hist
-        gradient_evals += evals
-    report.write_csv(out / "training_curve.csv", history,
-                     ["family", "iteration", "temperature", "relaxed_step_ms"])
+    learned, gradient_evals = train_families(setup, params, family, seed, out, progress)
 
     grid_seeds = TRAIN_SEED_BASE + 97 * seed + np.arange(setup.grid_episodes)
     grid_best, grid_table, grid_evals = grid_search(
         setup, params, make_episodes(setup, setup.train_dataset, grid_seeds))
     report.write_csv(out / "grid.csv", grid_table, ["log10_x", "log10_y", "train_step_ms"])
 
-    # Held-out episodes: other seeds of the training dataset, another dataset, the trace.
-    heldout = {f"{setup.train_dataset}/seed{HELDOUT_SEED_BASE + seed}": make_episodes(
-                   setup, setup.train_dataset, [HELDOUT_SEED_BASE + seed]),
-               f"write-doc/seed{HELDOUT_SEED_BASE + seed + 1}": make_episodes(
-                   setup, "write-doc", [HELDOUT_SEED_BASE + seed + 1])}
-    if eval_trace:
-        heldout[f"trace/{pathlib.Path(eval_trace).name}"] = trace_episode(setup, eval_trace)
-
-    knob_params = {"pam_rule": params, "grid_best": grid_best}
+    policies = {"pam_rule": params, "grid_best": grid_best}
     if "knobs" in learned:
-        knob_params["learned_knobs"] = policy.knobs_to_params(params, learned["knobs"],
-                                                               MAX_SWAPS)
-    per_workload = {}
-    for name, episodes in heldout.items():
-        episode = study.index_config(episodes, 0)
-        times = dict(zip(knob_params, exact_decode_ms(setup, list(knob_params.values()),
-                                                      episode)))
-        if "net" in learned:
-            times["learned_net"] = float(exact_decode_ms(setup, [params], episode,
-                                                         net=learned["net"])[0])
-        per_workload[name] = {k: float(v) for k, v in times.items()}
+        policies["learned_knobs"] = policy.knobs_to_params(params, learned["knobs"], MAX_SWAPS)
+    heldout = heldout_episodes(setup, seed, eval_trace)
+    per_workload = judge_heldout(setup, params, policies, learned, heldout)
     names = list(next(iter(per_workload.values())))
     heldout_ms = {k: float(np.mean([w[k] for w in per_workload.values()])) for k in names}
-
-    # Which learned family is "the" learned policy: chosen on training episodes, never on
-    # held-out ones.
-    train_episode = study.index_config(make_episodes(setup, setup.train_dataset, grid_seeds[:1]), 0)
-    train_ms = {}
-    if "knobs" in learned:
-        train_ms["knobs"] = float(exact_decode_ms(setup, [knob_params["learned_knobs"]],
-                                                  train_episode)[0])
-    if "net" in learned:
-        train_ms["net"] = float(exact_decode_ms(setup, [params], train_episode,
-                                                net=learned["net"])[0])
-    chosen = min(train_ms, key=train_ms.get)
+    chosen = choose_learned(setup, params, policies, learned,
+                            make_episodes(setup, setup.train_dataset, grid_seeds[:1]))
     heldout_ms["learned"] = heldout_ms[f"learned_{chosen}"]
+    gap = relaxation_gap(setup, params, learned, heldout, per_workload)
 
-    # Relaxed vs exact objective at the final temperature, same held-out episodes.
-    gap = {}
-    for fam, theta in learned.items():
-        rel = [relaxed_value(setup, params, fam, theta, study.index_config(episodes, 0),
-                             setup.tau_end) for episodes in heldout.values()]
-        exact = [w[f"learned_{fam}"] for w in per_workload.values()]
-        gap[fam] = float(np.mean([(r - e) / e for r, e in zip(rel, exact)]))
-    rule_knobs = policy.knobs_from_params(params)
-    rule_rel = [relaxed_value(setup, params, "knobs", rule_knobs, study.index_config(episodes, 0),
-                              setup.tau_end) for episodes in heldout.values()]
-    gap["pam_rule"] = float(np.mean([(r - w["pam_rule"]) / w["pam_rule"]
-                                     for r, w in zip(rule_rel, per_workload.values())]))
-
-    slo_params = {"pam_rule": params, "grid_best": grid_best}
-    if "knobs" in learned:
-        slo_params["learned_knobs"] = knob_params["learned_knobs"]
-    if "net" in learned:
-        slo_params["learned_net"] = params
+    slo_params = {**policies, **({"learned_net": params} if "net" in learned else {})}
     slo = slo_throughput(setup, slo_params, dataset=setup.train_dataset,
                          seed=HELDOUT_SEED_BASE + seed + 2,
                          rule_names=("pam_rule", "learned_net"), net_names=("learned_net",),
                          net=learned.get("net"))
-    slo_evals = len(slo_params) * len(setup.slo_batches)
-
-    final_knobs = {}
-    for name in ("pam_rule", "grid_best", "learned_knobs"):
-        if name in knob_params:
-            p = knob_params[name]
-            final_knobs[name] = {"target_x": float(p.target_x), "target_y": float(p.target_y),
-                                 "ema_lambda": float(p.ema_lambda),
-                                 "swap_budget": int(p.swap_budget)}
-    result = {
+    return {
         "setup": {k: (list(v) if isinstance(v, tuple) else v)
                   for k, v in dataclasses.asdict(setup).items()},
         "family": family, "seed": seed, "learned_family": chosen,
@@ -701,30 +418,86 @@ def run_study(setup: TrainSetup, *, family: str, seed: int, out_dir: str,
         "simulator_evaluations": {"gradient": gradient_evals, "grid": grid_evals,
                                   "gradient_unit": "relaxed episode rollouts with gradient",
                                   "grid_unit": "exact-engine episode rollouts",
-                                  "slo_search": slo_evals},
+                                  "slo_search": len(slo_params) * len(setup.slo_batches)},
         "relaxation_gap": gap,
         "slo_throughput_tokens_per_s": {k: {s: v for s, v in d.items() if s != "rows"}
                                         for k, d in slo.items()},
-        "knobs": final_knobs,
+        "knobs": {name: {"target_x": float(p.target_x), "target_y": float(p.target_y),
+                         "ema_lambda": float(p.ema_lambda), "swap_budget": int(p.swap_budget)}
+                  for name, p in policies.items()},
         "wall_seconds": time.perf_counter() - start,
     }
-    return result
 
 
-def format_table(result: dict) -> str:
-    """Compact text table of a :func:`train_policy_command` result."""
-    ms = result["heldout_step_time_ms"]
-    slo = result["slo_throughput_tokens_per_s"]
-    lines = ["held-out mean decode-step time (exact engine), ms; SLO throughput tokens/s",
-             f"{'policy':<15}{'step ms':>10}" + "".join(f"{'@' + s:>12}" for s in
-                                                      next(iter(slo.values())))]
-    for name, value in ms.items():
-        row = slo.get(name, slo.get(f"learned_{result['learned_family']}")
-                      if name == "learned" else None)
-        cells = "".join(f"{v:>12.1f}" for v in row.values()) if row else ""
-        lines.append(f"{name:<15}{value:>10.2f}{cells}")
-    ev = result["simulator_evaluations"]
-    lines.append(f"simulator evaluations: gradient {ev['gradient']} (relaxed), "
-                 f"grid {ev['grid']} (exact); relaxation gap "
-                 + ", ".join(f"{k} {v:+.1%}" for k, v in result["relaxation_gap"].items()))
-    return "\n".join(lines)
+def train_families(setup: TrainSetup, params, family: str, seed: int, out: pathlib.Path,
+                   progress: bool) -> tuple[dict, int]:
+    """Train ``family`` ("both": knobs, then net); save each checkpoint and the training
+    curve under ``out``. Returns ({family: theta}, relaxed rollouts with gradient)."""
+    learned, history, evaluations = {}, [], 0
+    for fam in ("knobs", "net") if family == "both" else (family,):
+        theta, hist, evals = train(setup, fam, seed=seed, progress=progress, params=params)
+        save_checkpoint(out / f"policy_{fam}.msgpack", theta)
+        learned[fam] = theta
+        history += hist
+        evaluations += evals
+    report.write_csv(out / "training_curve.csv", history,
+                     ["family", "iteration", "temperature", "relaxed_step_ms"])
+    return learned, evaluations
+
+
+def heldout_episodes(setup: TrainSetup, seed: int, eval_trace: str | None) -> dict:
+    """Held-out episodes by name: another seed of the training dataset, another dataset
+    and, when given, the trace (one episode each)."""
+    heldout = {f"{setup.train_dataset}/seed{HELDOUT_SEED_BASE + seed}": make_episodes(
+                   setup, setup.train_dataset, [HELDOUT_SEED_BASE + seed]),
+               f"write-doc/seed{HELDOUT_SEED_BASE + seed + 1}": make_episodes(
+                   setup, "write-doc", [HELDOUT_SEED_BASE + seed + 1])}
+    if eval_trace:
+        heldout[f"trace/{pathlib.Path(eval_trace).name}"] = trace_episode(setup, eval_trace)
+    return heldout
+
+
+def judge_heldout(setup: TrainSetup, params, policies: dict, learned: dict,
+                  heldout: dict) -> dict[str, dict[str, float]]:
+    """Exact mean decode-step time (ms) of every policy on every held-out episode:
+    {episode name: {policy: ms}}; the knob policies vmapped together, the network apart
+    (it needs the engine's scoring hook)."""
+    per_workload = {}
+    for name, episodes in heldout.items():
+        episode = index_config(episodes, 0)
+        times = dict(zip(policies, exact_decode_ms(setup, list(policies.values()), episode)))
+        if "net" in learned:
+            times["learned_net"] = float(exact_decode_ms(setup, [params], episode,
+                                                         net=learned["net"])[0])
+        per_workload[name] = {k: float(v) for k, v in times.items()}
+    return per_workload
+
+
+def choose_learned(setup: TrainSetup, params, policies: dict, learned: dict,
+                   train_episodes) -> str:
+    """The learned family that is "the" learned policy: the faster in the exact engine on
+    the first training episode (never chosen on held-out ones)."""
+    episode = index_config(train_episodes, 0)
+    train_ms = {}
+    if "knobs" in learned:
+        train_ms["knobs"] = float(exact_decode_ms(setup, [policies["learned_knobs"]],
+                                                  episode)[0])
+    if "net" in learned:
+        train_ms["net"] = float(exact_decode_ms(setup, [params], episode,
+                                                net=learned["net"])[0])
+    return min(train_ms, key=train_ms.get)
+
+
+def relaxation_gap(setup: TrainSetup, params, learned: dict, heldout: dict,
+                   per_workload: dict) -> dict[str, float]:
+    """Mean relative gap (relaxed at tau_end - exact) / exact on the held-out episodes, per
+    learned family and for the PAM rule."""
+    def gap(family, theta, exact_name):
+        relaxed_ms = [relaxed_value(setup, params, family, theta, index_config(episodes, 0),
+                                    setup.tau_end) for episodes in heldout.values()]
+        exact = [w[exact_name] for w in per_workload.values()]
+        return float(np.mean([(r - e) / e for r, e in zip(relaxed_ms, exact)]))
+
+    gaps = {fam: gap(fam, theta, f"learned_{fam}") for fam, theta in learned.items()}
+    gaps["pam_rule"] = gap("knobs", policy.knobs_from_params(params), "pam_rule")
+    return gaps

@@ -1,7 +1,7 @@
 """Batch sweeps and peak throughput under a latency SLO (PAM_SPEC §8).
 
 Every (system, batch) point of a sweep is one SimParams; points are stacked and run by
-``vmap``-ed, jitted rollouts (engine.rollout_batch): batch sizes within a factor of 8 share
+``vmap``-ed, jitted rollouts (simulation.run_batch): batch sizes within a factor of 8 share
 one compiled program (slot_classes), so an SLO search over 1..2048 compiles 3-4 times, not
 once per point.
 
@@ -28,18 +28,14 @@ Definitions used for the SLO (documented here because results depend on them):
 from __future__ import annotations
 
 import dataclasses
-import sys
-import time
 
-import jax
 import numpy as np
 
-from pamjax import engine
 from pamjax.errors import ConfigError
 from pamjax.hardware import TIER_NAMES, Platform
 from pamjax.locality import AccessModel
 from pamjax.models import Model
-from pamjax.simulation import choose_page_size, device_workload, make_config
+from pamjax.simulation import choose_page_size, index_config, make_config, run_batch
 from pamjax.studies.bounds import bound_columns
 from pamjax.systems import Knobs, make_params, max_bank_groups
 from pamjax.types import ENERGY_COMPONENTS, STATUS_FINISHED, STATUS_RUNNING
@@ -155,30 +151,10 @@ def _run_group(points, workload, steps, seed, access, knobs, page, chunk_steps, 
                          bank_groups=max(max_bank_groups(p.platform) for p in points))
     params = [make_params(p.system, p.model, p.platform, access, max_batch=p.batch,
                           page_size=page, knobs=knobs) for p in points]
-    stacked = jax.tree.map(lambda *xs: np.stack(xs), *params)
-    state = jax.tree.map(lambda *xs: np.stack(xs),
-                         *[engine.init_state(config, seed) for _ in points])
-    dev_workload = device_workload(workload)
-    chunks, done, start = [], 0, time.perf_counter()
-    while done < steps:
-        n = min(chunk_steps, steps - done)
-        state, chunk = engine.rollout_batch(config, stacked, state, dev_workload, n)
-        chunks.append(jax.device_get(chunk))
-        done += n
-        if label:
-            print(f"\r  {label}: {len(points)} configurations, step {done}/{steps}, "
-                  f"{time.perf_counter() - start:.0f} s", end="", file=sys.stderr, flush=True)
-    if label:
-        print(file=sys.stderr)
-    metrics = jax.tree.map(lambda *xs: np.concatenate(xs, axis=1), *chunks)
-    state = jax.device_get(state)
+    state, metrics = run_batch(config, params, workload, steps, seeds=seed,
+                               chunk_steps=chunk_steps, progress=label)
     return [point_row(p, index_config(metrics, i), index_config(state, i), workload, page)
             for i, p in enumerate(points)]
-
-
-def index_config(tree, i: int):
-    """Configuration ``i`` of a pytree stacked over configurations (leading axis)."""
-    return jax.tree.map(lambda x: x[i], tree)
 
 
 def request_tpot_s(state, workload: Workload) -> np.ndarray:
