@@ -12,7 +12,9 @@ Static checks over the source of ``pamjax/`` (ast, nothing is imported):
 * no function is over MAX_FUNCTION_LINES lines (from ``def`` to its last line, nested
   functions counted in their parent too) except the at most two of ALLOWED_LONG;
 * only the CLI prints to stdout: any other ``print`` goes to ``sys.stderr`` (progress), so
-  library functions return data and the commands print it.
+  library functions return data and the commands print it;
+* every ``pamjax...`` import in the package, the tests and the experiments names a module of
+  this checkout (an editable install elsewhere could otherwise answer a stale path).
 """
 
 from __future__ import annotations
@@ -133,6 +135,26 @@ def test_imports_are_absolute():
     relative = [f"{name}:{node.lineno}" for name, tree in _modules().items()
                 for node in _imports(tree) if isinstance(node, ast.ImportFrom) and node.level]
     assert not relative, f"relative imports (the graph reads absolute ones): {relative}"
+
+
+def test_every_pamjax_import_resolves():
+    modules = _modules()
+    root = PACKAGE.parent
+    sources = [*(root / "tests").glob("*.py"), *(root / "experiments").glob("*.py")]
+    trees = {**{name: tree for name, tree in modules.items()},
+             **{str(path.relative_to(root)): ast.parse(path.read_text()) for path in sources}}
+    stale = []
+    for name, tree in trees.items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                targets = [node.module]
+            else:
+                continue
+            stale += [f"{name}:{node.lineno} {t}" for t in targets
+                      if t.split(".")[0] == "pamjax" and t not in modules]
+    assert not stale, f"imports of modules that do not exist: {stale}"
 
 
 def test_no_import_cycle():
