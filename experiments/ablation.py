@@ -1,4 +1,4 @@
-"""The PAM 'ablation' study (see pamjax/reproduce.py for the setup and CSV columns).
+"""The PAM 'ablation' study (see pamjax/studies/reproduce.py for the setup and CSV columns).
 
 Usage: python experiments/ablation.py [--quick] [--out DIR]
 Writes DIR/ablation.csv and DIR/ablation.png (default DIR: experiments/out).
@@ -6,7 +6,7 @@ Writes DIR/ablation.csv and DIR/ablation.png (default DIR: experiments/out).
 
 import argparse
 
-from pamjax.reproduce import reproduce
+from pamjax.studies.reproduce import reproduce
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

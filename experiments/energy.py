@@ -1,4 +1,4 @@
-"""The PAM 'energy' study (see pamjax/reproduce.py for the setup and CSV columns).
+"""The PAM 'energy' study (see pamjax/studies/reproduce.py for the setup and CSV columns).
 
 Usage: python experiments/energy.py [--quick] [--out DIR]
 Writes DIR/energy.csv and DIR/energy.png (default DIR: experiments/out).
@@ -6,7 +6,7 @@ Writes DIR/energy.csv and DIR/energy.png (default DIR: experiments/out).
 
 import argparse
 
-from pamjax.reproduce import reproduce
+from pamjax.studies.reproduce import reproduce
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

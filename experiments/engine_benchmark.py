@@ -1,29 +1,16 @@
-"""Engine speed benchmark: a thin wrapper around ``pamjax.bench`` (also ``pamjax bench``).
+"""Engine speed benchmark: `pamjax bench` as a script (code in ``pamjax.studies.bench``).
 
-Usage: python experiments/engine_benchmark.py [--quick] [--json PATH]
+Usage: python experiments/engine_benchmark.py [--quick] [--json PATH] [--quiet]
 
-The figures, their definitions and targets are documented in pamjax/bench.py; the Azure
-trace is read from $PAMJAX_TRACE or ../shared/traces/azure_llm_2023_conv.csv.
+The figures, their definitions and targets are documented in pamjax/studies/bench.py; the
+Azure trace is read from $PAMJAX_TRACE or ../shared/traces/azure_llm_2023_conv.csv.
 """
 
 from __future__ import annotations
 
-import argparse
+import sys
 
-from pamjax.bench import bench_command
-from pamjax.compile_cache import enable_compilation_cache
-
-
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="small cases (a few minutes on a 2-core CPU)")
-    parser.add_argument("--json", default=None, help="write the figures as JSON")
-    parser.add_argument("--quiet", action="store_true", help="no progress lines")
-    args = parser.parse_args()
-    enable_compilation_cache()
-    bench_command(quick=args.quick, json_path=args.json, progress=not args.quiet)
-
+from pamjax.cli import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(["bench", *sys.argv[1:]]))

@@ -1,8 +1,8 @@
 """Learned KV scheduling: training curve and held-out comparison with the PAM rule.
 
-Trains the ``knobs`` and ``net`` policy families through the relaxation (pamjax.relaxed,
-pamjax.train), runs the exact-engine grid search over (x, y), and judges every policy in the
-exact engine on held-out workloads. Writes, under ``--out``:
+Runs ``pamjax train-policy --family both`` (pamjax.learn: training through the relaxation,
+the exact-engine grid search over (x, y), and every policy judged in the exact engine on
+held-out workloads), then plots its results. Writes, under ``--out``:
 
 * ``training_curve.csv`` / ``training_curve.png``: relaxed mean decode-step time and
   temperature per iteration, per family;
@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import pathlib
 
-from pamjax import plots, report
+from pamjax.cli import main as pamjax_main
+from pamjax.studies import plots, report
 from pamjax.traces import default_azure_trace_path
-from pamjax.train import train_policy_command
 
 
 def training_curve_png(path, rows: list[dict]) -> pathlib.Path:
@@ -54,10 +55,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
     out = pathlib.Path(args.out)
     trace = args.trace or default_azure_trace_path()
-    result = train_policy_command(quick=args.quick, eval_trace=str(trace) if trace else None,
-                                  json_path=str(out / "result.json"), out_dir=str(out),
-                                  family="both", seed=args.seed, model=args.model,
-                                  progress=True)
+    command = ["train-policy", "--family", "both", "--seed", str(args.seed), "--model",
+               args.model, "--out", str(out), "--json", str(out / "result.json")]
+    command += ["--quick"] if args.quick else []
+    command += ["--eval-trace", str(trace)] if trace else []
+    if pamjax_main(command) != 0:
+        raise SystemExit(2)
+    result = json.loads((out / "result.json").read_text())
     with (out / "training_curve.csv").open() as f:
         training_curve_png(out / "training_curve.png", list(csv.DictReader(f)))
 

@@ -1,4 +1,4 @@
-"""The PAM 'offline' study (see pamjax/reproduce.py for the setup and CSV columns).
+"""The PAM 'offline' study (see pamjax/studies/reproduce.py for the setup and CSV columns).
 
 Usage: python experiments/offline.py [--quick] [--out DIR]
 Writes DIR/offline.csv and DIR/offline.png (default DIR: experiments/out).
@@ -6,7 +6,7 @@ Writes DIR/offline.csv and DIR/offline.png (default DIR: experiments/out).
 
 import argparse
 
-from pamjax.reproduce import reproduce
+from pamjax.studies.reproduce import reproduce
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -1,4 +1,4 @@
-"""The PAM 'online' study (see pamjax/reproduce.py for the setup and CSV columns).
+"""The PAM 'online' study (see pamjax/studies/reproduce.py for the setup and CSV columns).
 
 Usage: python experiments/online.py [--quick] [--out DIR]
 Writes DIR/online.csv and DIR/online.png (default DIR: experiments/out).
@@ -6,7 +6,7 @@ Writes DIR/online.csv and DIR/online.png (default DIR: experiments/out).
 
 import argparse
 
-from pamjax.reproduce import reproduce
+from pamjax.studies.reproduce import reproduce
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

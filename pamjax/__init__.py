@@ -2,6 +2,9 @@
 
 The serving system is a pure function ``engine.step(config, params, state, workload)`` over
 fixed-shape arrays; time is ``lax.scan``; experiment axes are ``vmap`` over ``SimParams``.
+The names below are the public API; the applications live in subpackages
+(``pamjax.studies``: SLO search, sweeps, bounds, the PAM study, the benchmark;
+``pamjax.learn``: learned scheduling).
 """
 
 from pamjax.attention import (
@@ -23,9 +26,21 @@ from pamjax.errors import (
 )
 from pamjax.hardware import PLATFORMS, TIER_NAMES, Platform, Tier, get_platform
 from pamjax.locality import AccessModel, load_recorded_scores
+from pamjax.metrics import summarize
 from pamjax.models import MODELS, Model, get_model
-from pamjax.simulation import SimResult, make_config, run, simulate
+from pamjax.simulation import (
+    SimResult,
+    device_workload,
+    index_config,
+    make_config,
+    run,
+    run_batch,
+    simulate,
+    stack,
+)
+from pamjax.studies.study import peak_under_slo, run_sweep
 from pamjax.systems import MAIN_SYSTEMS, SYSTEMS, Knobs, System, get_system, make_params
+from pamjax.testing import check_invariants
 from pamjax.traces import load_trace, save_trace
 from pamjax.types import EngineConfig, EngineState, SimParams, StepMetrics
 from pamjax.workload import DATASETS, Workload, synthetic
@@ -41,12 +56,17 @@ __all__ = [
     "Model", "MODELS", "get_model",
     "System", "SYSTEMS", "MAIN_SYSTEMS", "Knobs", "get_system", "make_params",
     # Workloads and the access model
-    "Workload", "DATASETS", "synthetic", "load_trace", "save_trace",
+    "Workload", "DATASETS", "synthetic", "load_trace", "save_trace", "device_workload",
     "AccessModel", "load_recorded_scores",
     # Engine
     "EngineConfig", "EngineState", "SimParams", "StepMetrics",
     "init_state", "step", "rollout", "rollout_jit", "rollout_batch",
+    # Running: one configuration, many configurations, summaries, checks
     "SimResult", "make_config", "run", "simulate",
+    "stack", "index_config", "run_batch",
+    "summarize", "check_invariants",
+    # The SLO search (pamjax.studies.study)
+    "run_sweep", "peak_under_slo",
     # Errors
     "PamjaxError", "ConfigError", "UnknownNameError", "TraceFormatError", "CapacityError",
 ]

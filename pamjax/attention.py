@@ -275,25 +275,31 @@ def pam_attention(
     if mesh is None:
         merged = merge_partials(tier_partials(q, k, v, attended, block), axis=0)
     else:
-
-        def per_device(q, k, v, attended, block):
-            local = merge_partials(tier_partials(q, k, v, attended, block), axis=0)
-            return _merge_across(local, axis_name)
-
-        # Manual over every mesh axis; only the tier axis splits data, so on the other axes
-        # every device computes the same (replicated) result.
-        replicated, by_tier = PartitionSpec(), PartitionSpec(axis_name)
-        if dict(zip(mesh.axis_names, mesh.axis_types))[axis_name] == AxisType.Explicit:
-            # shard_map checks that an input typed by explicit axes already has its in_spec
-            # (on Auto axes it lays the inputs out itself, and reshard refuses Auto axes).
-            attended = jax.reshard(attended, NamedSharding(mesh, by_tier))
-        merged = jax.shard_map(
-            per_device,
-            mesh=mesh,
-            in_specs=(replicated, replicated, replicated, by_tier, replicated),
-            out_specs=replicated,
-        )(q, k, v, attended, block)
+        merged = _sharded_merge(mesh, axis_name, tier_partials, q, k, v, attended, block)
     return finalize(merged).astype(q.dtype)
+
+
+def _sharded_merge(mesh: Mesh, axis_name: str, tier_partials, q, k, v, attended, block):
+    """pam_attention's stages 2-3 with the tiers sharded over ``axis_name``: each device
+    merges its own tiers, then the devices merge collectively (_merge_across)."""
+
+    def per_device(q, k, v, attended, block):
+        local = merge_partials(tier_partials(q, k, v, attended, block), axis=0)
+        return _merge_across(local, axis_name)
+
+    # Manual over every mesh axis; only the tier axis splits data, so on the other axes
+    # every device computes the same (replicated) result.
+    replicated, by_tier = PartitionSpec(), PartitionSpec(axis_name)
+    if dict(zip(mesh.axis_names, mesh.axis_types))[axis_name] == AxisType.Explicit:
+        # shard_map checks that an input typed by explicit axes already has its in_spec
+        # (on Auto axes it lays the inputs out itself, and reshard refuses Auto axes).
+        attended = jax.reshard(attended, NamedSharding(mesh, by_tier))
+    return jax.shard_map(
+        per_device,
+        mesh=mesh,
+        in_specs=(replicated, replicated, replicated, by_tier, replicated),
+        out_specs=replicated,
+    )(q, k, v, attended, block)
 
 
 def flash_decoding_attention(

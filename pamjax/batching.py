@@ -39,17 +39,21 @@ def tier_capacity(params: SimParams):
     return jnp.where(params.tier_enabled, params.capacity_units, 0).astype(jnp.int32)
 
 
-def empty_request_log(num_requests: int) -> dict:
-    """The per-request and clock fields of a state at time 0, before any step (shared by
-    engine.init_state and leap.init_state): every request waiting, no event recorded."""
+def empty_batch_state(config: EngineConfig) -> dict:
+    """The BatchState fields at time 0, before any step (shared by engine.init_state and
+    leap.init_state): every slot free, every request waiting, no event recorded."""
+    r, n = config.num_slots, config.num_requests
     return dict(
+        slot_request=jnp.full((r,), -1, jnp.int32),
+        slot_generated=jnp.zeros((r,), jnp.int32),
+        slot_context=jnp.zeros((r,), jnp.int32),
         clock_whole=jnp.zeros((), jnp.float32),
         clock_frac=jnp.zeros((), jnp.float32),
         step=jnp.zeros((), jnp.int32),
         next_request=jnp.zeros((), jnp.int32),
-        req_status=jnp.zeros((num_requests,), jnp.int8),
-        req_first_token_s=jnp.full((num_requests,), jnp.nan, jnp.float32),
-        req_finish_s=jnp.full((num_requests,), jnp.nan, jnp.float32),
+        req_status=jnp.zeros((n,), jnp.int8),
+        req_first_token_s=jnp.full((n,), jnp.nan, jnp.float32),
+        req_finish_s=jnp.full((n,), jnp.nan, jnp.float32),
         overflow=jnp.zeros((), bool),
     )
 

@@ -1,7 +1,9 @@
-"""The ``pamjax`` command line.
+"""The ``pamjax`` command line: every command, and all of pamjax's printing.
 
-Every command prints a compact table; errors in the input are one line on stderr and a
-non-zero exit status (2), never a traceback.
+Library functions return data (rows, dicts, dataclasses); the commands here print them as
+compact tables (:func:`format_table`, the one table printer). Progress goes to stderr
+(pamjax.progress). Errors in the input are one line on stderr and exit status 2, never a
+traceback.
 """
 
 from __future__ import annotations
@@ -94,7 +96,7 @@ def _load_workload(args):
 
 def _check_outputs(args) -> None:
     """Refuse unusable output paths before any simulation runs (nothing is lost later)."""
-    from pamjax.report import writable_path
+    from pamjax.studies.report import writable_path
 
     if getattr(args, "json", None):
         writable_path(args.json)
@@ -126,10 +128,10 @@ def cmd_simulate(args) -> int:
     """`pamjax simulate`: one system on one workload; prints a row, optionally writes JSON."""
     import numpy as np
 
-    from pamjax.bounds import bound_columns
     from pamjax.leap import LeapState
     from pamjax.locality import load_recorded_scores
     from pamjax.simulation import simulate
+    from pamjax.studies.bounds import bound_columns
     from pamjax.systems import require_a_fitting_request
     from pamjax.types import STATUS_FINISHED, STATUS_RUNNING
 
@@ -147,7 +149,7 @@ def cmd_simulate(args) -> int:
     status = np.asarray(result.state.req_status)
     admitted = (status == STATUS_RUNNING) | (status == STATUS_FINISHED)
     if admitted.any():
-        # The run's physical bound (pamjax.bounds.run_bound): its admitted requests, never
+        # The run's physical bound (pamjax.studies.bounds.run_bound): its admitted requests, never
         # more than --batch at once; idle time between arrivals counts against efficiency.
         s.update(bound_columns(args.system, model, s["throughput_tokens_per_s"],
                                prompts=workload.prompt_tokens[admitted],
@@ -294,7 +296,7 @@ def cmd_attention_demo(args) -> int:
 
 
 def _write_json(path, payload) -> None:
-    from pamjax.report import write_json
+    from pamjax.studies.report import write_json
 
     print(f"wrote {write_json(path, payload)}")
 
@@ -339,8 +341,8 @@ def _queued(trace):
 
 def cmd_compare(args) -> int:
     """`pamjax compare`: peak throughput under an SLO per system; table, CSV, JSON, plots."""
-    from pamjax import plots, study
-    from pamjax.report import write_csv
+    from pamjax.studies import plots, study
+    from pamjax.studies.report import write_csv
     from pamjax.traces import load_trace
 
     if args.trace:
@@ -423,7 +425,7 @@ def _claim_reference(args, system: str, model, platform, workload) -> tuple[floa
     """(tokens/s, how it was obtained) of the claim's reference system B: its simulated
     peak over --batches (under the SLO when given), with a trace's requests queued at t=0
     as in `compare` (idle gaps between arrivals would understate B)."""
-    from pamjax import study
+    from pamjax.studies import study
 
     if args.reference_tokens_per_s:
         return args.reference_tokens_per_s, "given by --reference-tokens-per-s"
@@ -448,7 +450,7 @@ def _claim_reference(args, system: str, model, platform, workload) -> tuple[floa
 
 def cmd_bounds(args) -> int:
     """`pamjax bounds`: the closed-form bound per system and, with --claim, a verdict."""
-    from pamjax import bounds
+    from pamjax.studies import bounds
     from pamjax.traces import load_trace
 
     model, platform = _model_and_platform(args)
@@ -489,8 +491,9 @@ def cmd_bounds(args) -> int:
         reference, how = _claim_reference(args, b, model, platform, workload)
         verdict = bounds.check_claim(a, b, ratio, b_tokens_per_s=reference, model=model,
                                      **stats)
-        print(f"claim {a}/{b} = {ratio:g}: {'ATTAINABLE' if verdict.attainable else 'NOT attainable'}"
-              f" on this hardware ({b} reference {reference:,.0f} tokens/s, {how})")
+        verdict_text = "ATTAINABLE" if verdict.attainable else "NOT attainable"
+        print(f"claim {a}/{b} = {ratio:g}: {verdict_text} on this hardware ({b} reference "
+              f"{reference:,.0f} tokens/s, {how})")
         print(f"  {verdict.explanation}")
         payload["claim"] = {"system_a": a, "system_b": b, "ratio": ratio,
                             "reference_tokens_per_s": reference, "reference": how,
@@ -502,33 +505,163 @@ def cmd_bounds(args) -> int:
     return 0
 
 
-def cmd_sweep(args) -> int:
-    """`pamjax sweep`: the sharded, resumable cartesian sweep (pamjax.sweep)."""
-    from pamjax.sweep import sweep_command
+SWEEP_COLUMNS = ["overrides", "system", "SLO ms", "max batch", "tok/s"]
 
-    sweep_command(model=args.model, workload=args.workload, trace=args.trace,
-                  max_requests=args.max_requests, systems=args.systems, batches=args.batches,
-                  slo_ms=args.slo_ms, seeds=args.seeds, overrides=args.override,
-                  steps=args.steps, out_dir=args.out, resume=args.resume,
-                  chunk_size=args.chunk_size, progress=not args.quiet)
+
+def cmd_sweep(args) -> int:
+    """`pamjax sweep`: the sharded, resumable cartesian sweep (pamjax.studies.sweep); prints
+    per (overrides, system, SLO) the largest batch meeting the SLO for every seed and the
+    mean throughput there over seeds."""
+    import jax
+
+    from pamjax.studies import sweep
+
+    spec = sweep.make_spec(model=args.model, workload=args.workload, trace=args.trace,
+                           max_requests=args.max_requests, systems=args.systems,
+                           batches=args.batches, slo_ms=args.slo_ms, seeds=args.seeds,
+                           overrides=args.override, steps=args.steps)
+    report = sweep.run(spec, args.out, resume=args.resume, chunk_size=args.chunk_size,
+                       progress=not args.quiet)
+    if jax.process_index() != 0:
+        return 0  # only process 0 reads the CSV it wrote
+    table = [{"overrides": r["overrides"] or "-", "system": r["system"], "SLO ms": r["slo_ms"],
+              "max batch": r["max_batch"] or "none", "tok/s": r["throughput_tokens_per_s"]}
+             for r in sweep.best_batches(spec, report.path)]
+    name = pathlib.Path(spec.trace).name if spec.trace else spec.workload
+    print(f"{spec.model} on {name}: {report.configs_total} configurations x "
+          f"{len(spec.slo_ms)} SLOs ({report.configs_run} run now), {spec.steps} steps each, "
+          f"page size {report.page_size}, {report.chunks} chunks on {report.devices} "
+          f"device(s), {report.compiles} compilation(s), {report.wall_seconds:.1f} s")
+    print(format_table(table, SWEEP_COLUMNS))
+    print(f"wrote {report.path}")
     return 0
 
 
 def cmd_bench(args) -> int:
-    """`pamjax bench`: the engine speed benchmark (pamjax.bench)."""
-    from pamjax.bench import bench_command
+    """`pamjax bench`: the engine speed benchmark (pamjax.studies.bench); prints each
+    figure beside its target, optionally writes them all as JSON."""
+    from pamjax.studies.bench import run_bench
 
-    bench_command(quick=args.quick, json_path=args.json, progress=not args.quiet)
+    out = run_bench(quick=args.quick, progress=not args.quiet)
+    print(f"jax {out['jax']} on {out['backend']}, {out['cores']} CPU core(s)"
+          f"{' (no GPU used)' if out['backend'] == 'cpu' else ''}")
+    for section in (_print_azure, _print_reference, _print_scaling, _print_growth,
+                    _print_footprint, _print_huge_runs):
+        section(out)
+    print(f"\nbenchmark wall time {out['wall_s']:.0f} s")
+    if args.json:
+        _write_json(args.json, out)
     return 0
 
 
-def cmd_train_policy(args) -> int:
-    """`pamjax train-policy`: gradient-trained scheduling policy (pamjax.train)."""
-    from pamjax.train import train_policy_command
+def _print_azure(out: dict) -> None:
+    azure = out["azure"]
+    target = out["targets"]["azure_conv_requests_per_s"]
+    if azure is None:
+        print("\nazure_conv_requests_per_s: skipped, no trace (set PAMJAX_TRACE)")
+        return
+    cmp = azure["compare"]
+    print(f"\nazure_conv_requests_per_s: {azure['requests_per_s']:.0f} (target {target:.0f}); "
+          f"{azure['requests']} requests, {azure['system']}, batch <= {azure['max_batch']}, "
+          f"page {azure['page_size']}, {azure['engine']}: {azure['wall_s']:.2f} s wall "
+          f"(median; runs {', '.join(f'{w:.2f}' for w in azure['wall_s_runs'])} s) for "
+          f"{azure['busy_steps']} busy engine steps in {azure['device_iterations']} device "
+          f"iterations ({azure['wall_us_per_busy_step']:.1f} us per step), compile "
+          f"{azure['compile_s']:.1f} s apart, {azure['requests_finished']} finished")
+    differ = f" (differ: {', '.join(cmp['differing_keys'])})" if cmp["differing_keys"] else ""
+    print(f"  first {cmp['requests']} requests: leap {cmp['leap']['requests_per_s']:.0f} "
+          f"req/s, engine.step {cmp['engine_step']['requests_per_s']:.0f} req/s "
+          f"({cmp['speedup']:.0f}x); summaries equal: {cmp['summaries_equal']}{differ}")
 
-    train_policy_command(quick=args.quick, eval_trace=args.eval_trace, json_path=args.json,
-                         out_dir=args.out, family=args.family, seed=args.seed,
-                         model=args.model, progress=not args.quiet)
+
+def _print_reference(out: dict) -> None:
+    speed, one = out["engine_vs_reference"], out["engine_vs_reference_one_core"]
+    target = out["targets"]["engine_vs_reference_speedup_per_core"]
+    print(f"\nengine vs reference: PAM, llama3-70b, batch {speed['batch']}, "
+          f"{speed['tracked_tokens']:.0f} tracked tokens, token granularity")
+    print(f"  {speed['cores']} cores: engine {speed['engine_s_per_step'] * 1e3:.2f} ms/step, "
+          f"reference {speed['reference_s_per_step'] * 1e3:.0f} ms/step: speedup "
+          f"{speed['speedup']:.1f}x ({speed['speedup_per_core']:.1f}x per core by division)")
+    if one:
+        print(f"  1 core:  engine {one['engine_s_per_step'] * 1e3:.2f} ms/step, reference "
+              f"{one['reference_s_per_step'] * 1e3:.0f} ms/step: speedup "
+              f"{one['speedup']:.1f}x (results equal: {'yes' if one['results_equal'] else 'NO'})")
+    print(f"  per core: {out['engine_vs_reference_speedup_per_core']:.1f}x (target >= "
+          f"{target:.0f}x)")
+    if speed["results_equal"]:
+        print(f"  same results over {speed['compared_steps']} steps: yes")
+    else:
+        fields = ", ".join(f"{k} (step {v})" for k, v in speed["first_mismatch_step"].items())
+        print(f"  same results over {speed['compared_steps']} steps: NO, {fields}; units per "
+              f"tier at step 0: engine {speed['tier_units_engine'][0]}, reference "
+              f"{speed['tier_units_reference'][0]}")
+    print(f"  token_steps_per_s {speed['token_steps_per_s']:.4g}")
+
+
+def _print_scaling(out: dict) -> None:
+    print("\nconfigs_scaling (small configurations in one vmapped call; target: per-config "
+          "time falling):")
+    print(format_table([{"configs": r["configs"], "steps": r["steps"],
+                         "ms per call": r["wall_s"] * 1e3,
+                         "ms per configuration": r["wall_s_per_config"] * 1e3}
+                        for r in out["configs_scaling"]],
+                       ["configs", "steps", "ms per call", "ms per configuration"]))
+
+
+def _print_growth(out: dict) -> None:
+    print("\ncost_growth (wall per engine step, PAM, token granularity):")
+    for axis, key in (("vs_context", "context"), ("vs_batch", "batch")):
+        g = out["cost_growth"][axis]
+        points = ", ".join(f"{p[key]}: {p['wall_s_per_step'] * 1e3:.2f} ms" for p in g["points"])
+        print(f"  {axis}: {points}; log-log slope {g['loglog_slope']:.2f}")
+
+
+def _print_footprint(out: dict) -> None:
+    print("\nbytes_per_tracked_token (EngineState nbytes / tracked tokens):")
+    print(format_table([{"case": r["case"], "page": r["page_size"],
+                         "units": r["tracked_units"], "MiB": r["state_bytes"] / 2**20,
+                         "B/unit": r["bytes_per_tracked_unit"],
+                         "B/token": r["bytes_per_tracked_token"]}
+                        for r in out["state_footprint"]],
+                       ["case", "page", "units", "MiB", "B/unit", "B/token"]))
+
+
+def _print_huge_runs(out: dict) -> None:
+    if "huge_runs" not in out:
+        return
+    print("\nhuge runs (complete, bounded memory):")
+    print(format_table([{"case": r["case"], "wall s": r["wall_s"], "page": r["page_size"],
+                         "state MiB": r["state_bytes"] / 2**20,
+                         "peak RSS GiB": r["process_peak_rss_bytes"] / 2**30,
+                         "finished": r["requests_finished"]} for r in out["huge_runs"]],
+                       ["case", "wall s", "page", "state MiB", "peak RSS GiB", "finished"]))
+
+
+def cmd_train_policy(args) -> int:
+    """`pamjax train-policy`: train, grid-search and judge placement policies
+    (pamjax.learn.train); prints the held-out table, optionally writes the result JSON."""
+    from pamjax.learn import train
+
+    setup = train.setup_for(quick=args.quick, model=args.model)
+    result = train.run_study(setup, family=args.family, seed=args.seed, out_dir=args.out,
+                             eval_trace=args.eval_trace, progress=not args.quiet)
+    result["quick"] = args.quick
+    slo = result["slo_throughput_tokens_per_s"]
+    slo_columns = [f"@{s}" for s in next(iter(slo.values()))]
+    rows = []
+    for name, ms in result["heldout_step_time_ms"].items():
+        # "learned" is the family chosen on training episodes.
+        mine = slo.get(f"learned_{result['learned_family']}" if name == "learned" else name)
+        rows.append({"policy": name, "step ms": ms,
+                     **({f"@{s}": v for s, v in mine.items()} if mine else {})})
+    print("held-out mean decode-step time (exact engine), ms; SLO throughput tokens/s")
+    print(format_table(rows, ["policy", "step ms", *slo_columns]))
+    ev = result["simulator_evaluations"]
+    print(f"simulator evaluations: gradient {ev['gradient']} (relaxed), grid {ev['grid']} "
+          "(exact); relaxation gap "
+          + ", ".join(f"{k} {v:+.1%}" for k, v in result["relaxation_gap"].items()))
+    if args.json:
+        _write_json(args.json, result)
     return 0
 
 
@@ -551,7 +684,7 @@ def cmd_reproduce(args) -> int:
     """`pamjax reproduce`: one study of the PAM evaluation, or all of them."""
     import time
 
-    from pamjax.reproduce import reproduce
+    from pamjax.studies.reproduce import reproduce
 
     start = time.perf_counter()
     written = reproduce(args.study, args.out, quick=args.quick, progress=not args.quiet)
@@ -576,45 +709,62 @@ DEFAULT_BATCHES = [16, 32, 64, 128, 256, 512, 1024, 2048]
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of every command (each with --help and an example)."""
-    from pamjax.models import MODELS
-    from pamjax.systems import MAIN_SYSTEMS, SYSTEMS
-    from pamjax.workload import DATASETS
-
     parser = _Parser(prog="pamjax", description="JAX simulator of PAM (Processing Across "
                      "Memory) LLM serving and its baselines.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add_command in (_add_simulate, _add_run, _add_compare, _add_presets, _add_reproduce,
+                        _add_sweep, _add_bench, _add_train_policy, _add_bounds,
+                        _add_attention_demo):
+        add_command(sub)
+    return parser
 
-    def add_config_files(p):
-        p.add_argument("--hardware", metavar="FILE", help="custom platform from a TOML or "
-                       "JSON file (see pamjax/config_files.py and examples/hardware/)")
-        p.add_argument("--model-file", metavar="FILE", help="custom model from a TOML or "
-                       "JSON file, replacing --model (see examples/models/)")
 
-    def add(name, help_text, func):
-        p = sub.add_parser(name, help=help_text, description=help_text,
-                           epilog=f"example: {EXAMPLES[name]}")
-        p.set_defaults(func=func)
-        return p
+def _command(sub, name: str, help_text: str, func) -> argparse.ArgumentParser:
+    """A subcommand parser with its help, its example (EXAMPLES) and its function."""
+    p = sub.add_parser(name, help=help_text, description=help_text,
+                       epilog=f"example: {EXAMPLES[name]}")
+    p.set_defaults(func=func)
+    return p
 
-    def add_model_and_source(p, *, default_model="llama3-70b", trace_help, requests_help):
-        """--model, then --workload or --trace, and --max-requests."""
-        p.add_argument("--model", default=default_model, choices=sorted(MODELS), metavar="M",
-                       help=f"one of: {', '.join(MODELS)} (default {default_model})")
-        source = p.add_mutually_exclusive_group()
-        source.add_argument("--workload", default="sharegpt", choices=sorted(DATASETS),
-                            metavar="W", help=f"synthetic dataset (default sharegpt): "
-                                              f"{', '.join(DATASETS)}")
-        source.add_argument("--trace", metavar="PATH", help=trace_help)
-        p.add_argument("--max-requests", type=_positive_int, help=requests_help)
 
-    p = add("simulate", "simulate one system on one model and workload", cmd_simulate)
+def _add_config_files(p) -> None:
+    p.add_argument("--hardware", metavar="FILE", help="custom platform from a TOML or "
+                   "JSON file (see pamjax/config_files.py and examples/hardware/)")
+    p.add_argument("--model-file", metavar="FILE", help="custom model from a TOML or "
+                   "JSON file, replacing --model (see examples/models/)")
+
+
+def _add_model_and_source(p, *, default_model="llama3-70b", trace_help, requests_help):
+    """--model, then --workload or --trace, and --max-requests."""
+    from pamjax.models import MODELS
+    from pamjax.workload import DATASETS
+
+    p.add_argument("--model", default=default_model, choices=sorted(MODELS), metavar="M",
+                   help=f"one of: {', '.join(MODELS)} (default {default_model})")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--workload", default="sharegpt", choices=sorted(DATASETS),
+                        metavar="W", help=f"synthetic dataset (default sharegpt): "
+                                          f"{', '.join(DATASETS)}")
+    source.add_argument("--trace", metavar="PATH", help=trace_help)
+    p.add_argument("--max-requests", type=_positive_int, help=requests_help)
+
+
+def _add_quiet(p) -> None:
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+
+
+def _add_simulate(sub) -> None:
+    from pamjax.systems import SYSTEMS
+
+    p = _command(sub, "simulate", "simulate one system on one model and workload",
+                 cmd_simulate)
     p.add_argument("--system", required=True, choices=sorted(SYSTEMS), metavar="S",
                    help=f"one of: {', '.join(SYSTEMS)}")
-    add_model_and_source(p, trace_help="Azure (TIMESTAMP,ContextTokens,GeneratedTokens) or "
-                         "plain (arrival_s,prompt_tokens,output_tokens) CSV, replayed with "
-                         "its arrival times",
-                         requests_help="requests to simulate (synthetic default 256; trace "
-                                       "default all)")
+    _add_model_and_source(p, trace_help="Azure (TIMESTAMP,ContextTokens,GeneratedTokens) or "
+                          "plain (arrival_s,prompt_tokens,output_tokens) CSV, replayed with "
+                          "its arrival times",
+                          requests_help="requests to simulate (synthetic default 256; trace "
+                                        "default all)")
     p.add_argument("--batch", type=_positive_int, default=64,
                    help="largest number of concurrent requests (default 64)")
     p.add_argument("--rate", type=_positive_float,
@@ -633,55 +783,72 @@ def build_parser() -> argparse.ArgumentParser:
                    "latter; leap: the leap or an error")
     p.add_argument("--json", metavar="PATH", help="write the summary as JSON")
     p.add_argument("--progress", action="store_true", help="show progress on stderr")
-    add_config_files(p)
+    _add_config_files(p)
 
-    def add_compare_args(p, fixed: bool):
-        if not fixed:
-            add_model_and_source(p, trace_help="take request lengths from a trace CSV (all "
-                                 "queued at t=0)", requests_help="requests read from --trace")
-            p.add_argument("--slo-ms", type=_positive_float, default=150.0)
-            p.add_argument("--systems", type=_systems, default=list(MAIN_SYSTEMS),
-                           help="comma-separated system names")
-        p.add_argument("--batches", type=_batches, default=DEFAULT_BATCHES,
-                       help="comma-separated batch sizes to search")
-        p.add_argument("--steps", type=_positive_int, default=192,
-                       help="simulated steps per batch size (default 192)")
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--out", default="pamjax-out", help="output folder")
-        p.add_argument("--json", metavar="PATH", help="summary JSON (default OUT/compare.json)")
-        p.add_argument("--quiet", action="store_true", help="no progress display")
-        if not fixed:
-            add_config_files(p)
 
-    p = add("run", "the main job: five systems, llama3-70b, sharegpt, 150 ms SLO", cmd_run)
-    add_compare_args(p, fixed=True)
-    p = add("compare", "peak throughput under an SLO for any model, workload and systems",
-            cmd_compare)
-    add_compare_args(p, fixed=False)
+def _add_search_args(p) -> None:
+    """The SLO search's grid, horizon and outputs (`run` and `compare`)."""
+    p.add_argument("--batches", type=_batches, default=DEFAULT_BATCHES,
+                   help="comma-separated batch sizes to search")
+    p.add_argument("--steps", type=_positive_int, default=192,
+                   help="simulated steps per batch size (default 192)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="pamjax-out", help="output folder")
+    p.add_argument("--json", metavar="PATH", help="summary JSON (default OUT/compare.json)")
+    _add_quiet(p)
 
-    p = add("presets", "list hardware tiers, models, systems and workloads", cmd_presets)
+
+def _add_run(sub) -> None:
+    p = _command(sub, "run", "the main job: five systems, llama3-70b, sharegpt, 150 ms SLO",
+                 cmd_run)
+    _add_search_args(p)
+
+
+def _add_compare(sub) -> None:
+    from pamjax.systems import MAIN_SYSTEMS
+
+    p = _command(sub, "compare", "peak throughput under an SLO for any model, workload and "
+                 "systems", cmd_compare)
+    _add_model_and_source(p, trace_help="take request lengths from a trace CSV (all queued at "
+                          "t=0)", requests_help="requests read from --trace")
+    p.add_argument("--slo-ms", type=_positive_float, default=150.0)
+    p.add_argument("--systems", type=_systems, default=list(MAIN_SYSTEMS),
+                   help="comma-separated system names")
+    _add_search_args(p)
+    _add_config_files(p)
+
+
+def _add_presets(sub) -> None:
+    p = _command(sub, "presets", "list hardware tiers, models, systems and workloads",
+                 cmd_presets)
     p.add_argument("--hardware", metavar="FILE", help="show the derived figures of a custom "
                    "platform file (TOML or JSON) instead of the preset")
     p.add_argument("--model-file", metavar="FILE", help="also show the derived figures of a "
                    "model file (TOML, JSON or a Hugging Face config.json): parameters, "
                    "weight and KV bytes, FLOPs per token, GQA group")
 
-    from pamjax.reproduce import STUDIES
 
-    p = add("reproduce", "reproduce the PAM study: online, offline, energy, ablation, "
-            "scaling or all", cmd_reproduce)
+def _add_reproduce(sub) -> None:
+    from pamjax.studies.reproduce import STUDIES
+
+    p = _command(sub, "reproduce", "reproduce the PAM study: online, offline, energy, "
+                 "ablation, scaling or all", cmd_reproduce)
     p.add_argument("study", choices=[*STUDIES, "all"], metavar="STUDY",
                    help=f"one of: {', '.join(STUDIES)}, all")
     p.add_argument("--quick", action="store_true",
                    help="shorter simulated horizons (same grid)")
     p.add_argument("--out", default="pamjax-out", help="output folder")
-    p.add_argument("--quiet", action="store_true", help="no progress display")
+    _add_quiet(p)
 
-    p = add("sweep", "the cartesian product of systems x batches x SLOs x seeds x hardware "
-            "overrides, sharded over all local devices, resumable", cmd_sweep)
-    add_model_and_source(p, trace_help="take request lengths from a trace CSV (all queued "
-                         "at t=0)", requests_help="requests per configuration (synthetic "
-                         "default 2 x the largest batch; trace default all)")
+
+def _add_sweep(sub) -> None:
+    from pamjax.systems import MAIN_SYSTEMS
+
+    p = _command(sub, "sweep", "the cartesian product of systems x batches x SLOs x seeds x "
+                 "hardware overrides, sharded over all local devices, resumable", cmd_sweep)
+    _add_model_and_source(p, trace_help="take request lengths from a trace CSV (all queued "
+                          "at t=0)", requests_help="requests per configuration (synthetic "
+                          "default 2 x the largest batch; trace default all)")
     p.add_argument("--systems", type=_systems, default=list(MAIN_SYSTEMS),
                    help="comma-separated system names")
     p.add_argument("--batches", type=_batches, default=[64, 128, 256],
@@ -700,18 +867,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="keep the rows already in OUT/sweep.csv and run only the rest")
     p.add_argument("--out", default="pamjax-out", help="output folder")
-    p.add_argument("--quiet", action="store_true", help="no progress display")
+    _add_quiet(p)
 
-    p = add("bench", "engine speed: vs the reference loop, token-steps/s, configuration "
-            "batching, cost growth, memory per token, Azure trace replay", cmd_bench)
+
+def _add_bench(sub) -> None:
+    p = _command(sub, "bench", "engine speed: vs the reference loop, token-steps/s, "
+                 "configuration batching, cost growth, memory per token, Azure trace replay",
+                 cmd_bench)
     p.add_argument("--quick", action="store_true", help="smaller cases (under 10 minutes "
                    "on a 2-core CPU)")
     p.add_argument("--json", metavar="PATH", help="write the figures as JSON")
-    p.add_argument("--quiet", action="store_true", help="no progress display")
+    _add_quiet(p)
 
-    p = add("train-policy", "learn a KV scheduling policy by gradient through the relaxed "
-            "simulator, judged in the exact engine against PAM's rule and a grid search",
-            cmd_train_policy)
+
+def _add_train_policy(sub) -> None:
+    from pamjax.models import MODELS
+
+    p = _command(sub, "train-policy", "learn a KV scheduling policy by gradient through the "
+                 "relaxed simulator, judged in the exact engine against PAM's rule and a grid "
+                 "search", cmd_train_policy)
     p.add_argument("--quick", action="store_true", help="a short training run (under 10 "
                    "minutes on a 2-core CPU)")
     p.add_argument("--family", default="both", choices=["knobs", "net", "both"],
@@ -725,12 +899,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="pamjax-out", help="output folder (checkpoints, training "
                    "curve and grid CSVs)")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
-    p.add_argument("--quiet", action="store_true", help="no progress display")
+    _add_quiet(p)
 
-    p = add("bounds", "closed-form upper bounds on tokens/s per system, and whether a claimed "
-            "speedup is physically attainable", cmd_bounds)
-    add_model_and_source(p, trace_help="mean lengths from a trace CSV",
-                         requests_help="requests read from --trace")
+
+def _add_bounds(sub) -> None:
+    from pamjax.systems import SYSTEMS
+
+    p = _command(sub, "bounds", "closed-form upper bounds on tokens/s per system, and "
+                 "whether a claimed speedup is physically attainable", cmd_bounds)
+    _add_model_and_source(p, trace_help="mean lengths from a trace CSV",
+                          requests_help="requests read from --trace")
     p.add_argument("--systems", type=_systems, default=list(SYSTEMS),
                    help="comma-separated system names (default: all)")
     p.add_argument("--batch", type=_positive_int,
@@ -747,14 +925,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="simulated steps per batch when simulating B (default 96)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="write the bounds (and verdict) as JSON")
-    p.add_argument("--quiet", action="store_true", help="no progress display")
-    add_config_files(p)
+    _add_quiet(p)
+    _add_config_files(p)
 
-    p = add("attention-demo", "PAMattention over tiers vs exact attention", cmd_attention_demo)
+
+def _add_attention_demo(sub) -> None:
+    p = _command(sub, "attention-demo", "PAMattention over tiers vs exact attention",
+                 cmd_attention_demo)
     p.add_argument("--tiers", type=_positive_int, default=3)
     p.add_argument("--tokens", type=_positive_int, default=4096)
     p.add_argument("--seed", type=int, default=0)
-    return parser
 
 
 def main(argv=None) -> int:

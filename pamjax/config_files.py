@@ -93,7 +93,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import pathlib
 import re
@@ -102,7 +101,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from pamjax import hardware, models
-from pamjax.errors import ConfigError
+from pamjax._file_values import check_type, default_name
+from pamjax.errors import ConfigError, ConfigFileError
+from pamjax.hf_config import model_from_hf_config
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -119,27 +120,6 @@ _TIER_SECTIONS = hardware.TIER_NAMES
 _SECTIONS = ("gpu", *_TIER_SECTIONS, "energy")
 _DEVICE_TYPES = {"hbm": hardware.DramPimDevice, "ddr": hardware.DramPimDevice,
                  "ssd": hardware.SsdPimDevice}
-
-
-class ConfigFileError(ConfigError):
-    """A platform or model file that cannot be used.
-
-    Attributes:
-      path: the file, as given.
-      line: 1-based line of a syntax error (0 when the parser gave none or the problem is a
-        value rather than the syntax).
-      field: dotted field path (e.g. ``"hbm.device.tCCD_L"``), or ``None`` when the file as
-        a whole is wrong.
-      value: the rejected value (``None`` with no field).
-      reason: what is wrong.
-    """
-
-    def __init__(self, path, field: str | None, value, reason: str, line: int = 0):
-        super().__init__(field, value, reason)
-        self.path, self.line = str(path), int(line)
-        where = f"{self.path}:{self.line}" if self.line else self.path
-        what = f"invalid {field}={value!r}: {reason}" if field else reason
-        self.args = (f"{where}: {what}",)
 
 
 # -- reading ----------------------------------------------------------------------------------
@@ -222,37 +202,6 @@ def _fields(cls) -> dict[str, str]:
     return {f.name: str(f.type) for f in dataclasses.fields(cls)}
 
 
-def _check_type(path, field: str, value, kind: str):
-    """Return ``value`` as the field's type, or raise naming the field and the type."""
-    if kind == "str":
-        if not isinstance(value, str) or not value:
-            raise ConfigFileError(path, field, value, "must be a non-empty string")
-        return value
-    if kind == "bool":
-        if not isinstance(value, bool):
-            raise ConfigFileError(path, field, value, "must be true or false")
-        return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigFileError(path, field, value, f"must be a number, not {_type_name(value)}")
-    if not math.isfinite(value):
-        raise ConfigFileError(path, field, value, "must be a finite number")
-    if kind == "int":
-        if not isinstance(value, int):
-            raise ConfigFileError(path, field, value, "must be an integer")
-        return value
-    return float(value)
-
-
-def _type_name(value) -> str:
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "a list"
-    return type(value).__name__
-
-
 def _build(path, cls, section: str, values: Mapping[str, Any], base=None):
     """Construct ``cls`` from checked ``values`` (on top of ``base`` if given).
 
@@ -270,11 +219,6 @@ def _build(path, cls, section: str, values: Mapping[str, Any], base=None):
                               err.reason) from None
 
 
-def _default_name(source) -> str:
-    """The file stem, or "custom" for a dict that came from no file."""
-    return "custom" if source == "<dict>" else pathlib.Path(source).stem
-
-
 def _section_values(path, section: str, cls, flat: Mapping[str, Any],
                     excluded: tuple[str, ...] = ()) -> dict[str, Any]:
     """Checked values of one section's fields, from dotted keys ``<section>.<field>``."""
@@ -286,7 +230,7 @@ def _section_values(path, section: str, cls, flat: Mapping[str, Any],
         if field not in kinds:
             raise ConfigFileError(path, key, value, "unknown field; choose one of: "
                                   + ", ".join(kinds))
-        values[field] = _check_type(path, key, value, kinds[field])
+        values[field] = check_type(path, key, value, kinds[field])
     return values
 
 
@@ -350,9 +294,9 @@ def platform_from_dict(data: Mapping[str, Any], source: str | os.PathLike = "<di
     path = source
     groups = _split_sections(path, _flatten(path, data))
     top = groups.pop("")
-    name = _check_type(path, "name", top["name"], "str") if "name" in top else None
+    name = check_type(path, "name", top["name"], "str") if "name" in top else None
     if "base" in top:
-        base_name = _check_type(path, "base", top["base"], "str")
+        base_name = check_type(path, "base", top["base"], "str")
         if base_name not in hardware.PLATFORMS:
             raise ConfigFileError(path, "base", base_name, "unknown platform preset; choose "
                                   "one of: " + ", ".join(hardware.PLATFORMS))
@@ -393,7 +337,7 @@ def platform_from_dict(data: Mapping[str, Any], source: str | os.PathLike = "<di
                 device = _build(path, device_cls, f"{tier}.device", device_values, device)
             parts[tier] = _build(path, hardware.Tier, tier, {"device": device, **tier_values},
                                  current)
-    return hardware.Platform(name=name or _default_name(path), **parts)
+    return hardware.Platform(name=name or default_name(path), **parts)
 
 
 def load_platform_file(path: str | os.PathLike) -> hardware.Platform:
@@ -439,21 +383,18 @@ def model_from_dict(data: Mapping[str, Any], source: str | os.PathLike = "<dict>
     """
     path = source
     if "model_type" in data or "architectures" in data:
-        # Imported here: pamjax.hf_config raises this module's ConfigFileError.
-        from pamjax.hf_config import model_from_hf_config
-
         return model_from_hf_config(data, path)
     flat = _flatten(path, data)
     base = None
     if "base" in flat:
-        base_name = _check_type(path, "base", flat.pop("base"), "str")
+        base_name = check_type(path, "base", flat.pop("base"), "str")
         if base_name not in models.MODELS:
             raise ConfigFileError(path, "base", base_name, "unknown model preset; choose one "
                                   "of: " + ", ".join(models.MODELS))
         base = models.get_model(base_name)
     both = {}
     if _LEGACY_BYTES in flat:
-        width = _check_type(path, _LEGACY_BYTES, flat.pop(_LEGACY_BYTES), "int")
+        width = check_type(path, _LEGACY_BYTES, flat.pop(_LEGACY_BYTES), "int")
         if width <= 0:
             raise ConfigFileError(path, _LEGACY_BYTES, width, "must be a positive integer")
         for field in _BYTE_FIELDS:
@@ -466,7 +407,7 @@ def model_from_dict(data: Mapping[str, Any], source: str | os.PathLike = "<dict>
     values.update(both)
     if base is None:
         _require(path, "", models.Model, values, excluded=("name",))
-    values.setdefault("name", _default_name(path))
+    values.setdefault("name", default_name(path))
     return _build(path, models.Model, "", values, base)
 
 

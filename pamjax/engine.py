@@ -60,9 +60,6 @@ def init_state(config: EngineConfig, seed: int = 0) -> EngineState:
     """
     r, u = config.num_slots, config.units_per_slot
     return EngineState(
-        slot_request=jnp.full((r,), -1, jnp.int32),
-        slot_generated=jnp.zeros((r,), jnp.int32),
-        slot_context=jnp.zeros((r,), jnp.int32),
         unit_tier=jnp.full((r, u), NO_UNIT, jnp.int8),
         unit_bank_group=jnp.zeros((r, u), jnp.int16),
         unit_latent=jnp.zeros((r, u), jnp.float32),
@@ -70,7 +67,7 @@ def init_state(config: EngineConfig, seed: int = 0) -> EngineState:
         unit_selected=jnp.zeros((r, u), bool),
         activation=jnp.zeros((config.window, NUM_TIERS, config.padded_bank_groups), jnp.int32),
         seed=jnp.asarray(seed, jnp.uint32),
-        **batching.empty_request_log(config.num_requests),
+        **batching.empty_batch_state(config),
     )
 
 

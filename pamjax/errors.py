@@ -61,3 +61,24 @@ class CapacityError(PamjaxError, ValueError):
     It carries only its message, which names the model, its weight bytes and the capacity
     that cannot hold them.
     """
+
+
+class ConfigFileError(ConfigError):
+    """A platform or model file that cannot be used.
+
+    Attributes:
+      path: the file, as given.
+      line: 1-based line of a syntax error (0 when the parser gave none or the problem is a
+        value rather than the syntax).
+      field: dotted field path (e.g. ``"hbm.device.tCCD_L"``), or ``None`` when the file as
+        a whole is wrong.
+      value: the rejected value (``None`` with no field).
+      reason: what is wrong.
+    """
+
+    def __init__(self, path, field: str | None, value, reason: str, line: int = 0):
+        super().__init__(field, value, reason)
+        self.path, self.line = str(path), int(line)
+        where = f"{self.path}:{self.line}" if self.line else self.path
+        what = f"invalid {field}={value!r}: {reason}" if field else reason
+        self.args = (f"{where}: {what}",)

@@ -61,8 +61,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from pamjax import models
-from pamjax.config_files import ConfigFileError, _check_type, _default_name
-from pamjax.errors import ConfigError
+from pamjax._file_values import check_type, default_name
+from pamjax.errors import ConfigError, ConfigFileError
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe",
             "deepseek", "opt")
@@ -91,7 +91,7 @@ class _Reader:
                 raise ConfigFileError(self.path, key, None, "missing (required for model_type "
                                       f"{self.model_type!r})")
             return default
-        return _check_type(self.path, key, value, kind)
+        return check_type(self.path, key, value, kind)
 
     def refuse(self, key: str, value, reason: str) -> ConfigFileError:
         """The error for a present key whose value pamjax cannot model."""
@@ -122,7 +122,7 @@ def model_from_hf_config(data: Mapping[str, Any], source: str | os.PathLike = "<
         raise ConfigFileError(path, "model_type", None, "missing: a Hugging Face config.json "
                               "needs it to tell its family (one of: " + ", ".join(FAMILIES)
                               + ")")
-    model_type = _check_type(path, "model_type", data["model_type"], "str")
+    model_type = check_type(path, "model_type", data["model_type"], "str")
     hf = _Reader(path, data, model_type)
     if model_type in _MLA_TYPES or data.get("kv_lora_rank") is not None:
         key = "model_type" if model_type in _MLA_TYPES else "kv_lora_rank"
@@ -275,7 +275,7 @@ def _hf_name(data: Mapping[str, Any], source) -> str:
     given = data.get("_name_or_path")
     if isinstance(given, str) and given.strip("/"):
         return given.rstrip("/").rsplit("/", 1)[-1]
-    name = _default_name(source)
+    name = default_name(source)
     if name == "config" and source != "<dict>":
         return pathlib.Path(source).resolve().parent.name or name
     return name

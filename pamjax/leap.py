@@ -81,6 +81,7 @@ from pamjax.types import (
     SSD,
     STATUS_FINISHED,
     STATUS_REJECTED,
+    BatchState,
     DeviceWorkload,
     EngineConfig,
     SimParams,
@@ -93,31 +94,18 @@ LEAP_STEPS = 32
 
 
 @struct.dataclass
-class LeapState:
-    """The serving system at a step boundary, as the leap tracks it.
+class LeapState(BatchState):
+    """The serving system at a step boundary, as the leap tracks it: the BatchState fields
+    (slots, clock, requests, as in EngineState), and
 
-    Slots [R]: slot_request i32 (-1 = free), slot_generated i32, slot_context i32 (as in
-      EngineState); slot_units i32 [R, T] KV units per tier; slot_last_tier i32 [R] tier of
+    slot_units i32 [R, T]: KV units per tier of each slot; slot_last_tier i32 [R]: tier of
       the request's last unit (the one being filled).
-    clock_whole, clock_frac f32 [], step i32 [], next_request i32 [], req_status i8 [N],
-    req_first_token_s f32 [N], req_finish_s f32 [N], overflow bool []: as in EngineState.
     iterations i32 []: general steps taken (each followed by a leap); steps / iterations is
       the leap's gain.
     """
 
-    slot_request: jnp.ndarray
-    slot_generated: jnp.ndarray
-    slot_context: jnp.ndarray
     slot_units: jnp.ndarray
     slot_last_tier: jnp.ndarray
-    clock_whole: jnp.ndarray
-    clock_frac: jnp.ndarray
-    step: jnp.ndarray
-    next_request: jnp.ndarray
-    req_status: jnp.ndarray
-    req_first_token_s: jnp.ndarray
-    req_finish_s: jnp.ndarray
-    overflow: jnp.ndarray
     iterations: jnp.ndarray
 
 
@@ -142,13 +130,10 @@ def init_state(config: EngineConfig) -> LeapState:
     """An empty system at time 0 (the leap's engine.init_state)."""
     r = config.num_slots
     return LeapState(
-        slot_request=jnp.full((r,), -1, jnp.int32),
-        slot_generated=jnp.zeros((r,), jnp.int32),
-        slot_context=jnp.zeros((r,), jnp.int32),
         slot_units=jnp.zeros((r, NUM_TIERS), jnp.int32),
         slot_last_tier=jnp.zeros((r,), jnp.int32),
         iterations=jnp.zeros((), jnp.int32),
-        **batching.empty_request_log(config.num_requests),
+        **batching.empty_batch_state(config),
     )
 
 

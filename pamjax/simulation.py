@@ -1,31 +1,37 @@
-"""Host driver: size the engine for a workload, run it in jitted chunks, summarise.
+"""Host drivers: size the engine for a workload, run it in jitted chunks, summarise.
 
-The loop over chunks is the only host-side loop: each chunk is one compiled ``lax.scan`` of
-``chunk_steps`` steps with the state donated (with the event leap, leap.run_chunk: a
-``lax.while_loop`` filling at most ``chunk_steps`` rows). The host never blocks on the chunk it has just
-dispatched: it folds the previous chunk's metrics into running statistics
-(metrics.RunningStats) and reads that chunk's completion count while the device runs the next
-one. Host memory stays O(chunk_steps) for runs of any length unless the per-step timeline is
-kept (``timeline``).
+One configuration (:func:`run`, :func:`simulate`): the loop over chunks is the only host-side
+loop: each chunk is one compiled ``lax.scan`` of ``chunk_steps`` steps with the state donated
+(with the event leap, leap.run_chunk: a ``lax.while_loop`` filling at most ``chunk_steps``
+rows). The host never blocks on the chunk it has just dispatched: it folds the previous
+chunk's metrics into running statistics (metrics.RunningStats) and reads that chunk's
+completion count while the device runs the next one. Host memory stays O(chunk_steps) for
+runs of any length unless the per-step timeline is kept (``timeline``).
+
+Many configurations (:func:`run_batch`, :func:`stack`): C configurations stacked on a
+leading axis and run by one vmapped, jitted rollout per group of configurations and chunk of
+steps, optionally sharded over devices; the runner of the SLO search, the sweep and the
+learned-policy judge.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.experimental import multihost_utils
 
 from pamjax import engine
 from pamjax import leap as leap_lib
 from pamjax import metrics as metrics_lib
 from pamjax.errors import ConfigError
 from pamjax.locality import AccessModel, recorded_unit_logits
+from pamjax.progress import Progress
 from pamjax.types import STATUS_FINISHED, STATUS_REJECTED, DeviceWorkload, EngineConfig, SimParams
 from pamjax.workload import Workload as HostWorkload
 
@@ -148,37 +154,6 @@ def _run_chunk(config, params, state, workload, num_steps, recorded):
     return state, chunk, done
 
 
-class _Progress:
-    """Requests done out of the total: a tqdm bar when tqdm is installed, else a line."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.enabled, self.done, self.bar = total, enabled, 0, None
-        if enabled:
-            try:
-                from tqdm.auto import tqdm
-            except ImportError:
-                return
-            self.bar = tqdm(total=total, unit="req", desc="simulate", file=sys.stderr,
-                            leave=False)
-
-    def update(self, done: int, steps: int) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.set_postfix_str(f"{steps} steps", refresh=False)
-            self.bar.update(done - self.done)
-        else:
-            print(f"\r  steps {steps:>8d}  requests done {done}/{self.total}", end="",
-                  file=sys.stderr, flush=True)
-        self.done = done
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        elif self.enabled:
-            print(file=sys.stderr)
-
-
 def run(params: SimParams, workload: HostWorkload, config: EngineConfig, *, seed: int = 0,
         chunk_steps: int = 256, max_steps: int | None = None, recorded=None,
         progress: bool = False, timeline: bool | None = None,
@@ -231,7 +206,7 @@ def run(params: SimParams, workload: HostWorkload, config: EngineConfig, *, seed
     stats = metrics_lib.RunningStats()
     kept = []
     keep = timeline
-    bar = _Progress(workload.num_requests, progress)
+    bar = Progress(workload.num_requests, desc="simulate", unit="req", enabled=progress)
     pending = None
     dispatched = 0
     finished = False
@@ -259,7 +234,7 @@ def run(params: SimParams, workload: HostWorkload, config: EngineConfig, *, seed
     return SimResult(summary=summary, state=state, metrics=stacked, config=config, stats=stats)
 
 
-def _fold(pending, stats, kept, keep: bool, bar: _Progress) -> bool:
+def _fold(pending, stats, kept, keep: bool, bar: Progress) -> bool:
     """Fold a finished chunk (its first ``rows`` steps) into the statistics; True when every
     request is done."""
     chunk, rows, done = pending
@@ -271,7 +246,7 @@ def _fold(pending, stats, kept, keep: bool, bar: _Progress) -> bool:
     if keep:
         kept.append(chunk)
     done = int(done)
-    bar.update(done, stats.steps)
+    bar.moveto(done, status=f"{stats.steps} steps")
     return done == bar.total
 
 
@@ -322,3 +297,176 @@ def simulate(system: str, model: str, workload: HostWorkload, *, max_batch: int 
                max_steps=max_steps, recorded=prepare_recorded(recorded_scores, config),
                progress=progress, timeline=timeline,
                leap_steps=leap_lib.LEAP_STEPS if leap else 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Many configurations at once
+# ---------------------------------------------------------------------------------------------
+
+def stack(trees):
+    """Pytrees of one structure (SimParams, EngineStates, DeviceWorkloads...) stacked along a
+    new leading axis C, as host (numpy) arrays: the inputs of :func:`run_batch` and of
+    engine.rollout_batch.
+
+    Args:
+      trees: a sequence of C >= 1 pytrees with the same structure and leaf shapes.
+
+    Returns:
+      one pytree whose every leaf is ``[C, *leaf.shape]``.
+    """
+    trees = list(trees)
+    if not trees:
+        raise ConfigError("configurations", trees, "need at least one to stack")
+    return jax.tree.map(lambda *xs: np.stack(xs), *trees)
+
+
+def index_config(tree, i: int):
+    """Configuration ``i`` of a pytree stacked over configurations (leading axis); the
+    inverse of :func:`stack`."""
+    return jax.tree.map(lambda x: x[i], tree)
+
+
+BATCH_TRACES = 0
+"""Times the batched rollout with one workload per configuration has been traced (=
+compiled) in this process (studies.sweep reports the count)."""
+
+
+def _rollout_per_config(config, params, state, workload, num_steps):
+    global BATCH_TRACES
+    BATCH_TRACES += 1  # runs once per trace, i.e. per compilation
+    return jax.vmap(engine.rollout, in_axes=(None, 0, 0, 0, None))(
+        config, params, state, workload, num_steps)
+
+
+rollout_per_config = jax.jit(_rollout_per_config, static_argnames=("config", "num_steps"),
+                             donate_argnums=(2,))
+"""engine.rollout vmapped over params, state *and* workload [C, N] (one workload per
+configuration, e.g. per seed); jitted, state donated."""
+
+
+def _global(tree, sharding):
+    """Host pytree with a leading config axis -> global arrays sharded along it (each process
+    provides only its addressable shards)."""
+    def put(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+    return jax.tree.map(put, tree)
+
+
+def _gather(tree):
+    """Global arrays -> numpy on every process."""
+    if jax.process_count() > 1:
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.device_get(tree)
+
+
+def run_batch(config: EngineConfig, params, workload, num_steps: int, *, seeds=0,
+              states=None, chunk_steps: int | None = None, width: int | None = None,
+              sharding=None, progress: str | None = None):
+    """Simulate C configurations for ``num_steps`` steps each, vmapped: one compile per shape.
+
+    The one batched runner of pamjax: the SLO search (studies.study), the sweep
+    (studies.sweep) and the learned-policy judge (learn.judge) run through it.
+    Configurations run in groups of ``width`` (one compiled call each, vmapped over the
+    group), and each group's time runs in calls of ``chunk_steps`` steps whose metrics are
+    copied to the host before the next call, so device memory holds one chunk. The vmap
+    width and the chunking fix the compiled program, and XLA may round a reduction
+    differently in another program (one flip can change a discrete decision), so a
+    configuration's results depend on them: keep them fixed to compare runs.
+
+    Args:
+      config: the static EngineConfig every configuration shares.
+      params: SimParams of C configurations: a list, or stacked [C] (:func:`stack`).
+      workload: the requests, one host Workload or DeviceWorkload [N] for every
+        configuration (engine.rollout_batch), or a list of C of them, one per configuration
+        (:data:`rollout_per_config`).
+      num_steps: engine steps per configuration.
+      seeds: access-model seed (int) of every configuration, or a list of C; ignored when
+        ``states`` is given.
+      states: EngineState stacked [C] to start from (default: engine.init_state with
+        ``seeds``, built per group); device arrays given here are donated.
+      chunk_steps: steps per compiled call (default: all ``num_steps`` in one call).
+      width: configurations per call (default: all C); the last group is padded with copies
+        of the first configuration (their results dropped), so every call has one shape.
+      sharding: a jax.sharding.Sharding of the configuration axis (e.g. a NamedSharding over
+        a 1-D mesh): the inputs of a call are placed shard by shard (every process
+        provides its addressable shards, so every process must build the same inputs, and
+        the workload must be given per configuration) and its outputs gathered to every
+        process. ``width`` (default C) must divide evenly over the devices.
+      progress: a label: show the steps done on stderr (pamjax.progress); None: silent.
+
+    Returns:
+      (final EngineState [C, ...], StepMetrics [C, num_steps, ...]), numpy.
+
+    Raises:
+      ConfigError: a count that is not an integer >= 1, seeds or workloads not one per
+        configuration, or a sharded run with one workload for all.
+    """
+    if isinstance(params, (list, tuple)):
+        params = stack(params)
+    count = int(np.shape(jax.tree.leaves(params)[0])[0])
+    width, chunk_steps = width or count, chunk_steps or num_steps
+    for field, value in (("num_steps", num_steps), ("chunk_steps", chunk_steps),
+                         ("width", width)):
+        if not isinstance(value, (int, np.integer)) or value < 1:
+            raise ConfigError(field, value, "must be an integer >= 1")
+    per_config = isinstance(workload, (list, tuple))
+    if per_config and len(workload) != count:
+        raise ConfigError("workload", f"{len(workload)} workloads", f"need one per "
+                          f"configuration ({count})")
+    if sharding is not None and not per_config:
+        raise ConfigError("workload", "one for all", "a sharded run needs one workload per "
+                          "configuration (a list)")
+    workload = stack([_device(w) for w in workload]) if per_config else _device(workload)
+    if states is None:
+        seeds = list(seeds) if np.ndim(seeds) else [seeds] * count
+        if len(seeds) != count:
+            raise ConfigError("seeds", f"{len(seeds)} seeds", f"need an int or one per "
+                              f"configuration ({count})")
+    place = (lambda tree: tree) if sharding is None else \
+        functools.partial(_global, sharding=sharding)
+    fetch = jax.device_get if sharding is None else _gather
+    rollout = rollout_per_config if per_config else engine.rollout_batch
+    groups = range(0, count, width)
+    bar = Progress(len(groups) * num_steps, desc=f"{progress}: {count} configurations",
+                   unit="step", enabled=progress is not None)
+    final, metrics = [], []
+    for lo in groups:
+        # Indices of the group; the last is padded with copies of configuration 0.
+        index = np.arange(lo, lo + width)
+        index = np.where(index < count, index, 0)
+        take = functools.partial(_take, index=index, whole=width == count)
+        state = take(states) if states is not None else \
+            stack([engine.init_state(config, seeds[i]) for i in index])
+        group_workload = place(take(workload)) if per_config else workload
+        state, group_metrics = _run_group(
+            rollout, config, place(take(params)), place(state), group_workload, num_steps,
+            chunk_steps, fetch, bar)
+        final.append(state)
+        metrics.append(group_metrics)
+    bar.close()
+    join = functools.partial(jax.tree.map, lambda *xs: np.concatenate(xs)[:count])
+    return join(*final), join(*metrics)
+
+
+def _run_group(rollout, config, params, state, workload, num_steps, chunk_steps, fetch, bar):
+    """One group of :func:`run_batch`: its steps in calls of ``chunk_steps``, each call's
+    metrics fetched to the host before the next; (final state, metrics [W, S, ...])."""
+    parts, done = [], 0
+    while done < num_steps:
+        n = min(chunk_steps, num_steps - done)
+        state, chunk = rollout(config, params, state, workload, n)
+        parts.append(fetch(chunk))
+        done += n
+        bar.update(n)
+    return fetch(state), jax.tree.map(lambda *xs: np.concatenate(xs, axis=1), *parts)
+
+
+def _device(workload) -> DeviceWorkload:
+    return workload if isinstance(workload, DeviceWorkload) else device_workload(workload)
+
+
+def _take(tree, index, whole: bool):
+    """Configurations ``index`` of a stacked pytree (the tree itself when it is all of
+    them in order)."""
+    return tree if whole else jax.tree.map(lambda x: np.asarray(x)[index], tree)

@@ -228,32 +228,21 @@ STATUS_WAITING, STATUS_RUNNING, STATUS_FINISHED, STATUS_REJECTED = 0, 1, 2, 3
 
 
 @struct.dataclass
-class EngineState:
-    """The whole serving system at a decode-step boundary.
+class BatchState:
+    """What continuous batching tracks (batching.py), shared by the engine and the leap.
 
     Slots [R]: slot_request i32 (workload index, -1 = free), slot_generated i32 (output
       tokens produced so far), slot_context i32 (tokens in the KV cache).
-    Units [R, U]: unit_tier i8 (-1 = no unit), unit_bank_group i16, unit_latent f32
-      (access-model log-importance), unit_importance f32 (PAM importance EMA I),
-      unit_selected bool (attended at the previous step).
-    activation i32 [W, T, G]: selected units per bank group over the last W decode steps.
     Clock: clock_whole f32 (integer seconds), clock_frac f32 (in [0, 1) s); split so that
       hour-long runs keep sub-microsecond resolution in float32.
     step i32 []: steps taken; next_request i32 []: FCFS pointer into the workload.
     Requests [N]: req_status i8 (STATUS_*), req_first_token_s f32, req_finish_s f32.
     overflow bool []: a request needed more units than a slot holds (rerun with larger U).
-    seed u32 []: access-model seed.
     """
 
     slot_request: jnp.ndarray
     slot_generated: jnp.ndarray
     slot_context: jnp.ndarray
-    unit_tier: jnp.ndarray
-    unit_bank_group: jnp.ndarray
-    unit_latent: jnp.ndarray
-    unit_importance: jnp.ndarray
-    unit_selected: jnp.ndarray
-    activation: jnp.ndarray
     clock_whole: jnp.ndarray
     clock_frac: jnp.ndarray
     step: jnp.ndarray
@@ -262,6 +251,25 @@ class EngineState:
     req_first_token_s: jnp.ndarray
     req_finish_s: jnp.ndarray
     overflow: jnp.ndarray
+
+
+@struct.dataclass
+class EngineState(BatchState):
+    """The whole serving system at a decode-step boundary: the BatchState fields, and
+
+    Units [R, U]: unit_tier i8 (-1 = no unit), unit_bank_group i16, unit_latent f32
+      (access-model log-importance), unit_importance f32 (PAM importance EMA I),
+      unit_selected bool (attended at the previous step).
+    activation i32 [W, T, G]: selected units per bank group over the last W decode steps.
+    seed u32 []: access-model seed.
+    """
+
+    unit_tier: jnp.ndarray
+    unit_bank_group: jnp.ndarray
+    unit_latent: jnp.ndarray
+    unit_importance: jnp.ndarray
+    unit_selected: jnp.ndarray
+    activation: jnp.ndarray
     seed: jnp.ndarray
 
 

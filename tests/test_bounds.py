@@ -1,12 +1,13 @@
-"""Physical bounds (pamjax/bounds.py): hand arithmetic, monotonicity, and the engine against them.
+"""Physical bounds (pamjax/studies/bounds.py): hand arithmetic, monotonicity, and the engine
+against them.
 
 The engine checks run five sweeps that share one compiled program: every workload has
 ``REQUESTS`` requests and is padded to ``MAX_CONTEXT`` tokens by a last request (behind 255
 others, so a 48-step horizon does not reach it; it would be an ordinary request if it did),
-and every sweep vmaps 20 points over 64 slots, so only the first sweep compiles. Three draw mixed lengths from datasets (seeds 0-2,
-FC-bound at these batches); two use equal lengths, one sized so that OPT-175B fills AttAcc's
-HBM at batch 63, one on hardware with shrunken HBM and DDR so that KV spills to DDR and SSD
-and attention, PCIe and the SSD tier bind.
+and every sweep vmaps 20 points over 64 slots, so only the first sweep compiles. Three draw
+mixed lengths from datasets (seeds 0-2, FC-bound at these batches); two use equal lengths,
+one sized so that OPT-175B fills AttAcc's HBM at batch 63, one on hardware with shrunken HBM
+and DDR so that KV spills to DDR and SSD and attention, PCIe and the SSD tier bind.
 
 Which simulated throughput is held against which bound, and why that is rigorous:
 
@@ -36,11 +37,11 @@ import math
 import numpy as np
 import pytest
 
-from pamjax import bounds
 from pamjax.errors import CapacityError, ConfigError, UnknownNameError
 from pamjax.hardware import get_platform
 from pamjax.models import get_model
-from pamjax.study import run_sweep
+from pamjax.studies import bounds
+from pamjax.studies.study import run_sweep
 from pamjax.systems import MAIN_SYSTEMS, SYSTEMS, get_system, tier_kv_capacity_bytes
 from pamjax.workload import DATASETS, Workload, synthetic
 
@@ -396,7 +397,7 @@ def test_bounds_share_no_code_with_the_engine():
     imported |= {a.name for node in ast.walk(tree) if isinstance(node, ast.Import)
                  for a in node.names}
     assert not imported & {"pamjax.costs", "pamjax.engine", "pamjax.placement",
-                           "pamjax.scheduler", "pamjax.simulation", "pamjax.study"}
+                           "pamjax.scheduler", "pamjax.simulation", "pamjax.studies.study"}
 
 
 # ------------------------------------------------------------------------------------------

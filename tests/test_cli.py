@@ -87,13 +87,13 @@ def test_bad_input_is_one_line_and_nonzero(argv, needle, capsys):
 def test_unusable_output_and_unfit_requests_fail_before_simulating(tmp_path, capsys,
                                                                    monkeypatch):
     import pamjax.simulation
-    import pamjax.study
+    import pamjax.studies.study
 
     def refuse(*args, **kwargs):
         raise AssertionError("simulated although the input was unusable")
 
     monkeypatch.setattr(pamjax.simulation, "simulate", refuse)
-    monkeypatch.setattr(pamjax.study, "run_sweep", refuse)
+    monkeypatch.setattr(pamjax.studies.study, "run_sweep", refuse)
     rc = main(["simulate", "--system", "pam", "--model", "llama3-8b", "--json", str(tmp_path)])
     err = capsys.readouterr().err
     assert rc == 2 and "is a directory" in err and len(err.strip().splitlines()) == 1
@@ -210,3 +210,117 @@ def test_same_seed_gives_byte_identical_outputs(tmp_path, capsys):
 
     assert compare_csv("x") == compare_csv("y")
     capsys.readouterr()
+
+
+def test_sweep_prints_the_largest_batch_per_slo(tmp_path, capsys):
+    import csv
+
+    from pamjax.studies import sweep
+
+    argv = ["sweep", "--model", "llama3-8b", "--systems", "pam,l-pim", "--batches", "2,4",
+            "--slo-ms", "1,1000", "--seeds", "0,1", "--max-requests", "8", "--steps", "8",
+            "--quiet", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    with open(tmp_path / "sweep.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * 2 * 2 * 2  # systems x batches x seeds x SLOs
+    spec = sweep.make_spec(model="llama3-8b", workload="sharegpt", trace=None, max_requests=8,
+                           systems=["pam", "l-pim"], batches=[2, 4], slo_ms=[1, 1000],
+                           seeds=[0, 1], overrides=None, steps=8)
+    best = {(r["system"], r["slo_ms"]): r for r in sweep.best_batches(spec, tmp_path / "sweep.csv")}
+    assert len(best) == 4
+    for (system, slo), row in best.items():
+        # The largest batch at which every seed's row meets the SLO, from the CSV itself.
+        ok = [b for b in (2, 4) if all(r["meets_slo"] == "true" for r in rows
+                                        if r["system"] == system and float(r["slo_ms"]) == slo
+                                        and int(r["batch"]) == b)]
+        assert row["max_batch"] == (max(ok) if ok else 0)
+        line = next(x for x in out.splitlines() if x.split()[1:3] == [system, f"{slo:.4g}"])
+        assert line.split()[3] == (str(row["max_batch"]) if row["max_batch"] else "none")
+    assert best[("pam", 1000.0)]["max_batch"] == 4  # every batch fits and meets 1 s
+    assert "8 configurations x 2 SLOs (8 run now)" in out and "compilation(s)" in out
+
+
+def test_train_policy_prints_its_table_and_writes_json(tmp_path, capsys, monkeypatch):
+    from pamjax.learn import train
+
+    # The study itself is tested in test_learning.py; this checks what the command prints.
+    calls = []
+
+    def fake_study(setup, **kwargs):
+        calls.append((setup, kwargs))
+        return {"learned_family": "net", "heldout_step_time_ms": {
+                    "pam_rule": 43.36, "grid_best": 44.42, "learned_knobs": 41.28,
+                    "learned_net": 41.73, "learned": 41.73},
+                "slo_throughput_tokens_per_s": {
+                    name: {"100ms": 0.0, "150ms": tps, "200ms": tps + 1.0}
+                    for name, tps in (("pam_rule", 201.8), ("grid_best", 193.4),
+                                      ("learned_knobs", 200.6), ("learned_net", 203.7))},
+                "simulator_evaluations": {"gradient": 120, "grid": 30},
+                "relaxation_gap": {"knobs": 0.014, "net": 0.015, "pam_rule": 0.033}}
+
+    monkeypatch.setattr(train, "run_study", fake_study)
+    path = tmp_path / "learned.json"
+    assert main(["train-policy", "--quick", "--model", "llama3-8b", "--seed", "3", "--out",
+                 str(tmp_path), "--json", str(path), "--quiet"]) == 0
+    (setup, kwargs), = calls
+    assert setup == train.setup_for(quick=True, model="llama3-8b")
+    assert kwargs == dict(family="both", seed=3, out_dir=str(tmp_path), eval_trace=None,
+                          progress=False)
+    lines = capsys.readouterr().out.splitlines()
+    table = {line.split()[0]: line.split()[1:] for line in lines[3:8]}
+    assert lines[1].split() == ["policy", "step", "ms", "@100ms", "@150ms", "@200ms"]
+    assert table["learned"] == ["41.73", "0", "203.7", "204.7"]  # the chosen family's SLO row
+    assert table["pam_rule"] == ["43.36", "0", "201.8", "202.8"]
+    assert "gradient 120 (relaxed), grid 30 (exact)" in lines[-2]
+    assert "knobs +1.4%" in lines[-2] and lines[-1] == f"wrote {path}"
+    written = json.loads(path.read_text())
+    assert written["quick"] is True and written["heldout_step_time_ms"]["learned"] == 41.73
+
+
+def test_bench_prints_every_section_and_writes_json(tmp_path, capsys, monkeypatch):
+    from pamjax.studies import bench
+
+    # Timings are bench's business (its functions run in the benchmark itself); this checks
+    # that the command prints every section of what run_bench returns and writes it all.
+    replay = {"requests_per_s": 11000.0, "requests": 19366, "system": "vllm-offload",
+              "max_batch": 64, "page_size": 256, "engine": "event leap (leap.py)",
+              "wall_s": 1.76, "wall_s_runs": [1.7, 1.76, 1.8], "busy_steps": 193150,
+              "device_iterations": 18994, "wall_us_per_busy_step": 9.1, "compile_s": 2.0,
+              "requests_finished": 19366}
+    speed = {"batch": 32, "tracked_tokens": 118081.0, "cores": 2, "engine_s_per_step": 0.0136,
+             "reference_s_per_step": 1.162, "speedup": 85.4, "speedup_per_core": 42.7,
+             "compared_steps": 3, "results_equal": True, "token_steps_per_s": 1.3e7}
+    point = {"wall_s_per_step": 0.002}
+    fake = {
+        "quick": True, "jax": "0.0", "backend": "cpu", "cores": 2, "wall_s": 70.0,
+        "targets": bench.TARGETS, "azure_conv_requests_per_s": 11000.0,
+        "azure": {**replay, "compare": {"requests": 2000, "leap": {"requests_per_s": 13006.0},
+                                        "engine_step": {"requests_per_s": 271.0},
+                                        "speedup": 48.0, "summaries_equal": True,
+                                        "differing_keys": []}},
+        "engine_vs_reference": speed, "engine_vs_reference_one_core": dict(speed, cores=1),
+        "engine_vs_reference_speedup_per_core": 85.4,
+        "configs_scaling": [{"configs": n, "steps": 16, "wall_s": 0.005 * n,
+                             "wall_s_per_config": 0.005} for n in (1, 16)],
+        "cost_growth": {"vs_context": {"points": [dict(point, context=c) for c in (1024, 4096)],
+                                       "loglog_slope": 0.57},
+                        "vs_batch": {"points": [dict(point, batch=b) for b in (8, 32)],
+                                     "loglog_slope": 0.58}},
+        "state_footprint": [{"case": "batch 128 x 8K context", "page_size": 1,
+                             "tracked_units": 1048576, "state_bytes": 12582912,
+                             "bytes_per_tracked_unit": 12.0, "bytes_per_tracked_token": 12.0}],
+    }
+    monkeypatch.setattr(bench, "run_bench", lambda quick, progress: dict(fake, quick=quick))
+    path = tmp_path / "bench.json"
+    assert main(["bench", "--quick", "--quiet", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    for text in ("azure_conv_requests_per_s: 11000 (target 10000)", "(48x); summaries equal",
+                 "speedup 85.4x", "1 core:", "same results over 3 steps: yes",
+                 "configs_scaling", "vs_context: 1024: 2.00 ms",
+                 "4096: 2.00 ms; log-log slope 0.57", "batch 128 x 8K context",
+                 "benchmark wall time 70 s"):
+        assert text in out, text
+    assert "huge runs" not in out  # absent from quick runs
+    assert json.loads(path.read_text())["cost_growth"]["vs_batch"]["loglog_slope"] == 0.58

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from pamjax import config_files as cf
-from pamjax.bounds import bound
 from pamjax.errors import ConfigError
 from pamjax.hardware import TIER_NAMES, get_platform
 from pamjax.models import MODELS, get_model
+from pamjax.studies.bounds import bound
 from pamjax.systems import make_params
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"

@@ -4,7 +4,7 @@ Everything runs on a tiny case (4 requests of ~1.4K-2K tokens, 16-token units, 3
 steps) whose HBM is shrunk to 150 units so that KV spills and placement matters. Compiles
 dominate the run time, so every relaxed evaluation goes through the one cached train step
 (train.make_train_step) and every exact run through the setup's one engine config per hook
-(train.engine_config): three compiles for the whole file.
+(judge.engine_config): three compiles for the whole file.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pamjax import policy, relaxed, study, train
 from pamjax.errors import ConfigError, UnknownNameError
+from pamjax.learn import judge, policy, relaxed, train
+from pamjax.simulation import index_config
 from pamjax.systems import make_params
 from pamjax.workload import Workload
 
@@ -60,8 +61,8 @@ def test_gradient_matches_finite_differences(params, episodes):
 
 
 def test_relaxation_gap_shrinks_with_temperature(params, episodes):
-    episode = study.index_config(episodes, 0)
-    exact = train.exact_decode_ms(SETUP, [params], episode)[0]
+    episode = index_config(episodes, 0)
+    exact = judge.exact_decode_ms(SETUP, [params], episode)[0]
     knobs = policy.knobs_from_params(params)
     gaps = [abs(train.relaxed_value(SETUP, params, "knobs", knobs, episode, tau) - exact)
             for tau in (2.0, 0.5, 0.05)]
@@ -118,15 +119,15 @@ def test_checkpoint_round_trip(tmp_path):
 def test_net_hook_ranks_units_at_admission(params, episodes):
     # Without online swaps (swap_budget 0) the hook acts only at admission (the prompt
     # placement); a new token still displaces by the importance EMA.
-    episode = study.index_config(episodes, 1)
+    episode = index_config(episodes, 1)
     no_swaps = params.replace(swap_budget=jnp.int32(0))
     zero = policy.init_net(jax.random.PRNGKey(0), hidden=SETUP.hidden)
     head = zero["params"]["Dense_2"]
     strong = {"params": dict(zero["params"], Dense_2=dict(
         head, kernel=3.0 * jax.random.normal(jax.random.PRNGKey(1), head["kernel"].shape)))}
-    rule_state, rule_m = train.exact_rollouts(SETUP, [params, no_swaps], episode)
-    zero_state, zero_m = train.exact_rollouts(SETUP, [params, no_swaps], episode, net=zero)
-    strong_state, _ = train.exact_rollouts(SETUP, [no_swaps], episode, net=strong)
+    rule_state, rule_m = judge.exact_rollouts(SETUP, [params, no_swaps], episode)
+    zero_state, zero_m = judge.exact_rollouts(SETUP, [params, no_swaps], episode, net=zero)
+    strong_state, _ = judge.exact_rollouts(SETUP, [no_swaps], episode, net=strong)
     # The untrained (zero-head) network is the PAM rule bit for bit, with and without swaps.
     np.testing.assert_array_equal(zero_state.unit_tier, rule_state.unit_tier)
     np.testing.assert_array_equal(zero_m.step_time_s, rule_m.step_time_s)
@@ -169,8 +170,8 @@ def test_reported_numbers_are_exact_engine_numbers(params, tmp_path, monkeypatch
     measured = []
     for name in result["heldout_by_workload"]:
         dataset, seed = name.split("/seed")
-        episode = study.index_config(train.make_episodes(SETUP, dataset, [int(seed)]), 0)
-        measured.append(train.exact_decode_ms(SETUP, [learned, params], episode))
+        episode = index_config(train.make_episodes(SETUP, dataset, [int(seed)]), 0)
+        measured.append(judge.exact_decode_ms(SETUP, [learned, params], episode))
     measured = np.mean(measured, axis=0)
     reported = result["heldout_step_time_ms"]
     assert reported["learned"] == reported["learned_knobs"]
@@ -184,29 +185,29 @@ def test_reported_numbers_are_exact_engine_numbers(params, tmp_path, monkeypatch
 
 
 def test_slo_search_rebuilds_the_rule_per_batch(params):
-    rule = train.params_at_batch(SETUP, params, 2, rule=True)
+    rule = judge.params_at_batch(SETUP, params, 2, rule=True)
     own = make_params("pam", SETUP.model, max_batch=2, page_size=SETUP.page_size)
     assert (float(rule.target_x), float(rule.target_y)) == (float(own.target_x),
                                                             float(own.target_y))
     np.testing.assert_array_equal(rule.capacity_units, params.capacity_units)  # override kept
     knobs = params.replace(target_x=jnp.float32(3.0), target_y=jnp.float32(2.0))
-    kept = train.params_at_batch(SETUP, knobs, 2, rule=False)
+    kept = judge.params_at_batch(SETUP, knobs, 2, rule=False)
     assert (float(kept.target_x), float(kept.target_y), int(kept.max_batch)) == (3.0, 2.0, 2)
     with pytest.raises(ConfigError, match="params.target_x"):
-        train.params_at_batch(SETUP, knobs, 2, rule=True)
+        judge.params_at_batch(SETUP, knobs, 2, rule=True)
 
 
 def test_slo_throughput_stops_at_the_last_real_request(params, monkeypatch):
     # Three short requests finish well within the run; the engine then jumps its clock to
     # the padding's arrival (NEVER_S) and serves the padding, which must not count.
     short = Workload(np.zeros(3), np.full(3, 40), np.full(3, 3), name="short")
-    monkeypatch.setattr(train, "synthetic", lambda *args, **kwargs: short)
-    result = train.slo_throughput(SETUP, {"grid_best": params}, dataset="arxiv-sum", seed=5)
+    monkeypatch.setattr(judge, "synthetic", lambda *args, **kwargs: short)
+    result = judge.slo_throughput(SETUP, {"grid_best": params}, dataset="arxiv-sum", seed=5)
     row = result["grid_best"]["rows"][-1]
-    p = train.params_at_batch(SETUP, params, row["batch"], rule=False)
+    p = judge.params_at_batch(SETUP, params, row["batch"], rule=False)
     chunks = -(-SETUP.slo_steps // (SETUP.steps + 1))
-    state, m = train._run_exact(SETUP, [p], short, 5, chunks)
-    assert np.sum(m.idle_s) > 0.5 * train.NEVER_S  # the padding was reached
+    state, m = judge._run_exact(SETUP, [p], short, 5, chunks)
+    assert np.sum(m.idle_s) > 0.5 * judge.NEVER_S  # the padding was reached
     finish = np.asarray(state.req_finish_s[0, :3], np.float64)
     assert np.all(np.isfinite(finish))
     # Everyone starts at t = 0, so the run ends with the last real request.
@@ -221,4 +222,4 @@ def test_bad_input_names_field_and_value():
     with pytest.raises(ConfigError, match="train.tau_end"):
         dataclasses.replace(SETUP, tau_end=-1.0)
     with pytest.raises(ConfigError, match="relax.steps"):
-        relaxed.RelaxConfig(4, 8, 16, 0)
+        relaxed.RelaxConfig(batch=4, units_per_request=8, page_size=16, steps=0)

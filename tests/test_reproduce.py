@@ -1,4 +1,4 @@
-"""The study builders of pamjax/reproduce.py: rows carry exactly their documented columns.
+"""The study builders of pamjax/studies/reproduce.py: rows carry exactly their documented columns.
 
 The simulations are replaced by a fake sweep (the engine is tested elsewhere), so this checks
 the bookkeeping that turns sweep rows into each study's CSV rows, in milliseconds.
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from pamjax import reproduce
-from pamjax.study import BOUND_COLUMNS
+from pamjax.studies import reproduce
+from pamjax.studies.study import BOUND_COLUMNS
 from pamjax.types import ENERGY_COMPONENTS
 
 

@@ -1,4 +1,5 @@
-"""pamjax.sweep: device-count independence, chunk commit and resume, compile count, bad input."""
+"""pamjax.studies.sweep: device-count independence, chunk commit and resume, compile count,
+bad input."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import textwrap
 
 import pytest
 
-from pamjax import sweep
+from pamjax import simulation
 from pamjax.errors import ConfigError, UnknownNameError
+from pamjax.studies import sweep
 
 AXES = dict(model="llama3-8b", workload="sharegpt", trace=None, max_requests=8,
             systems=["pam", "l-pim"], batches=[2, 4], slo_ms=[50.0, 200.0], seeds=[0, 1],
@@ -18,12 +20,12 @@ AXES = dict(model="llama3-8b", workload="sharegpt", trace=None, max_requests=8,
 
 SCRIPT = textwrap.dedent("""
     import sys, jax
-    from pamjax.sweep import sweep_command
+    from pamjax.studies import sweep
     print("devices", jax.device_count())
-    sweep_command(model="llama3-8b", workload="sharegpt", trace=None, max_requests=8,
-                  systems=["pam", "l-pim"], batches=[2, 4], slo_ms=[50, 200], seeds=[0, 1],
-                  overrides=["", "ddr.num_devices=80"], steps=12, out_dir=sys.argv[1],
-                  resume=False, chunk_size=3, progress=False)
+    spec = sweep.make_spec(model="llama3-8b", workload="sharegpt", trace=None, max_requests=8,
+                           systems=["pam", "l-pim"], batches=[2, 4], slo_ms=[50, 200],
+                           seeds=[0, 1], overrides=["", "ddr.num_devices=80"], steps=12)
+    sweep.run(spec, sys.argv[1], chunk_size=3)
 """)
 
 
@@ -49,7 +51,7 @@ def test_csv_is_byte_identical_on_1_and_4_devices(tmp_path):
 
 def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypatch):
     spec = sweep.make_spec(**AXES)
-    sweep._rollout_sharded.clear_cache()
+    simulation.rollout_per_config.clear_cache()
     full = sweep.run(spec, tmp_path / "full", chunk_size=3)
     # 8 configurations (one slot class) in chunks of 3: one compilation for all 3 chunks.
     assert (full.configs_total, full.chunks, full.compiles) == (8, 3, 1)

@@ -1,7 +1,7 @@
 """Batch sweeps and peak throughput under a latency SLO (PAM_SPEC §8).
 
 Every (system, batch) point of a sweep is one SimParams; points are stacked and run by
-``vmap``-ed, jitted rollouts (engine.rollout_batch): batch sizes within a factor of 8 share
+``vmap``-ed, jitted rollouts (simulation.run_batch): batch sizes within a factor of 8 share
 one compiled program (slot_classes), so an SLO search over 1..2048 compiles 3-4 times, not
 once per point.
 
@@ -28,25 +28,21 @@ Definitions used for the SLO (documented here because results depend on them):
 from __future__ import annotations
 
 import dataclasses
-import sys
-import time
 
-import jax
 import numpy as np
 
-from pamjax import engine
-from pamjax.bounds import bound_columns
 from pamjax.errors import ConfigError
 from pamjax.hardware import TIER_NAMES, Platform
 from pamjax.locality import AccessModel
 from pamjax.models import Model
-from pamjax.simulation import choose_page_size, device_workload, make_config
+from pamjax.simulation import choose_page_size, index_config, make_config, run_batch
+from pamjax.studies.bounds import bound_columns
 from pamjax.systems import Knobs, make_params, max_bank_groups
 from pamjax.types import ENERGY_COMPONENTS, STATUS_FINISHED, STATUS_RUNNING
 from pamjax.workload import Workload, synthetic
 
 BOUND_COLUMNS = ("bound_tokens_per_s", "binding_resource", "efficiency")
-"""Columns every sweep row gets from pamjax.bounds, also with a ``decode_`` prefix."""
+"""Columns every sweep row gets from pamjax.studies.bounds, also with a ``decode_`` prefix."""
 
 UNIT_BUDGET = 9 << 19
 """Tracked KV units across all vmapped points before the page size grows (memory/speed)."""
@@ -113,7 +109,7 @@ def run_sweep(systems, model, workload: Workload | str, batches, *, steps: int =
       decode_throughput_tokens_per_s (decode tokens over the time of decode-only steps),
       tpot_p99_ms, tpot_p50_ms, peak_concurrency, oom, energy_j_per_token (+ per component),
       attention_time_s, tier token and attention shares, migrated fraction, page_size,
-      and BOUND_COLUMNS (whole-run, then ``decode_``-prefixed): pamjax.bounds.run_bound of
+      and BOUND_COLUMNS (whole-run, then ``decode_``-prefixed): pamjax.studies.bounds.run_bound of
       the requests the point admitted, at its peak concurrency.
     """
     batches = sorted({int(b) for b in batches})
@@ -155,30 +151,10 @@ def _run_group(points, workload, steps, seed, access, knobs, page, chunk_steps, 
                          padded_bank_groups=max(max_bank_groups(p.platform) for p in points))
     params = [make_params(p.system, p.model, p.platform, access, max_batch=p.batch,
                           page_size=page, knobs=knobs) for p in points]
-    stacked = jax.tree.map(lambda *xs: np.stack(xs), *params)
-    state = jax.tree.map(lambda *xs: np.stack(xs),
-                         *[engine.init_state(config, seed) for _ in points])
-    dev_workload = device_workload(workload)
-    chunks, done, start = [], 0, time.perf_counter()
-    while done < steps:
-        n = min(chunk_steps, steps - done)
-        state, chunk = engine.rollout_batch(config, stacked, state, dev_workload, n)
-        chunks.append(jax.device_get(chunk))
-        done += n
-        if label:
-            print(f"\r  {label}: {len(points)} configurations, step {done}/{steps}, "
-                  f"{time.perf_counter() - start:.0f} s", end="", file=sys.stderr, flush=True)
-    if label:
-        print(file=sys.stderr)
-    metrics = jax.tree.map(lambda *xs: np.concatenate(xs, axis=1), *chunks)
-    state = jax.device_get(state)
+    state, metrics = run_batch(config, params, workload, steps, seeds=seed,
+                               chunk_steps=chunk_steps, progress=label)
     return [point_row(p, index_config(metrics, i), index_config(state, i), workload, page)
             for i, p in enumerate(points)]
-
-
-def index_config(tree, i: int):
-    """Configuration ``i`` of a pytree stacked over configurations (leading axis)."""
-    return jax.tree.map(lambda x: x[i], tree)
 
 
 def request_tpot_s(state, workload: Workload) -> np.ndarray:
@@ -258,7 +234,7 @@ def point_row(point: SweepPoint, m, state, workload: Workload, page: int) -> dic
 
 
 def _bound_columns(point: SweepPoint, row: dict, state, workload: Workload) -> dict:
-    """The row's whole-run and decode-only throughput beside pamjax.bounds.run_bound of the
+    """The row's whole-run and decode-only throughput beside pamjax.studies.bounds.run_bound of the
     requests it admitted (columns bound_tokens_per_s, binding_resource, efficiency and the
     same with a ``decode_`` prefix; None when no request was admitted)."""
     status = np.asarray(state.req_status)

@@ -59,8 +59,8 @@ from jax import lax
 from pamjax import locality
 from pamjax.costs import StepCounts, step_cost
 from pamjax.errors import ConfigError
+from pamjax.learn.policy import SoftKnobs, unit_features
 from pamjax.placement import corrected_key, prompt_tier_counts
-from pamjax.policy import SoftKnobs, unit_features
 
 NUM_TIERS = 3
 _EPS = 1e-12
@@ -72,7 +72,7 @@ class RelaxConfig:
     """Static sizes and modelling constants of the relaxation.
 
     Fields:
-      num_requests: R, requests decoding together.
+      batch: R, requests decoding together.
       units_per_request: U, KV units per request (covers context + steps).
       page_size: tokens per unit.
       steps: decode steps per episode.
@@ -83,7 +83,7 @@ class RelaxConfig:
         tracking rate.
     """
 
-    num_requests: int
+    batch: int
     units_per_request: int
     page_size: int
     steps: int
@@ -92,7 +92,7 @@ class RelaxConfig:
     budget_sharpness: float = 4.0
 
     def __post_init__(self):
-        for field in ("num_requests", "units_per_request", "page_size", "steps",
+        for field in ("batch", "units_per_request", "page_size", "steps",
                       "bisection_iters"):
             value = getattr(self, field)
             if not isinstance(value, int) or value < 1:
@@ -231,7 +231,7 @@ def episode_state(config: RelaxConfig, params, knobs: SoftKnobs, episode: Episod
     Returns a dict carry for :func:`rollout` (latent, importance, q, context, count_hbm,
     count_ssd).
     """
-    r, u, page = config.num_requests, config.units_per_request, config.page_size
+    r, u, page = config.batch, config.units_per_request, config.page_size
     rows = jnp.arange(r, dtype=jnp.int32)
     units = jnp.arange(u, dtype=jnp.int32)
     context = episode.context.astype(jnp.int32)
@@ -259,7 +259,7 @@ def episode_state(config: RelaxConfig, params, knobs: SoftKnobs, episode: Episod
 
 
 def _decode_step(config, params, knobs, seed, temperature, score_fn, net_params, carry, k):
-    r, u, page = config.num_requests, config.units_per_request, config.page_size
+    r, u, page = config.batch, config.units_per_request, config.page_size
     rows = jnp.arange(r, dtype=jnp.int32)
     units = jnp.arange(u, dtype=jnp.int32)
     context = carry["context"] + 1

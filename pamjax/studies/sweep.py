@@ -19,7 +19,8 @@ simulated and how:
   share one compiled program (study.slot_classes). Inside a class, configurations run in
   chunks of the same shape, the last one padded with copies of a real configuration (whose
   rows are dropped), so a sweep compiles once per slot class however many chunks it has; the
-  trace count is reported (``SweepReport.compiles``).
+  trace count is reported (``SweepReport.compiles``). Each call goes through
+  simulation.run_batch, with one workload per configuration.
 * **Sharding.** Each chunk is ``vmap``-ed over its configurations and the configuration
   axis is sharded over every device with ``jax.sharding``: a ``NamedSharding`` over a 1-D
   ``Mesh`` of ``jax.devices()`` (axis ``"configs"``). A call holds ``chunk_size``
@@ -60,12 +61,12 @@ on a shared file system for resume). For example, two hosts with 4 GPUs each::
     import os, jax
     jax.distributed.initialize(coordinator_address="10.0.0.1:1234", num_processes=2,
                                process_id=int(os.environ["PROCESS_ID"]))
-    from pamjax.sweep import sweep_command
-    sweep_command(model="llama3-70b", workload="sharegpt", trace=None, max_requests=None,
-                  systems=["pam", "l-pim"], batches=[64, 128, 256, 512],
-                  slo_ms=[100, 150, 200], seeds=[0, 1, 2, 3],
-                  overrides=["", "ddr.num_devices=80"], steps=256, out_dir="/shared/sweep",
-                  resume=True, chunk_size=64, progress=True)
+    from pamjax.studies import sweep
+    spec = sweep.make_spec(model="llama3-70b", workload="sharegpt", trace=None,
+                           max_requests=None, systems=["pam", "l-pim"],
+                           batches=[64, 128, 256, 512], slo_ms=[100, 150, 200],
+                           seeds=[0, 1, 2, 3], overrides=["", "ddr.num_devices=80"], steps=256)
+    sweep.run(spec, "/shared/sweep", resume=True, chunk_size=64, progress=True)
 
 (On a single host, ``jax.distributed.initialize`` is not needed: all local devices are used.
 The multi-host path follows JAX's documented APIs but has only been run single-process.)
@@ -79,19 +80,19 @@ import io
 import json
 import os
 import pathlib
-import sys
 import time
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from pamjax import engine, study
+from pamjax import simulation
 from pamjax.errors import ConfigError, UnknownNameError
 from pamjax.hardware import get_platform
 from pamjax.models import get_model
-from pamjax.simulation import choose_page_size, device_workload, make_config
+from pamjax.progress import Progress
+from pamjax.simulation import choose_page_size, index_config, make_config, run_batch
+from pamjax.studies import study
 from pamjax.systems import get_system, make_params, max_bank_groups
 from pamjax.traces import load_trace
 from pamjax.workload import DATASETS, Workload, synthetic
@@ -101,9 +102,6 @@ KEY_COLUMNS = ("system", "overrides", "batch", "seed", "slo_ms")
 
 _SPEC_COLUMNS = ("model", "workload")
 _SIM_KEY = ("system", "overrides", "batch", "seed")  # one simulated configuration
-
-TRACES = 0
-"""Times the sharded rollout has been traced (= compiled) in this process."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +130,7 @@ class SweepSpec:
 class SweepReport:
     """What :func:`run` did: CSV path, configurations (simulated ones, SLO rows apart),
     those run now (the rest came from a resumed CSV), chunks run, compilations (traces of
-    the sharded rollout), devices, page size and wall seconds."""
+    simulation.rollout_per_config), devices, page size and wall seconds."""
 
     path: pathlib.Path
     configs_total: int
@@ -224,33 +222,6 @@ def _workloads(spec: SweepSpec) -> dict[int, Workload]:
     return {seed: synthetic(spec.workload, n, seed=seed) for seed in spec.seeds}
 
 
-def _rollout_configs(config, params, state, workload, num_steps):
-    global TRACES
-    TRACES += 1  # runs once per trace, i.e. per compilation
-    return jax.vmap(engine.rollout, in_axes=(None, 0, 0, 0, None))(
-        config, params, state, workload, num_steps)
-
-
-_rollout_sharded = jax.jit(_rollout_configs, static_argnames=("config", "num_steps"),
-                           donate_argnums=(2,))
-
-
-def _global(tree, sharding):
-    """Host pytree with a leading config axis -> global arrays sharded along it (each process
-    provides only its addressable shards)."""
-    def put(x):
-        x = np.asarray(x)
-        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-    return jax.tree.map(put, tree)
-
-
-def _host(tree):
-    """Global arrays -> numpy on every process."""
-    if jax.process_count() > 1:
-        return multihost_utils.process_allgather(tree, tiled=True)
-    return jax.device_get(tree)
-
-
 def _columns(row: dict) -> list[str]:
     """CSV columns: the key columns, model and workload, study's metric columns in its
     order (its platform/model/system/batch are key columns here), then meets_slo."""
@@ -331,33 +302,17 @@ def run(spec: SweepSpec, out_dir, *, resume: bool = False, chunk_size: int = 64,
       chunk_size: simulated configurations per device per compiled call at most (fewer
         when a slot class has fewer, or when they would exceed study.UNIT_BUDGET tracked
         units per device).
-      progress: progress bar (tqdm when installed) on stderr.
+      progress: progress bar on stderr.
 
     Returns:
       SweepReport.
     """
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ConfigError("chunk_size", chunk_size, "must be an integer >= 1")
-    start, traces_before = time.perf_counter(), TRACES
+    start, traces_before = time.perf_counter(), simulation.BATCH_TRACES
     writer = jax.process_index() == 0
-    out = pathlib.Path(out_dir)
-    path, spec_path = out / "sweep.csv", out / "sweep.json"
-    columns = None  # known from the file (resume) or the first chunk's rows
-    # chunk_size fixes every configuration's vmap width, so a resume must keep it.
-    spec_json = json.dumps({**dataclasses.asdict(spec), "chunk_size": chunk_size}, indent=2,
-                           sort_keys=True) + "\n"
-
-    done_rows: list[dict] = []
-    if resume and path.is_file():
-        if not spec_path.is_file() or spec_path.read_text() != spec_json:
-            raise ConfigError("resume", str(spec_path), "the sweep in this folder has other "
-                              "axes or chunk_size; use another folder or start over "
-                              "without resume")
-        columns, done_rows = _read_existing(path, len(spec.slo_ms), writer)
-    elif writer:
-        out.mkdir(parents=True, exist_ok=True)
-        _write_atomic(spec_path, spec_json.encode())
-        _write_atomic(path, b"")
+    path = pathlib.Path(out_dir) / "sweep.csv"
+    columns, done_rows = _open(spec, path, chunk_size, resume, writer)
     done = {tuple(r[c] for c in _SIM_KEY) for r in done_rows}
 
     workloads = _workloads(spec)
@@ -367,13 +322,61 @@ def run(spec: SweepSpec, out_dir, *, resume: bool = False, chunk_size: int = 64,
     bank_groups = max(max_bank_groups(p) for p in platforms.values())
     mesh = Mesh(np.array(jax.devices()), ("configs",))
     sharding = NamedSharding(mesh, PartitionSpec("configs"))
-    n_dev = mesh.size
+    classes, total = _plan(spec, done, widest, page, bank_groups, chunk_size)
 
-    # Chunks are fixed by the whole sweep (not by what is left of it): a configuration runs
-    # at the same vmap width and position whether the sweep was resumed or not, and on any
-    # device count (each device of a call runs one whole chunk).
-    classes = []  # (EngineConfig, width, [(chunk, its configurations still to run)])
-    total = 0
+    chunks = run_now = 0
+    with Progress(total, desc="sweep", unit="config", enabled=progress,
+                  initial=len(done)) as bar:
+        for config, width, pending in classes:
+            for lo in range(0, len(pending), mesh.size):
+                call = pending[lo:lo + mesh.size]
+                rows = _run_call(spec, config, width, call, mesh.size, platforms, workloads,
+                                 page, sharding)
+                columns, rows = _commit(path, rows, columns, writer)
+                done_rows.extend(rows)
+                wanted = len(rows) // len(spec.slo_ms)
+                chunks += len(call)
+                run_now += wanted
+                bar.update(wanted)
+    if writer and columns is not None:
+        done_rows.sort(key=_sort_key)
+        _write_atomic(path, _csv_text(done_rows, columns, header=True))
+    return SweepReport(path=path, configs_total=total, configs_run=run_now, chunks=chunks,
+                       compiles=simulation.BATCH_TRACES - traces_before, devices=mesh.size,
+                       page_size=page, wall_seconds=time.perf_counter() - start)
+
+
+def _open(spec: SweepSpec, path: pathlib.Path, chunk_size: int, resume: bool,
+          writer: bool) -> tuple[list[str] | None, list[dict]]:
+    """Start the sweep in ``path``'s folder, or resume it: (CSV columns or None, rows
+    already done). A resume must have the same axes and chunk size as ``sweep.json``."""
+    spec_path = path.with_name("sweep.json")
+    # chunk_size fixes every configuration's vmap width, so a resume must keep it.
+    spec_json = json.dumps({**dataclasses.asdict(spec), "chunk_size": chunk_size}, indent=2,
+                           sort_keys=True) + "\n"
+    if resume and path.is_file():
+        if not spec_path.is_file() or spec_path.read_text() != spec_json:
+            raise ConfigError("resume", str(spec_path), "the sweep in this folder has other "
+                              "axes or chunk_size; use another folder or start over "
+                              "without resume")
+        return _read_existing(path, len(spec.slo_ms), writer)
+    if writer:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(spec_path, spec_json.encode())
+        _write_atomic(path, b"")
+    return None, []
+
+
+def _plan(spec: SweepSpec, done: set, widest: Workload, page: int, bank_groups: int,
+          chunk_size: int) -> tuple[list, int]:
+    """The chunks still to run: ([(EngineConfig, width, [(chunk, its configurations not
+    done)])] per slot class, configurations in all).
+
+    Chunks are cut from the whole sweep (not from what is left of it): a configuration
+    runs at the same vmap width and position whether the sweep was resumed or not, and on
+    any device count (each device of a call runs one whole chunk).
+    """
+    classes, total = [], 0
     for group in study.slot_classes(spec.batches):
         configs = [(o, s, b, seed) for o in spec.overrides for s in spec.systems
                    for b in group for seed in spec.seeds]
@@ -389,42 +392,39 @@ def run(spec: SweepSpec, out_dir, *, resume: bool = False, chunk_size: int = 64,
                 pending.append((chunk, left))
         if pending:
             classes.append((config, width, pending))
+    return classes, total
 
-    bar = _progress_bar(total, len(done), progress)
-    chunks = run_now = 0
-    for config, width, pending in classes:
-        for lo in range(0, len(pending), n_dev):
-            call = pending[lo:lo + n_dev]
-            padded, wanted = [], []
-            for d in range(n_dev):  # devices without a chunk of their own repeat one
-                chunk, left = call[min(d, len(call) - 1)]
-                padded += chunk + [chunk[-1]] * (width - len(chunk))
-                wanted += [d < len(call) and j < len(chunk) and chunk[j] in left
-                           for j in range(width)]
-            rows = _run_chunk(spec, config, padded, platforms, workloads, page, sharding)
-            per_config = len(spec.slo_ms)
-            rows = [r for i, r in enumerate(rows) if wanted[i // per_config]]
-            if columns is None:
-                columns, header = _columns(rows[0]), True
-            elif columns != _columns(rows[0]):
-                raise ConfigError("resume", str(path), "its columns differ from this "
-                                  "version's rows; start over without resume")
-            else:
-                header = False
-            rows = [{c: _format(r[c]) for c in columns} for r in rows]
-            if writer:
-                _append_rows(path, _csv_text(rows, columns, header=header))
-            done_rows.extend(rows)
-            chunks += len(call)
-            run_now += sum(wanted)
-            bar.update(sum(wanted))
-    bar.close()
-    if writer and columns is not None:
-        done_rows.sort(key=_sort_key)
-        _write_atomic(path, _csv_text(done_rows, columns, header=True))
-    return SweepReport(path=path, configs_total=total, configs_run=run_now, chunks=chunks,
-                       compiles=TRACES - traces_before, devices=n_dev, page_size=page,
-                       wall_seconds=time.perf_counter() - start)
+
+def _run_call(spec, config, width, call, devices, platforms, workloads, page,
+              sharding) -> list[dict]:
+    """One compiled call: each device runs one chunk of ``call`` (chunks padded to
+    ``width`` with copies of their last configuration; devices without a chunk of their
+    own repeat the last one). Returns the rows of the configurations still to run."""
+    padded, wanted = [], []
+    for d in range(devices):
+        chunk, left = call[min(d, len(call) - 1)]
+        padded += chunk + [chunk[-1]] * (width - len(chunk))
+        wanted += [d < len(call) and j < len(chunk) and chunk[j] in left
+                   for j in range(width)]
+    rows = _run_chunk(spec, config, padded, platforms, workloads, page, sharding)
+    per_config = len(spec.slo_ms)
+    return [r for i, r in enumerate(rows) if wanted[i // per_config]]
+
+
+def _commit(path: pathlib.Path, rows: list[dict], columns: list[str] | None,
+            writer: bool) -> tuple[list[str], list[dict]]:
+    """Append one call's rows to the CSV (with the header when it is the first); returns
+    the columns and the rows as written (strings)."""
+    header = columns is None
+    if header:
+        columns = _columns(rows[0])
+    elif columns != _columns(rows[0]):
+        raise ConfigError("resume", str(path), "its columns differ from this version's rows; "
+                          "start over without resume")
+    rows = [{c: _format(r[c]) for c in columns} for r in rows]
+    if writer:
+        _append_rows(path, _csv_text(rows, columns, header=header))
+    return columns, rows
 
 
 def _run_chunk(spec, config, configs, platforms, workloads, page, sharding) -> list[dict]:
@@ -432,22 +432,16 @@ def _run_chunk(spec, config, configs, platforms, workloads, page, sharding) -> l
     chunk in its order, one per configuration and SLO."""
     params = [make_params(s, spec.model, platforms[o], max_batch=b, page_size=page)
               for o, s, b, _ in configs]
-    params = jax.tree.map(lambda *xs: np.stack(xs), *params)
-    state = jax.tree.map(lambda *xs: np.stack(xs),
-                         *[jax.device_get(engine.init_state(config, seed))
-                           for *_, seed in configs])
-    dev = [workloads[seed] for *_, seed in configs]
-    workload = engine_workload(dev)
-    state, metrics = _rollout_sharded(config, _global(params, sharding),
-                                      _global(state, sharding), _global(workload, sharding),
-                                      spec.steps)
-    state, metrics = _host((state, metrics))
+    seeds = [seed for *_, seed in configs]
+    dev = [workloads[seed] for seed in seeds]
+    state, metrics = run_batch(config, params, dev, spec.steps, seeds=seeds,
+                               sharding=sharding)
     name = pathlib.Path(spec.trace).name if spec.trace else spec.workload
     rows = []
     for i, (o, s, b, seed) in enumerate(configs):
         point = study.SweepPoint(s, b, spec.model, platforms[o], o)
-        row = study.point_row(point, study.index_config(metrics, i), study.index_config(state, i),
-                               dev[i], page)
+        row = study.point_row(point, index_config(metrics, i), index_config(state, i), dev[i],
+                              page)
         base = {"system": s, "overrides": o, "batch": b, "seed": seed, "model": spec.model,
                 "workload": name}
         for slo in spec.slo_ms:
@@ -456,56 +450,14 @@ def _run_chunk(spec, config, configs, platforms, workloads, page, sharding) -> l
     return rows
 
 
-def engine_workload(workloads: list[Workload]):
-    """simulation.device_workload of each configuration's workload, stacked ([C, N] each)."""
-    return jax.tree.map(lambda *xs: np.stack(xs), *[device_workload(w) for w in workloads])
+def best_batches(spec: SweepSpec, path) -> list[dict]:
+    """Per (overrides, system, SLO) of a finished sweep's CSV: the largest batch that meets
+    the SLO for every seed (0: none) and the mean throughput over seeds there.
 
-
-def _progress_bar(total: int, initial: int, enabled: bool):
-    """Configurations done out of ``total`` (tqdm when installed and enabled; else silent)."""
-    class Quiet:
-        def update(self, n):
-            pass
-
-        def close(self):
-            pass
-
-    if not enabled:
-        return Quiet()
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return Quiet()
-    return tqdm(total=total, initial=initial, unit="config", desc="sweep", file=sys.stderr)
-
-
-def sweep_command(*, model, workload, trace, max_requests, systems, batches, slo_ms, seeds,
-                  overrides, steps, out_dir, resume, chunk_size, progress) -> pathlib.Path:
-    """`pamjax sweep`: run the sweep, print a compact table, return the CSV path.
-
-    Args:
-      model: model name. workload: dataset name (ignored when ``trace`` is given).
-      trace: trace CSV path or None. max_requests: requests (synthetic default 2 x the
-        largest batch; trace default all).
-      systems, batches, slo_ms, seeds: axis values (lists). overrides: list of hardware
-        design points, each ``"path=value[,path=value]"`` in Platform.with_overrides form
-        (``""`` = the preset; None or [] = the preset only).
-      steps: engine steps per configuration. out_dir: output folder.
-      resume: continue a killed sweep in ``out_dir``. chunk_size: configurations per
-        device per compiled call. progress: show a progress bar.
-
-    The table: per (overrides, system, SLO) the largest batch meeting the SLO for every seed
-    and the mean throughput there over seeds.
+    Returns:
+      rows {overrides, system, slo_ms, max_batch, throughput_tokens_per_s}.
     """
-    from pamjax.cli import format_table
-
-    spec = make_spec(model=model, workload=workload, trace=trace, max_requests=max_requests,
-                     systems=systems, batches=batches, slo_ms=slo_ms, seeds=seeds,
-                     overrides=overrides, steps=steps)
-    report = run(spec, out_dir, resume=resume, chunk_size=chunk_size, progress=progress)
-    if jax.process_index() != 0:
-        return report.path
-    with open(report.path, newline="") as f:
+    with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     table = []
     for o in spec.overrides:
@@ -518,16 +470,6 @@ def sweep_command(*, model, workload, trace, max_requests, systems, batches, slo
                 best = max(ok) if ok else 0
                 tput = [float(r["throughput_tokens_per_s"]) for r in mine
                         if int(r["batch"]) == best]
-                table.append({"overrides": o or "-", "system": s, "SLO ms": slo,
-                              "max batch": best or "none",
-                              "tok/s": float(np.mean(tput)) if tput else 0.0})
-    print(f"{spec.model} on {pathlib.Path(spec.trace).name if spec.trace else spec.workload}: "
-          f"{report.configs_total} configurations x {len(spec.slo_ms)} SLOs "
-          f"({report.configs_run} run now), {spec.steps} steps each, page size "
-          f"{report.page_size}, {report.chunks} chunks on {report.devices} device(s), "
-          f"{report.compiles} compilation(s), {report.wall_seconds:.1f} s")
-    print(format_table(table, ["overrides", "system", "SLO ms", "max batch", "tok/s"]))
-    print(f"wrote {report.path}")
-    return report.path
-
-
+                table.append({"overrides": o, "system": s, "slo_ms": slo, "max_batch": best,
+                              "throughput_tokens_per_s": float(np.mean(tput)) if tput else 0.0})
+    return table

@@ -29,11 +29,11 @@ import pathlib
 import sys
 import time
 
-from pamjax import plots
 from pamjax.errors import UnknownNameError
 from pamjax.hardware import get_platform
-from pamjax.report import write_csv
-from pamjax.study import BOUND_COLUMNS, peak_under_slo, run_sweep
+from pamjax.studies import plots
+from pamjax.studies.report import write_csv
+from pamjax.studies.study import BOUND_COLUMNS, peak_under_slo, run_sweep
 from pamjax.systems import MAIN_SYSTEMS, Knobs
 from pamjax.types import ENERGY_COMPONENTS
 
@@ -64,7 +64,7 @@ STUDY_COLUMNS = {
                  "speedup_vs_ls_pim", "throughput_tokens_per_s", *BOUND],
     "scaling": ["model", "dataset", "tp", "pp", "system", "throughput_tokens_per_s", *BOUND],
 }
-"""Every study's throughput sits beside its physical bound (pamjax.bounds.run_bound, via
+"""Every study's throughput sits beside its physical bound (pamjax.studies.bounds.run_bound, via
 study.run_sweep): whole-run for online rows, decode-only where the study reports decode
 throughput (offline, offline energy, ablation, scaling)."""
 

@@ -15,7 +15,8 @@ asserted):
 * ``token_steps_per_s``: tracked KV tokens x engine steps per wall second on that case.
 * ``configs_scaling``: wall seconds per configuration when 1, 16, 256 and 1024 small
   configurations (LLaMA-3-8B, batch 4, eight ShareGPT requests, the five main systems in
-  turn, distinct seeds) run as one vmapped, jitted call (engine.rollout_batch); target:
+  turn, distinct seeds) run as one vmapped, jitted call (engine.rollout_batch, the call
+  simulation.run_batch makes, timed without the runner's copies to the host); target:
   falling as configurations are batched.
 * ``cost_growth``: wall seconds per engine step against context length (fixed batch) and
   against batch (fixed context), PAM at token granularity, with the least-squares slope of
@@ -26,13 +27,14 @@ asserted):
   2023 conversation trace on ``vllm-offload`` (LLaMA3-70B, batch <= 64, page 256) with
   simulation.simulate, which uses the event leap (leap.py) for this system; compilation is
   excluded (a warm-up run of one chunk compiles it) and reported apart. Target: 10,000
-  requests/s on a 2-core CPU; the median of five runs. Beside it, the same requests replayed by engine.step (one
-  device iteration per step; the first 2,000 requests with ``quick``) and whether the two
-  summaries agree.
+  requests/s on a 2-core CPU; the median of five runs. Beside it, the same requests
+  replayed by engine.step (one device iteration per step; the first 2,000 requests with
+  ``quick``) and whether the two summaries agree.
 
 ``quick`` shrinks every case (batch 32 for the reference comparison, 2,000 trace requests
-for the engine.step comparison, smaller growth grids) to run in a few minutes on a 2-core CPU. Timings on a shared
-machine are noisy; run under ``taskset -c 0`` for a one-core figure.
+for the engine.step comparison, smaller growth grids) to run in a few minutes on a 2-core
+CPU. Timings on a shared machine are noisy; run under ``taskset -c 0`` for a one-core
+figure.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ import numpy as np
 
 from pamjax import engine
 from pamjax.reference import reference_init, reference_step
-from pamjax.simulation import device_workload, make_config, simulate
+from pamjax.simulation import device_workload, make_config, simulate, stack
 from pamjax.systems import MAIN_SYSTEMS, make_params, max_bank_groups
 from pamjax.traces import default_azure_trace_path, load_trace
 from pamjax.workload import Workload, synthetic
@@ -172,7 +174,7 @@ def engine_vs_reference_one_core(batch: int, reference_steps: int, min_seconds: 
     core = min(os.sched_getaffinity(0))
     # The child pins itself before it imports JAX (no fork hook in this threaded process).
     code = (f"import os; os.sched_setaffinity(0, {{{core}}}); import json, sys; "
-            "from pamjax.bench import engine_vs_reference; "
+            "from pamjax.studies.bench import engine_vs_reference; "
             f"json.dump(engine_vs_reference({batch}, {reference_steps}, {min_seconds}, False), "
             "sys.stdout)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -189,12 +191,11 @@ def configs_scaling(counts, steps: int, min_seconds: float, progress: bool) -> l
                 for s in MAIN_SYSTEMS]
     dev = device_workload(wl)
     rows = []
+    one = jax.device_get(engine.init_state(config, 0))
     for count in counts:
-        params = jax.tree.map(
-            lambda *xs, n=count: np.stack([xs[i % len(xs)] for i in range(n)]), *variants)
-        one = jax.device_get(engine.init_state(config, 0))
-        state = jax.tree.map(lambda x, n=count: np.repeat(np.asarray(x)[None], n, 0), one)
-        state = state.replace(seed=np.arange(count, dtype=np.uint32))
+        params = stack([variants[i % len(variants)] for i in range(count)])
+        # One initial state with distinct seeds (stacked once, not built seed by seed).
+        state = stack([one] * count).replace(seed=np.arange(count, dtype=np.uint32))
         start = time.perf_counter()
         state, _ = engine.rollout_batch(config, params, state, dev, steps)
         jax.block_until_ready(state)
@@ -364,9 +365,10 @@ def azure_replay(path, limit: int | None, system: str = "vllm-offload", max_batc
 
     The headline replays ``limit`` requests (None: the whole trace) the way `pamjax simulate`
     does, with the event leap (leap.py) where it applies: the median of five timed runs
-    (this figure moves by up to 2x between runs on a shared virtual machine). For comparison, and to show that
-    the leap changes no result, the first ``compare_requests`` requests are replayed by both
-    the leap and engine.step (None: all of them) and their summaries compared
+    (this figure moves by up to 2x between runs on a shared virtual machine). For
+    comparison, and to show that the leap changes no result, the first ``compare_requests``
+    requests are replayed by both the leap and engine.step (None: all of them) and their
+    summaries compared
     (:func:`_summary_differences`).
     """
     workload = load_trace(path, max_requests=limit)
@@ -385,128 +387,67 @@ def azure_replay(path, limit: int | None, system: str = "vllm-offload", max_batc
                         "summaries_equal": not differs, "differing_keys": differs}}
 
 
-def bench_command(*, quick: bool, json_path: str | None, progress: bool) -> dict:
-    """Run the benchmark, print a report, optionally write JSON; returns the figures.
+def run_bench(*, quick: bool, progress: bool) -> dict:
+    """Run the benchmark (module docstring); returns its figures (`pamjax bench` prints
+    them and writes them as JSON).
 
     Args:
       quick: the small version (a few minutes on a 2-core CPU).
-      json_path: write the figures there as JSON (None: do not).
       progress: progress lines on stderr.
+
+    Returns:
+      dict: the headline figures (``azure_conv_requests_per_s``,
+      ``engine_vs_reference_speedup``, ``..._per_core``, ``token_steps_per_s``,
+      ``bytes_per_tracked_token``), each section's details (``azure``,
+      ``engine_vs_reference``, ``engine_vs_reference_one_core``, ``configs_scaling``,
+      ``cost_growth``, ``state_footprint``, ``huge_runs`` unless quick), the run's
+      environment (jax version, backend, devices, cores), ``targets`` and ``wall_s``.
     """
     start = time.perf_counter()
     min_s = 1.0 if quick else 3.0
     out = {"quick": quick, "jax": jax.__version__, "backend": jax.default_backend(),
            "devices": jax.device_count(), "cores": _cores(), "targets": TARGETS}
-    print(f"jax {jax.__version__} on {jax.default_backend()}, {_cores()} CPU core(s)"
-          f"{'' if jax.default_backend() != 'cpu' else ' (no GPU used)'}")
 
     # The trace replay first: a long loop of small device calls, it is the figure most
     # sensitive to the process's state (in one measurement it ran 1.5x slower after the
     # large vmapped calls of configs_scaling than in a fresh process).
     trace = default_azure_trace_path()
-    if trace is None or not pathlib.Path(trace).is_file():
-        print("\nazure_conv_requests_per_s: skipped, no trace (set PAMJAX_TRACE)")
-        out["azure_conv_requests_per_s"] = None
-    else:
+    out["azure"] = out["azure_conv_requests_per_s"] = None
+    if trace is not None and pathlib.Path(trace).is_file():
         _log(progress, "Azure conversation trace replay")
-        azure = azure_replay(trace, None, compare_requests=2000 if quick else None)
-        out["azure"] = azure
-        out["azure_conv_requests_per_s"] = azure["requests_per_s"]
-        cmp = azure["compare"]
-        print(f"\nazure_conv_requests_per_s: {azure['requests_per_s']:.0f} "
-              f"(target {TARGETS['azure_conv_requests_per_s']:.0f}); {azure['requests']} "
-              f"requests, {azure['system']}, batch <= {azure['max_batch']}, page "
-              f"{azure['page_size']}, {azure['engine']}: {azure['wall_s']:.2f} s wall (median; "
-              f"runs {', '.join(f'{w:.2f}' for w in azure['wall_s_runs'])} s) for "
-              f"{azure['busy_steps']} busy engine steps in {azure['device_iterations']} device "
-              f"iterations ({azure['wall_us_per_busy_step']:.1f} us per step), compile "
-              f"{azure['compile_s']:.1f} s apart, {azure['requests_finished']} finished")
-        print(f"  first {cmp['requests']} requests: leap {cmp['leap']['requests_per_s']:.0f} "
-              f"req/s, engine.step {cmp['engine_step']['requests_per_s']:.0f} req/s "
-              f"({cmp['speedup']:.0f}x); summaries equal: {cmp['summaries_equal']}"
-              + (f" (differ: {', '.join(cmp['differing_keys'])})" if cmp["differing_keys"]
-                 else ""))
+        out["azure"] = azure_replay(trace, None, compare_requests=2000 if quick else None)
+        out["azure_conv_requests_per_s"] = out["azure"]["requests_per_s"]
 
     _log(progress, "engine vs reference")
-    speed = engine_vs_reference(32 if quick else 128, 2 if quick else 3, min_s, progress)
+    batch, steps = (32, 2) if quick else (128, 3)
+    speed = engine_vs_reference(batch, steps, min_s, progress)
     out["engine_vs_reference"] = speed
     out["engine_vs_reference_speedup"] = speed["speedup"]
     out["token_steps_per_s"] = speed["token_steps_per_s"]
     _log(progress, "  again, pinned to one core")
-    one = engine_vs_reference_one_core(32 if quick else 128, 2 if quick else 3, min_s)
+    one = engine_vs_reference_one_core(batch, steps, min_s)
     out["engine_vs_reference_one_core"] = one
     out["engine_vs_reference_speedup_per_core"] = one["speedup"] if one else \
         speed["speedup_per_core"]
-    print(f"\nengine vs reference: PAM, llama3-70b, batch {speed['batch']}, "
-          f"{speed['tracked_tokens']:.0f} tracked tokens, token granularity")
-    print(f"  {speed['cores']} cores: engine {speed['engine_s_per_step'] * 1e3:.2f} ms/step, "
-          f"reference {speed['reference_s_per_step'] * 1e3:.0f} ms/step: speedup "
-          f"{speed['speedup']:.1f}x ({speed['speedup_per_core']:.1f}x per core by division)")
-    if one:
-        print(f"  1 core:  engine {one['engine_s_per_step'] * 1e3:.2f} ms/step, reference "
-              f"{one['reference_s_per_step'] * 1e3:.0f} ms/step: speedup {one['speedup']:.1f}x "
-              f"(results equal: {'yes' if one['results_equal'] else 'NO'})")
-    print(f"  per core: {out['engine_vs_reference_speedup_per_core']:.1f}x (target >= "
-          f"{TARGETS['engine_vs_reference_speedup_per_core']:.0f}x)")
-    if speed["results_equal"]:
-        print(f"  same results over {speed['compared_steps']} steps: yes")
-    else:
-        fields = ", ".join(f"{k} (step {v})" for k, v in speed["first_mismatch_step"].items())
-        print(f"  same results over {speed['compared_steps']} steps: NO, {fields}; units per "
-              f"tier at step 0: engine {speed['tier_units_engine'][0]}, reference "
-              f"{speed['tier_units_reference'][0]}")
-    print(f"  token_steps_per_s {speed['token_steps_per_s']:.4g}")
 
     _log(progress, "configurations per call")
-    scaling = configs_scaling([1, 16, 256, 1024], 16 if quick else 64, min_s, progress)
-    out["configs_scaling"] = scaling
-    print("\nconfigs_scaling (small configurations in one vmapped call; target: per-config "
-          "time falling):")
-    for row in scaling:
-        print(f"  {row['configs']:5d} configs: {row['wall_s'] * 1e3:9.1f} ms per call, "
-              f"{row['wall_s_per_config'] * 1e3:8.3f} ms per configuration "
-              f"({row['steps']} steps)")
-
+    out["configs_scaling"] = configs_scaling([1, 16, 256, 1024], 16 if quick else 64, min_s,
+                                             progress)
     _log(progress, "cost growth")
     if quick:
-        growth = cost_growth(8, [1024, 4096, 16384], 1024, [8, 32, 128], 4, min_s / 2, progress)
+        out["cost_growth"] = cost_growth(8, [1024, 4096, 16384], 1024, [8, 32, 128], 4,
+                                         min_s / 2, progress)
     else:
-        growth = cost_growth(16, [1024, 4096, 16384, 65536], 2048, [16, 64, 256, 1024], 4,
-                             min_s, progress)
-    out["cost_growth"] = growth
-    print("\ncost_growth (wall per engine step, PAM, token granularity):")
-    for axis, key in (("vs_context", "context"), ("vs_batch", "batch")):
-        g = growth[axis]
-        points = ", ".join(f"{p[key]}: {p['wall_s_per_step'] * 1e3:.2f} ms" for p in g["points"])
-        print(f"  {axis}: {points}; log-log slope {g['loglog_slope']:.2f}")
+        out["cost_growth"] = cost_growth(16, [1024, 4096, 16384, 65536], 2048,
+                                         [16, 64, 256, 1024], 4, min_s, progress)
 
     cases = [("batch 128 x 8K context", _queue(np.full(128, 8192), 1, "8K"), 128),
              *_huge_cases()]
     footprint = bytes_per_tracked_token(cases)
     out["bytes_per_tracked_token"] = footprint[0]["bytes_per_tracked_token"]
     out["state_footprint"] = footprint
-    print("\nbytes_per_tracked_token (EngineState nbytes / tracked tokens):")
-    for row in footprint:
-        print(f"  {row['case']}: page {row['page_size']}, {row['tracked_units']} units, "
-              f"{row['state_bytes'] / 2**20:.1f} MiB, {row['bytes_per_tracked_unit']:.2f} B/unit, "
-              f"{row['bytes_per_tracked_token']:.3g} B/token")
-
     if not quick:
         _log(progress, "huge runs")
         out["huge_runs"] = huge_runs(progress)
-        print("\nhuge runs (complete, bounded memory):")
-        for row in out["huge_runs"]:
-            print(f"  {row['case']}: {row['wall_s']:.1f} s, page {row['page_size']}, "
-                  f"{row['state_bytes'] / 2**20:.1f} MiB of state, process peak RSS "
-                  f"{row['process_peak_rss_bytes'] / 2**30:.2f} GiB, "
-                  f"{row['requests_finished']} finished")
-
     out["wall_s"] = time.perf_counter() - start
-    print(f"\nbenchmark wall time {out['wall_s']:.0f} s")
-    if json_path:
-        path = pathlib.Path(json_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(out, indent=2, sort_keys=True, default=float) + "\n")
-        print(f"wrote {path}")
     return out
-
