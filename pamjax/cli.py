@@ -131,7 +131,7 @@ def cmd_simulate(args) -> int:
     from pamjax.leap import LeapState
     from pamjax.locality import load_recorded_scores
     from pamjax.simulation import simulate
-    from pamjax.studies.bounds import bound_columns
+    from pamjax.studies.bounds import bound_columns, offered_load
     from pamjax.systems import require_a_fitting_request
     from pamjax.types import STATUS_FINISHED, STATUS_RUNNING
 
@@ -149,12 +149,13 @@ def cmd_simulate(args) -> int:
     status = np.asarray(result.state.req_status)
     admitted = (status == STATUS_RUNNING) | (status == STATUS_FINISHED)
     if admitted.any():
-        # The run's physical bound (pamjax.studies.bounds.run_bound): its admitted requests, never
-        # more than --batch at once; idle time between arrivals counts against efficiency.
+        # The run's physical bound (pamjax.studies.bounds.run_bound): its admitted requests,
+        # never more than --batch at once, and no more than its arrivals offer.
         s.update(bound_columns(args.system, model, s["throughput_tokens_per_s"],
                                prompts=workload.prompt_tokens[admitted],
                                outputs=workload.output_tokens[admitted],
-                               concurrency=args.batch, platform=platform))
+                               concurrency=args.batch, platform=platform,
+                               offered_tokens_per_s=offered_load(workload)))
     else:
         s.update(bound_tokens_per_s=None, binding_resource=None, efficiency=None)
     row = {
@@ -215,10 +216,23 @@ def cmd_presets(args) -> int:
     print(f"tiers (platform {platform.name}):")
     print(format_table([{
         "tier": t.name, "devices": t.num_devices, "capacity GB": t.capacity_gb,
-        "PIM GB/s per device": t.device_effective_gbps, "PIM GB/s tier": t.effective_gbps,
-        "bank groups/device": t.bank_groups_per_device, "link GB/s": t.link_total_gbps,
-    } for t in platform.tiers], ["tier", "devices", "capacity GB", "PIM GB/s per device",
-                                 "PIM GB/s tier", "bank groups/device", "link GB/s"]))
+        "internal GB/s/device": t.device.internal_gbps(t.kv_run_bytes),
+        "bank groups/device": t.bank_groups_per_device, "device links GB/s": t.link_total_gbps,
+        "path to GPUs GB/s": platform.path_gbps(t),
+        "via": "PCIe (shared)" if t.behind_pcie else "own links",
+    } for t in platform.tiers], ["tier", "devices", "capacity GB", "internal GB/s/device",
+                                 "bank groups/device", "device links GB/s",
+                                 "path to GPUs GB/s", "via"]))
+    e, gpu = platform.energy, platform.gpu
+    print(f"static power {platform.static_power_w:.0f} W: {gpu.num_gpus} GPUs x "
+          f"{e.gpu_idle_w:g} W, {platform.ddr.num_devices} DIMMs x {e.dimm_idle_w:g} W, "
+          f"{platform.ssd.num_devices} SSDs x {e.ssd_idle_w:g} W, {gpu.nodes} node(s) x "
+          f"{e.node_other_w:g} W")
+    shown = list(MODELS.values()) + ([model] if model is not None else [])
+    print("\nPIM attention rate per device, KV GB/s = min(internal / passes, compute cap / g)"
+          " (g = query heads per KV head):")
+    print(format_table([_pim_rates(platform, m) for m in shown],
+                       ["model", "g", "hbm", "ddr", "ssd", "passes hbm/ddr/ssd"]))
     print("\nmodels:")
     print(format_table([{
         "model": m.name, "layers": m.layers, "heads q/kv": f"{m.q_heads}/{m.kv_heads}",
@@ -235,16 +249,29 @@ def cmd_presets(args) -> int:
     print("\nsystems:")
     print(format_table([{
         "system": s.name, "attention": "PIM" if s.attention_on_pim else "GPU",
-        "sparse": s.sparse, "tiers": "+".join(s.tiers), "swaps/step": s.swap_budget,
-        "PAMattention": s.use_pamattention, "greedy mapping": s.greedy_mapping,
-    } for s in SYSTEMS.values()], ["system", "attention", "sparse", "tiers", "swaps/step",
-                                   "PAMattention", "greedy mapping"]))
+        "sparse": s.sparse, "tiers": "+".join(s.tiers),
+        "swap tokens/phase": s.swap_budget, "PAMattention": s.use_pamattention,
+        "mapping": s.mapping if s.attention_on_pim else "-",
+    } for s in SYSTEMS.values()], ["system", "attention", "sparse", "tiers",
+                                   "swap tokens/phase", "PAMattention", "mapping"]))
     print("\nworkloads:")
     print(format_table([{
         "workload": d.name, "mode": d.mode, "prompt mean": d.prompt_mean,
         "output mean": d.output_mean,
     } for d in DATASETS.values()], ["workload", "mode", "prompt mean", "output mean"]))
     return 0
+
+
+def _pim_rates(platform, m) -> dict:
+    """One row of the presets' PIM rate table: a model's per-device rates on each tier."""
+    from pamjax.hardware import query_passes
+
+    g = m.q_heads // m.kv_heads
+    row = {"model": m.name, "g": g}
+    row.update({t.name: t.device_effective_gbps(m) for t in platform.tiers})
+    row["passes hbm/ddr/ssd"] = "/".join(
+        str(query_passes(t.device.pu_buffer_bytes, g, m.head_dim)) for t in platform.tiers)
+    return row
 
 
 def _model_figures(m) -> list[tuple[str, object]]:

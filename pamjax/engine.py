@@ -25,6 +25,7 @@ compiled program, and a chunk of steps runs without returning to the host.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -39,6 +40,8 @@ from pamjax.types import (
     NO_UNIT,
     NUM_TIERS,
     SSD,
+    STATUS_REJECTED,
+    STATUS_RUNNING,
     DeviceWorkload,
     EngineConfig,
     EngineState,
@@ -123,7 +126,7 @@ def step(config: EngineConfig, params: SimParams, state: EngineState,
                               state.slot_generated, decoding, busy, cost.time_s)
     new_state = _next_state(state, end, token, attended, activation, start)
     metrics = _metrics(params, end, decoding, admission, new_state, cost, busy, attended,
-                       moved, tier_before)
+                       moved, tier_before, token.context)
     return new_state, metrics
 
 
@@ -181,13 +184,14 @@ def _next_state(state: EngineState, end: batching.StepEnd, token: batching.Decod
 
 def _metrics(params, end: batching.StepEnd, decoding, admission: batching.Admission,
              new_state: EngineState, cost, busy, attended: locality.Attention, moved,
-             tier_before) -> StepMetrics:
+             tier_before, new_state_context) -> StepMetrics:
     """What the step reports (types.StepMetrics); an idle clock jump costs static energy."""
     selected = attended.selected
     return StepMetrics(
         step_time_s=end.step_time_s,
         idle_s=end.idle_s,
         decode_requests=jnp.sum(decoding).astype(jnp.int32),
+        decode_context=jnp.sum(jnp.where(decoding, new_state_context, 0)).astype(jnp.int32),
         prefill_requests=jnp.sum(admission.admit).astype(jnp.int32),
         output_tokens=(jnp.sum(decoding) + jnp.sum(admission.admit)).astype(jnp.int32),
         tier_units=tier_units(new_state.unit_tier),
@@ -202,6 +206,57 @@ def _metrics(params, end: batching.StepEnd, decoding, admission: batching.Admiss
         energy_pj=step_energy_pj(params, cost, busy, end.idle_s),
         rejected=jnp.sum(admission.rejected).astype(jnp.int32),
     )
+
+
+def resume(config: EngineConfig, params: SimParams, state: EngineState,
+           workload: DeviceWorkload, recorded=None) -> EngineState:
+    """Put the workload's in-flight requests in their slots at t = 0 (a steady-state start).
+
+    The in-flight requests (``generated_tokens`` > 0, the first K of the workload;
+    workload.steady_state) take slots 0..K-1 in FCFS order while slots, ``max_batch`` and
+    the KV capacity (each request's whole prompt + output reserved, as admission does)
+    allow. A request that has produced g tokens holds prompt + g - 1 tokens of KV (its last
+    token's K/V is written when it decodes the next), placed as the system places a prompt
+    of that length (placement.place_prompts: PAM by importance ratio, the baselines fastest
+    first) and mapped to bank groups. No time passes and nothing is charged: their prefill
+    happened before t = 0, so their first-token time stays NaN (no TTFT). In-flight requests
+    that do not fit are rejected (the batch is out of memory), so the FCFS pointer starts
+    past all K and only fresh requests are admitted later.
+
+    Args:
+      config: static sizes; params: SimParams; state: a fresh EngineState (init_state);
+      workload: request arrays [N] with ``generated_tokens``; recorded: optional recorded
+        unit logits.
+
+    Returns:
+      The EngineState the first step starts from.
+    """
+    r, n_req, page = config.num_slots, config.num_requests, config.page_size
+    capacity = batching.tier_capacity(params)
+    cand = jnp.arange(r, dtype=jnp.int32)
+    cand_c = jnp.minimum(cand, n_req - 1)
+    generated = workload.generated_tokens[cand_c]
+    in_flight = (cand < n_req) & (generated > 0)
+    prompt, output = workload.prompt_tokens[cand_c], workload.output_tokens[cand_c]
+    need = batching.units_needed(prompt + output - 1, page)
+    fits = (jnp.cumsum(jnp.where(in_flight, need, 0)) <= jnp.sum(capacity)) \
+        & (need <= config.units_per_slot) & (cand < jnp.minimum(params.max_batch, r))
+    admit = jnp.cumprod((in_flight & fits).astype(jnp.int32)).astype(bool)
+    admission = batching.Admission(
+        cand=cand, cand_c=cand_c, prompt=prompt + generated - 1, admit=admit,
+        rejected=jnp.zeros(r, bool), taken=admit, slot=jnp.where(admit, cand, r))
+    wide = dataclasses.replace(config, admit_window=r)
+    order = placement.mapping_order(wide, params, state, admission, jnp.zeros(r, bool))
+    prompts = placement.place_prompts(wide, params, state, admission, capacity, order,
+                                      recorded)
+    state = batching.start_requests(state, admission, prompts)
+    admitted = jnp.where(admit, cand, n_req)
+    refused = jnp.where(in_flight & ~admit, cand, n_req)
+    status = state.req_status.at[admitted].set(STATUS_RUNNING, mode="drop")
+    return state.replace(
+        slot_generated=jnp.where(admit, generated, state.slot_generated),
+        next_request=jnp.sum(in_flight).astype(jnp.int32),
+        req_status=status.at[refused].set(STATUS_REJECTED, mode="drop"))
 
 
 def step_energy_pj(params: SimParams, cost, busy, idle_s):
@@ -227,6 +282,10 @@ def rollout(config: EngineConfig, params: SimParams, state: EngineState,
         return step(config, params, carry, workload, recorded)
 
     return lax.scan(body, state, None, length=num_steps)
+
+
+resume_jit = jax.jit(resume, static_argnums=0)
+"""Jitted :func:`resume` (one compile per EngineConfig)."""
 
 
 @functools.partial(jax.jit, static_argnames=("config", "num_steps"), donate_argnums=(2,))

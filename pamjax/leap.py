@@ -242,14 +242,14 @@ def general_step(config: EngineConfig, params: SimParams, s: LeapState,
     persisted = jnp.sum(jnp.where(decoding & (s.slot_generated >= 2),
                                   units_needed(token.context - 1, page), 0))
     metrics = _metrics(params, end.step_time_s, end.idle_s, jnp.sum(dec),
-                       jnp.sum(admission.admit),
+                       jnp.sum(dec * token.context), jnp.sum(admission.admit),
                        jnp.sum(slot_units, 0), cost, busy, selected, persisted,
                        jnp.sum(admission.rejected))
     return new_state, metrics
 
 
-def _metrics(params, dt, idle, decode_requests, prefill_requests, tier_units, cost, busy,
-             selected, persisted, rejected) -> StepMetrics:
+def _metrics(params, dt, idle, decode_requests, decode_context, prefill_requests, tier_units,
+             cost, busy, selected, persisted, rejected) -> StepMetrics:
     """StepMetrics from a step's (possibly [L]-batched) pieces."""
     i32, zero = jnp.int32, jnp.zeros(dt.shape, jnp.int32)
     busy_t = busy[..., None]
@@ -257,6 +257,7 @@ def _metrics(params, dt, idle, decode_requests, prefill_requests, tier_units, co
         step_time_s=dt,
         idle_s=idle,
         decode_requests=decode_requests.astype(i32),
+        decode_context=decode_context.astype(i32),
         prefill_requests=prefill_requests.astype(i32),
         output_tokens=(decode_requests + prefill_requests).astype(i32),
         tier_units=tier_units.astype(i32),
@@ -388,7 +389,8 @@ def leap(config: EngineConfig, params: SimParams, s: LeapState, workload: Device
     persisted = jnp.sum(jnp.where(decoding & (g + i >= 2), units_needed(context - 1, page),
                                   0), -1)
     zero = jnp.zeros((num_steps,), jnp.int32)
-    metrics = _metrics(params, dt, jnp.zeros((num_steps,), jnp.float32), jnp.sum(dec, -1), zero,
+    metrics = _metrics(params, dt, jnp.zeros((num_steps,), jnp.float32), jnp.sum(dec, -1),
+                       jnp.sum(dec * context, -1), zero,
                        tier_units, cost, busy, selected, persisted, zero)
     return new_state, metrics, kept
 

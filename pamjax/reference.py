@@ -173,6 +173,7 @@ class RefMetrics:
     Fields:
       step_time_s, idle_s: float, s.
       decode_requests, prefill_requests, output_tokens: int.
+      decode_context: int, the decoding requests' contexts after their token, summed.
       tier_units: int [T], units per tier after the step.
       attention_s: float, attention time on the step's critical path, s.
       tier_attention_s: float [T], attention time per tier, s.
@@ -186,6 +187,7 @@ class RefMetrics:
     step_time_s: float
     idle_s: float
     decode_requests: int
+    decode_context: int
     prefill_requests: int
     output_tokens: int
     tier_units: np.ndarray
@@ -580,6 +582,7 @@ def reference_step(config: EngineConfig, params: SimParams, state: RefState, wor
                           s.unit_bank_group[r], tokens[r] > 0, int(s.slot_generated[r]))
     migrated, migrated_units, migrated_from_ssd = migration(tier_before, s.unit_tier, tokens)
     busy = bool(decoding) or bool(admitted)
+    decode_context = sum(int(s.slot_context[r]) for r in decoding)
     cost = step_cost_of(p, s, decoding, load, prefill, migrated)                # 6.
     step_time, idle = complete(config, s, state, requests, decoding, prefill,   # 7.
                                rejected, float(cost.time_s) if busy else 0.0, busy)
@@ -596,6 +599,7 @@ def reference_step(config: EngineConfig, params: SimParams, state: RefState, wor
         step_time_s=step_time,
         idle_s=idle,
         decode_requests=len(decoding),
+        decode_context=decode_context,
         prefill_requests=len(admitted),
         output_tokens=len(decoding) + len(admitted),
         tier_units=np.array(count_units_per_tier(s.unit_tier)),

@@ -101,8 +101,9 @@ def make_config(workload: HostWorkload, num_slots: int, *, page_size: int | None
 def device_workload(workload: HostWorkload) -> DeviceWorkload:
     """The engine's request arrays: arrival_s f32 [N] (s), prompt and output tokens i32 [N]."""
     return DeviceWorkload(arrival_s=jnp.asarray(workload.arrival_s, jnp.float32),
-                    prompt_tokens=jnp.asarray(workload.prompt_tokens, jnp.int32),
-                    output_tokens=jnp.asarray(workload.output_tokens, jnp.int32))
+                          prompt_tokens=jnp.asarray(workload.prompt_tokens, jnp.int32),
+                          output_tokens=jnp.asarray(workload.output_tokens, jnp.int32),
+                          generated_tokens=jnp.asarray(workload.generated_tokens, jnp.int32))
 
 
 def step_bound(workload: HostWorkload) -> int:
@@ -362,7 +363,7 @@ def _gather(tree):
 
 def run_batch(config: EngineConfig, params, workload, num_steps: int, *, seeds=0,
               states=None, chunk_steps: int | None = None, width: int | None = None,
-              sharding=None, progress: str | None = None):
+              sharding=None, progress: str | None = None, resume: bool = False):
     """Simulate C configurations for ``num_steps`` steps each, vmapped: one compile per shape.
 
     The one batched runner of pamjax: the SLO search (studies.study), the sweep
@@ -394,6 +395,8 @@ def run_batch(config: EngineConfig, params, workload, num_steps: int, *, seeds=0
         the workload must be given per configuration) and its outputs gathered to every
         process. ``width`` (default C) must divide evenly over the devices.
       progress: a label: show the steps done on stderr (pamjax.progress); None: silent.
+      resume: start each configuration from its workload's in-flight requests
+        (engine.resume, a steady-state start) before the first step.
 
     Returns:
       (final EngineState [C, ...], StepMetrics [C, num_steps, ...]), numpy.
@@ -439,6 +442,9 @@ def run_batch(config: EngineConfig, params, workload, num_steps: int, *, seeds=0
         state = take(states) if states is not None else \
             stack([engine.init_state(config, seeds[i]) for i in index])
         group_workload = place(take(workload)) if per_config else workload
+        if resume:
+            state = _resume_batch(config, place(take(params)), place(state), group_workload,
+                                  per_config)
         state, group_metrics = _run_group(
             rollout, config, place(take(params)), place(state), group_workload, num_steps,
             chunk_steps, fetch, bar)
@@ -460,6 +466,13 @@ def _run_group(rollout, config, params, state, workload, num_steps, chunk_steps,
         done += n
         bar.update(n)
     return fetch(state), jax.tree.map(lambda *xs: np.concatenate(xs, axis=1), *parts)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "per_config"))
+def _resume_batch(config, params, state, workload, per_config: bool):
+    """engine.resume vmapped over a group of configurations (their own workloads or one)."""
+    return jax.vmap(engine.resume, in_axes=(None, 0, 0, 0 if per_config else None))(
+        config, params, state, workload)
 
 
 def _device(workload) -> DeviceWorkload:

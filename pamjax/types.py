@@ -216,12 +216,15 @@ class SimParams:
 class DeviceWorkload:
     """Device-side request arrays (sorted by arrival), each [N].
 
-    Fields: arrival_s f32 (s), prompt_tokens i32, output_tokens i32.
+    Fields: arrival_s f32 (s), prompt_tokens i32, output_tokens i32, generated_tokens i32
+    (output tokens an in-flight request had produced before t = 0; 0 = fresh; see
+    workload.Workload).
     """
 
     arrival_s: jnp.ndarray
     prompt_tokens: jnp.ndarray
     output_tokens: jnp.ndarray
+    generated_tokens: jnp.ndarray
 
 
 STATUS_WAITING, STATUS_RUNNING, STATUS_FINISHED, STATUS_REJECTED = 0, 1, 2, 3
@@ -280,6 +283,8 @@ class StepMetrics:
     step_time_s f32 []: wall time the step takes on the simulated hardware (0 when idle and
       the clock jumps to the next arrival; idle_s holds that jump).
     decode_requests i32 []: requests that generated a token by decode this step.
+    decode_context i32 []: their context lengths summed (tokens in their KV after the step's
+      token), so decode_context / decode_requests is the mean context attended.
     prefill_requests i32 []: requests admitted and prefilled this step.
     output_tokens i32 []: tokens produced (decode + first tokens from prefill).
     tier_units i32 [T]: KV units held per tier after the step.
@@ -300,6 +305,7 @@ class StepMetrics:
     step_time_s: jnp.ndarray
     idle_s: jnp.ndarray
     decode_requests: jnp.ndarray
+    decode_context: jnp.ndarray
     prefill_requests: jnp.ndarray
     output_tokens: jnp.ndarray
     tier_units: jnp.ndarray

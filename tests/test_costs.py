@@ -17,7 +17,7 @@ import pytest
 
 from pamjax import costs, systems
 from pamjax.hardware import get_platform
-from pamjax.models import Model, get_model
+from pamjax.models import get_model
 from pamjax.types import DDR, ENERGY_COMPONENTS, HBM, SSD
 
 # The parameters are float32 (make_params), so a hand figure matches to float32 precision.
@@ -120,7 +120,7 @@ def test_gqa_scales_compute_bound_pim_time_by_the_group():
     for model, rate in ((mha, min(HBM_INTERNAL, 1.6e12)), (base, min(HBM_INTERNAL / 4, 2e11))):
         p = params_for("attacc", model)
         assert float(p.device_rate[HBM]) == pytest.approx(rate, rel=1e-6)
-        full, empty = cost(p, c), cost(p, counts(**{**_attention_free(c)}))
+        full, empty = cost(p, c), cost(p, counts(**_attention_free(c)))
         device_s.append(64_000 * 327680 / 40 / rate)
         # The device part of the tier time is the attended bytes per stack over its rate.
         assert float(full.tier_attention_s[HBM] - empty.tier_attention_s[HBM]) \
