@@ -625,11 +625,13 @@ def run_bound(system, model, *, prompts, outputs, concurrency: int, prefill: boo
     than ``concurrency`` of them running cannot beat this, whatever their mix:
 
     * decode: with ``mean_context`` (a run that measured the mean context of its decoding
-      requests, e.g. a steady-state window), the bound at ``concurrency`` requests of that
-      context; without it, a step with ``b' <= concurrency`` requests holds at least one
-      output token per request beyond its prompt, so its mean context is at least ``1 +``
-      the mean of the ``b'`` smallest prompts, and the bound is the best ``b'`` at that
-      context (capacity and SLO play no part: the run's own concurrency obeyed them).
+      requests, e.g. a steady-state window), the best ``b' <= concurrency`` at that context
+      (a step's time is convex in its requests' context, so the mean context under-states
+      the mean step time); without it, a step with ``b' <= concurrency`` requests holds at
+      least one output token per request beyond its prompt, so its mean context is at
+      least ``1 +`` the mean of the ``b'`` smallest prompts, and the bound is the best
+      ``b'`` at that context. Capacity and SLO play no part: the run's own concurrency
+      obeyed them.
     * whole run (``prefill=True``): at most ``sum(outputs)`` tokens come from
       ``len(prompts)`` prefills costing at least ``P(mean prompt)`` each (P is convex), so
       the prefill share per output token is at least the steady state's at the mean lengths.
@@ -665,8 +667,8 @@ def run_bound(system, model, *, prompts, outputs, concurrency: int, prefill: boo
         batches = np.arange(1, min(int(concurrency), prompts.size) + 1, dtype=np.float64)
         context = 1.0 + np.cumsum(np.sort(prompts))[:batches.size] / batches
     else:
-        batches = np.array([float(concurrency)])
-        context = np.array([float(mean_context)])
+        batches = np.arange(1, int(concurrency) + 1, dtype=np.float64)
+        context = np.full(batches.shape, float(mean_context))
     stats = dict(mean_prompt=float(prompts.mean()), mean_output=float(outputs.mean()),
                  platform=platform, prefill=prefill, **kwargs)
     rates = throughput_curve(system, model, batches, mean_context=context, **stats)
@@ -687,6 +689,53 @@ def run_bound(system, model, *, prompts, outputs, concurrency: int, prefill: boo
                  batch=int(b[0]), max_batch=int(concurrency), batch_limit=limit,
                  capacity_batch=_capacity_batch(s), slo_batch=None,
                  iteration_s=float(_iteration_s(_iteration_terms(s, b))[0]))
+
+
+def window_bound(system, model, *, prefilled_prompts, decode_tokens: int, concurrency: int,
+                 mean_context: float, platform: Platform | None = None,
+                 mean_output: float = 1.0, **kwargs) -> Bound:
+    """Upper bound on a measured window's throughput (every token over the window's time).
+
+    The window produced ``decode_tokens`` by decode iterations, each at least T_iter(b') /
+    b' at its mean context for the best ``b' <= concurrency`` (:func:`run_bound` with
+    ``prefill=False``), and prefilled ``prefilled_prompts`` (one first token each), each at
+    least ``P(p) / (G phi)`` on the GPUs the decode iterations also need, in series with
+    them (prefill priority). So its tokens per second are at most (decode tokens + prompts)
+    / (their sum of those times): exact per prompt, with no assumption about how the
+    window's prefills relate to its outputs.
+
+    Args:
+      system, model: names or objects.
+      prefilled_prompts: int [k] prompt lengths of the requests prefilled in the window.
+      decode_tokens: tokens decode iterations produced in the window (>= 1).
+      concurrency: the window's largest number of requests running at once.
+      mean_context: the decoding requests' mean context in the window, tokens.
+      platform: hardware; mean_output: unused by the decode part (>= 1);
+      **kwargs: further :func:`throughput_curve` arguments.
+
+    Returns:
+      Bound (``batch_limit`` "run"): the decode part's binding resource, or
+      ``gpu_compute`` when the prefills alone would take longer than the decode tokens.
+    """
+    prompts = np.asarray(prefilled_prompts, np.float64)
+    if decode_tokens < 1:
+        raise ConfigError("decode_tokens", decode_tokens, "must be >= 1")
+    decode = run_bound(system, model, prompts=np.ones(1), outputs=np.full(1, mean_output),
+                       concurrency=concurrency, prefill=False, platform=platform,
+                       mean_context=mean_context, **kwargs)
+    s = _setup(system, model, mean_prompt=1.0, mean_output=max(mean_output, 1.0),
+               mean_context=mean_context, platform=platform, **kwargs)
+    seconds_per_flop = s.fc_s_per_token / s.model.fc_flops_per_token  # 1 / (G phi)
+    prefill_s = seconds_per_flop * sum(s.model.prefill_flops(float(n)) for n in prompts)
+    decode_s = decode_tokens / decode.tokens_per_s
+    tokens = decode_tokens + prompts.size
+    per_resource = {key: tokens / (decode_tokens / rate) if rate < math.inf else math.inf
+                    for key, rate in decode.per_resource.items()}
+    compute = decode_tokens / decode.per_resource.get("gpu_compute", math.inf) + prefill_s
+    per_resource["gpu_compute"] = tokens / compute if compute > 0 else math.inf
+    binding = min(per_resource, key=lambda key: (per_resource[key], RESOURCES.index(key)))
+    return dataclasses.replace(decode, tokens_per_s=tokens / (decode_s + prefill_s),
+                               binding_resource=binding, per_resource=per_resource)
 
 
 def offered_load(workload) -> float | None:

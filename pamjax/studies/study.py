@@ -51,7 +51,7 @@ from pamjax.hardware import TIER_NAMES, Platform
 from pamjax.locality import AccessModel
 from pamjax.models import Model
 from pamjax.simulation import choose_page_size, index_config, make_config, run_batch
-from pamjax.studies.bounds import bound_columns
+from pamjax.studies.bounds import run_bound, window_bound
 from pamjax.systems import Knobs, make_params, max_bank_groups
 from pamjax.types import ENERGY_COMPONENTS, STATUS_FINISHED, STATUS_REJECTED
 from pamjax.workload import Workload, steady_state, synthetic
@@ -338,7 +338,10 @@ def point_row(point: SweepPoint, m, opened, final, workload: Workload, page: int
         "window_s": elapsed,
     }
     row.update({f"energy_{c}": float(e) for c, e in zip(ENERGY_COMPONENTS, energy)})
-    row.update(_bound_columns(point, row, workload))
+    first = np.asarray(final.req_first_token_s, np.float64)
+    t0 = float(opened.clock_whole) + float(opened.clock_frac)
+    prefilled = np.asarray(workload.prompt_tokens)[np.isfinite(first) & (first > t0)]
+    row.update(_bound_columns(point, row, workload, prefilled, int(decode.sum())))
     total_held, total_attention = held.sum(), attention.sum()
     for i, tier in enumerate(TIER_NAMES):
         row[f"{tier}_token_share"] = float(held[i] / total_held) if total_held else 0.0
@@ -347,21 +350,29 @@ def point_row(point: SweepPoint, m, opened, final, workload: Workload, page: int
     return row
 
 
-def _bound_columns(point: SweepPoint, row: dict, workload: Workload) -> dict:
-    """The row's whole-run and decode-only throughput beside pamjax.studies.bounds.run_bound
-    of its requests at its batch (columns bound_tokens_per_s, binding_resource, efficiency
-    and the same with a ``decode_`` prefix; None when the batch did not fit)."""
+def _bound_columns(point: SweepPoint, row: dict, workload: Workload, prefilled,
+                   decode_tokens: int) -> dict:
+    """The row's window and decode-only throughput beside their bounds (pamjax.studies.
+    bounds.window_bound of the window's prefills and decode tokens, and run_bound without
+    prefill; both at the row's batch and mean context): columns bound_tokens_per_s,
+    binding_resource, efficiency and the same with a ``decode_`` prefix; None when the
+    batch did not fit or nothing decoded."""
+    if row["oom"] or decode_tokens < 1:
+        return {f"{prefix}{c}": None for prefix in ("", "decode_") for c in BOUND_COLUMNS}
+    common = dict(concurrency=point.batch, platform=point.platform, access=point.access,
+                  mean_context=row["mean_context_tokens"])
     columns = {}
-    for prefix, key, prefill in (("", "throughput_tokens_per_s", True),
-                                 ("decode_", "decode_throughput_tokens_per_s", False)):
-        if row["oom"]:
-            columns.update({f"{prefix}{c}": None for c in BOUND_COLUMNS})
-            continue
-        columns.update(bound_columns(
-            point.system, point.model, row[key], prompts=workload.prompt_tokens,
-            outputs=workload.output_tokens, concurrency=point.batch, prefill=prefill,
-            platform=point.platform, access=point.access, prefix=prefix,
-            mean_context=row["mean_context_tokens"]))
+    for prefix, key, b in (
+            ("", "throughput_tokens_per_s", window_bound(
+                point.system, point.model, prefilled_prompts=prefilled,
+                decode_tokens=decode_tokens, **common)),
+            ("decode_", "decode_throughput_tokens_per_s", run_bound(
+                point.system, point.model, prompts=workload.prompt_tokens,
+                outputs=workload.output_tokens, prefill=False, **common))):
+        columns[f"{prefix}bound_tokens_per_s"] = b.tokens_per_s
+        columns[f"{prefix}binding_resource"] = b.binding_resource
+        columns[f"{prefix}efficiency"] = row[key] / b.tokens_per_s if b.tokens_per_s > 0 \
+            else float("nan")
     return columns
 
 
