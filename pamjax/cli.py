@@ -195,6 +195,21 @@ def _provenance(args, setup: _Setup, *, seed, systems=None, workload=None, **ext
                   workload=workload, **extra)
 
 
+def _write_sidecars(paths, prov: dict) -> list[pathlib.Path]:
+    """Provenance sidecars (<stem>.meta.json) of CSVs another module wrote: the record and
+    the CSV's header."""
+    import csv
+
+    from pamjax.studies.report import meta_path, write_json
+
+    written = []
+    for path in paths:
+        with open(path, newline="") as f:
+            columns = next(csv.reader(f), [])
+        written.append(write_json(meta_path(path), {"provenance": prov, "columns": columns}))
+    return written
+
+
 def _setup_line(prov: dict) -> str:
     from pamjax.provenance import summary_line
 
@@ -332,9 +347,11 @@ def cmd_presets(args) -> int:
 
     platform = get_platform()
     if args.hardware:
-        from pamjax.config_files import load_platform_file
+        from pamjax.config_files import load_platform_file, platform_warnings
 
         platform = load_platform_file(args.hardware)
+        for text in platform_warnings(platform):
+            _warn(text)
     model = None
     if args.model_file:  # read before printing anything, so a bad file is the only output
         from pamjax.config_files import load_model_file
@@ -780,7 +797,10 @@ def cmd_bench(args) -> int:
         section(out)
     print(f"\nbenchmark wall time {out['wall_s']:.0f} s")
     if args.json:
-        _write_json(args.json, out)
+        from pamjax.provenance import command_record
+
+        _write_json(args.json, {**out, "provenance": command_record(
+            args.argv, quick=args.quick, setup="the cases of pamjax/studies/bench.py")})
     return 0
 
 
@@ -873,9 +893,17 @@ def cmd_train_policy(args) -> int:
     from pamjax.learn import train
 
     setup = train.setup_for(quick=args.quick, model=args.model)
+    from pamjax.provenance import command_record, describe_model
+
     result = train.run_study(setup, family=args.family, seed=args.seed, out_dir=args.out,
                              eval_trace=args.eval_trace, progress=not args.quiet)
     result["quick"] = args.quick
+    prov = command_record(args.argv, model=describe_model(args.model), seed=args.seed,
+                          family=args.family, quick=args.quick,
+                          setup="pamjax/learn/train.py setup_for(quick, model)")
+    # The CSVs run_study writes (pamjax/learn/train.py), when it wrote them.
+    _write_sidecars([p for p in (pathlib.Path(args.out) / name for name in
+                                 ("grid.csv", "training_curve.csv")) if p.is_file()], prov)
     slo = result["slo_throughput_tokens_per_s"]
     slo_columns = [f"@{s}" for s in next(iter(slo.values()))]
     rows = []
@@ -891,7 +919,7 @@ def cmd_train_policy(args) -> int:
           "(exact); relaxation gap "
           + ", ".join(f"{k} {v:+.1%}" for k, v in result["relaxation_gap"].items()))
     if args.json:
-        _write_json(args.json, result)
+        _write_json(args.json, {**result, "provenance": prov})
     return 0
 
 
@@ -914,12 +942,18 @@ def cmd_reproduce(args) -> int:
     """`pamjax reproduce`: one study of the PAM evaluation, or all of them."""
     import time
 
+    from pamjax.provenance import command_record, describe_platform
     from pamjax.studies.reproduce import reproduce
 
     start = time.perf_counter()
     written = reproduce(args.study, args.out, quick=args.quick, progress=not args.quiet)
     for name, path in written.items():
-        print(f"{name}: {path} and {path.with_suffix('.png')}")
+        prov = command_record(args.argv, study=name, quick=args.quick,
+                              platform=describe_platform(None),
+                              setup="models, workloads, systems, knobs and hardware scaling "
+                                    "as pamjax/studies/reproduce.py sets them (its docstring)")
+        meta, = _write_sidecars([path], prov)
+        print(f"{name}: {path}, {meta.name} and {path.with_suffix('.png').name}")
     print(f"done in {time.perf_counter() - start:.0f} s")
     return 0
 

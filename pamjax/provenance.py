@@ -116,6 +116,17 @@ def _with_defaults(obj, cls) -> dict:
             "differs_from_default": {k: v for k, v in mine.items() if default[k] != v}}
 
 
+def command_record(argv=None, **extra) -> dict:
+    """The part of a record every command has: ``pamjax_version``, ``command`` (the argv
+    after ``pamjax``; None from Python) and ``extra`` as given. Commands whose setup is
+    fixed by their module (``reproduce``, ``bench``, ``train-policy``) record this and say
+    where the setup is described."""
+    from pamjax import __version__
+
+    return {"pamjax_version": __version__,
+            "command": ["pamjax", *argv] if argv is not None else None, **extra}
+
+
 def record(*, argv=None, platform: Platform | None = None, platform_source=None,
            model: Model | str | None = None, model_source=None, systems=(),
            system_sources: dict | None = None, knobs: Knobs | None = None,
@@ -137,12 +148,9 @@ def record(*, argv=None, platform: Platform | None = None, platform_source=None,
     Returns:
       a JSON-ready dict.
     """
-    from pamjax import __version__
-
     system_sources = system_sources or {}
-    out = {
-        "pamjax_version": __version__,
-        "command": ["pamjax", *argv] if argv is not None else None,
+    out = command_record(argv)
+    out.update({
         "platform": describe_platform(platform, platform_source),
         "model": describe_model(model or "llama3-70b", model_source),
         "systems": [describe_system(s, system_sources.get(getattr(s, "name", s)))
@@ -150,7 +158,7 @@ def record(*, argv=None, platform: Platform | None = None, platform_source=None,
         "knobs": _with_defaults(knobs, Knobs),
         "access_model": _with_defaults(access, AccessModel),
         "seed": seed,
-    }
+    })
     if workload is not None:
         out["workload"] = workload
     out.update(extra)

@@ -332,3 +332,21 @@ def test_bar_panels_are_linear_unless_values_span_orders_of_magnitude(tmp_path):
     assert scale([1.0, 1000.0], log=True)[:2] == ("log", "y (log)")
     assert "OOM" in scale([5.0, None], log=False)[2]
     assert plots.short(15230.0) == "15.2k" and plots.short(2.5e6) == "2.5M"
+
+
+def test_commands_with_fixed_setups_record_their_command(tmp_path, capsys, monkeypatch):
+    from pamjax.studies import reproduce
+
+    def fake(study, out_dir, **kwargs):  # the study itself is tested in test_reproduce.py
+        path = pathlib.Path(out_dir) / f"{study}.csv"
+        path.write_text("variant,speedup\npam,2.0\n")
+        return {study: path}
+
+    monkeypatch.setattr(reproduce, "reproduce", fake)
+    rc, stdout, _ = run_cli(["reproduce", "ablation", "--quick", "--out", tmp_path], capsys)
+    assert rc == 0 and "ablation.meta.json" in stdout
+    meta = json.loads((tmp_path / "ablation.meta.json").read_text())
+    assert meta["columns"] == ["variant", "speedup"]
+    assert meta["provenance"]["command"] == ["pamjax", "reproduce", "ablation", "--quick",
+                                             "--out", str(tmp_path)]
+    assert meta["provenance"]["pamjax_version"] == pamjax.__version__

@@ -182,9 +182,16 @@ def throughput_vs_batch(path, rows: list[dict], *, slo_ms, title: str,
         left.plot(batches, [r["throughput_tokens_per_s"] for r in mine], marker="o",
                   label=name)
         right.plot(batches, [r["tpot_p99_ms"] for r in mine], marker="o", label=name)
-    for i, slo in enumerate(np.atleast_1d(slo_ms)):
+    # The TPOT axis shows the data and the smallest SLO; larger SLOs are off its scale
+    # (and say so) rather than squashing the curves against zero.
+    slos = sorted(float(v) for v in np.atleast_1d(slo_ms))
+    shown = [r["tpot_p99_ms"] for r in rows if not r["oom"] and r["tpot_p99_ms"] is not None
+             and np.isfinite(r["tpot_p99_ms"])]
+    top = max([*shown, slos[0]]) * 1.15
+    for i, slo in enumerate(slos):
         right.axhline(slo, color="k", ls=("--", ":", "-.")[i % 3], lw=1,
-                      label=f"SLO {slo:g} ms")
+                      label=f"SLO {slo:g} ms" + ("" if slo <= top else " (off scale)"))
+    right.set_ylim(0, top)
     batches = sorted({r["batch"] for r in rows})
     for ax, label in ((left, "output tokens / s"), (right, "TPOT p99 (ms)")):
         ax.set_xscale("log", base=2)
@@ -260,6 +267,8 @@ def timelines(path, series: dict[str, list[dict]], *, tiers, title: str,
     axes = axes[:, 0]
     for ax in axes[1:]:
         ax.sharex(axes[0])
+    for ax in axes[:-1]:
+        ax.tick_params(labelbottom=False)  # one time axis, at the bottom
     panels = (("running", "running requests"), ("queued", "queued requests"),
               ("step_time_ms", "step time (ms)"))
     styles = ("-", "--", ":")
