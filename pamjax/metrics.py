@@ -16,6 +16,11 @@ Definitions:
 * Step time (``step_time_ms``) = simulated duration of the busy steps (idle clock jumps
   excluded): exact mean and max, p50/p99 from a fixed-bin log histogram (below).
 
+Per request and over time (`pamjax simulate --out`): :func:`request_rows` (one row per
+request: arrival, lengths, status, TTFT, TPOT, finish) and :func:`timeline_rows` (running
+and queued requests, KV per tier, step time, migrated and output tokens, per step or per
+fixed time bin). :func:`summarize_batch` summarises each configuration of a batched run.
+
 Long runs: the step metrics are folded chunk by chunk into :class:`RunningStats` (float64
 sums and integer counts, exact up to float64 summation order, plus the histogram), so a run
 of any length keeps O(1) host memory; :func:`summarize` of a full timeline goes through the

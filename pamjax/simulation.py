@@ -12,6 +12,12 @@ Many configurations (:func:`run_batch`, :func:`stack`): C configurations stacked
 leading axis and run by one vmapped, jitted rollout per group of configurations and chunk of
 steps, optionally sharded over devices; the runner of the SLO search, the sweep and the
 learned-policy judge.
+
+Several configurations to completion (:func:`run_many`, :func:`simulate_systems`): the
+host loop of :func:`run` over one vmapped chunk function, for `pamjax simulate --systems`.
+
+Every runner refuses parameters whose ``max_batch`` the config's slots cannot serve
+(:func:`check_slots`): the slots would otherwise cap the batch silently.
 """
 
 from __future__ import annotations

@@ -140,10 +140,11 @@ def test_peak_under_slo_takes_every_field_from_one_batch():
 
 
 def test_compare_rows_platform_knobs_and_system_file(tmp_path, capsys):
+    # The shapes of test_cli.py's compare (2 systems, batches 2 and 4, seed 3, 8 steps).
     rc, stdout, _ = run_cli(["compare", "--model", "llama3-8b", "--systems", "pam",
                              "--system-file", SYSTEM_FILE, "--batches", "2,4", "--steps", "8",
-                             "--slo-ms", "1000", "--knob", "prefill_token_budget=4096",
-                             "--quiet", "--out", tmp_path], capsys)
+                             "--seed", "3", "--slo-ms", "1000", "--knob",
+                             "prefill_token_budget=4096", "--quiet", "--out", tmp_path], capsys)
     assert rc == 0
     assert "knobs prefill_token_budget=4096" in stdout and "peak batch" in stdout
     summary = json.loads((tmp_path / "compare.json").read_text())
@@ -166,14 +167,16 @@ def test_compare_rows_platform_knobs_and_system_file(tmp_path, capsys):
 def test_sweep_takes_the_shared_options_and_writes_provenance_and_a_figure(tmp_path,
                                                                           capsys):
     hardware = ROOT / "examples" / "hardware" / "pam-80-dimms.toml"
+    # The shapes of test_cli.py's sweep (2 systems x batches 2, 4 x seeds 0, 1; 8 requests,
+    # 8 steps): the suite compiles them once.
     rc, stdout, _ = run_cli(["sweep", "--model-file", MODEL_FILE, "--systems", "pam",
-                             "--system-file", SYSTEM_FILE, "--batches", "2", "--slo-ms",
-                             "1000", "--max-requests", "4", "--steps", "4", "--hardware",
-                             hardware, "--knob", "target_rule=throughput", "--quiet",
-                             "--out", tmp_path], capsys)
+                             "--system-file", SYSTEM_FILE, "--batches", "2,4", "--seeds",
+                             "0,1", "--slo-ms", "1000", "--max-requests", "8", "--steps", "8",
+                             "--hardware", hardware, "--knob", "target_rule=throughput",
+                             "--quiet", "--out", tmp_path], capsys)
     assert rc == 0 and "platform pam-80-dimms" in stdout
     rows = read_csv(tmp_path / "sweep.csv")
-    assert sorted(r["system"] for r in rows) == ["pam", "pam-hbm-ddr"]
+    assert sorted({r["system"] for r in rows}) == ["pam", "pam-hbm-ddr"] and len(rows) == 8
     assert {r["model"] for r in rows} == {"llama2-7b"}
     prov = json.loads((tmp_path / "sweep.meta.json").read_text())["provenance"]
     assert prov["platform"]["source"] == str(hardware)
@@ -270,10 +273,13 @@ def test_a_batch_larger_than_the_slots_is_refused():
 
 
 def test_summarize_batch_gives_one_summary_per_configuration():
+    # test_simulation.py's shapes (4 requests, 2 slots, page 64, calls of 2 x 5 steps), so
+    # that the whole suite compiles them once.
     workload = synthetic("sharegpt", 4, seed=0)
     config = make_config(workload, 2, page_size=64, padded_bank_groups=max_bank_groups())
     params = [make_params(s, "llama3-8b", max_batch=2, page_size=64) for s in ("pam", "l-pim")]
-    states, metrics = pamjax.run_batch(config, pamjax.stack(params), workload, 48)
+    states, metrics = pamjax.run_batch(config, pamjax.stack(params), workload, 10,
+                                       chunk_steps=5)
     summaries = pamjax.summarize_batch(workload, states, metrics, labels=["pam", "l-pim"])
     assert [s["label"] for s in summaries] == ["pam", "l-pim"]
     for i, s in enumerate(summaries):
