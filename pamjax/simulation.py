@@ -12,6 +12,12 @@ Many configurations (:func:`run_batch`, :func:`stack`): C configurations stacked
 leading axis and run by one vmapped, jitted rollout per group of configurations and chunk of
 steps, optionally sharded over devices; the runner of the SLO search, the sweep and the
 learned-policy judge.
+
+Several configurations to completion (:func:`run_many`, :func:`simulate_systems`): the
+host loop of :func:`run` over one vmapped chunk function, for `pamjax simulate --systems`.
+
+Every runner refuses parameters whose ``max_batch`` the config's slots cannot serve
+(:func:`check_slots`): the slots would otherwise cap the batch silently.
 """
 
 from __future__ import annotations
@@ -50,6 +56,8 @@ class SimResult:
         (``timeline``), else None.
       config: the EngineConfig.
       stats: the RunningStats the summary came from.
+      engine: how it ran: ``"step"`` (engine.step), ``"leap"`` (the event leap) or
+        ``"step, vmapped over C configurations"`` (:func:`run_many`).
     """
 
     summary: dict
@@ -57,6 +65,7 @@ class SimResult:
     metrics: object
     config: EngineConfig
     stats: metrics_lib.RunningStats | None = None
+    engine: str = "step"
 
 
 def choose_page_size(num_slots: int, max_context: int,
@@ -96,6 +105,28 @@ def make_config(workload: HostWorkload, num_slots: int, *, page_size: int | None
                         num_requests=workload.num_requests,
                         padded_bank_groups=padded_bank_groups, admit_window=max(admit, 1),
                         recorded_steps=recorded_steps, **overrides)
+
+
+def check_slots(params, config: EngineConfig) -> None:
+    """Refuse parameters whose ``max_batch`` the config's slots cannot serve.
+
+    At most ``config.num_slots`` requests run at once, so a larger ``max_batch`` would be
+    capped silently, unless the workload has no more requests than slots (then neither can
+    be reached, which is how :func:`simulate` sizes its config).
+
+    Args:
+      params: SimParams of one configuration, or stacked [C] (host or device arrays).
+      config: the EngineConfig they will run with.
+
+    Raises:
+      ConfigError: naming max_batch and num_slots.
+    """
+    max_batch = int(np.max(np.asarray(params.max_batch)))
+    if max_batch > config.num_slots and config.num_slots < config.num_requests:
+        raise ConfigError("max_batch", max_batch, f"exceeds the EngineConfig's "
+                          f"num_slots={config.num_slots} (the most requests that can run at "
+                          f"once); build the config with make_config(workload, {max_batch}) "
+                          f"or lower max_batch")
 
 
 def device_workload(workload: HostWorkload) -> DeviceWorkload:
@@ -199,6 +230,7 @@ def run(params: SimParams, workload: HostWorkload, config: EngineConfig, *, seed
             raise ConfigError("leap_steps", leap_steps, f"the event leap does not apply: "
                               f"{reason}")
         chunk_steps = max(chunk_steps, leap_steps)
+    check_slots(params, config)
     start = time.perf_counter()
     dev_workload = device_workload(workload)
     state = leap_lib.init_state(config) if leap_steps else engine.init_state(config, seed)
@@ -231,7 +263,8 @@ def run(params: SimParams, workload: HostWorkload, config: EngineConfig, *, seed
     state = jax.device_get(state)
     summary = metrics_lib.summarize_stats(workload, state, stats, time.perf_counter() - start)
     stacked = jax.tree.map(lambda *xs: np.concatenate(xs), *kept) if keep else None
-    return SimResult(summary=summary, state=state, metrics=stacked, config=config, stats=stats)
+    return SimResult(summary=summary, state=state, metrics=stacked, config=config, stats=stats,
+                     engine="leap" if leap_steps else "step")
 
 
 def _fold(pending, stats, kept, keep: bool, bar: Progress) -> bool:
@@ -404,6 +437,7 @@ def run_batch(config: EngineConfig, params, workload, num_steps: int, *, seeds=0
     """
     if isinstance(params, (list, tuple)):
         params = stack(params)
+    check_slots(params, config)
     count = int(np.shape(jax.tree.leaves(params)[0])[0])
     width, chunk_steps = width or count, chunk_steps or num_steps
     for field, value in (("num_steps", num_steps), ("chunk_steps", chunk_steps),
@@ -470,3 +504,166 @@ def _take(tree, index, whole: bool):
     """Configurations ``index`` of a stacked pytree (the tree itself when it is all of
     them in order)."""
     return tree if whole else jax.tree.map(lambda x: np.asarray(x)[index], tree)
+
+
+# ---------------------------------------------------------------------------------------------
+# Several configurations until every request is done (simulate --systems)
+# ---------------------------------------------------------------------------------------------
+
+@functools.partial(jax.jit, static_argnames=("config", "num_steps"), donate_argnums=(2,))
+def _run_chunk_many(config, params, state, workload, num_steps, recorded):
+    """``num_steps`` engine steps of C configurations [C] at once (vmapped), with each
+    one's count of finished or rejected requests (i32 [C]). A configuration that is done
+    keeps stepping: engine.step then advances the step counter and reports zeros."""
+    def one(p, s):
+        s, chunk = engine.rollout(config, p, s, workload, num_steps, recorded)
+        status = s.req_status
+        return s, chunk, jnp.sum((status == STATUS_FINISHED) | (status == STATUS_REJECTED),
+                                 dtype=jnp.int32)
+    return jax.vmap(one)(params, state)
+
+
+def run_many(params, workload: HostWorkload, config: EngineConfig, *, seed: int = 0,
+             chunk_steps: int = 256, max_steps: int | None = None, recorded=None,
+             progress: bool = False, timeline: bool | None = None) -> list[SimResult]:
+    """:func:`run` for C configurations of one shape at once: one compiled, vmapped chunk
+    function steps them all until every configuration's requests are done.
+
+    The host loop is :func:`run`'s (chunk k+1 is dispatched before chunk k is folded), with
+    one RunningStats per configuration. A configuration may differ from its own
+    :func:`run` in the last bits of some step times (XLA may round a vmapped program
+    differently), and the event leap is not used.
+
+    Args:
+      params: SimParams of C configurations, a list or stacked [C]; each ``max_batch``
+        within ``config.num_slots`` (check_slots).
+      workload, config, seed, chunk_steps, max_steps, recorded, progress, timeline: as for
+        :func:`run` (every configuration gets the same workload, seed and recorded scores).
+
+    Returns:
+      one SimResult per configuration, in order; ``summary["wall_seconds"]`` is the wall
+      time of the whole call, shared by its configurations.
+    """
+    if isinstance(params, (list, tuple)):
+        params = stack(params)
+    check_slots(params, config)
+    for field, value in (("max_steps", max_steps), ("chunk_steps", chunk_steps)):
+        if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
+            raise ConfigError(field, value, "must be an integer >= 1")
+    count = int(np.shape(jax.tree.leaves(params)[0])[0])
+    start = time.perf_counter()
+    dev_workload = device_workload(workload)
+    state = stack([engine.init_state(config, seed) for _ in range(count)])
+    limit = max_steps or step_bound(workload)
+    stats = [metrics_lib.RunningStats() for _ in range(count)]
+    kept: list[list] = [[] for _ in range(count)]
+    keep = timeline
+    bar = Progress(count * workload.num_requests, desc=f"simulate {count} configurations",
+                   unit="req", enabled=progress)
+    pending, dispatched, finished = None, 0, False
+    while dispatched < limit and not finished:
+        state, chunk, done = _run_chunk_many(config, params, state, dev_workload,
+                                             chunk_steps, recorded)
+        dispatched += chunk_steps
+        if pending is not None:
+            finished = _fold_many(pending, stats, kept, keep, bar)
+        pending = (chunk, done)
+        if keep is None:
+            per_step = sum(x.nbytes for x in jax.tree.leaves(chunk)) / chunk_steps
+            keep = per_step * limit <= TIMELINE_AUTO_BYTES
+    _fold_many(pending, stats, kept, keep, bar)
+    bar.close()
+    state = jax.device_get(state)
+    wall = time.perf_counter() - start
+    results = []
+    for i in range(count):
+        final = index_config(state, i)
+        stacked = jax.tree.map(lambda *xs: np.concatenate(xs), *kept[i]) if keep else None
+        results.append(SimResult(
+            summary=metrics_lib.summarize_stats(workload, final, stats[i], wall),
+            state=final, metrics=stacked, config=config, stats=stats[i],
+            engine=f"step, vmapped over {count} configurations"))
+    return results
+
+
+def _fold_many(pending, stats, kept, keep: bool, bar: Progress) -> bool:
+    """Fold a finished chunk of every configuration; True when all are done."""
+    chunk, done = jax.device_get(pending)
+    for i, s in enumerate(stats):
+        mine = index_config(chunk, i)
+        s.fold(mine)
+        if keep:
+            kept[i].append(mine)
+    bar.moveto(int(np.sum(done)), status=f"{stats[0].steps} steps")
+    return int(np.sum(done)) == bar.total
+
+
+def simulate_systems(systems, model, workload: HostWorkload, *, max_batch: int = 64,
+                     platform=None, access: AccessModel | None = None, knobs=None,
+                     page_size: int | None = None, seed: int = 0, chunk_steps: int = 256,
+                     max_steps: int | None = None, recorded_scores: np.ndarray | None = None,
+                     progress: bool = False, timeline: bool | None = None,
+                     leap: bool | None = None) -> dict[str, SimResult]:
+    """Several systems on one workload (`pamjax simulate --systems`), each to completion.
+
+    One system is exactly :func:`simulate`. With several, they share one EngineConfig
+    (same workload, batch, page size and hardware), so the systems the event leap applies
+    to (``leap`` None: where it applies; True: all, ConfigError where it does not; False:
+    none) run one by one through it and all the others together through
+    :func:`run_many` (one compiled, vmapped chunk function).
+
+    Args:
+      systems: system names or System objects (distinct names).
+      model, workload, max_batch, platform, access, knobs, page_size, seed, chunk_steps,
+        max_steps, recorded_scores, progress, timeline: as for :func:`simulate`.
+
+    Returns:
+      {system name: SimResult}, in the order given.
+
+    Raises:
+      CapacityError: a system can hold none of the workload's requests.
+      ConfigError: duplicate names; ``leap=True`` for a system it does not apply to.
+    """
+    from pamjax.systems import make_params, max_bank_groups, require_a_fitting_request
+
+    names = [getattr(s, "name", s) for s in systems]
+    if len(set(names)) != len(names) or not names:
+        raise ConfigError("systems", names, "need one or more distinct system names")
+    common = dict(max_batch=max_batch, platform=platform, access=access, knobs=knobs,
+                  page_size=page_size, seed=seed, chunk_steps=chunk_steps,
+                  max_steps=max_steps, recorded_scores=recorded_scores, progress=progress,
+                  timeline=timeline)
+    if len(systems) == 1:
+        return {names[0]: simulate(systems[0], model, workload, leap=leap, **common)}
+    for system in systems:
+        require_a_fitting_request(system, model, workload, platform)
+    config = make_config(workload, min(max_batch, workload.num_requests), page_size=page_size,
+                         padded_bank_groups=max_bank_groups(platform),
+                         recorded_steps=0 if recorded_scores is None else
+                         int(recorded_scores.shape[0]))
+    params = {n: make_params(s, model, platform, access, max_batch=max_batch,
+                             page_size=config.page_size, knobs=knobs)
+              for n, s in zip(names, systems)}
+    results, stepped = {}, []
+    for name, system in zip(names, systems):
+        reason = leap_lib.applies(params[name], config)
+        if leap and reason is not None:
+            raise ConfigError("engine", "leap", f"the event leap does not apply to {name}: "
+                              f"{reason}")
+        if leap is not False and reason is None:
+            common["page_size"] = config.page_size
+            results[name] = simulate(system, model, workload, leap=True, **common)
+        else:
+            stepped.append(name)
+    if len(stepped) == 1:
+        results[stepped[0]] = run(params[stepped[0]], workload, config, seed=seed,
+                                  chunk_steps=chunk_steps, max_steps=max_steps,
+                                  recorded=prepare_recorded(recorded_scores, config),
+                                  progress=progress, timeline=timeline)
+    elif stepped:
+        many = run_many([params[n] for n in stepped], workload, config, seed=seed,
+                        chunk_steps=chunk_steps, max_steps=max_steps,
+                        recorded=prepare_recorded(recorded_scores, config), progress=progress,
+                        timeline=timeline)
+        results.update(zip(stepped, many))
+    return {n: results[n] for n in names}

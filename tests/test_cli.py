@@ -199,6 +199,8 @@ def test_same_seed_gives_byte_identical_outputs(tmp_path, capsys):
               "--batch", "4", "--max-requests", "6", "--seed", "3", "--json", str(path)])
         summary = json.loads(path.read_text())
         summary.pop("wall_seconds")  # host time, the only field that may differ
+        # ... apart from the command line, which names the output file.
+        assert summary["provenance"].pop("command")[-1] == str(path)
         return json.dumps(summary, sort_keys=True)
 
     assert simulate_json("a.json") == simulate_json("b.json")

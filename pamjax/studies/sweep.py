@@ -88,12 +88,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pamjax import simulation
 from pamjax.errors import ConfigError, UnknownNameError
-from pamjax.hardware import get_platform
-from pamjax.models import get_model
+from pamjax.hardware import Platform, get_platform
+from pamjax.models import Model, get_model
 from pamjax.progress import Progress
 from pamjax.simulation import choose_page_size, index_config, make_config, run_batch
 from pamjax.studies import study
-from pamjax.systems import get_system, make_params, max_bank_groups
+from pamjax.systems import Knobs, System, get_system, make_params, max_bank_groups
 from pamjax.traces import load_trace
 from pamjax.workload import DATASETS, Workload, synthetic
 
@@ -108,13 +108,16 @@ _SIM_KEY = ("system", "overrides", "batch", "seed")  # one simulated configurati
 class SweepSpec:
     """The axes of a sweep (what sweep.json records and resume checks).
 
-    Fields: model name; workload (dataset name, or None for a trace); trace (path or None);
-    max_requests (None = the default); systems, batches, slo_ms, seeds and overrides
-    (tuples, each override a ``"path=value[,path=value]"`` string, ``""`` = the preset);
-    steps (engine steps per configuration).
+    Fields: model (a preset name or a Model, e.g. from a --model-file); workload (dataset
+    name, or None for a trace); trace (path or None); max_requests (None = the default);
+    systems, batches, slo_ms, seeds and overrides (tuples, each override a
+    ``"path=value[,path=value]"`` string applied to ``platform``, ``""`` = the platform
+    itself); steps (engine steps per configuration); platform (None = the preset); knobs
+    (None = the defaults); custom_systems (System objects named in ``systems``, e.g. from
+    --system-file).
     """
 
-    model: str
+    model: str | Model
     workload: str | None
     trace: str | None
     max_requests: int | None
@@ -124,6 +127,9 @@ class SweepSpec:
     seeds: tuple[int, ...]
     overrides: tuple[str, ...]
     steps: int
+    platform: Platform | None = None
+    knobs: Knobs | None = None
+    custom_systems: tuple[System, ...] = ()
 
 
 @dataclasses.dataclass
@@ -169,7 +175,7 @@ def parse_override(text: str) -> dict:
 
 
 def make_spec(*, model, workload, trace, max_requests, systems, batches, slo_ms, seeds,
-              overrides, steps) -> SweepSpec:
+              overrides, steps, platform=None, knobs=None, custom_systems=()) -> SweepSpec:
     """Validated SweepSpec (axes deduplicated, in the order given).
 
     Raises:
@@ -181,9 +187,12 @@ def make_spec(*, model, workload, trace, max_requests, systems, batches, slo_ms,
         if values is None or len(list(values)) == 0:
             raise ConfigError(name, values, "empty: the sweep would have no configuration")
     systems = tuple(dict.fromkeys(str(s) for s in systems))
+    custom = {s.name: s for s in custom_systems}
     for name in systems:
-        get_system(name)
-    get_model(model)
+        if name not in custom:
+            get_system(name)
+    if isinstance(model, str):
+        get_model(model)
     for name, values, minimum in (("batches", batches, 1), ("seeds", seeds, 0)):
         for v in values:
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
@@ -196,9 +205,8 @@ def make_spec(*, model, workload, trace, max_requests, systems, batches, slo_ms,
     if max_requests is not None and (not isinstance(max_requests, int) or max_requests < 1):
         raise ConfigError("max_requests", max_requests, "must be an integer >= 1")
     overrides = tuple(dict.fromkeys(o.strip() for o in (overrides or [""])))
-    platform = get_platform()
     for text in overrides:
-        platform.with_overrides(parse_override(text))
+        (platform or get_platform()).with_overrides(parse_override(text))
     if trace is None and workload not in DATASETS:
         raise UnknownNameError("workload", workload, DATASETS)
     if trace is not None:
@@ -208,7 +216,8 @@ def make_spec(*, model, workload, trace, max_requests, systems, batches, slo_ms,
                      systems=systems, batches=tuple(dict.fromkeys(int(b) for b in batches)),
                      slo_ms=tuple(dict.fromkeys(float(s) for s in slo_ms)),
                      seeds=tuple(dict.fromkeys(int(s) for s in seeds)),
-                     overrides=overrides, steps=steps)
+                     overrides=overrides, steps=steps, platform=platform, knobs=knobs,
+                     custom_systems=tuple(custom_systems))
 
 
 def _workloads(spec: SweepSpec) -> dict[int, Workload]:
@@ -318,7 +327,8 @@ def run(spec: SweepSpec, out_dir, *, resume: bool = False, chunk_size: int = 64,
     workloads = _workloads(spec)
     widest = max(workloads.values(), key=lambda w: w.max_context)
     page = choose_page_size(max(spec.batches), widest.max_context)
-    platforms = {o: get_platform().with_overrides(parse_override(o)) for o in spec.overrides}
+    platforms = {o: (spec.platform or get_platform()).with_overrides(parse_override(o))
+                 for o in spec.overrides}
     bank_groups = max(max_bank_groups(p) for p in platforms.values())
     mesh = Mesh(np.array(jax.devices()), ("configs",))
     sharding = NamedSharding(mesh, PartitionSpec("configs"))
@@ -430,8 +440,9 @@ def _commit(path: pathlib.Path, rows: list[dict], columns: list[str] | None,
 def _run_chunk(spec, config, configs, platforms, workloads, page, sharding) -> list[dict]:
     """Simulate one chunk of (overrides, system, batch, seed) configurations; rows of the
     chunk in its order, one per configuration and SLO."""
-    params = [make_params(s, spec.model, platforms[o], max_batch=b, page_size=page)
-              for o, s, b, _ in configs]
+    custom = {s.name: s for s in spec.custom_systems}
+    params = [make_params(custom.get(s, s), spec.model, platforms[o], max_batch=b,
+                          page_size=page, knobs=spec.knobs) for o, s, b, _ in configs]
     seeds = [seed for *_, seed in configs]
     dev = [workloads[seed] for seed in seeds]
     state, metrics = run_batch(config, params, dev, spec.steps, seeds=seeds,
@@ -439,10 +450,10 @@ def _run_chunk(spec, config, configs, platforms, workloads, page, sharding) -> l
     name = pathlib.Path(spec.trace).name if spec.trace else spec.workload
     rows = []
     for i, (o, s, b, seed) in enumerate(configs):
-        point = study.SweepPoint(s, b, spec.model, platforms[o], o)
+        point = study.SweepPoint(custom.get(s, s), b, spec.model, platforms[o], o)
         row = study.point_row(point, index_config(metrics, i), index_config(state, i), dev[i],
                               page)
-        base = {"system": s, "overrides": o, "batch": b, "seed": seed, "model": spec.model,
+        base = {"system": s, "overrides": o, "batch": b, "seed": seed, "model": row["model"],
                 "workload": name}
         for slo in spec.slo_ms:
             rows.append({**row, **base, "slo_ms": slo,
