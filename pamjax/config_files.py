@@ -93,6 +93,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import pathlib
 import re
@@ -538,7 +539,7 @@ def _system_value(path, field: str, value, kind: str):
             return value
         raise ConfigFileError(path, field, value, "choose one of: " + ", ".join(
             f"{name!r} ({code})" for name, code in codes.items()))
-    value = _check_type(path, field, value, kind)
+    value = check_type(path, field, value, kind)
     if kind == "int" and value < 0:
         raise ConfigFileError(path, field, value, "must be >= 0")
     if kind == "float" and not value > 0:
@@ -567,7 +568,7 @@ def system_from_dict(data: Mapping[str, Any], source: str | os.PathLike = "<dict
     flat = dict(data)
     base = None
     if "base" in flat:
-        base_name = _check_type(path, "base", flat.pop("base"), "str")
+        base_name = check_type(path, "base", flat.pop("base"), "str")
         if base_name not in systems.SYSTEMS:
             raise ConfigFileError(path, "base", base_name, "unknown system preset; choose "
                                   "one of: " + ", ".join(systems.SYSTEMS))
@@ -581,7 +582,7 @@ def system_from_dict(data: Mapping[str, Any], source: str | os.PathLike = "<dict
         values[key] = _system_value(path, key, value, kinds[key])
     if base is None:
         _require(path, "", systems.System, values, excluded=("name",))
-    values.setdefault("name", _default_name(path))
+    values.setdefault("name", default_name(path))
     if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._-]*", values["name"]):
         raise ConfigFileError(path, "name", values["name"], "use letters, digits, '.', '_' "
                               "and '-' only (it names output files)")
