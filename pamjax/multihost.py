@@ -74,9 +74,11 @@ def initialize(coordinator: str | None, num_processes: int | None,
     """
     if not check_arguments(coordinator, num_processes, process_id):
         return
-    # CPU processes exchange data through gloo (TCP); GPUs and TPUs use their own
-    # collectives, and the setting is only read by the CPU client.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # CPU processes exchange data through gloo (TCP) unless the user chose another
+    # implementation (e.g. mpi); GPUs and TPUs use their own collectives, and the setting
+    # is only read by the CPU client.
+    if jax.config.jax_cpu_collectives_implementation in (None, "none"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                process_id=process_id)
 

@@ -67,8 +67,9 @@ process 0 reads and writes ``out_dir``: on a resume it reads ``sweep.csv`` and t
 others what is done, so ``out_dir`` need not be shared. The processes check that they were
 started with the same axes and chunk size (else every one stops with the same error).
 What was run: 2 CPU processes of one device each on one machine (127.0.0.1, gloo
-collectives), fresh and resumed, giving the bytes of one process (tests/test_sweep.py);
-not several hosts, nor GPUs. From Python, two hosts with 4 GPUs each::
+collectives), fresh and resumed (tests/test_sweep.py), and 2 processes of 2 forced host
+devices each, all giving the bytes of one process; not several hosts, nor GPUs. From
+Python, two hosts with 4 GPUs each::
 
     # host 0 (10.0.0.1) and host 1 run the same script, with PROCESS_ID=0 and 1:
     import os
