@@ -696,16 +696,20 @@ SWEEP_COLUMNS = ["overrides", "system", "SLO ms", "max batch", "tok/s"]
 
 
 def cmd_sweep(args) -> int:
-    """`pamjax sweep`: the sharded, resumable cartesian sweep (pamjax.studies.sweep); prints
+    """`pamjax sweep`: the resumable cartesian sweep over every device (pamjax.studies.sweep),
+    in one process or as one process of a multi-process job (--coordinator); prints
     per (overrides, system, SLO) the largest batch meeting the SLO for every seed and the
     mean throughput there over seeds; writes the provenance sidecar and a figure."""
     import jax
 
+    from pamjax import multihost
     from pamjax.config_files import platform_warnings
     from pamjax.hardware import get_platform
     from pamjax.studies import sweep
     from pamjax.systems import MAIN_SYSTEMS
 
+    # Before any other JAX call: a multi-process job must be joined first.
+    multihost.initialize(args.coordinator, args.num_processes, args.process_id)
     setup = _resolve(args, default_systems=MAIN_SYSTEMS)
     for text in args.override or ():
         if any(item.strip().startswith("knobs.") for item in text.split(",")):
@@ -737,7 +741,8 @@ def cmd_sweep(args) -> int:
     print(f"{_name(spec.model)} on {name}: {report.configs_total} configurations x "
           f"{len(spec.slo_ms)} SLOs ({report.configs_run} run now), {spec.steps} steps each, "
           f"page size {report.page_size}, {report.chunks} chunks on {report.devices} "
-          f"device(s), {report.compiles} compilation(s), {report.wall_seconds:.1f} s")
+          f"device(s) in {report.processes} process(es), {report.compiles} compilation(s), "
+          f"{report.wall_seconds:.1f} s")
     print(_setup_line(prov))
     print(format_table(table, SWEEP_COLUMNS))
     for path in _write_sweep_extras(spec, report.path, prov, model=_name(spec.model),
@@ -1133,7 +1138,8 @@ def _add_sweep(sub) -> None:
     from pamjax.systems import MAIN_SYSTEMS
 
     p = _command(sub, "sweep", "the cartesian product of systems x batches x SLOs x seeds x "
-                 "hardware overrides, sharded over all local devices, resumable", cmd_sweep)
+                 "hardware overrides, spread over all devices (of every process with "
+                 "--coordinator), resumable", cmd_sweep)
     _add_model_and_source(p, trace_help="take request lengths from a trace CSV (all queued "
                           "at t=0)", requests_help="requests per configuration (synthetic "
                           "default 2 x the largest batch; trace default all)")
@@ -1154,7 +1160,16 @@ def _add_sweep(sub) -> None:
                    help="configurations per device per compiled call (default 64)")
     p.add_argument("--resume", action="store_true",
                    help="keep the rows already in OUT/sweep.csv and run only the rest")
-    p.add_argument("--out", default="pamjax-out", help="output folder")
+    p.add_argument("--out", default="pamjax-out", help="output folder (only process 0 "
+                   "reads and writes it)")
+    p.add_argument("--coordinator", metavar="HOST:PORT", help="run as one process of a "
+                   "multi-process job (jax.distributed): the address of process 0, where it "
+                   "serves the job's coordinator; start every process with the same "
+                   "arguments and its own --process-id")
+    p.add_argument("--num-processes", type=_positive_int, metavar="N",
+                   help="processes in the job (with --coordinator)")
+    p.add_argument("--process-id", type=int, metavar="I",
+                   help="this process's number, 0..N-1 (with --coordinator)")
     _add_quiet(p)
     _add_simulation_options(p)
 

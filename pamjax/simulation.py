@@ -10,7 +10,7 @@ runs of any length unless the per-step timeline is kept (``timeline``).
 
 Many configurations (:func:`run_batch`, :func:`stack`): C configurations stacked on a
 leading axis and run by one vmapped, jitted rollout per group of configurations and chunk of
-steps, optionally sharded over devices; the runner of the SLO search, the sweep and the
+steps, optionally spread over devices; the runner of the SLO search, the sweep and the
 learned-policy judge.
 
 Several configurations to completion (:func:`run_many`, :func:`simulate_systems`): the
@@ -30,7 +30,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.experimental import multihost_utils
 
 from pamjax import engine
 from pamjax import leap as leap_lib
@@ -377,25 +376,9 @@ rollout_per_config = jax.jit(_rollout_per_config, static_argnames=("config", "nu
 configuration, e.g. per seed); jitted, state donated."""
 
 
-def _global(tree, sharding):
-    """Host pytree with a leading config axis -> global arrays sharded along it (each process
-    provides only its addressable shards)."""
-    def put(x):
-        x = np.asarray(x)
-        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-    return jax.tree.map(put, tree)
-
-
-def _gather(tree):
-    """Global arrays -> numpy on every process."""
-    if jax.process_count() > 1:
-        return multihost_utils.process_allgather(tree, tiled=True)
-    return jax.device_get(tree)
-
-
 def run_batch(config: EngineConfig, params, workload, num_steps: int, *, seeds=0,
               states=None, chunk_steps: int | None = None, width: int | None = None,
-              sharding=None, progress: str | None = None):
+              devices=None, progress: str | None = None):
     """Simulate C configurations for ``num_steps`` steps each, vmapped: one compile per shape.
 
     The one batched runner of pamjax: the SLO search (studies.study), the sweep
@@ -406,6 +389,13 @@ def run_batch(config: EngineConfig, params, workload, num_steps: int, *, seeds=0
     width and the chunking fix the compiled program, and XLA may round a reduction
     differently in another program (one flip can change a discrete decision), so a
     configuration's results depend on them: keep them fixed to compare runs.
+
+    With several ``devices``, groups are dealt to them in rounds of one group per device,
+    each call dispatched on every device of the round before any result is read, so the
+    devices run at once. Every device runs the same one-device program, whatever the number
+    of devices: a program partitioned over N > 1 devices (a sharded ``jit``) would go
+    through another XLA pipeline than a one-device program and can round differently (see
+    studies.sweep), so a group's results would depend on the device count.
 
     Args:
       config: the static EngineConfig every configuration shares.
@@ -421,11 +411,8 @@ def run_batch(config: EngineConfig, params, workload, num_steps: int, *, seeds=0
       chunk_steps: steps per compiled call (default: all ``num_steps`` in one call).
       width: configurations per call (default: all C); the last group is padded with copies
         of the first configuration (their results dropped), so every call has one shape.
-      sharding: a jax.sharding.Sharding of the configuration axis (e.g. a NamedSharding over
-        a 1-D mesh): the inputs of a call are placed shard by shard (every process
-        provides its addressable shards, so every process must build the same inputs, and
-        the workload must be given per configuration) and its outputs gathered to every
-        process. ``width`` (default C) must divide evenly over the devices.
+      devices: jax devices of this process to run the groups on (default: JAX's default
+        device); the program is compiled once per device (traced once).
       progress: a label: show the steps done on stderr (pamjax.progress); None: silent.
 
     Returns:
@@ -433,7 +420,7 @@ def run_batch(config: EngineConfig, params, workload, num_steps: int, *, seeds=0
 
     Raises:
       ConfigError: a count that is not an integer >= 1, seeds or workloads not one per
-        configuration, or a sharded run with one workload for all.
+        configuration, or a device of another process.
     """
     if isinstance(params, (list, tuple)):
         params = stack(params)
@@ -448,52 +435,56 @@ def run_batch(config: EngineConfig, params, workload, num_steps: int, *, seeds=0
     if per_config and len(workload) != count:
         raise ConfigError("workload", f"{len(workload)} workloads", f"need one per "
                           f"configuration ({count})")
-    if sharding is not None and not per_config:
-        raise ConfigError("workload", "one for all", "a sharded run needs one workload per "
-                          "configuration (a list)")
+    devices = list(devices) if devices else [None]
+    for device in devices:
+        if device is not None and device.process_index != jax.process_index():
+            raise ConfigError("devices", str(device), "not a device of this process")
     workload = stack([_device(w) for w in workload]) if per_config else _device(workload)
     if states is None:
         seeds = list(seeds) if np.ndim(seeds) else [seeds] * count
         if len(seeds) != count:
             raise ConfigError("seeds", f"{len(seeds)} seeds", f"need an int or one per "
                               f"configuration ({count})")
-    place = (lambda tree: tree) if sharding is None else \
-        functools.partial(_global, sharding=sharding)
-    fetch = jax.device_get if sharding is None else _gather
     rollout = rollout_per_config if per_config else engine.rollout_batch
-    groups = range(0, count, width)
-    bar = Progress(len(groups) * num_steps, desc=f"{progress}: {count} configurations",
+    starts = list(range(0, count, width))
+    bar = Progress(len(starts) * num_steps, desc=f"{progress}: {count} configurations",
                    unit="step", enabled=progress is not None)
-    final, metrics = [], []
-    for lo in groups:
-        # Indices of the group; the last is padded with copies of configuration 0.
-        index = np.arange(lo, lo + width)
-        index = np.where(index < count, index, 0)
-        take = functools.partial(_take, index=index, whole=width == count)
-        state = take(states) if states is not None else \
-            stack([engine.init_state(config, seeds[i]) for i in index])
-        group_workload = place(take(workload)) if per_config else workload
-        state, group_metrics = _run_group(
-            rollout, config, place(take(params)), place(state), group_workload, num_steps,
-            chunk_steps, fetch, bar)
-        final.append(state)
-        metrics.append(group_metrics)
+    results = []
+    for first in range(0, len(starts), len(devices)):
+        groups = []
+        for lo, device in zip(starts[first:first + len(devices)], devices):
+            # Indices of the group; the last is padded with copies of configuration 0.
+            index = np.arange(lo, lo + width)
+            index = np.where(index < count, index, 0)
+            take = functools.partial(_take, index=index, whole=width == count)
+            state = take(states) if states is not None else \
+                stack([engine.init_state(config, seeds[i]) for i in index])
+            group = (take(params), state, take(workload) if per_config else workload)
+            groups.append(group if device is None else jax.device_put(group, device))
+        results += _run_round(rollout, config, groups, num_steps, chunk_steps, bar)
     bar.close()
     join = functools.partial(jax.tree.map, lambda *xs: np.concatenate(xs)[:count])
-    return join(*final), join(*metrics)
+    return join(*(r[0] for r in results)), join(*(r[1] for r in results))
 
 
-def _run_group(rollout, config, params, state, workload, num_steps, chunk_steps, fetch, bar):
-    """One group of :func:`run_batch`: its steps in calls of ``chunk_steps``, each call's
-    metrics fetched to the host before the next; (final state, metrics [W, S, ...])."""
-    parts, done = [], 0
+def _run_round(rollout, config, groups, num_steps, chunk_steps, bar) -> list[tuple]:
+    """Groups of :func:`run_batch`, one per device: their steps in calls of
+    ``chunk_steps``, each call dispatched for every group before any of its metrics is
+    fetched to the host; [(final state, metrics [W, S, ...])] per group, numpy."""
+    parts = [[] for _ in groups]
+    done = 0
     while done < num_steps:
         n = min(chunk_steps, num_steps - done)
-        state, chunk = rollout(config, params, state, workload, n)
-        parts.append(fetch(chunk))
+        calls = [rollout(config, params, state, workload, n)
+                 for params, state, workload in groups]
+        groups = [(params, state, workload)
+                  for (params, _, workload), (state, _) in zip(groups, calls)]
+        for part, (_, chunk) in zip(parts, calls):
+            part.append(jax.device_get(chunk))
         done += n
-        bar.update(n)
-    return fetch(state), jax.tree.map(lambda *xs: np.concatenate(xs, axis=1), *parts)
+        bar.update(n * len(groups))
+    concat = functools.partial(jax.tree.map, lambda *xs: np.concatenate(xs, axis=1))
+    return [(jax.device_get(state), concat(*part)) for (_, state, _), part in zip(groups, parts)]
 
 
 def _device(workload) -> DeviceWorkload:
