@@ -26,7 +26,7 @@ from pamjax.errors import (
 )
 from pamjax.hardware import PLATFORMS, TIER_NAMES, Platform, Tier, get_platform
 from pamjax.locality import AccessModel, load_recorded_scores
-from pamjax.metrics import summarize
+from pamjax.metrics import summarize, summarize_batch
 from pamjax.models import MODELS, Model, get_model
 from pamjax.simulation import (
     SimResult,
@@ -35,7 +35,9 @@ from pamjax.simulation import (
     make_config,
     run,
     run_batch,
+    run_many,
     simulate,
+    simulate_systems,
     stack,
 )
 from pamjax.studies.study import peak_under_slo, run_sweep
@@ -62,9 +64,9 @@ __all__ = [
     "EngineConfig", "EngineState", "SimParams", "StepMetrics",
     "init_state", "step", "rollout", "rollout_jit", "rollout_batch",
     # Running: one configuration, many configurations, summaries, checks
-    "SimResult", "make_config", "run", "simulate",
+    "SimResult", "make_config", "run", "simulate", "simulate_systems", "run_many",
     "stack", "index_config", "run_batch",
-    "summarize", "check_invariants",
+    "summarize", "summarize_batch", "check_invariants",
     # The SLO search (pamjax.studies.study)
     "run_sweep", "peak_under_slo",
     # Errors

@@ -9,6 +9,7 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import pathlib
 import sys
@@ -19,8 +20,8 @@ EXAMPLES = {
     "run": "pamjax run --out pamjax-out",
     "compare": "pamjax compare --model opt-175b --workload wildchat --slo-ms 100 "
                "--systems pam,l-pim --batches 8,16,32,64",
-    "simulate": "pamjax simulate --system pam --model llama3-70b --workload sharegpt "
-                "--batch 64 --max-requests 128 --json out/pam.json",
+    "simulate": "pamjax simulate --systems pam,vllm-offload --model llama3-70b --trace "
+                "azure_conv.csv --max-requests 500 --load-scale 2 --out sim-out",
     "presets": "pamjax presets",
     "reproduce": "pamjax reproduce all --quick --out repro",
     "attention-demo": "pamjax attention-demo --tiers 3 --tokens 4096",
@@ -80,18 +81,35 @@ def _positive_float(text: str) -> float:
 
 
 def _load_workload(args):
+    """`simulate`'s requests: a trace replayed at --load-scale times its load, or a
+    synthetic dataset (Poisson at --rate, else all at t=0)."""
     from pamjax import workload as wl
 
     if args.trace:
         from pamjax.traces import load_trace
 
-        loaded = load_trace(args.trace, max_requests=args.max_requests)
         if args.rate:
             raise ConfigError("--rate", args.rate, "applies to synthetic workloads; a trace "
-                              "has its own arrival times")
-        return loaded
+                              "has its own arrival times (scale its load with --load-scale)")
+        # --load-scale X divides every arrival time by X: X times the requests per second.
+        return load_trace(args.trace, max_requests=args.max_requests,
+                          time_scale=1.0 / (args.load_scale or 1.0))
+    if args.load_scale:
+        raise ConfigError("--load-scale", args.load_scale, "applies to a --trace; set a "
+                          "synthetic workload's load with --rate")
     return wl.synthetic(args.workload, args.max_requests or 256, seed=args.seed,
                         rate_per_s=args.rate)
+
+
+def _workload_record(args, workload) -> dict:
+    """The provenance entry of `simulate`'s workload."""
+    if args.trace:
+        return {"name": workload.name, "source": str(args.trace),
+                "requests": workload.num_requests, "load_scale": args.load_scale or 1.0,
+                "arrivals": "the trace's, divided by load_scale"}
+    return {"name": workload.name, "source": "synthetic", "requests": workload.num_requests,
+            "rate_per_s": args.rate,
+            "arrivals": "Poisson" if args.rate else "all at t=0"}
 
 
 def _check_outputs(args) -> None:
@@ -106,18 +124,108 @@ def _check_outputs(args) -> None:
             raise PamjaxError(f"--out {out}: exists and is not a folder")
 
 
-def _model_and_platform(args):
-    """(Model or preset name, Platform or None) from --model / --model-file / --hardware."""
-    model, platform = args.model, None
+DEFAULT_MODEL = "llama3-70b"
+
+
+@dataclasses.dataclass
+class _Setup:
+    """What a simulating command resolved from the shared options (_add_simulation_options).
+
+    Fields: model (preset name or Model) and model_source (its file or None); platform
+    (Platform, None = the preset) and platform_source; knobs (Knobs, None = defaults);
+    systems (names or System objects, in order) and system_sources ({name: file}).
+    """
+
+    model: object
+    model_source: str | None
+    platform: object
+    platform_source: str | None
+    knobs: object
+    systems: list
+    system_sources: dict
+
+
+def _warn(text: str) -> None:
+    print(f"pamjax: warning: {text}", file=sys.stderr)
+
+
+def _resolve(args, default_systems=()) -> _Setup:
+    """Read and check --model/--model-file, --hardware, --knob and the systems
+    (--system/--systems plus --system-file); warn (stderr) about a suspicious platform."""
+    from pamjax import config_files
+    from pamjax.hardware import get_platform
+
+    if getattr(args, "model_file", None) and args.model is not None:
+        raise ConfigError("--model", args.model, "conflicts with --model-file (the file "
+                          "defines the model); give one of them")
+    model, model_source = args.model or DEFAULT_MODEL, None
     if getattr(args, "model_file", None):
-        from pamjax.config_files import load_model_file
-
-        model = load_model_file(args.model_file)
+        model, model_source = config_files.load_model_file(args.model_file), args.model_file
+    platform = platform_source = None
     if getattr(args, "hardware", None):
-        from pamjax.config_files import load_platform_file
+        platform = config_files.load_platform_file(args.hardware)
+        platform_source = args.hardware
+    for text in config_files.platform_warnings(platform or get_platform()):
+        _warn(text)
+    knobs = config_files.knobs_from_assignments(args.knob) if getattr(args, "knob", None) \
+        else None
+    systems = list(getattr(args, "systems", None) or
+                   ([args.system] if getattr(args, "system", None) else default_systems))
+    sources = {}
+    for path in getattr(args, "system_file", None) or ():
+        system = config_files.load_system_file(path)
+        if system.name in sources:
+            raise ConfigError("--system-file", path, f"system {system.name!r} is defined twice")
+        sources[system.name] = path
+        systems = [s for s in systems if s != system.name] + [system]
+    if not systems:
+        raise ConfigError("--system", None, "give --system, --systems or --system-file")
+    return _Setup(model, model_source, platform, platform_source, knobs, systems, sources)
 
-        platform = load_platform_file(args.hardware)
-    return model, platform
+
+def _provenance(args, setup: _Setup, *, seed, systems=None, workload=None, **extra) -> dict:
+    """The provenance record (pamjax.provenance) of a command's outputs."""
+    from pamjax.provenance import record
+
+    return record(argv=getattr(args, "argv", None), platform=setup.platform,
+                  platform_source=setup.platform_source, model=setup.model,
+                  model_source=setup.model_source,
+                  systems=setup.systems if systems is None else systems,
+                  system_sources=setup.system_sources, knobs=setup.knobs, seed=seed,
+                  workload=workload, **extra)
+
+
+def _write_sidecars(paths, prov: dict) -> list[pathlib.Path]:
+    """Provenance sidecars (<stem>.meta.json) of CSVs another module wrote: the record and
+    the CSV's header."""
+    import csv
+
+    from pamjax.studies.report import meta_path, write_json
+
+    written = []
+    for path in paths:
+        with open(path, newline="") as f:
+            columns = next(csv.reader(f), [])
+        written.append(write_json(meta_path(path), {"provenance": prov, "columns": columns}))
+    return written
+
+
+def _setup_line(prov: dict) -> str:
+    from pamjax.provenance import summary_line
+
+    return f"setup: {summary_line(prov)}"
+
+
+def _tiers_header(what: str) -> str:
+    from pamjax.hardware import TIER_NAMES
+
+    return f"{'/'.join(t.upper() for t in TIER_NAMES)} {what}"
+
+
+def _tiers_text(shares: dict) -> str:
+    from pamjax.hardware import TIER_NAMES
+
+    return "/".join(f"{shares[t]:.2f}" for t in TIER_NAMES)
 
 
 def _name(obj) -> str:
@@ -125,74 +233,108 @@ def _name(obj) -> str:
 
 
 def cmd_simulate(args) -> int:
-    """`pamjax simulate`: one system on one workload; prints a row, optionally writes JSON."""
-    import numpy as np
-
-    from pamjax.leap import LeapState
+    """`pamjax simulate`: systems on one workload, each to completion; a table row per
+    system, optionally the JSON summary (--json) or every output (--out DIR)."""
     from pamjax.locality import load_recorded_scores
-    from pamjax.simulation import simulate
-    from pamjax.studies.bounds import bound_columns, offered_load
+    from pamjax.simulation import simulate_systems
     from pamjax.systems import require_a_fitting_request
-    from pamjax.types import STATUS_FINISHED, STATUS_RUNNING
 
-    model, platform = _model_and_platform(args)
+    setup = _resolve(args)
+    names = [_name(s) for s in setup.systems]
+    if args.json and len(names) > 1:
+        raise ConfigError("--json", args.json, "writes one system's summary; with several "
+                          "systems use --out DIR (one JSON per system)")
     workload = _load_workload(args)
     # Refuse before loading scores or compiling (simulate checks it too, for library use).
-    require_a_fitting_request(args.system, model, workload, platform)
+    for system in setup.systems:
+        require_a_fitting_request(system, setup.model, workload, setup.platform)
     scores = load_recorded_scores(args.scores) if args.scores else None
-    result = simulate(args.system, model, workload, max_batch=args.batch,
-                      platform=platform, page_size=args.page_size, seed=args.seed,
-                      progress=args.progress, recorded_scores=scores,
-                      leap={"auto": None, "step": False, "leap": True}[args.engine])
-    s = result.summary
-    s["engine"] = "leap" if isinstance(result.state, LeapState) else "step"
+    results = simulate_systems(
+        setup.systems, setup.model, workload, max_batch=args.batch, platform=setup.platform,
+        knobs=setup.knobs, page_size=args.page_size, seed=args.seed, progress=args.progress,
+        recorded_scores=scores, timeline=True if args.out else None,
+        leap={"auto": None, "step": False, "leap": True}[args.engine])
+    systems = dict(zip(names, setup.systems))
+    summaries = {n: _simulate_summary(args, setup, systems[n], r, workload)
+                 for n, r in results.items()}
+    prov = _provenance(args, setup, seed=args.seed, workload=_workload_record(args, workload))
+    _print_simulate(args, setup, workload, summaries, prov)
+    if args.json:
+        _write_json(args.json, {**summaries[names[0]], "provenance": prov})
+    if args.out:
+        from pamjax.studies.replay import write_outputs
+
+        per_system = {n: _provenance(args, setup, seed=args.seed, systems=[systems[n]],
+                                     workload=_workload_record(args, workload))
+                      for n in names}
+        for path in write_outputs(args.out, results, summaries, workload, per_system):
+            print(f"wrote {path}")
+    return 0
+
+
+def _simulate_summary(args, setup: _Setup, system, result, workload) -> dict:
+    """A SimResult's summary with the run's bound, efficiency, SLO verdict and labels."""
+    import numpy as np
+
+    from pamjax.studies.bounds import bound_columns, offered_load
+    from pamjax.types import STATUS_FINISHED, STATUS_RUNNING
+
+    s = dict(result.summary, engine=result.engine)
     status = np.asarray(result.state.req_status)
     admitted = (status == STATUS_RUNNING) | (status == STATUS_FINISHED)
     if admitted.any():
         # The run's physical bound (pamjax.studies.bounds.run_bound): its admitted requests,
         # never more than --batch at once, and no more than its arrivals offer.
-        s.update(bound_columns(args.system, model, s["throughput_tokens_per_s"],
+        s.update(bound_columns(system, setup.model, s["throughput_tokens_per_s"],
                                prompts=workload.prompt_tokens[admitted],
                                outputs=workload.output_tokens[admitted],
-                               concurrency=args.batch, platform=platform,
+                               concurrency=args.batch, platform=setup.platform,
                                offered_tokens_per_s=offered_load(workload)))
     else:
         s.update(bound_tokens_per_s=None, binding_resource=None, efficiency=None)
-    row = {
-        "system": args.system, "requests": f"{s['requests_finished']}/{s['requests_total']}",
-        "tok/s": s["throughput_tokens_per_s"], "TTFT p50 ms": s["ttft_ms"]["p50"],
-        "TPOT p50 ms": s["tpot_ms"]["p50"], "TPOT p99 ms": s["tpot_ms"]["p99"],
-        "J/token": s["energy_j_per_token"],
-        "HBM/DDR/SSD tokens": "/".join(f"{s['tier_token_share'][t]:.2f}"
-                                       for t in ("hbm", "ddr", "ssd")),
-        "bound tok/s": s["bound_tokens_per_s"] or "-", "efficiency": s["efficiency"] or "-",
-        "binding": s["binding_resource"] or "-",
-    }
-    columns = list(row)
     if args.slo_ms:
         s["slo_ms"] = args.slo_ms
         s["slo_met"] = bool(s["tpot_ms"]["p99"] <= args.slo_ms)
-        row["SLO met"] = "yes" if s["slo_met"] else "no"
-        columns.append("SLO met")
-    print(f"{_name(model)} on {workload.name}: {workload.num_requests} requests, "
-          f"batch <= {args.batch}, {s['decode_steps']} decode steps, "
-          f"{s['simulated_seconds']:.2f} simulated s, {s['wall_seconds']:.1f} wall s "
-          f"({'event leap' if s['engine'] == 'leap' else 'engine.step'})")
-    print(format_table([row], columns))
-    print(f"locality: a unit attended at one step is attended at the next with probability "
-          f"{s['selection_persistence']:.3f}; the attended set holds "
-          f"{100 * s['selected_mass_share']:.1f}% of the attention mass; "
-          f"{100 * s['migrated_token_fraction_per_step']:.3f}% of tokens migrate per step")
-    if s["requests_rejected"]:
-        print(f"{s['requests_rejected']} request(s) rejected: their KV can never fit the "
-              f"system's tiers")
-    if s["overflow"]:
-        print("warning: a request outgrew its slot (overflow flag); results are incomplete")
-    if args.json:
-        s.update(system=args.system, model=_name(model), workload=workload.name,
-                 batch=args.batch, seed=args.seed)
-        _write_json(args.json, s)
-    return 0
+    s.update(system=_name(system), model=_name(setup.model), workload=workload.name,
+             batch=args.batch, seed=args.seed, page_size=result.config.page_size)
+    return s
+
+
+def _print_simulate(args, setup: _Setup, workload, summaries: dict, prov: dict) -> None:
+    """`simulate`'s header, table (a row per system) and notes."""
+    tiers = _tiers_header("tokens")
+    columns = ["system", "requests", "tok/s", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms",
+               "TPOT p99 ms", "J/token", tiers, "bound tok/s", "efficiency", "binding",
+               "decode steps", "sim s", "engine", *(["SLO met"] if args.slo_ms else [])]
+    engines = {"leap": "event leap", "step": "engine.step"}
+    rows = [{
+        "system": name, "requests": f"{s['requests_finished']}/{s['requests_total']}",
+        "tok/s": s["throughput_tokens_per_s"], "TTFT p50 ms": s["ttft_ms"]["p50"],
+        "TTFT p99 ms": s["ttft_ms"]["p99"], "TPOT p50 ms": s["tpot_ms"]["p50"],
+        "TPOT p99 ms": s["tpot_ms"]["p99"], "J/token": s["energy_j_per_token"],
+        tiers: _tiers_text(s["tier_token_share"]),
+        "bound tok/s": s["bound_tokens_per_s"] or "-", "efficiency": s["efficiency"] or "-",
+        "binding": s["binding_resource"] or "-", "decode steps": s["decode_steps"],
+        "sim s": s["simulated_seconds"], "engine": engines.get(s["engine"], s["engine"]),
+        "SLO met": "yes" if s.get("slo_met") else "no"} for name, s in summaries.items()]
+    load = f", load x{args.load_scale:g}" if args.trace and args.load_scale else ""
+    wall = max(s["wall_seconds"] for s in summaries.values())
+    print(f"{_name(setup.model)} on {workload.name}: {workload.num_requests} requests{load}, "
+          f"batch <= {args.batch}, {wall:.1f} wall s")
+    print(_setup_line(prov))
+    print(format_table(rows, columns))
+    for name, s in summaries.items():
+        who = f" ({name})" if len(summaries) > 1 else ""
+        print(f"locality{who}: a unit attended at one step is attended at the next with "
+              f"probability {s['selection_persistence']:.3f}; the attended set holds "
+              f"{100 * s['selected_mass_share']:.1f}% of the attention mass; "
+              f"{100 * s['migrated_token_fraction_per_step']:.3f}% of tokens migrate per step")
+        if s["requests_rejected"]:
+            print(f"{s['requests_rejected']} request(s) rejected{who}: their KV can never fit "
+                  f"the system's tiers")
+        if s["overflow"]:
+            print(f"warning{who}: a request outgrew its slot (overflow flag); results are "
+                  f"incomplete")
 
 
 def cmd_presets(args) -> int:
@@ -205,9 +347,11 @@ def cmd_presets(args) -> int:
 
     platform = get_platform()
     if args.hardware:
-        from pamjax.config_files import load_platform_file
+        from pamjax.config_files import load_platform_file, platform_warnings
 
         platform = load_platform_file(args.hardware)
+        for text in platform_warnings(platform):
+            _warn(text)
     model = None
     if args.model_file:  # read before printing anything, so a bad file is the only output
         from pamjax.config_files import load_model_file
@@ -351,9 +495,10 @@ def _systems(text: str) -> list[str]:
     return names
 
 
-COMPARE_COLUMNS = ["system", "max batch", "tok/s", "TPOT p99 ms", "J/token",
-                   "HBM/DDR/SSD tokens", "attention share HBM/DDR/SSD", "bound tok/s",
-                   "efficiency", "binding"]
+def _compare_columns() -> list[str]:
+    return ["system", "max batch", "peak batch", "tok/s", "TPOT p99 ms", "J/token",
+            _tiers_header("tokens"), _tiers_header("attention share"), "bound tok/s",
+            "efficiency", "binding"]
 
 
 def _queued(trace):
@@ -368,59 +513,92 @@ def _queued(trace):
 
 def cmd_compare(args) -> int:
     """`pamjax compare`: peak throughput under an SLO per system; table, CSV, JSON, plots."""
-    from pamjax.studies import plots, study
-    from pamjax.studies.report import write_csv
+    from pamjax.studies import study
+    from pamjax.systems import MAIN_SYSTEMS
     from pamjax.traces import load_trace
 
+    setup = _resolve(args, default_systems=MAIN_SYSTEMS)
     if args.trace:
         # The SLO search keeps every batch full: the trace gives the request lengths, and
         # all requests queue at t=0.
         workload = _queued(load_trace(args.trace, max_requests=args.max_requests))
+        source = {"name": workload.name, "source": str(args.trace),
+                  "requests": workload.num_requests, "arrivals": "all at t=0"}
     else:
         workload = args.workload
-    model, platform = _model_and_platform(args)
-    rows = study.run_sweep(args.systems, model, workload, args.batches, steps=args.steps,
-                           seed=args.seed, platform=platform, progress=not args.quiet)
+        source = {"name": workload, "source": "synthetic", "arrivals": "all at t=0",
+                  "requests": f"2 x the largest batch ({2 * max(args.batches)})"}
+    rows = study.run_sweep(setup.systems, setup.model, workload, args.batches,
+                           steps=args.steps, seed=args.seed, platform=setup.platform,
+                           knobs=setup.knobs, progress=not args.quiet)
     best = study.peak_under_slo(rows, args.slo_ms)
     name = workload if isinstance(workload, str) else workload.name
-    table = []
-    for system, row in best.items():
-        if row["max_batch"] == 0:
-            batch = "OOM" if row["oom"] else "none"
-        else:
-            batch = f"{'>=' if row['at_grid_edge'] else ''}{row['max_batch']}"
-        table.append({
-            "system": system, "max batch": batch, "tok/s": row["throughput_tokens_per_s"],
-            "TPOT p99 ms": row["tpot_p99_ms"] if row["max_batch"] else "-",
-            "J/token": row["energy_j_per_token"] if row["max_batch"] else "-",
-            "HBM/DDR/SSD tokens": "/".join(f"{row[f'{t}_token_share']:.2f}"
-                                           for t in ("hbm", "ddr", "ssd")),
-            "attention share HBM/DDR/SSD": "/".join(f"{row[f'{t}_attention_share']:.2f}"
-                                                    for t in ("hbm", "ddr", "ssd")),
-            "bound tok/s": row["bound_tokens_per_s"] if row["max_batch"] else "-",
-            "efficiency": row["efficiency"] if row["max_batch"] else "-",
-            "binding": row["binding_resource"] if row["max_batch"] else "-",
-        })
-    print(f"{_name(model)} on {name}, TPOT p99 SLO {args.slo_ms:g} ms, batches "
+    prov = _provenance(args, setup, seed=args.seed, workload=source)
+    print(f"{_name(setup.model)} on {name}, TPOT p99 SLO {args.slo_ms:g} ms, batches "
           f"{','.join(map(str, sorted(set(args.batches))))}, {args.steps} steps per point, "
           f"page size {rows[0]['page_size']} tokens")
-    print(format_table(table, COMPARE_COLUMNS))
-    out = pathlib.Path(args.out)
-    columns = list(rows[0])
-    print(f"wrote {write_csv(out / 'compare_sweep.csv', rows, columns)}")
-    summary = {"model": _name(model), "workload": name, "slo_ms": args.slo_ms,
-               "batches": sorted(set(args.batches)), "steps": args.steps, "seed": args.seed,
-               "best": best, "sweep": rows}
-    _write_json(args.json or out / "compare.json", summary)
-    plots.grouped_bars(out / "compare.png", {f"{_name(model)} on {name}": (
-        ["peak tokens/s", "max batch"],
-        {s: [r["throughput_tokens_per_s"] or None, r["max_batch"] or None]
-         for s, r in best.items()})}, ylabel="tokens/s | requests (log)", log=True,
-        title=f"Peak throughput and max batch under a {args.slo_ms:g} ms TPOT p99 SLO")
-    plots.throughput_vs_batch(out / "compare_batches.png", rows, slo_ms=args.slo_ms,
-                              title=f"{_name(model)} on {name}")
-    print(f"wrote {out / 'compare.png'} and {out / 'compare_batches.png'}")
+    print(_setup_line(prov))
+    print(format_table([_compare_row(system, row) for system, row in best.items()],
+                       _compare_columns()))
+    print("max batch: the largest batch meeting the SLO; every other column comes from the "
+          "peak batch (the highest throughput meeting it)")
+    _write_compare(args, rows, best, prov, model=_name(setup.model), workload=name)
     return 0
+
+
+def _compare_row(system: str, row: dict) -> dict:
+    """One table row of `compare`: every figure from the peak batch's row."""
+    if row["max_batch"] == 0:
+        return {**dict.fromkeys(_compare_columns(), "-"), "system": system,
+                "max batch": "OOM" if row["oom"] else "none", "tok/s": 0.0}
+    return {
+        "system": system, "max batch": f"{'>=' if row['at_grid_edge'] else ''}"
+                                       f"{row['max_batch']}",
+        "peak batch": row["peak_batch"], "tok/s": row["throughput_tokens_per_s"],
+        "TPOT p99 ms": row["tpot_p99_ms"], "J/token": row["energy_j_per_token"],
+        _tiers_header("tokens"): _tiers_text(
+            {t: row[f"{t}_token_share"] for t in _tier_names()}),
+        _tiers_header("attention share"): _tiers_text(
+            {t: row[f"{t}_attention_share"] for t in _tier_names()}),
+        "bound tok/s": row["bound_tokens_per_s"], "efficiency": row["efficiency"],
+        "binding": row["binding_resource"]}
+
+
+def _tier_names():
+    from pamjax.hardware import TIER_NAMES
+
+    return TIER_NAMES
+
+
+def _write_compare(args, rows, best, prov, *, model: str, workload: str) -> None:
+    """compare_sweep.csv (+ its .meta.json), compare.json and the two figures."""
+    from pamjax.studies import plots
+    from pamjax.studies.report import write_csv
+
+    out = pathlib.Path(args.out)
+    print(f"wrote {write_csv(out / 'compare_sweep.csv', rows, list(rows[0]), provenance=prov)}")
+    summary = {"model": model, "workload": workload, "platform": prov["platform"]["name"],
+               "slo_ms": args.slo_ms, "batches": sorted(set(args.batches)),
+               "steps": args.steps, "seed": args.seed, "best": best, "sweep": rows,
+               "provenance": prov,
+               "best_definition": "max_batch: the largest batch meeting the SLO; every other "
+                                  "field of a best row, batch and peak_batch included, comes "
+                                  "from the batch with the highest throughput meeting it"}
+    _write_json(args.json or out / "compare.json", summary)
+    first = next(iter(best))
+    plots.system_bars(out / "compare.png", {
+        "Peak throughput under the SLO": (
+            "output tokens / s", {s: r["throughput_tokens_per_s"] or None
+                                  for s, r in best.items()}),
+        "Largest batch meeting the SLO": (
+            "batch (concurrent requests)", {s: r["max_batch"] or None
+                                            for s, r in best.items()})},
+        baseline=first, notes={s: f"batch {r['peak_batch']}" for s, r in best.items()
+                               if r["max_batch"]},
+        title=f"{model} on {workload}, TPOT p99 SLO {args.slo_ms:g} ms")
+    plots.throughput_vs_batch(out / "compare_batches.png", rows, slo_ms=args.slo_ms,
+                              title=f"{model} on {workload}")
+    print(f"wrote {out / 'compare.png'} and {out / 'compare_batches.png'}")
 
 
 BOUNDS_COLUMNS = ["system", "bound tok/s", "binding", "batch", "max batch", "limited by",
@@ -448,7 +626,7 @@ def _claim(text: str) -> tuple[str, str, float]:
     return a, b, ratio
 
 
-def _claim_reference(args, system: str, model, platform, workload) -> tuple[float, str]:
+def _claim_reference(args, system: str, setup: _Setup, workload) -> tuple[float, str]:
     """(tokens/s, how it was obtained) of the claim's reference system B: its simulated
     peak over --batches (under the SLO when given), with a trace's requests queued at t=0
     as in `compare` (idle gaps between arrivals would understate B)."""
@@ -458,8 +636,9 @@ def _claim_reference(args, system: str, model, platform, workload) -> tuple[floa
         return args.reference_tokens_per_s, "given by --reference-tokens-per-s"
     if not isinstance(workload, str):
         workload = _queued(workload)
-    rows = study.run_sweep([system], model, workload, args.batches, steps=args.steps,
-                           seed=args.seed, platform=platform, progress=not args.quiet)
+    rows = study.run_sweep([system], setup.model, workload, args.batches, steps=args.steps,
+                           seed=args.seed, platform=setup.platform, knobs=setup.knobs,
+                           progress=not args.quiet)
     if args.slo_ms:
         best = study.peak_under_slo(rows, args.slo_ms)[system]
         how = (f"simulated peak under the {args.slo_ms:g} ms SLO over batches "
@@ -478,15 +657,17 @@ def _claim_reference(args, system: str, model, platform, workload) -> tuple[floa
 def cmd_bounds(args) -> int:
     """`pamjax bounds`: the closed-form bound per system and, with --claim, a verdict."""
     from pamjax.studies import bounds
+    from pamjax.systems import SYSTEMS
     from pamjax.traces import load_trace
 
-    model, platform = _model_and_platform(args)
+    setup = _resolve(args, default_systems=list(SYSTEMS))
+    model = setup.model
     workload = load_trace(args.trace, max_requests=args.max_requests) if args.trace \
         else args.workload
     mean_prompt, mean_output = bounds.workload_means(workload)
     stats = dict(mean_prompt=mean_prompt, mean_output=mean_output, batch=args.batch,
-                 slo_ms=args.slo_ms, platform=platform)
-    results = [bounds.bound(system, model, **stats) for system in args.systems]
+                 slo_ms=args.slo_ms, platform=setup.platform)
+    results = [bounds.bound(system, model, **stats) for system in setup.systems]
 
     def rate(v):
         return "-" if v is None else ("inf" if v == float("inf") else v)
@@ -501,8 +682,13 @@ def cmd_bounds(args) -> int:
           f"{mean_output:.0f} tokens), batch <= {args.batch or 'KV capacity'}, SLO "
           f"{f'{args.slo_ms:g} ms' if args.slo_ms else 'none'}: output tokens/s bounds "
           "(per resource: what it alone allows)")
+    source = {"name": name, "source": str(args.trace) if args.trace else "synthetic",
+              "mean_prompt": mean_prompt, "mean_output": mean_output}
+    prov = _provenance(args, setup, seed=args.seed, workload=source)
+    print(_setup_line(prov))
     print(format_table(table, BOUNDS_COLUMNS))
-    payload = {"model": _name(model), "workload": name, "mean_prompt": mean_prompt,
+    payload = {"provenance": prov, "model": _name(model), "workload": name,
+               "mean_prompt": mean_prompt,
                "mean_output": mean_output, "batch": args.batch, "slo_ms": args.slo_ms,
                "bounds": [dict(system=b.system, bound_tokens_per_s=b.tokens_per_s,
                                binding_resource=b.binding_resource, batch=b.batch,
@@ -515,7 +701,7 @@ def cmd_bounds(args) -> int:
                           for b in results]}
     if args.claim:
         a, b, ratio = args.claim
-        reference, how = _claim_reference(args, b, model, platform, workload)
+        reference, how = _claim_reference(args, b, setup, workload)
         verdict = bounds.check_claim(a, b, ratio, b_tokens_per_s=reference, model=model,
                                      **stats)
         verdict_text = "ATTAINABLE" if verdict.attainable else "NOT attainable"
@@ -536,17 +722,36 @@ SWEEP_COLUMNS = ["overrides", "system", "SLO ms", "max batch", "tok/s"]
 
 
 def cmd_sweep(args) -> int:
-    """`pamjax sweep`: the sharded, resumable cartesian sweep (pamjax.studies.sweep); prints
+    """`pamjax sweep`: the resumable cartesian sweep over every device (pamjax.studies.sweep),
+    in one process or as one process of a multi-process job (--coordinator); prints
     per (overrides, system, SLO) the largest batch meeting the SLO for every seed and the
-    mean throughput there over seeds."""
+    mean throughput there over seeds; writes the provenance sidecar and a figure."""
     import jax
 
+    from pamjax import multihost
+    from pamjax.config_files import platform_warnings
+    from pamjax.hardware import get_platform
     from pamjax.studies import sweep
+    from pamjax.systems import MAIN_SYSTEMS
 
-    spec = sweep.make_spec(model=args.model, workload=args.workload, trace=args.trace,
-                           max_requests=args.max_requests, systems=args.systems,
-                           batches=args.batches, slo_ms=args.slo_ms, seeds=args.seeds,
-                           overrides=args.override, steps=args.steps)
+    # Before any other JAX call: a multi-process job must be joined first.
+    multihost.initialize(args.coordinator, args.num_processes, args.process_id)
+    setup = _resolve(args, default_systems=MAIN_SYSTEMS)
+    for text in args.override or ():
+        if any(item.strip().startswith("knobs.") for item in text.split(",")):
+            raise ConfigError("--override", text, "sets hardware fields; set knobs with "
+                              "--knob NAME=VALUE")
+    spec = sweep.make_spec(model=setup.model, workload=args.workload, trace=args.trace,
+                           max_requests=args.max_requests,
+                           systems=[_name(s) for s in setup.systems], batches=args.batches,
+                           slo_ms=args.slo_ms, seeds=args.seeds, overrides=args.override,
+                           steps=args.steps, platform=setup.platform, knobs=setup.knobs,
+                           custom_systems=[s for s in setup.systems if not isinstance(s, str)])
+    for text in spec.overrides:
+        if text:  # the base platform was checked by _resolve
+            for warning in platform_warnings((setup.platform or get_platform())
+                                             .with_overrides(sweep.parse_override(text))):
+                _warn(f"--override {text}: {warning}")
     report = sweep.run(spec, args.out, resume=args.resume, chunk_size=args.chunk_size,
                        progress=not args.quiet)
     if jax.process_index() != 0:
@@ -555,13 +760,59 @@ def cmd_sweep(args) -> int:
               "max batch": r["max_batch"] or "none", "tok/s": r["throughput_tokens_per_s"]}
              for r in sweep.best_batches(spec, report.path)]
     name = pathlib.Path(spec.trace).name if spec.trace else spec.workload
-    print(f"{spec.model} on {name}: {report.configs_total} configurations x "
+    source = {"name": name, "source": spec.trace or "synthetic", "arrivals": "all at t=0",
+              "requests": spec.max_requests or f"2 x the largest batch ({2 * max(spec.batches)})"}
+    prov = _provenance(args, setup, seed=list(spec.seeds), workload=source,
+                       overrides=list(spec.overrides))
+    print(f"{_name(spec.model)} on {name}: {report.configs_total} configurations x "
           f"{len(spec.slo_ms)} SLOs ({report.configs_run} run now), {spec.steps} steps each, "
           f"page size {report.page_size}, {report.chunks} chunks on {report.devices} "
-          f"device(s), {report.compiles} compilation(s), {report.wall_seconds:.1f} s")
+          f"device(s) in {report.processes} process(es), {report.compiles} compilation(s), "
+          f"{report.wall_seconds:.1f} s")
+    print(_setup_line(prov))
     print(format_table(table, SWEEP_COLUMNS))
-    print(f"wrote {report.path}")
+    for path in _write_sweep_extras(spec, report.path, prov, model=_name(spec.model),
+                                    workload=name):
+        print(f"wrote {path}")
     return 0
+
+
+def _write_sweep_extras(spec, csv_path: pathlib.Path, prov: dict, *, model: str,
+                        workload: str) -> list[pathlib.Path]:
+    """The sweep's provenance sidecar (sweep.meta.json) and sweep.png: throughput and
+    TPOT p99 against batch, one line per system (and overrides), means over seeds."""
+    import csv
+
+    import numpy as np
+
+    from pamjax.studies import plots
+    from pamjax.studies.report import meta_path, write_json
+
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    meta = write_json(meta_path(csv_path), {"provenance": prov,
+                                            "columns": reader.fieldnames or []})
+    first_slo = repr(spec.slo_ms[0])  # simulated figures repeat on every SLO row
+    curves = []
+    for o in spec.overrides:
+        for system in spec.systems:
+            for batch in spec.batches:
+                mine = [r for r in rows if r["overrides"] == o and r["system"] == system
+                        and int(r["batch"]) == batch and r["slo_ms"] == first_slo]
+                label = system if len(spec.overrides) == 1 else f"{system} [{o or 'base'}]"
+                curves.append({
+                    "label": label, "batch": batch,
+                    "oom": any(r["oom"] == "true" for r in mine),
+                    "throughput_tokens_per_s": float(np.mean(
+                        [float(r["throughput_tokens_per_s"]) for r in mine])),
+                    "tpot_p99_ms": float(np.mean([float(r["tpot_p99_ms"] or "nan")
+                                                  for r in mine]))})
+    figure = plots.throughput_vs_batch(
+        csv_path.with_name("sweep.png"), curves, slo_ms=list(spec.slo_ms), label_key="label",
+        title=f"{model} on {workload}: mean over {len(spec.seeds)} seed(s), "
+              f"{spec.steps} steps per point")
+    return [csv_path, meta, figure]
 
 
 def cmd_bench(args) -> int:
@@ -577,7 +828,10 @@ def cmd_bench(args) -> int:
         section(out)
     print(f"\nbenchmark wall time {out['wall_s']:.0f} s")
     if args.json:
-        _write_json(args.json, out)
+        from pamjax.provenance import command_record
+
+        _write_json(args.json, {**out, "provenance": command_record(
+            args.argv, quick=args.quick, setup="the cases of pamjax/studies/bench.py")})
     return 0
 
 
@@ -670,9 +924,17 @@ def cmd_train_policy(args) -> int:
     from pamjax.learn import train
 
     setup = train.setup_for(quick=args.quick, model=args.model)
+    from pamjax.provenance import command_record, describe_model
+
     result = train.run_study(setup, family=args.family, seed=args.seed, out_dir=args.out,
                              eval_trace=args.eval_trace, progress=not args.quiet)
     result["quick"] = args.quick
+    prov = command_record(args.argv, model=describe_model(args.model), seed=args.seed,
+                          family=args.family, quick=args.quick,
+                          setup="pamjax/learn/train.py setup_for(quick, model)")
+    # The CSVs run_study writes (pamjax/learn/train.py), when it wrote them.
+    _write_sidecars([p for p in (pathlib.Path(args.out) / name for name in
+                                 ("grid.csv", "training_curve.csv")) if p.is_file()], prov)
     slo = result["slo_throughput_tokens_per_s"]
     slo_columns = [f"@{s}" for s in next(iter(slo.values()))]
     rows = []
@@ -688,7 +950,7 @@ def cmd_train_policy(args) -> int:
           "(exact); relaxation gap "
           + ", ".join(f"{k} {v:+.1%}" for k, v in result["relaxation_gap"].items()))
     if args.json:
-        _write_json(args.json, result)
+        _write_json(args.json, {**result, "provenance": prov})
     return 0
 
 
@@ -711,12 +973,18 @@ def cmd_reproduce(args) -> int:
     """`pamjax reproduce`: one study of the PAM evaluation, or all of them."""
     import time
 
+    from pamjax.provenance import command_record, describe_platform
     from pamjax.studies.reproduce import reproduce
 
     start = time.perf_counter()
     written = reproduce(args.study, args.out, quick=args.quick, progress=not args.quiet)
     for name, path in written.items():
-        print(f"{name}: {path} and {path.with_suffix('.png')}")
+        prov = command_record(args.argv, study=name, quick=args.quick,
+                              platform=describe_platform(None),
+                              setup="models, workloads, systems, knobs and hardware scaling "
+                                    "as pamjax/studies/reproduce.py sets them (its docstring)")
+        meta, = _write_sidecars([path], prov)
+        print(f"{name}: {path}, {meta.name} and {path.with_suffix('.png').name}")
     print(f"done in {time.perf_counter() - start:.0f} s")
     return 0
 
@@ -727,7 +995,7 @@ def cmd_run(args) -> int:
 
     args.model, args.workload, args.trace, args.max_requests = "llama3-70b", "sharegpt", None, None
     args.slo_ms, args.systems = 150.0, list(MAIN_SYSTEMS)
-    args.hardware = args.model_file = None
+    args.hardware = args.model_file = args.knob = args.system_file = None
     return cmd_compare(args)
 
 
@@ -754,19 +1022,32 @@ def _command(sub, name: str, help_text: str, func) -> argparse.ArgumentParser:
     return p
 
 
-def _add_config_files(p) -> None:
+def _add_simulation_options(p, *, system_file: bool = True) -> None:
+    """The options every simulating command shares: --hardware, --model-file, --knob and
+    (where systems are chosen) --system-file."""
     p.add_argument("--hardware", metavar="FILE", help="custom platform from a TOML or "
                    "JSON file (see pamjax/config_files.py and examples/hardware/)")
     p.add_argument("--model-file", metavar="FILE", help="custom model from a TOML or "
-                   "JSON file, replacing --model (see examples/models/)")
+                   "JSON file or a Hugging Face config.json, instead of --model (see "
+                   "examples/models/)")
+    p.add_argument("--knob", action="append", metavar="NAME=VALUE",
+                   help="a modelling knob (systems.Knobs), e.g. prefill_token_budget=16384 "
+                        "or target_rule=throughput; repeat for more")
+    if system_file:
+        p.add_argument("--system-file", action="append", metavar="FILE",
+                       help="a system defined as data (TOML or JSON with the fields of "
+                            "systems.System, optionally base = \"pam\"; see "
+                            "examples/systems/), added to the systems; repeat for more")
 
 
-def _add_model_and_source(p, *, default_model="llama3-70b", trace_help, requests_help):
+def _add_model_and_source(p, *, default_model=DEFAULT_MODEL, trace_help, requests_help):
     """--model, then --workload or --trace, and --max-requests."""
     from pamjax.models import MODELS
     from pamjax.workload import DATASETS
 
-    p.add_argument("--model", default=default_model, choices=sorted(MODELS), metavar="M",
+    # Default None: the command applies DEFAULT_MODEL, so that --model given together with
+    # --model-file can be refused instead of silently ignored.
+    p.add_argument("--model", default=None, choices=sorted(MODELS), metavar="M",
                    help=f"one of: {', '.join(MODELS)} (default {default_model})")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--workload", default="sharegpt", choices=sorted(DATASETS),
@@ -783,10 +1064,15 @@ def _add_quiet(p) -> None:
 def _add_simulate(sub) -> None:
     from pamjax.systems import SYSTEMS
 
-    p = _command(sub, "simulate", "simulate one system on one model and workload",
+    p = _command(sub, "simulate", "simulate systems on one model and workload, request by "
+                 "request (TTFT/TPOT distributions, per-request and timeline CSVs, figures)",
                  cmd_simulate)
-    p.add_argument("--system", required=True, choices=sorted(SYSTEMS), metavar="S",
-                   help=f"one of: {', '.join(SYSTEMS)}")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--system", choices=sorted(SYSTEMS), metavar="S",
+                       help=f"one of: {', '.join(SYSTEMS)}")
+    which.add_argument("--systems", type=_systems, metavar="A,B,...",
+                       help="several systems, one table row each (those the event leap does "
+                            "not apply to run together in one vmapped call)")
     _add_model_and_source(p, trace_help="Azure (TIMESTAMP,ContextTokens,GeneratedTokens) or "
                           "plain (arrival_s,prompt_tokens,output_tokens) CSV, replayed with "
                           "its arrival times",
@@ -796,6 +1082,9 @@ def _add_simulate(sub) -> None:
                    help="largest number of concurrent requests (default 64)")
     p.add_argument("--rate", type=_positive_float,
                    help="Poisson arrivals per second (default: all at t=0, offline)")
+    p.add_argument("--load-scale", type=_positive_float, metavar="X",
+                   help="replay --trace at X times its load: every arrival time divided by "
+                        "X (2 = twice the requests per second; 0.5 = half)")
     p.add_argument("--slo-ms", type=_positive_float, help="TPOT p99 SLO to check, ms")
     p.add_argument("--page-size", type=_positive_int,
                    help="tokens per KV unit (default: 1 unless the run is very large)")
@@ -808,9 +1097,12 @@ def _add_simulate(sub) -> None:
                    "iteration, the same results) for systems it reproduces exactly, such as "
                    "vllm-offload, else one engine step per iteration; step: always the "
                    "latter; leap: the leap or an error")
-    p.add_argument("--json", metavar="PATH", help="write the summary as JSON")
+    p.add_argument("--json", metavar="PATH", help="write the summary as JSON (one system)")
+    p.add_argument("--out", metavar="DIR", help="write per system S.json, S_requests.csv, "
+                   "S_timeline.csv (each CSV with a .meta.json provenance sidecar), and "
+                   "latency_cdf.png and timeline.png")
     p.add_argument("--progress", action="store_true", help="show progress on stderr")
-    _add_config_files(p)
+    _add_simulation_options(p)
 
 
 def _add_search_args(p) -> None:
@@ -842,7 +1134,7 @@ def _add_compare(sub) -> None:
     p.add_argument("--systems", type=_systems, default=list(MAIN_SYSTEMS),
                    help="comma-separated system names")
     _add_search_args(p)
-    _add_config_files(p)
+    _add_simulation_options(p)
 
 
 def _add_presets(sub) -> None:
@@ -872,7 +1164,8 @@ def _add_sweep(sub) -> None:
     from pamjax.systems import MAIN_SYSTEMS
 
     p = _command(sub, "sweep", "the cartesian product of systems x batches x SLOs x seeds x "
-                 "hardware overrides, sharded over all local devices, resumable", cmd_sweep)
+                 "hardware overrides, spread over all devices (of every process with "
+                 "--coordinator), resumable", cmd_sweep)
     _add_model_and_source(p, trace_help="take request lengths from a trace CSV (all queued "
                           "at t=0)", requests_help="requests per configuration (synthetic "
                           "default 2 x the largest batch; trace default all)")
@@ -893,8 +1186,18 @@ def _add_sweep(sub) -> None:
                    help="configurations per device per compiled call (default 64)")
     p.add_argument("--resume", action="store_true",
                    help="keep the rows already in OUT/sweep.csv and run only the rest")
-    p.add_argument("--out", default="pamjax-out", help="output folder")
+    p.add_argument("--out", default="pamjax-out", help="output folder (only process 0 "
+                   "reads and writes it)")
+    p.add_argument("--coordinator", metavar="HOST:PORT", help="run as one process of a "
+                   "multi-process job (jax.distributed): the address of process 0, where it "
+                   "serves the job's coordinator; start every process with the same "
+                   "arguments and its own --process-id")
+    p.add_argument("--num-processes", type=_positive_int, metavar="N",
+                   help="processes in the job (with --coordinator)")
+    p.add_argument("--process-id", type=int, metavar="I",
+                   help="this process's number, 0..N-1 (with --coordinator)")
     _add_quiet(p)
+    _add_simulation_options(p)
 
 
 def _add_bench(sub) -> None:
@@ -953,7 +1256,7 @@ def _add_bounds(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="write the bounds (and verdict) as JSON")
     _add_quiet(p)
-    _add_config_files(p)
+    _add_simulation_options(p)
 
 
 def _add_attention_demo(sub) -> None:
@@ -968,6 +1271,8 @@ def main(argv=None) -> int:
     """Entry point: run the command in ``argv``; returns the exit status (2 on bad input)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    # The exact command line, for the provenance of every file written.
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         _check_outputs(args)
         from pamjax.compile_cache import enable_compilation_cache

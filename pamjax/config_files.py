@@ -93,6 +93,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import pathlib
 import re
@@ -495,3 +496,229 @@ def write_config_file(obj: hardware.Platform | models.Model, path: str | os.Path
     else:
         path.write_text("\n".join(_toml(data)) + "\n", encoding="utf-8")
     return path
+
+
+# -- systems ----------------------------------------------------------------------------------
+
+def _policy_codes(field: str) -> dict[str, int]:
+    """Named codes of an integer ``<kind>_policy`` field, from pamjax.types constants:
+    ``placement_policy`` -> {"fastest-first": 0, "importance-ratio": 1} (PLACEMENT_*)."""
+    from pamjax import types
+
+    if not field.endswith("_policy"):
+        return {}
+    prefix = field[:-len("_policy")].upper() + "_"
+    return {name[len(prefix):].lower().replace("_", "-"): value
+            for name, value in vars(types).items()
+            if name.startswith(prefix) and isinstance(value, int)
+            and not isinstance(value, bool)}
+
+
+def _system_value(path, field: str, value, kind: str):
+    """One checked System field value: the generic types, plus string tuples (tiers) and
+    named policy codes; integers >= 0, floats finite and > 0."""
+    from pamjax.hardware import TIER_NAMES
+
+    if kind.startswith("tuple[str"):
+        if not isinstance(value, list) or not value or \
+                not all(isinstance(v, str) for v in value):
+            raise ConfigFileError(path, field, value, "must be a non-empty list of names")
+        if field == "tiers":
+            for v in value:
+                if v not in TIER_NAMES:
+                    raise ConfigFileError(path, field, value, f"unknown tier {v!r}; choose "
+                                          f"from {', '.join(TIER_NAMES)}")
+            if len(set(value)) != len(value):
+                raise ConfigFileError(path, field, value, "names a tier twice")
+        return tuple(value)
+    codes = _policy_codes(field) if kind == "int" else {}
+    if codes:
+        if isinstance(value, str) and value in codes:
+            return codes[value]
+        if isinstance(value, int) and not isinstance(value, bool) and value in codes.values():
+            return value
+        raise ConfigFileError(path, field, value, "choose one of: " + ", ".join(
+            f"{name!r} ({code})" for name, code in codes.items()))
+    value = check_type(path, field, value, kind)
+    if kind == "int" and value < 0:
+        raise ConfigFileError(path, field, value, "must be >= 0")
+    if kind == "float" and not value > 0:
+        raise ConfigFileError(path, field, value, "must be > 0")
+    return value
+
+
+def system_from_dict(data: Mapping[str, Any], source: str | os.PathLike = "<dict>"):
+    """Build a :class:`~pamjax.systems.System` from a parsed file.
+
+    Top-level keys are the System's fields (``dataclasses.fields(System)``), checked by
+    their annotated types: booleans, integers >= 0 (a ``<kind>_policy`` code also by its
+    name in pamjax.types, e.g. ``placement_policy = "importance-ratio"``), floats finite
+    and > 0, ``tiers`` a list of tier names. ``base = "pam"`` starts from a preset system,
+    after which every field is optional; without it every field without a default must be
+    given. ``name`` defaults to the file stem, holds letters, digits, ``.``, ``_`` and
+    ``-`` only (it names output files), and may not be a preset's name unless the fields
+    are that preset's (the rows of a study name their system).
+
+    Raises:
+      ConfigFileError: unknown field or preset, wrong type, invalid or missing value.
+    """
+    from pamjax import systems
+
+    path = source
+    flat = dict(data)
+    base = None
+    if "base" in flat:
+        base_name = check_type(path, "base", flat.pop("base"), "str")
+        if base_name not in systems.SYSTEMS:
+            raise ConfigFileError(path, "base", base_name, "unknown system preset; choose "
+                                  "one of: " + ", ".join(systems.SYSTEMS))
+        base = systems.SYSTEMS[base_name]
+    kinds = _fields(systems.System)
+    values = {}
+    for key, value in flat.items():
+        if key not in kinds:
+            raise ConfigFileError(path, key, value, "unknown field; choose one of: base, "
+                                  + ", ".join(kinds))
+        values[key] = _system_value(path, key, value, kinds[key])
+    if base is None:
+        _require(path, "", systems.System, values, excluded=("name",))
+    values.setdefault("name", default_name(path))
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._-]*", values["name"]):
+        raise ConfigFileError(path, "name", values["name"], "use letters, digits, '.', '_' "
+                              "and '-' only (it names output files)")
+    system = _build(path, systems.System, "", values, base)
+    preset = systems.SYSTEMS.get(system.name)
+    if preset is not None and preset != system:
+        raise ConfigFileError(path, "name", system.name, "is a preset system's name and "
+                              "these fields differ from it; give the system another name")
+    try:  # whatever make_params refuses (e.g. a value it has no meaning for) fails here
+        systems.make_params(system, "llama3-8b")
+    except ConfigError as err:
+        raise ConfigFileError(path, str(err.field).rsplit(".", 1)[-1], err.value,
+                              err.reason) from None
+    return system
+
+
+def load_system_file(path: str | os.PathLike):
+    """Read a system from a ``.toml`` or ``.json`` file (see :func:`system_from_dict`).
+
+    Example (``examples/systems/pam-hbm-ddr.toml``)::
+
+        base = "pam"
+        name = "pam-hbm-ddr"
+        tiers = ["hbm", "ddr"]
+
+    Raises:
+      ConfigFileError: as for :func:`load_platform_file`.
+    """
+    path = pathlib.Path(path)
+    return system_from_dict(_read_mapping(path), path)
+
+
+# -- knobs ------------------------------------------------------------------------------------
+
+def _knob_value(name: str, text: str, kind: str):
+    """``text`` as the type annotated on the Knobs field (``int``, ``float``, ``str``,
+    ``bool``, optionally ``| None`` spelled "none")."""
+    field = f"--knob {name}"
+    kinds = [k.strip() for k in kind.split("|")]
+    if "None" in kinds and text.strip().lower() == "none":
+        return None
+    base = next(k for k in kinds if k != "None")
+    if base == "bool":
+        if text.lower() not in ("true", "false"):
+            raise ConfigError(field, text, "must be true or false")
+        return text.lower() == "true"
+    if base == "int":
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(field, text, "must be an integer") from None
+    if base == "float":
+        try:
+            value = float(text)
+        except ValueError:
+            raise ConfigError(field, text, "must be a number"
+                              + (" or none" if "None" in kinds else "")) from None
+        if not math.isfinite(value):
+            raise ConfigError(field, text, "must be a finite number")
+        return value
+    if not text:
+        raise ConfigError(field, text, "must be a non-empty string")
+    return text
+
+
+def knobs_from_assignments(assignments, base=None):
+    """:class:`~pamjax.systems.Knobs` from ``NAME=VALUE`` strings (the ``--knob`` option).
+
+    Names are the fields of Knobs (``dataclasses.fields``); values are parsed by the
+    field's annotated type and then checked by Knobs itself.
+
+    Args:
+      assignments: e.g. ``["prefill_token_budget=16384", "target_rule=throughput"]``.
+      base: the Knobs to start from (default ``Knobs()``).
+
+    Raises:
+      ConfigError: not NAME=VALUE, an unknown name (the valid ones listed), a name given
+        twice, or a bad value (naming the knob).
+    """
+    from pamjax.errors import UnknownNameError
+    from pamjax.systems import Knobs
+
+    kinds = _fields(Knobs)
+    values = {}
+    for item in assignments or ():
+        name, sep, text = (s.strip() for s in item.partition("="))
+        if not sep or not name:
+            raise ConfigError("--knob", item, "must be NAME=VALUE, e.g. "
+                              "prefill_token_budget=16384")
+        if name not in kinds:
+            raise ConfigError("--knob", item, f"unknown knob {name!r}; choose one of: "
+                              + ", ".join(kinds))
+        if name in values:
+            raise ConfigError("--knob", item, f"{name} is given twice")
+        values[name] = _knob_value(name, text, kinds[name])
+    try:
+        return dataclasses.replace(base or Knobs(), **values)
+    except UnknownNameError as err:
+        raise ConfigError(f"--knob {_knob_named(values, err.name)}", err.name,
+                          f"unknown {err.kind}; choose one of: {', '.join(err.choices)}") \
+            from None
+    except ConfigError as err:
+        raise ConfigError(f"--knob {str(err.field).rsplit('.', 1)[-1]}", err.value,
+                          err.reason) from None
+
+
+def _knob_named(values: dict, value) -> str:
+    """The knob that holds ``value`` (for errors the dataclass raises by value)."""
+    return next((k for k, v in values.items() if v == value), "?")
+
+
+# -- plausibility -----------------------------------------------------------------------------
+
+def platform_warnings(platform: hardware.Platform) -> list[str]:
+    """Suspicious, though valid, proportions of a platform, one sentence each.
+
+    The rule: the GPUs' HBM *is* the HBM-PIM tier (PAM puts PIM in the GPUs' own stacks),
+    so when the GPU is the preset's (same ``gpu.hbm_tbps``, i.e. the same GPU memory
+    system) the tier must have the preset's stacks per GPU (an H100 SXM carries 5):
+    ``hbm.num_devices == 5 x gpu.num_gpus``. A platform that changes ``gpu.num_gpus``
+    alone keeps the preset's 40 stacks, i.e. the HBM capacity and PIM bandwidth of 8
+    GPUs. With another GPU memory system (``gpu.hbm_tbps`` changed) the stack count is
+    the file's business and nothing is said.
+
+    Returns:
+      warnings (empty for the presets).
+    """
+    preset = hardware.get_platform()
+    if platform.gpu.hbm_tbps != preset.gpu.hbm_tbps:
+        return []
+    per_gpu = preset.hbm.num_devices / preset.gpu.num_gpus
+    expected = per_gpu * platform.gpu.num_gpus
+    if platform.hbm.num_devices == expected:
+        return []
+    gpus, stacks = platform.gpu.num_gpus, platform.hbm.num_devices
+    return [(f"platform {platform.name}: {stacks} HBM stacks for {gpus} GPU(s) "
+             f"({stacks / gpus:g} per GPU), but the preset's GPU carries {per_gpu:g}; HBM "
+             f"capacity and PIM bandwidth follow the stacks (set hbm.num_devices = "
+             f"{expected:g} for {gpus} such GPU(s), or change gpu.hbm_tbps for another GPU)")]

@@ -16,6 +16,11 @@ Definitions:
 * Step time (``step_time_ms``) = simulated duration of the busy steps (idle clock jumps
   excluded): exact mean and max, p50/p99 from a fixed-bin log histogram (below).
 
+Per request and over time (`pamjax simulate --out`): :func:`request_rows` (one row per
+request: arrival, lengths, status, TTFT, TPOT, finish) and :func:`timeline_rows` (running
+and queued requests, KV per tier, step time, migrated and output tokens, per step or per
+fixed time bin). :func:`summarize_batch` summarises each configuration of a batched run.
+
 Long runs: the step metrics are folded chunk by chunk into :class:`RunningStats` (float64
 sums and integer counts, exact up to float64 summation order, plus the histogram), so a run
 of any length keeps O(1) host memory; :func:`summarize` of a full timeline goes through the
@@ -34,8 +39,10 @@ from __future__ import annotations
 import dataclasses
 from functools import partial
 
+import jax
 import numpy as np
 
+from pamjax.errors import ConfigError
 from pamjax.hardware import TIER_NAMES
 from pamjax.types import (
     ENERGY_COMPONENTS,
@@ -227,3 +234,212 @@ def summarize_stats(workload, state, stats: RunningStats, wall_seconds: float) -
 def _shares(values: np.ndarray) -> dict:
     total = float(np.sum(values))
     return {name: (float(v) / total if total > 0 else 0.0) for name, v in zip(TIER_NAMES, values)}
+
+
+def summarize_batch(workload, states, metrics, *, wall_seconds: float = float("nan"),
+                    labels=None) -> list[dict]:
+    """Per-configuration summaries of a batched run (simulation.run_batch's outputs).
+
+    Args:
+      workload: the host workload every configuration ran, or a list of one per
+        configuration.
+      states: final EngineState stacked over configurations [C, ...] (numpy).
+      metrics: StepMetrics stacked [C, S, ...] (numpy).
+      wall_seconds: host wall time to record in each summary (default NaN: a batched call's
+        time belongs to no single configuration).
+      labels: optional C labels, stored under ``"label"`` in each summary.
+
+    Returns:
+      C summary dicts (:func:`summarize`), in configuration order. A run of fixed length
+      may end with requests waiting or running (``requests_unfinished``); latencies cover
+      the finished ones.
+    """
+    count = int(np.shape(np.asarray(states.req_status))[0])
+    workloads = list(workload) if isinstance(workload, (list, tuple)) else [workload] * count
+    for name, given in (("labels", labels), ("workload", workloads)):
+        if given is not None and len(given) != count:
+            raise ConfigError(name, f"{len(given)} given", f"need one per configuration "
+                              f"({count})")
+    out = []
+    for i in range(count):
+        def take(x, i=i):
+            return np.asarray(x)[i]
+
+        summary = summarize(workloads[i], jax.tree.map(take, states),
+                            jax.tree.map(take, metrics), wall_seconds)
+        if labels is not None:
+            summary["label"] = labels[i]
+        out.append(summary)
+    return out
+
+
+STATUS_NAMES = {STATUS_WAITING: "waiting", STATUS_RUNNING: "running",
+                STATUS_FINISHED: "finished", STATUS_REJECTED: "rejected"}
+
+REQUEST_COLUMNS = ["id", "arrival_s", "prompt_tokens", "output_tokens", "status",
+                   "generated_tokens", "ttft_ms", "tpot_ms", "finish_s"]
+"""Columns of :func:`request_rows` (REQUEST_COLUMNS_NOTE: why no tier shares)."""
+
+REQUEST_COLUMNS_NOTE = (
+    "per-request KV tier shares: the engine keeps a request's tier table only while it runs "
+    "(the slot is reused by the next request) and no step metric is per request, so they "
+    "cannot be reconstructed after the run")
+
+
+def request_rows(workload, state) -> list[dict]:
+    """One row per request of a finished run (REQUEST_COLUMNS).
+
+    Args:
+      workload: the host workload; state: the final EngineState or leap.LeapState.
+
+    Returns:
+      dicts with: id (position in the workload), arrival_s (s), prompt_tokens,
+      output_tokens, status (waiting, running, finished or rejected), generated_tokens
+      (output tokens produced so far), ttft_ms (first token - arrival, ms; None before
+      the first token), tpot_ms ((finish - first token) / (output - 1), ms; finished
+      requests with two or more output tokens), finish_s (s; None unless finished).
+    """
+    status = np.asarray(state.req_status)
+    arrival = np.asarray(workload.arrival_s, np.float64)
+    output = np.asarray(workload.output_tokens)
+    first = np.asarray(state.req_first_token_s, np.float64)
+    finish = np.asarray(state.req_finish_s, np.float64)
+    generated = np.where(status == STATUS_FINISHED, output, 0)
+    slots = np.asarray(state.slot_request)
+    live = slots >= 0
+    generated[slots[live]] = np.asarray(state.slot_generated)[live]
+    finished = status == STATUS_FINISHED
+    ttft = (first - arrival) * 1e3
+    tpot = (finish - first) / np.maximum(output - 1, 1) * 1e3
+    rows = []
+    for i in range(status.size):
+        rows.append({
+            "id": i, "arrival_s": float(arrival[i]), "prompt_tokens": int(
+                workload.prompt_tokens[i]), "output_tokens": int(output[i]),
+            "status": STATUS_NAMES[int(status[i])], "generated_tokens": int(generated[i]),
+            "ttft_ms": float(ttft[i]) if np.isfinite(first[i]) else None,
+            "tpot_ms": float(tpot[i]) if finished[i] and output[i] > 1 else None,
+            "finish_s": float(finish[i]) if finished[i] else None})
+    return rows
+
+
+TIMELINE_MAX_ROWS = 2000
+"""A timeline keeps one row per step up to this many steps, else fixed time bins."""
+
+
+def timeline_columns() -> list[str]:
+    """Columns of :func:`timeline_rows` (one KV-tokens column per tier)."""
+    return ["time_s", "duration_s", "steps", "running", "queued",
+            *(f"{t}_kv_tokens" for t in TIER_NAMES), "step_time_ms", "migrated_tokens",
+            "output_tokens"]
+
+
+def timeline_rows(metrics, workload, *, page_size: int,
+                  max_rows: int = TIMELINE_MAX_ROWS) -> tuple[list[dict], dict]:
+    """A run's time series, per step or per fixed time bin.
+
+    Args:
+      metrics: StepMetrics stacked over the run's steps [S] (numpy; SimResult.metrics).
+      workload: the host workload (arrival times, for the queue).
+      page_size: tokens per KV unit (units x page_size = tokens; a page may be partly
+        filled, so with pages > 1 token counts are an upper bound).
+      max_rows: at most this many steps get a row each; beyond, steps are grouped into
+        bins of a fixed width (1, 2 or 5 x 10^k s, the smallest giving <= max_rows bins).
+
+    Returns:
+      (rows, resolution): rows with timeline_columns(): time_s (start of the step or bin,
+      simulated s), duration_s, steps (busy steps ending in it), running (requests
+      decoding or prefilling; in a bin, the mean over its busy time, exact for steps that
+      straddle its edges), queued (arrived but neither admitted nor rejected, at its
+      end), <tier>_kv_tokens (KV held per tier at its end), step_time_ms (mean of the busy
+      steps ending in it; None for an idle clock jump or a bin where none ends),
+      migrated_tokens and output_tokens (sums over the steps ending in it);
+      resolution {"resolution": "step"} or {"resolution": "bin", "bin_s": width}.
+      Steps in which nothing happened and no time passed (after the last request) are
+      left out.
+    """
+    busy_s = np.asarray(metrics.step_time_s, np.float64)
+    span = busy_s + np.asarray(metrics.idle_s, np.float64)
+    admitted = np.asarray(metrics.prefill_requests, np.int64)
+    rejected = np.asarray(metrics.rejected, np.int64)
+    running = np.asarray(metrics.decode_requests, np.int64) + admitted
+    keep = (span > 0) | (admitted > 0) | (rejected > 0) | (np.asarray(metrics.output_tokens) > 0)
+    end = np.cumsum(span)
+    arrived = np.searchsorted(np.asarray(workload.arrival_s, np.float64), end, side="right")
+    queued = np.maximum(arrived - np.cumsum(admitted) - np.cumsum(rejected), 0)
+    per_step = {
+        "end": end, "span": span, "busy": busy_s, "running": running, "queued": queued,
+        "tiers": np.asarray(metrics.tier_units, np.int64) * page_size,
+        "migrated": np.asarray(metrics.migrated_units, np.int64) * page_size,
+        "output": np.asarray(metrics.output_tokens, np.int64)}
+    per_step = {k: v[keep] for k, v in per_step.items()}
+    if per_step["end"].size <= max_rows:
+        return [_step_row(per_step, k) for k in range(per_step["end"].size)], \
+            {"resolution": "step"}
+    width = _bin_width(float(per_step["end"][-1]), max_rows)
+    return _bin_rows(per_step, width), {"resolution": "bin", "bin_s": width}
+
+
+def _step_row(s: dict, k: int) -> dict:
+    row = {"time_s": float(s["end"][k] - s["span"][k]), "duration_s": float(s["span"][k]),
+           "steps": int(s["busy"][k] > 0), "running": int(s["running"][k]),
+           "queued": int(s["queued"][k])}
+    row.update({f"{t}_kv_tokens": int(v) for t, v in zip(TIER_NAMES, s["tiers"][k])})
+    row.update(step_time_ms=float(s["busy"][k] * 1e3) if s["busy"][k] > 0 else None,
+               migrated_tokens=int(s["migrated"][k]),
+               output_tokens=int(s["output"][k]))
+    return row
+
+
+def _bin_width(total_s: float, max_rows: int) -> float:
+    """The smallest 1, 2 or 5 x 10^k seconds that cuts ``total_s`` into <= max_rows bins."""
+    exponent = np.floor(np.log10(max(total_s / max_rows, 1e-9)))
+    for exp in (exponent, exponent + 1):
+        for mantissa in (1.0, 2.0, 5.0):
+            width = float(mantissa * 10.0 ** exp)
+            if total_s / width <= max_rows:
+                return width
+    return float(10.0 ** (exponent + 2))
+
+
+def _bin_rows(s: dict, width: float) -> list[dict]:
+    """Fixed-width bins of the per-step arrays of :func:`timeline_rows`.
+
+    ``running`` is exact over the bin however steps straddle its edges: the cumulative busy
+    time and running-requests x busy time are piecewise linear in time (flat across idle
+    jumps), so their values at the bin edges (np.interp) give each bin's share. Counts
+    (steps, migrated and output tokens) go to the bin where their step ends, as does the
+    step-time mean; queue and KV are read at the end of the last step ending in the bin.
+    """
+    end = s["end"]
+    bins = int(np.ceil(end[-1] / width - 1e-9)) or 1
+    edges = np.arange(bins + 1) * width
+    times = np.concatenate([[0.0], end])
+    busy_at = np.interp(edges, times, np.concatenate([[0.0], np.cumsum(s["busy"])]))
+    load_at = np.interp(edges, times,
+                        np.concatenate([[0.0], np.cumsum(s["running"] * s["busy"])]))
+    busy_time, load = np.diff(busy_at), np.diff(load_at)
+    running = np.divide(load, busy_time, out=np.zeros(bins), where=busy_time > 0)
+    index = np.minimum(np.ceil(end / width - 1e-9).astype(np.int64) - 1, bins - 1)
+    index = np.maximum(index, 0)
+
+    def total(values):
+        return np.bincount(index, weights=values, minlength=bins)
+
+    busy = s["busy"] > 0
+    steps, step_s = total(busy.astype(np.float64)), total(s["busy"])
+    migrated, output = total(s["migrated"]), total(s["output"])
+    # The last step ending in each bin (steps are in time order), or in an earlier bin
+    # when none ends in it; -1 before the first step.
+    last = np.searchsorted(index, np.arange(bins), side="right") - 1
+    rows = []
+    for b in range(bins):
+        k = last[b]
+        row = {"time_s": float(edges[b]), "duration_s": width, "steps": int(steps[b]),
+               "running": float(running[b]), "queued": int(s["queued"][k]) if k >= 0 else 0}
+        row.update({f"{t}_kv_tokens": int(s["tiers"][k][i]) if k >= 0 else 0
+                    for i, t in enumerate(TIER_NAMES)})
+        row.update(step_time_ms=float(step_s[b] / steps[b] * 1e3) if steps[b] else None,
+                   migrated_tokens=int(migrated[b]), output_tokens=int(output[b]))
+        rows.append(row)
+    return rows

@@ -10,8 +10,14 @@ runs of any length unless the per-step timeline is kept (``timeline``).
 
 Many configurations (:func:`run_batch`, :func:`stack`): C configurations stacked on a
 leading axis and run by one vmapped, jitted rollout per group of configurations and chunk of
-steps, optionally sharded over devices; the runner of the SLO search, the sweep and the
+steps, optionally spread over devices; the runner of the SLO search, the sweep and the
 learned-policy judge.
+
+Several configurations to completion (:func:`run_many`, :func:`simulate_systems`): the
+host loop of :func:`run` over one vmapped chunk function, for `pamjax simulate --systems`.
+
+Every runner refuses parameters whose ``max_batch`` the config's slots cannot serve
+(:func:`check_slots`): the slots would otherwise cap the batch silently.
 """
 
 from __future__ import annotations
@@ -24,7 +30,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.experimental import multihost_utils
 
 from pamjax import engine
 from pamjax import leap as leap_lib
@@ -50,6 +55,8 @@ class SimResult:
         (``timeline``), else None.
       config: the EngineConfig.
       stats: the RunningStats the summary came from.
+      engine: how it ran: ``"step"`` (engine.step), ``"leap"`` (the event leap) or
+        ``"step, vmapped over C configurations"`` (:func:`run_many`).
     """
 
     summary: dict
@@ -57,6 +64,7 @@ class SimResult:
     metrics: object
     config: EngineConfig
     stats: metrics_lib.RunningStats | None = None
+    engine: str = "step"
 
 
 def choose_page_size(num_slots: int, max_context: int,
@@ -96,6 +104,28 @@ def make_config(workload: HostWorkload, num_slots: int, *, page_size: int | None
                         num_requests=workload.num_requests,
                         padded_bank_groups=padded_bank_groups, admit_window=max(admit, 1),
                         recorded_steps=recorded_steps, **overrides)
+
+
+def check_slots(params, config: EngineConfig) -> None:
+    """Refuse parameters whose ``max_batch`` the config's slots cannot serve.
+
+    At most ``config.num_slots`` requests run at once, so a larger ``max_batch`` would be
+    capped silently, unless the workload has no more requests than slots (then neither can
+    be reached, which is how :func:`simulate` sizes its config).
+
+    Args:
+      params: SimParams of one configuration, or stacked [C] (host or device arrays).
+      config: the EngineConfig they will run with.
+
+    Raises:
+      ConfigError: naming max_batch and num_slots.
+    """
+    max_batch = int(np.max(np.asarray(params.max_batch)))
+    if max_batch > config.num_slots and config.num_slots < config.num_requests:
+        raise ConfigError("max_batch", max_batch, f"exceeds the EngineConfig's "
+                          f"num_slots={config.num_slots} (the most requests that can run at "
+                          f"once); build the config with make_config(workload, {max_batch}) "
+                          f"or lower max_batch")
 
 
 def device_workload(workload: HostWorkload) -> DeviceWorkload:
@@ -200,6 +230,7 @@ def run(params: SimParams, workload: HostWorkload, config: EngineConfig, *, seed
             raise ConfigError("leap_steps", leap_steps, f"the event leap does not apply: "
                               f"{reason}")
         chunk_steps = max(chunk_steps, leap_steps)
+    check_slots(params, config)
     start = time.perf_counter()
     dev_workload = device_workload(workload)
     state = leap_lib.init_state(config) if leap_steps else engine.init_state(config, seed)
@@ -232,7 +263,8 @@ def run(params: SimParams, workload: HostWorkload, config: EngineConfig, *, seed
     state = jax.device_get(state)
     summary = metrics_lib.summarize_stats(workload, state, stats, time.perf_counter() - start)
     stacked = jax.tree.map(lambda *xs: np.concatenate(xs), *kept) if keep else None
-    return SimResult(summary=summary, state=state, metrics=stacked, config=config, stats=stats)
+    return SimResult(summary=summary, state=state, metrics=stacked, config=config, stats=stats,
+                     engine="leap" if leap_steps else "step")
 
 
 def _fold(pending, stats, kept, keep: bool, bar: Progress) -> bool:
@@ -345,25 +377,9 @@ rollout_per_config = jax.jit(_rollout_per_config, static_argnames=("config", "nu
 configuration, e.g. per seed); jitted, state donated."""
 
 
-def _global(tree, sharding):
-    """Host pytree with a leading config axis -> global arrays sharded along it (each process
-    provides only its addressable shards)."""
-    def put(x):
-        x = np.asarray(x)
-        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-    return jax.tree.map(put, tree)
-
-
-def _gather(tree):
-    """Global arrays -> numpy on every process."""
-    if jax.process_count() > 1:
-        return multihost_utils.process_allgather(tree, tiled=True)
-    return jax.device_get(tree)
-
-
 def run_batch(config: EngineConfig, params, workload, num_steps: int, *, seeds=0,
               states=None, chunk_steps: int | None = None, width: int | None = None,
-              sharding=None, progress: str | None = None, resume: bool = False):
+              devices=None, progress: str | None = None, resume: bool = False):
     """Simulate C configurations for ``num_steps`` steps each, vmapped: one compile per shape.
 
     The one batched runner of pamjax: the SLO search (studies.study), the sweep
@@ -374,6 +390,13 @@ def run_batch(config: EngineConfig, params, workload, num_steps: int, *, seeds=0
     width and the chunking fix the compiled program, and XLA may round a reduction
     differently in another program (one flip can change a discrete decision), so a
     configuration's results depend on them: keep them fixed to compare runs.
+
+    With several ``devices``, groups are dealt to them in rounds of one group per device,
+    each call dispatched on every device of the round before any result is read, so the
+    devices run at once. Every device runs the same one-device program, whatever the number
+    of devices: a program partitioned over N > 1 devices (a sharded ``jit``) would go
+    through another XLA pipeline than a one-device program and can round differently (see
+    studies.sweep), so a group's results would depend on the device count.
 
     Args:
       config: the static EngineConfig every configuration shares.
@@ -389,11 +412,8 @@ def run_batch(config: EngineConfig, params, workload, num_steps: int, *, seeds=0
       chunk_steps: steps per compiled call (default: all ``num_steps`` in one call).
       width: configurations per call (default: all C); the last group is padded with copies
         of the first configuration (their results dropped), so every call has one shape.
-      sharding: a jax.sharding.Sharding of the configuration axis (e.g. a NamedSharding over
-        a 1-D mesh): the inputs of a call are placed shard by shard (every process
-        provides its addressable shards, so every process must build the same inputs, and
-        the workload must be given per configuration) and its outputs gathered to every
-        process. ``width`` (default C) must divide evenly over the devices.
+      devices: jax devices of this process to run the groups on (default: JAX's default
+        device); the program is compiled once per device (traced once).
       progress: a label: show the steps done on stderr (pamjax.progress); None: silent.
       resume: start each configuration from its workload's in-flight requests
         (engine.resume, a steady-state start) before the first step.
@@ -403,10 +423,11 @@ def run_batch(config: EngineConfig, params, workload, num_steps: int, *, seeds=0
 
     Raises:
       ConfigError: a count that is not an integer >= 1, seeds or workloads not one per
-        configuration, or a sharded run with one workload for all.
+        configuration, or a device of another process.
     """
     if isinstance(params, (list, tuple)):
         params = stack(params)
+    check_slots(params, config)
     count = int(np.shape(jax.tree.leaves(params)[0])[0])
     width, chunk_steps = width or count, chunk_steps or num_steps
     for field, value in (("num_steps", num_steps), ("chunk_steps", chunk_steps),
@@ -417,55 +438,59 @@ def run_batch(config: EngineConfig, params, workload, num_steps: int, *, seeds=0
     if per_config and len(workload) != count:
         raise ConfigError("workload", f"{len(workload)} workloads", f"need one per "
                           f"configuration ({count})")
-    if sharding is not None and not per_config:
-        raise ConfigError("workload", "one for all", "a sharded run needs one workload per "
-                          "configuration (a list)")
+    devices = list(devices) if devices else [None]
+    for device in devices:
+        if device is not None and device.process_index != jax.process_index():
+            raise ConfigError("devices", str(device), "not a device of this process")
     workload = stack([_device(w) for w in workload]) if per_config else _device(workload)
     if states is None:
         seeds = list(seeds) if np.ndim(seeds) else [seeds] * count
         if len(seeds) != count:
             raise ConfigError("seeds", f"{len(seeds)} seeds", f"need an int or one per "
                               f"configuration ({count})")
-    place = (lambda tree: tree) if sharding is None else \
-        functools.partial(_global, sharding=sharding)
-    fetch = jax.device_get if sharding is None else _gather
     rollout = rollout_per_config if per_config else engine.rollout_batch
-    groups = range(0, count, width)
-    bar = Progress(len(groups) * num_steps, desc=f"{progress}: {count} configurations",
+    starts = list(range(0, count, width))
+    bar = Progress(len(starts) * num_steps, desc=f"{progress}: {count} configurations",
                    unit="step", enabled=progress is not None)
-    final, metrics = [], []
-    for lo in groups:
-        # Indices of the group; the last is padded with copies of configuration 0.
-        index = np.arange(lo, lo + width)
-        index = np.where(index < count, index, 0)
-        take = functools.partial(_take, index=index, whole=width == count)
-        state = take(states) if states is not None else \
-            stack([engine.init_state(config, seeds[i]) for i in index])
-        group_workload = place(take(workload)) if per_config else workload
-        if resume:
-            state = _resume_batch(config, place(take(params)), place(state), group_workload,
-                                  per_config)
-        state, group_metrics = _run_group(
-            rollout, config, place(take(params)), place(state), group_workload, num_steps,
-            chunk_steps, fetch, bar)
-        final.append(state)
-        metrics.append(group_metrics)
+    results = []
+    for first in range(0, len(starts), len(devices)):
+        groups = []
+        for lo, device in zip(starts[first:first + len(devices)], devices):
+            # Indices of the group; the last is padded with copies of configuration 0.
+            index = np.arange(lo, lo + width)
+            index = np.where(index < count, index, 0)
+            take = functools.partial(_take, index=index, whole=width == count)
+            state = take(states) if states is not None else \
+                stack([engine.init_state(config, seeds[i]) for i in index])
+            group = (take(params), state, take(workload) if per_config else workload)
+            group = group if device is None else jax.device_put(group, device)
+            if resume:
+                group = (group[0], _resume_batch(config, *group, per_config), group[2])
+            groups.append(group)
+        results += _run_round(rollout, config, groups, num_steps, chunk_steps, bar)
     bar.close()
     join = functools.partial(jax.tree.map, lambda *xs: np.concatenate(xs)[:count])
-    return join(*final), join(*metrics)
+    return join(*(r[0] for r in results)), join(*(r[1] for r in results))
 
 
-def _run_group(rollout, config, params, state, workload, num_steps, chunk_steps, fetch, bar):
-    """One group of :func:`run_batch`: its steps in calls of ``chunk_steps``, each call's
-    metrics fetched to the host before the next; (final state, metrics [W, S, ...])."""
-    parts, done = [], 0
+def _run_round(rollout, config, groups, num_steps, chunk_steps, bar) -> list[tuple]:
+    """Groups of :func:`run_batch`, one per device: their steps in calls of
+    ``chunk_steps``, each call dispatched for every group before any of its metrics is
+    fetched to the host; [(final state, metrics [W, S, ...])] per group, numpy."""
+    parts = [[] for _ in groups]
+    done = 0
     while done < num_steps:
         n = min(chunk_steps, num_steps - done)
-        state, chunk = rollout(config, params, state, workload, n)
-        parts.append(fetch(chunk))
+        calls = [rollout(config, params, state, workload, n)
+                 for params, state, workload in groups]
+        groups = [(params, state, workload)
+                  for (params, _, workload), (state, _) in zip(groups, calls)]
+        for part, (_, chunk) in zip(parts, calls):
+            part.append(jax.device_get(chunk))
         done += n
-        bar.update(n)
-    return fetch(state), jax.tree.map(lambda *xs: np.concatenate(xs, axis=1), *parts)
+        bar.update(n * len(groups))
+    concat = functools.partial(jax.tree.map, lambda *xs: np.concatenate(xs, axis=1))
+    return [(jax.device_get(state), concat(*part)) for (_, state, _), part in zip(groups, parts)]
 
 
 @functools.partial(jax.jit, static_argnames=("config", "per_config"))
@@ -483,3 +508,166 @@ def _take(tree, index, whole: bool):
     """Configurations ``index`` of a stacked pytree (the tree itself when it is all of
     them in order)."""
     return tree if whole else jax.tree.map(lambda x: np.asarray(x)[index], tree)
+
+
+# ---------------------------------------------------------------------------------------------
+# Several configurations until every request is done (simulate --systems)
+# ---------------------------------------------------------------------------------------------
+
+@functools.partial(jax.jit, static_argnames=("config", "num_steps"), donate_argnums=(2,))
+def _run_chunk_many(config, params, state, workload, num_steps, recorded):
+    """``num_steps`` engine steps of C configurations [C] at once (vmapped), with each
+    one's count of finished or rejected requests (i32 [C]). A configuration that is done
+    keeps stepping: engine.step then advances the step counter and reports zeros."""
+    def one(p, s):
+        s, chunk = engine.rollout(config, p, s, workload, num_steps, recorded)
+        status = s.req_status
+        return s, chunk, jnp.sum((status == STATUS_FINISHED) | (status == STATUS_REJECTED),
+                                 dtype=jnp.int32)
+    return jax.vmap(one)(params, state)
+
+
+def run_many(params, workload: HostWorkload, config: EngineConfig, *, seed: int = 0,
+             chunk_steps: int = 256, max_steps: int | None = None, recorded=None,
+             progress: bool = False, timeline: bool | None = None) -> list[SimResult]:
+    """:func:`run` for C configurations of one shape at once: one compiled, vmapped chunk
+    function steps them all until every configuration's requests are done.
+
+    The host loop is :func:`run`'s (chunk k+1 is dispatched before chunk k is folded), with
+    one RunningStats per configuration. A configuration may differ from its own
+    :func:`run` in the last bits of some step times (XLA may round a vmapped program
+    differently), and the event leap is not used.
+
+    Args:
+      params: SimParams of C configurations, a list or stacked [C]; each ``max_batch``
+        within ``config.num_slots`` (check_slots).
+      workload, config, seed, chunk_steps, max_steps, recorded, progress, timeline: as for
+        :func:`run` (every configuration gets the same workload, seed and recorded scores).
+
+    Returns:
+      one SimResult per configuration, in order; ``summary["wall_seconds"]`` is the wall
+      time of the whole call, shared by its configurations.
+    """
+    if isinstance(params, (list, tuple)):
+        params = stack(params)
+    check_slots(params, config)
+    for field, value in (("max_steps", max_steps), ("chunk_steps", chunk_steps)):
+        if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
+            raise ConfigError(field, value, "must be an integer >= 1")
+    count = int(np.shape(jax.tree.leaves(params)[0])[0])
+    start = time.perf_counter()
+    dev_workload = device_workload(workload)
+    state = stack([engine.init_state(config, seed) for _ in range(count)])
+    limit = max_steps or step_bound(workload)
+    stats = [metrics_lib.RunningStats() for _ in range(count)]
+    kept: list[list] = [[] for _ in range(count)]
+    keep = timeline
+    bar = Progress(count * workload.num_requests, desc=f"simulate {count} configurations",
+                   unit="req", enabled=progress)
+    pending, dispatched, finished = None, 0, False
+    while dispatched < limit and not finished:
+        state, chunk, done = _run_chunk_many(config, params, state, dev_workload,
+                                             chunk_steps, recorded)
+        dispatched += chunk_steps
+        if pending is not None:
+            finished = _fold_many(pending, stats, kept, keep, bar)
+        pending = (chunk, done)
+        if keep is None:
+            per_step = sum(x.nbytes for x in jax.tree.leaves(chunk)) / chunk_steps
+            keep = per_step * limit <= TIMELINE_AUTO_BYTES
+    _fold_many(pending, stats, kept, keep, bar)
+    bar.close()
+    state = jax.device_get(state)
+    wall = time.perf_counter() - start
+    results = []
+    for i in range(count):
+        final = index_config(state, i)
+        stacked = jax.tree.map(lambda *xs: np.concatenate(xs), *kept[i]) if keep else None
+        results.append(SimResult(
+            summary=metrics_lib.summarize_stats(workload, final, stats[i], wall),
+            state=final, metrics=stacked, config=config, stats=stats[i],
+            engine=f"step, vmapped over {count} configurations"))
+    return results
+
+
+def _fold_many(pending, stats, kept, keep: bool, bar: Progress) -> bool:
+    """Fold a finished chunk of every configuration; True when all are done."""
+    chunk, done = jax.device_get(pending)
+    for i, s in enumerate(stats):
+        mine = index_config(chunk, i)
+        s.fold(mine)
+        if keep:
+            kept[i].append(mine)
+    bar.moveto(int(np.sum(done)), status=f"{stats[0].steps} steps")
+    return int(np.sum(done)) == bar.total
+
+
+def simulate_systems(systems, model, workload: HostWorkload, *, max_batch: int = 64,
+                     platform=None, access: AccessModel | None = None, knobs=None,
+                     page_size: int | None = None, seed: int = 0, chunk_steps: int = 256,
+                     max_steps: int | None = None, recorded_scores: np.ndarray | None = None,
+                     progress: bool = False, timeline: bool | None = None,
+                     leap: bool | None = None) -> dict[str, SimResult]:
+    """Several systems on one workload (`pamjax simulate --systems`), each to completion.
+
+    One system is exactly :func:`simulate`. With several, they share one EngineConfig
+    (same workload, batch, page size and hardware), so the systems the event leap applies
+    to (``leap`` None: where it applies; True: all, ConfigError where it does not; False:
+    none) run one by one through it and all the others together through
+    :func:`run_many` (one compiled, vmapped chunk function).
+
+    Args:
+      systems: system names or System objects (distinct names).
+      model, workload, max_batch, platform, access, knobs, page_size, seed, chunk_steps,
+        max_steps, recorded_scores, progress, timeline: as for :func:`simulate`.
+
+    Returns:
+      {system name: SimResult}, in the order given.
+
+    Raises:
+      CapacityError: a system can hold none of the workload's requests.
+      ConfigError: duplicate names; ``leap=True`` for a system it does not apply to.
+    """
+    from pamjax.systems import make_params, max_bank_groups, require_a_fitting_request
+
+    names = [getattr(s, "name", s) for s in systems]
+    if len(set(names)) != len(names) or not names:
+        raise ConfigError("systems", names, "need one or more distinct system names")
+    common = dict(max_batch=max_batch, platform=platform, access=access, knobs=knobs,
+                  page_size=page_size, seed=seed, chunk_steps=chunk_steps,
+                  max_steps=max_steps, recorded_scores=recorded_scores, progress=progress,
+                  timeline=timeline)
+    if len(systems) == 1:
+        return {names[0]: simulate(systems[0], model, workload, leap=leap, **common)}
+    for system in systems:
+        require_a_fitting_request(system, model, workload, platform)
+    config = make_config(workload, min(max_batch, workload.num_requests), page_size=page_size,
+                         padded_bank_groups=max_bank_groups(platform),
+                         recorded_steps=0 if recorded_scores is None else
+                         int(recorded_scores.shape[0]))
+    params = {n: make_params(s, model, platform, access, max_batch=max_batch,
+                             page_size=config.page_size, knobs=knobs)
+              for n, s in zip(names, systems)}
+    results, stepped = {}, []
+    for name, system in zip(names, systems):
+        reason = leap_lib.applies(params[name], config)
+        if leap and reason is not None:
+            raise ConfigError("engine", "leap", f"the event leap does not apply to {name}: "
+                              f"{reason}")
+        if leap is not False and reason is None:
+            common["page_size"] = config.page_size
+            results[name] = simulate(system, model, workload, leap=True, **common)
+        else:
+            stepped.append(name)
+    if len(stepped) == 1:
+        results[stepped[0]] = run(params[stepped[0]], workload, config, seed=seed,
+                                  chunk_steps=chunk_steps, max_steps=max_steps,
+                                  recorded=prepare_recorded(recorded_scores, config),
+                                  progress=progress, timeline=timeline)
+    elif stepped:
+        many = run_many([params[n] for n in stepped], workload, config, seed=seed,
+                        chunk_steps=chunk_steps, max_steps=max_steps,
+                        recorded=prepare_recorded(recorded_scores, config), progress=progress,
+                        timeline=timeline)
+        results.update(zip(stepped, many))
+    return {n: results[n] for n in names}

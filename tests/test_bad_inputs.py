@@ -224,10 +224,20 @@ def test_bad_hardware_file_for_simulate(capsys, name, where, what):
     assert_one_error_line(rc, err, where, what)
 
 
+def with_file(argv, flag, path):
+    """``argv`` plus ``flag path``; a --model-file replaces --model (giving both is an
+    error of its own, tested in test_workflow.py)."""
+    argv = list(argv)
+    if flag == "--model-file" and "--model" in argv:
+        i = argv.index("--model")
+        del argv[i:i + 2]
+    return [*argv, flag, path]
+
+
 @needs_config_flags
 @pytest.mark.parametrize("name,where,what", MODELS)
 def test_bad_model_file_for_simulate(capsys, name, where, what):
-    rc, err = run_cli([*SYNTHETIC, "--model-file", CORPUS / name], capsys)
+    rc, err = run_cli(with_file(SYNTHETIC, "--model-file", CORPUS / name), capsys)
     assert_one_error_line(rc, err, where, what)
 
 
@@ -237,9 +247,9 @@ def test_bad_model_file_for_simulate(capsys, name, where, what):
     ("--hardware", *HARDWARE[-1]),
 ])
 def test_bad_config_file_for_compare(capsys, tmp_path, flag, name, where, what):
-    rc, err = run_cli(["compare", "--model", "llama3-8b", "--systems", "pam", "--batches", "2",
-                       "--steps", "2", "--quiet", "--out", tmp_path, flag, CORPUS / name],
-                      capsys)
+    rc, err = run_cli(with_file(["compare", "--model", "llama3-8b", "--systems", "pam",
+                                 "--batches", "2", "--steps", "2", "--quiet", "--out",
+                                 tmp_path], flag, CORPUS / name), capsys)
     assert_one_error_line(rc, err, where, what)
 
 
@@ -249,7 +259,8 @@ def test_bad_config_file_for_compare(capsys, tmp_path, flag, name, where, what):
     ("--hardware", *HARDWARE[-1]),
 ])
 def test_bad_config_file_for_bounds(capsys, flag, name, where, what):
-    rc, err = run_cli(["bounds", "--model", "llama3-8b", flag, CORPUS / name], capsys)
+    rc, err = run_cli(with_file(["bounds", "--model", "llama3-8b"], flag, CORPUS / name),
+                      capsys)
     assert_one_error_line(rc, err, where, what)
 
 

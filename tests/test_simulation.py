@@ -7,12 +7,12 @@ configurations per call and scans of 5 steps, so the file compiles the engine th
 from __future__ import annotations
 
 import builtins
+import types
 
 import chex
 import jax
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pamjax import engine, progress
 from pamjax.errors import ConfigError
@@ -71,7 +71,7 @@ def test_one_call_matches_the_engines_batched_rollout():
     assert more[0].step.tolist() == [10, 10]
 
 
-def test_per_configuration_workloads_and_sharding():
+def test_per_configuration_workloads_and_devices():
     other = synthetic("sharegpt", 4, seed=5)
     plain = run_batch(CONFIG, PARAMS[:2], [WORKLOAD, other], 5, seeds=[0, 1])
     # Each workload goes with its configuration: swapping both swaps the results.
@@ -79,11 +79,11 @@ def test_per_configuration_workloads_and_sharding():
     chex.assert_trees_all_equal(plain, jax.tree.map(lambda x: x[::-1], swapped))
     same_params = run_batch(CONFIG, [PARAMS[0]] * 2, [WORKLOAD, other], 5)
     assert not np.array_equal(*same_params[1].step_time_s)  # the workloads differ
-    # Sharded over a 1-device mesh: the same program, the same bits.
-    mesh = Mesh(np.array(jax.devices()[:1]), ("configs",))
-    sharded = run_batch(CONFIG, PARAMS[:2], [WORKLOAD, other], 5, seeds=[0, 1],
-                        sharding=NamedSharding(mesh, PartitionSpec("configs")))
-    chex.assert_trees_all_equal(sharded, plain)
+    # Dealt to devices (here the one device twice: a round of two groups of width 2),
+    # each group runs the program it runs without devices: the same bits.
+    dealt = run_batch(CONFIG, PARAMS[:2] * 2, [WORKLOAD, other] * 2, 5, seeds=[0, 1] * 2,
+                      width=2, devices=jax.devices()[:1] * 2)
+    chex.assert_trees_all_equal(dealt, jax.tree.map(lambda *x: np.concatenate(x), plain, plain))
 
 
 @pytest.mark.parametrize("kwargs, field", [
@@ -92,7 +92,7 @@ def test_per_configuration_workloads_and_sharding():
     (dict(width=1.5), "width"),
     (dict(seeds=[0, 1]), "seeds"),
     (dict(workload=[WORKLOAD]), "workload"),
-    (dict(sharding=object()), "workload"),
+    (dict(devices=[types.SimpleNamespace(process_index=99)]), "devices"),
 ])
 def test_bad_input_names_the_field(kwargs, field):
     args = dict(workload=WORKLOAD, num_steps=4)

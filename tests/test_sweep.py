@@ -4,9 +4,9 @@ bad input."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
@@ -18,35 +18,132 @@ AXES = dict(model="llama3-8b", workload="sharegpt", trace=None, max_requests=8,
             systems=["pam", "l-pim"], batches=[2, 4], slo_ms=[50.0, 200.0], seeds=[0, 1],
             overrides=None, steps=12)
 
-SCRIPT = textwrap.dedent("""
-    import sys, jax
-    from pamjax.studies import sweep
-    print("devices", jax.device_count())
-    spec = sweep.make_spec(model="llama3-8b", workload="sharegpt", trace=None, max_requests=8,
-                           systems=["pam", "l-pim"], batches=[2, 4], slo_ms=[50, 200],
-                           seeds=[0, 1], overrides=["", "ddr.num_devices=80"], steps=12)
-    sweep.run(spec, sys.argv[1], chunk_size=3)
-""")
+# llama3-70b, 8 configurations in 4 chunks of 2. The model matters: its 4 x layers x heads x
+# head_dim (5 x 2**19) makes the prefill FLOPs of seeds 1 and 4 (fc_flops x tokens +
+# 4LHD x pairs) round differently when XLA fuses the other product into an FMA, as the
+# one-device and the partitioned N-device programs of a sharded jit did (llama3-8b's
+# 2**19 is exact either way, so it cannot tell them apart).
+ARGS = ["sweep", "--model", "llama3-70b", "--systems", "pam,ls-pim", "--batches", "8",
+        "--slo-ms", "100", "--seeds", "0,1,4,5", "--max-requests", "8", "--steps", "3",
+        "--chunk-size", "2", "--quiet"]
 
 
-def test_csv_is_byte_identical_on_1_and_4_devices(tmp_path):
-    """16 configurations in chunks of 3 (1 device) or 4 (4 devices, padded differently)."""
+@pytest.fixture(scope="module")
+def one_device_csv(tmp_path_factory):
+    """sweep.csv of ARGS run in this (one-device) process."""
+    import jax
+
+    from pamjax.cli import main
+
+    assert jax.device_count() == 1
+    out = tmp_path_factory.mktemp("one")
+    assert main([*ARGS, "--out", str(out)]) == 0
+    one = (out / "sweep.csv").read_bytes()
+    assert one.count(b"\n") == 1 + 2 * 4  # header + systems x seeds (one SLO)
+    assert b"energy_gpu_compute" in one.split(b"\n")[0]
+    return one
+
+
+def test_csv_is_byte_identical_on_1_2_and_4_devices(tmp_path, one_device_csv):
+    """On 4 devices one chunk each, on 2 devices two rounds, on 1 device four; every
+    column compared, energies included."""
     runs = {}
-    for devices in (1, 4):
+    for devices in (2, 4):
         env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                    PAMJAX_NO_CACHE="1")
-        out = tmp_path / f"d{devices}"
-        runs[devices] = (out, subprocess.Popen([sys.executable, "-c", SCRIPT, str(out)], env=env,
-                                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                               text=True))
-    for devices, (out, proc) in runs.items():
+        runs[devices] = subprocess.Popen(
+            [sys.executable, "-m", "pamjax.cli", *ARGS, "--out", str(tmp_path / f"d{devices}")],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for devices, proc in runs.items():
         text, _ = proc.communicate(timeout=600)
         assert proc.returncode == 0, text
-        assert f"devices {devices}" in text
-    one = (tmp_path / "d1" / "sweep.csv").read_bytes()
-    four = (tmp_path / "d4" / "sweep.csv").read_bytes()
-    assert one.count(b"\n") == 1 + 2 * 2 * 2 * 2 * 2  # header + configs x SLOs
-    assert one == four
+        assert f"4 chunks on {devices} device(s) in 1 process(es)" in text
+        assert (tmp_path / f"d{devices}" / "sweep.csv").read_bytes() == one_device_csv, devices
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _job(argv_of, cache, processes: int = 2) -> list[tuple[int, str]]:
+    """Run ``pamjax`` as a job of ``processes`` processes on 127.0.0.1 (``argv_of(i)``: the
+    arguments of process i, --coordinator etc. added; ``cache``: the compilation cache
+    folder); (exit status, output) per process."""
+    port = _free_port()
+    env = dict(os.environ, PAMJAX_CACHE_DIR=str(cache))
+    env.pop("XLA_FLAGS", None)  # one CPU device per process
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "pamjax.cli", *argv_of(i), "--coordinator", f"127.0.0.1:{port}",
+         "--num-processes", str(processes), "--process-id", str(i)], env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(processes)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    return [(p.returncode, text) for p, text in zip(procs, outputs)]
+
+
+def test_two_processes_give_the_bytes_of_one_and_resume(tmp_path, one_device_csv):
+    """ARGS over the 2 devices of 2 processes (127.0.0.1): the CSV of one process, also when
+    resumed from a cut file; only process 0 reads and writes files."""
+    # The second job loads the programs the first compiled (tmp_path / "cache").
+    results = _job(lambda i: [*ARGS, "--out", str(tmp_path / f"two{i}")], tmp_path / "cache")
+    for status, text in results:
+        assert status == 0, text
+    assert "4 chunks on 2 device(s) in 2 process(es)" in results[0][1]
+    assert (tmp_path / "two0" / "sweep.csv").read_bytes() == one_device_csv
+    assert not (tmp_path / "two1").exists()
+
+    # Resume from the header, 3 rows and a torn line: process 0 reads them and tells
+    # process 1 what is done; 3 chunks are left, the second round on process 0 only.
+    lines = one_device_csv.splitlines(keepends=True)
+    (tmp_path / "two0" / "sweep.csv").write_bytes(b"".join(lines[:4]) + lines[4][:9])
+    results = _job(lambda i: [*ARGS, "--out", str(tmp_path / f"two{i}"), "--resume"],
+                   tmp_path / "cache")
+    for status, text in results:
+        assert status == 0, text
+    assert "(5 run now)" in results[0][1] and "3 chunks" in results[0][1]
+    assert (tmp_path / "two0" / "sweep.csv").read_bytes() == one_device_csv
+    assert not (tmp_path / "two1").exists()
+
+
+def test_processes_started_with_other_arguments_stop_with_one_line(tmp_path):
+    steps = {0: "3", 1: "4"}
+    results = _job(lambda i: [*ARGS, "--steps", steps[i], "--out", str(tmp_path)],
+                   tmp_path / "cache")
+    for status, text in results:
+        assert status == 2, text
+        error = [line for line in text.splitlines() if line.startswith("pamjax: error")]
+        assert error == [("pamjax: error: invalid processes='process 1': its sweep axes or "
+                          "chunk size differ from process 0's; start every process of the "
+                          "job with the same arguments")], text
+    assert not (tmp_path / "sweep.csv").exists()
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--coordinator", "127.0.0.1:1234", "--num-processes", "0", "--process-id", "0"],
+     "argument --num-processes: 0 must be >= 1"),
+    (["--coordinator", "127.0.0.1:1234", "--num-processes", "2", "--process-id", "2"],
+     "invalid process_id=2: must be below num_processes (2)"),
+    (["--coordinator", "127.0.0.1:1234", "--num-processes", "2", "--process-id", "-1"],
+     "invalid process_id=-1: must be an integer >= 0"),
+    (["--coordinator", "localhost", "--num-processes", "2", "--process-id", "0"],
+     "invalid coordinator='localhost': must be HOST:PORT"),
+    (["--coordinator", "h:99999", "--num-processes", "2", "--process-id", "0"],
+     "invalid coordinator='h:99999'"),
+    (["--coordinator", "h:1234"], "go together"),
+    (["--num-processes", "2", "--process-id", "1"], "go together"),
+])
+def test_bad_process_flags_are_one_line_and_exit_2(flags, needle, tmp_path, capsys):
+    from pamjax.cli import main
+
+    try:
+        status = main([*ARGS, "--out", str(tmp_path), *flags])
+    except SystemExit as exc:  # argparse's own errors
+        status = exc.code
+    err = capsys.readouterr().err
+    assert status == 2
+    assert err.count("\n") == 1 and needle in err, err
+    assert not (tmp_path / "sweep.csv").exists()
 
 
 def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypatch):
@@ -97,11 +194,9 @@ def test_torn_tail_and_partial_configurations_are_dropped_on_resume(tmp_path):
     whole = b"pam,,64,0,100.0\npam,,64,0,150.0\n"
     torn = head + whole + b"l-pim,,64,0,100.0\nl-pim,,6"
     path.write_bytes(torn)
-    columns, rows = sweep._read_existing(path, rows_per_config=2, writer=False)
+    columns, rows = sweep._read_existing(path, rows_per_config=2)
     assert columns == ["system", "overrides", "batch", "seed", "slo_ms"]
     assert [(r["system"], r["slo_ms"]) for r in rows] == [("pam", "100.0"), ("pam", "150.0")]
-    assert path.read_bytes() == torn  # only the writing process touches the file
-    sweep._read_existing(path, rows_per_config=2, writer=True)
     assert path.read_bytes() == head + whole
 
 

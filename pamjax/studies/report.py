@@ -1,4 +1,8 @@
-"""Writing results: CSV and JSON files with deterministic layout (sorted keys, fixed columns)."""
+"""Writing results: CSV and JSON files with deterministic layout (sorted keys, fixed columns).
+
+A CSV's provenance (pamjax.provenance) goes to a sidecar ``<stem>.meta.json`` beside it
+(:func:`meta_path`), not into comment lines, which many CSV readers take for data.
+"""
 
 from __future__ import annotations
 
@@ -45,13 +49,23 @@ def _write_text(path: pathlib.Path, text: str) -> None:
         raise PamjaxError(f"{path}: cannot write ({exc.strerror or exc})") from None
 
 
-def write_csv(path, rows: list[dict], columns: list[str]) -> pathlib.Path:
+def meta_path(path) -> pathlib.Path:
+    """The provenance sidecar of a CSV: ``DIR/name.csv`` -> ``DIR/name.meta.json``."""
+    path = pathlib.Path(path)
+    return path.with_name(f"{path.stem}.meta.json")
+
+
+def write_csv(path, rows: list[dict], columns: list[str], *, provenance: dict | None = None,
+              meta: dict | None = None) -> pathlib.Path:
     """Write ``rows`` with exactly ``columns`` (missing keys are empty) and return the path.
 
     Args:
       path: the CSV file (its folder is created; an existing file is replaced).
       rows: one dict per row; numpy scalars become Python numbers, NaN/inf empty cells.
       columns: the header, in order.
+      provenance: a pamjax.provenance record; when given, it is written to the sidecar
+        :func:`meta_path` as ``{"provenance": ..., "columns": ..., **meta}``.
+      meta: further sidecar entries (e.g. the units or bin width of the columns).
 
     Returns:
       The path written, as a :class:`pathlib.Path`.
@@ -67,6 +81,9 @@ def write_csv(path, rows: list[dict], columns: list[str]) -> pathlib.Path:
         writer.writerow(["" if _plain(row.get(c)) is None else _plain(row.get(c))
                          for c in columns])
     _write_text(path, buffer.getvalue())
+    if provenance is not None:
+        write_json(meta_path(path), {"provenance": provenance, "columns": list(columns),
+                                     **(meta or {})})
     return path
 
 

@@ -47,12 +47,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from pamjax.errors import ConfigError
-from pamjax.hardware import TIER_NAMES, Platform
+from pamjax.hardware import TIER_NAMES, Platform, get_platform
 from pamjax.locality import AccessModel
 from pamjax.models import Model
 from pamjax.simulation import choose_page_size, index_config, make_config, run_batch
 from pamjax.studies.bounds import run_bound, window_bound
-from pamjax.systems import Knobs, make_params, max_bank_groups
+from pamjax.systems import Knobs, System, make_params, max_bank_groups
 from pamjax.types import ENERGY_COMPONENTS, STATUS_FINISHED, STATUS_REJECTED
 from pamjax.workload import Workload, steady_state, synthetic
 
@@ -67,7 +67,7 @@ UNIT_BUDGET = 9 << 19
 class SweepPoint:
     """One configuration of a sweep (platform None = the default preset)."""
 
-    system: str
+    system: System | str
     batch: int
     model: Model | str
     platform: Platform | None = None
@@ -126,7 +126,8 @@ def run_sweep(systems, model, workload: Workload | str, batches, *, steps: int =
         within UNIT_BUDGET); one page size for the whole sweep.
       class_ratio: batch sizes within this factor share one compiled, vmapped rollout.
       platforms: {label: Platform} to sweep hardware design points too (rows get
-        ``platform`` = label); default: ``platform`` (or the preset) alone.
+        ``platform`` = label); default: ``platform`` (or the preset) alone, rows labelled
+        with its name.
 
     Returns:
       one dict per (system, batch), in that order: system, batch, throughput_tokens_per_s,
@@ -143,9 +144,10 @@ def run_sweep(systems, model, workload: Workload | str, batches, *, steps: int =
     for field, value in (("steps", steps), ("warmup", warmup)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(field, value, "must be an integer >= 1")
-    systems = [getattr(s, "name", s) for s in systems]
+    systems = list(systems)  # names or System objects; rows and keys use the names
     models = [model] if isinstance(model, (str, Model)) else list(model)
-    hardware = platforms or {"": platform}
+    # Rows name their platform: the label of a design point, else the platform's name.
+    hardware = platforms or {(platform or get_platform()).name: platform}
     pool = synthetic(workload, POOL_REQUESTS, seed=seed) if isinstance(workload, str) \
         else workload
     groups = slot_classes(batches, class_ratio)
@@ -162,8 +164,8 @@ def run_sweep(systems, model, workload: Workload | str, batches, *, steps: int =
         rows = _run_group(points, work, steps, warmup, seed, access, knobs, page, chunk_steps,
                           label if progress else None)
         by_point.update({_key(r): r for r in rows})
-    return [by_point[(hw, _model_name(m), s, b)] for hw in hardware for m in models
-            for s in systems for b in batches]
+    return [by_point[(hw, _model_name(m), _system_name(s), b)] for hw in hardware
+            for m in models for s in systems for b in batches]
 
 
 MAX_SEARCH_BATCH = 16384
@@ -214,6 +216,10 @@ def steady_requests(pool: Workload, batch: int, steps: int) -> int:
     return batch + int(np.ceil(2.0 * refills)) + 8
 def _model_name(model: Model | str) -> str:
     return model if isinstance(model, str) else model.name
+
+
+def _system_name(system: System | str) -> str:
+    return system if isinstance(system, str) else system.name
 
 
 def _key(row):
@@ -317,7 +323,7 @@ def point_row(point: SweepPoint, m, opened, final, workload: Workload, page: int
     row = {
         "platform": point.label,
         "model": _model_name(point.model),
-        "system": point.system,
+        "system": _system_name(point.system),
         "batch": point.batch,
         "throughput_tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
         "decode_throughput_tokens_per_s": float(decode[pure].sum() / step_time[pure].sum())
@@ -377,14 +383,21 @@ def _bound_columns(point: SweepPoint, row: dict, workload: Workload, prefilled,
 
 
 def peak_under_slo(rows: list[dict], slo_ms: float) -> dict[str, dict]:
-    """Per system (rows of one model and platform): the batches that fit and meet the SLO.
+    """Per system (rows of one model and platform): the SLO search's answer, every metric
+    of it from one batch.
+
+    Two batches answer the search: the *max batch* (the largest batch of the grid that
+    fits and meets the SLO) and the *peak batch* (the one with the highest throughput
+    among those; they may differ where a larger batch loses throughput, e.g. to KV spilled
+    to a slower tier). The row returned is the peak batch's own row (its ``batch``, throughput,
+    TPOT, energy, shares, bound and efficiency), plus ``peak_batch`` (= ``batch``),
+    ``max_batch`` and ``at_grid_edge`` (max_batch is the grid's largest).
 
     Returns:
-      {system: row + {max_batch, at_grid_edge}}: the meeting batch with the highest
-      throughput, every field from that batch (``batch``), and the largest meeting batch
-      (``max_batch``; ``at_grid_edge`` when it is the grid's largest). A system with no such
-      batch gets its smallest batch's row with ``max_batch = 0``, throughput 0 and
-      ``efficiency`` 0.
+      {system: row}. A system with no such batch gets only ``system``, ``model``,
+      ``platform``, ``max_batch = peak_batch = 0``, ``throughput_tokens_per_s = 0``,
+      ``at_grid_edge`` False, ``oom`` (its smallest batch did not fit), BOUND_COLUMNS None,
+      and ``smallest_batch``: the smallest batch's row, to see how far it was.
     """
     result = {}
     for system in dict.fromkeys(r["system"] for r in rows):
@@ -392,11 +405,13 @@ def peak_under_slo(rows: list[dict], slo_ms: float) -> dict[str, dict]:
         ok = [r for r in mine if not r["oom"] and r["tpot_p99_ms"] <= slo_ms]
         if ok:
             peak = max(ok, key=lambda r: r["throughput_tokens_per_s"])
-            best = dict(peak, max_batch=ok[-1]["batch"],
+            best = dict(peak, peak_batch=peak["batch"], max_batch=ok[-1]["batch"],
                         at_grid_edge=ok[-1]["batch"] == mine[-1]["batch"])
         else:
-            best = dict(mine[0], max_batch=0, throughput_tokens_per_s=0.0,
-                        at_grid_edge=False,
-                        efficiency=0.0 if mine[0]["bound_tokens_per_s"] else None)
+            first = mine[0]
+            best = {"system": system, "model": first["model"], "platform": first["platform"],
+                    "max_batch": 0, "peak_batch": 0, "throughput_tokens_per_s": 0.0,
+                    "at_grid_edge": False, "oom": first["oom"],
+                    **dict.fromkeys(BOUND_COLUMNS), "smallest_batch": first}
         result[system] = best
     return result

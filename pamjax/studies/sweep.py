@@ -1,4 +1,4 @@
-"""Large sweeps: systems x batch sizes x SLOs x seeds x hardware overrides, sharded over devices.
+"""Large sweeps: systems x batch sizes x SLOs x seeds x hardware overrides, spread over devices.
 
 A sweep is the cartesian product of its axes for one model and one workload (a synthetic
 dataset name or a trace) and writes ``OUT/sweep.csv``, one row per configuration. What is
@@ -20,17 +20,25 @@ simulated and how:
   rows are dropped), so a sweep compiles once per slot class however many chunks it has; the
   trace count is reported (``SweepReport.compiles``). Each call goes through
   simulation.run_batch, with one workload per configuration.
-* **Sharding.** Each chunk is ``vmap``-ed over its configurations and the configuration
-  axis is sharded over every device with ``jax.sharding``: a ``NamedSharding`` over a 1-D
-  ``Mesh`` of ``jax.devices()`` (axis ``"configs"``). A call holds ``chunk_size``
-  configurations *per device* (the call is ``chunk_size x device count`` wide, padded), so
-  every device runs the same per-device program, on the same configurations at the same
-  positions, whatever the device count. That matters: XLA may round a reduction differently
-  at another vmap width, and one rounding flip can change a discrete decision (a bisection
-  threshold) of the engine, so a row can depend on the width it ran at, but never on the
-  device count: a sweep on 1 device and on 4 gives byte-identical CSVs (tests/test_sweep.py
-  checks it with ``XLA_FLAGS=--xla_force_host_platform_device_count=4``). Configurations
-  never communicate. To keep every device busy, use chunk_size <= configurations / devices.
+* **Devices.** A call runs one chunk per device of ``jax.devices()`` (of every process of
+  a multi-process job), ``vmap``-ed over its ``width`` configurations; devices without a
+  chunk in a class's last call idle. Every device runs the same *one-device* program
+  (simulation.run_batch with ``devices``: traced once, compiled per device), never one
+  program partitioned over the devices, because XLA compiles a ``jit`` sharded over N > 1
+  devices through its SPMD pipeline and that rounds differently. Measured: with the
+  configuration axis sharded by a ``NamedSharding`` (the earlier design), LLVM fused the
+  *other* product of the prefill FLOPs ``fc_flops x tokens + 4LHD x pairs`` (costs.py)
+  into an FMA in the partitioned program than in the one-device program (the pipelines
+  left the fused loop's operands in another order), so llama3-70b's ``energy_gpu_compute``
+  differed in the 9th digit between 1 device and 2 or 4 (2 and 4 agreed). Now a
+  configuration runs at the same vmap width and position, in the same program, whatever
+  the device or process count: a sweep gives byte-identical CSVs on 1, 2 and 4 devices and
+  in 2 processes (tests/test_sweep.py). The width does matter (XLA may round differently
+  at another vmap width, and one rounding flip can change a discrete decision of the
+  engine), so keep chunk_size to compare sweeps. The price: a process with N devices
+  compiles the program N times (one process per device, e.g. per GPU, compiles once, in
+  parallel with the others). Configurations never communicate. To keep every device busy,
+  use chunk_size <= configurations / devices.
 * **Chunks, commit and resume.** Each finished chunk's rows are appended to ``sweep.csv``
   at once: the chunk is formatted in memory and written with a single ``os.write`` on a file
   opened ``O_APPEND``, then ``fsync``-ed, so a killed process leaves whole chunks (a torn
@@ -40,35 +48,41 @@ simulated and how:
   ``sweep.json``) and only the chunks with missing configurations run; chunks are cut from
   the whole sweep, not from what is left of it, so a resumed configuration runs at the same
   vmap width and position as it would have without the interruption. Without ``resume``
-  the sweep starts over. On several devices, a call runs one chunk per device and commits
-  them together. When every configuration is done the
-  file is rewritten sorted (rows by system, overrides, batch, seed, SLO; columns in a fixed
-  order) through a temporary file and ``os.replace``, so an interrupted-and-resumed sweep and
-  an uninterrupted one end with identical bytes.
+  the sweep starts over. A call's chunks are committed together. When every configuration
+  is done the file is rewritten sorted (rows by system, overrides, batch, seed, SLO;
+  columns in a fixed order) through a temporary file and ``os.replace``, so an
+  interrupted-and-resumed sweep and an uninterrupted one end with identical bytes.
 * **Page size.** The one a single run at the largest batch would use
   (simulation.choose_page_size); a device holds at most study.UNIT_BUDGET tracked units
   per call (fewer configurations per chunk at large batches and contexts).
 
-Multi-host: start every process of the job with ``jax.distributed.initialize`` before any
-other JAX call; ``jax.devices()`` then lists the devices of every host, the mesh spans all of
-them, each process feeds only its addressable shards (``jax.make_array_from_callback``; every
-process builds the same host arrays, deterministically), results are gathered with
-``multihost_utils.process_allgather``, and only process 0 writes files (``out_dir`` should be
-on a shared file system for resume). For example, two hosts with 4 GPUs each::
+Several processes (hosts): every process of the job runs the same sweep, started after
+multihost.initialize (``jax.distributed.initialize``; ``pamjax sweep --coordinator HOST:PORT
+--num-processes N --process-id I``). ``jax.devices()`` then lists the devices of every
+process, in the same order everywhere, so every process plans the same calls; each runs
+the chunks of its own devices, and the formatted rows of a call are gathered to every
+process (multihost.allgather_bytes, a JAX collective) before process 0 commits them. Only
+process 0 reads and writes ``out_dir``: on a resume it reads ``sweep.csv`` and tells the
+others what is done, so ``out_dir`` need not be shared. The processes check that they were
+started with the same axes and chunk size (else every one stops with the same error).
+What was run: 2 CPU processes of one device each on one machine (127.0.0.1, gloo
+collectives), fresh and resumed (tests/test_sweep.py), and 2 processes of 2 forced host
+devices each, all giving the bytes of one process; not several hosts, nor GPUs. From
+Python, two hosts with 4 GPUs each::
 
     # host 0 (10.0.0.1) and host 1 run the same script, with PROCESS_ID=0 and 1:
-    import os, jax
-    jax.distributed.initialize(coordinator_address="10.0.0.1:1234", num_processes=2,
-                               process_id=int(os.environ["PROCESS_ID"]))
+    import os
+    from pamjax import multihost
+    multihost.initialize("10.0.0.1:1234", 2, int(os.environ["PROCESS_ID"]))
     from pamjax.studies import sweep
     spec = sweep.make_spec(model="llama3-70b", workload="sharegpt", trace=None,
                            max_requests=None, systems=["pam", "l-pim"],
                            batches=[64, 128, 256, 512], slo_ms=[100, 150, 200],
                            seeds=[0, 1, 2, 3], overrides=["", "ddr.num_devices=80"], steps=256)
-    sweep.run(spec, "/shared/sweep", resume=True, chunk_size=64, progress=True)
+    sweep.run(spec, "/results/sweep", resume=True, chunk_size=64, progress=True)
 
-(On a single host, ``jax.distributed.initialize`` is not needed: all local devices are used.
-The multi-host path follows JAX's documented APIs but has only been run single-process.)
+(On a single host, no initialization is needed: all local devices are used. The README
+shows the command line, with SLURM.)
 """
 
 from __future__ import annotations
@@ -83,16 +97,15 @@ import time
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from pamjax import simulation
+from pamjax import multihost, simulation
 from pamjax.errors import ConfigError, UnknownNameError
-from pamjax.hardware import get_platform
-from pamjax.models import get_model
+from pamjax.hardware import Platform, get_platform
+from pamjax.models import Model, get_model
 from pamjax.progress import Progress
 from pamjax.simulation import choose_page_size, index_config, make_config
 from pamjax.studies import study
-from pamjax.systems import get_system, make_params, max_bank_groups
+from pamjax.systems import Knobs, System, get_system, make_params, max_bank_groups
 from pamjax.traces import load_trace
 from pamjax.workload import DATASETS, Workload, steady_state, synthetic
 
@@ -107,13 +120,16 @@ _SIM_KEY = ("system", "overrides", "batch", "seed")  # one simulated configurati
 class SweepSpec:
     """The axes of a sweep (what sweep.json records and resume checks).
 
-    Fields: model name; workload (dataset name, or None for a trace); trace (path or None);
-    max_requests (None = the default); systems, batches, slo_ms, seeds and overrides
-    (tuples, each override a ``"path=value[,path=value]"`` string, ``""`` = the preset);
-    steps (engine steps per configuration).
+    Fields: model (a preset name or a Model, e.g. from a --model-file); workload (dataset
+    name, or None for a trace); trace (path or None); max_requests (None = the default);
+    systems, batches, slo_ms, seeds and overrides (tuples, each override a
+    ``"path=value[,path=value]"`` string applied to ``platform``, ``""`` = the platform
+    itself); steps (engine steps per configuration); platform (None = the preset); knobs
+    (None = the defaults); custom_systems (System objects named in ``systems``, e.g. from
+    --system-file).
     """
 
-    model: str
+    model: str | Model
     workload: str | None
     trace: str | None
     max_requests: int | None
@@ -123,13 +139,17 @@ class SweepSpec:
     seeds: tuple[int, ...]
     overrides: tuple[str, ...]
     steps: int
+    platform: Platform | None = None
+    knobs: Knobs | None = None
+    custom_systems: tuple[System, ...] = ()
 
 
 @dataclasses.dataclass
 class SweepReport:
     """What :func:`run` did: CSV path, configurations (simulated ones, SLO rows apart),
     those run now (the rest came from a resumed CSV), chunks run, compilations (traces of
-    simulation.rollout_per_config), devices, page size and wall seconds."""
+    simulation.rollout_per_config), devices and processes of the job, page size and wall
+    seconds."""
 
     path: pathlib.Path
     configs_total: int
@@ -137,6 +157,7 @@ class SweepReport:
     chunks: int
     compiles: int
     devices: int
+    processes: int
     page_size: int
     wall_seconds: float
 
@@ -168,7 +189,7 @@ def parse_override(text: str) -> dict:
 
 
 def make_spec(*, model, workload, trace, max_requests, systems, batches, slo_ms, seeds,
-              overrides, steps) -> SweepSpec:
+              overrides, steps, platform=None, knobs=None, custom_systems=()) -> SweepSpec:
     """Validated SweepSpec (axes deduplicated, in the order given).
 
     Raises:
@@ -180,9 +201,12 @@ def make_spec(*, model, workload, trace, max_requests, systems, batches, slo_ms,
         if values is None or len(list(values)) == 0:
             raise ConfigError(name, values, "empty: the sweep would have no configuration")
     systems = tuple(dict.fromkeys(str(s) for s in systems))
+    custom = {s.name: s for s in custom_systems}
     for name in systems:
-        get_system(name)
-    get_model(model)
+        if name not in custom:
+            get_system(name)
+    if isinstance(model, str):
+        get_model(model)
     for name, values, minimum in (("batches", batches, 1), ("seeds", seeds, 0)):
         for v in values:
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
@@ -195,9 +219,8 @@ def make_spec(*, model, workload, trace, max_requests, systems, batches, slo_ms,
     if max_requests is not None and (not isinstance(max_requests, int) or max_requests < 1):
         raise ConfigError("max_requests", max_requests, "must be an integer >= 1")
     overrides = tuple(dict.fromkeys(o.strip() for o in (overrides or [""])))
-    platform = get_platform()
     for text in overrides:
-        platform.with_overrides(parse_override(text))
+        (platform or get_platform()).with_overrides(parse_override(text))
     if trace is None and workload not in DATASETS:
         raise UnknownNameError("workload", workload, DATASETS)
     if trace is not None:
@@ -207,7 +230,8 @@ def make_spec(*, model, workload, trace, max_requests, systems, batches, slo_ms,
                      systems=systems, batches=tuple(dict.fromkeys(int(b) for b in batches)),
                      slo_ms=tuple(dict.fromkeys(float(s) for s in slo_ms)),
                      seeds=tuple(dict.fromkeys(int(s) for s in seeds)),
-                     overrides=overrides, steps=steps)
+                     overrides=overrides, steps=steps, platform=platform, knobs=knobs,
+                     custom_systems=tuple(custom_systems))
 
 
 def _workloads(spec: SweepSpec) -> dict[int, Workload]:
@@ -271,12 +295,12 @@ def _write_atomic(path: pathlib.Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _read_existing(path: pathlib.Path, rows_per_config: int, writer: bool
+def _read_existing(path: pathlib.Path, rows_per_config: int
                    ) -> tuple[list[str] | None, list[dict]]:
     """Columns and rows of a sweep CSV written by an earlier run (None, [] when it has no
     header yet). Only whole configurations are kept (``rows_per_config`` rows, one per SLO):
-    an incomplete last line or a configuration cut short by a crash is dropped, and (by the
-    writing process only) cut from the file, so it runs again."""
+    an incomplete last line or a configuration cut short by a crash is dropped, and cut
+    from the file, so it runs again."""
     data = path.read_bytes()
     complete = data[:data.rfind(b"\n") + 1]
     reader = csv.DictReader(io.StringIO(complete.decode()))
@@ -286,7 +310,7 @@ def _read_existing(path: pathlib.Path, rows_per_config: int, writer: bool
         key = tuple(r[c] for c in _SIM_KEY)
         counts[key] = counts.get(key, 0) + 1
     kept = [r for r in rows if counts[tuple(r[c] for c in _SIM_KEY)] == rows_per_config]
-    if writer and (complete != data or len(kept) != len(rows)):
+    if complete != data or len(kept) != len(rows):
         _write_atomic(path, _csv_text(kept, reader.fieldnames, header=True)
                       if reader.fieldnames else b"")
     return reader.fieldnames, kept
@@ -296,6 +320,9 @@ def run(spec: SweepSpec, out_dir, *, resume: bool = False, chunk_size: int = 64,
         progress: bool = False) -> SweepReport:
     """Run (or resume) a sweep; writes ``out_dir/sweep.csv`` and ``out_dir/sweep.json``.
 
+    In a multi-process job (multihost.initialize), every process calls it with the same
+    arguments; only process 0 reads and writes ``out_dir``.
+
     Args:
       spec: the axes (make_spec).
       out_dir: output folder (created).
@@ -304,40 +331,52 @@ def run(spec: SweepSpec, out_dir, *, resume: bool = False, chunk_size: int = 64,
       chunk_size: simulated configurations per device per compiled call at most (fewer
         when a slot class has fewer, or when they would exceed study.UNIT_BUDGET tracked
         units per device).
-      progress: progress bar on stderr.
+      progress: progress bar on stderr (process 0's).
 
     Returns:
       SweepReport.
+
+    Raises:
+      ConfigError: a bad chunk_size, a resume of another sweep, or processes started with
+        other arguments than process 0.
     """
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ConfigError("chunk_size", chunk_size, "must be an integer >= 1")
     start, traces_before = time.perf_counter(), simulation.BATCH_TRACES
     writer = jax.process_index() == 0
     path = pathlib.Path(out_dir) / "sweep.csv"
-    columns, done_rows = _open(spec, path, chunk_size, resume, writer)
-    done = {tuple(r[c] for c in _SIM_KEY) for r in done_rows}
+    spec_json = _spec_json(spec, chunk_size)
+    multihost.check_same("processes", spec_json.encode(), "sweep axes or chunk size")
+    columns, done_rows, error = None, [], None
+    if writer:  # only process 0 reads and writes files; the others learn what it found
+        try:
+            columns, done_rows = _open(spec_json, path, resume, len(spec.slo_ms))
+        except ConfigError as exc:
+            error = exc
+    done = _agree_on_done(done_rows, error)
 
     workloads = _workloads(spec)
     widest = max(workloads.values(), key=lambda w: w.max_context)
     page = choose_page_size(max(spec.batches), widest.max_context)
     run_steps = study.WARMUP_STEPS + spec.steps
-    platforms = {o: get_platform().with_overrides(parse_override(o)) for o in spec.overrides}
+    platforms = {o: (spec.platform or get_platform()).with_overrides(parse_override(o))
+                 for o in spec.overrides}
     bank_groups = max(max_bank_groups(p) for p in platforms.values())
-    mesh = Mesh(np.array(jax.devices()), ("configs",))
-    sharding = NamedSharding(mesh, PartitionSpec("configs"))
+    devices = jax.devices()  # of every process, in the same order on every process
     classes, total = _plan(spec, done, workloads, page, bank_groups, chunk_size, run_steps)
 
     chunks = run_now = 0
-    with Progress(total, desc="sweep", unit="config", enabled=progress,
+    with Progress(total, desc="sweep", unit="config", enabled=progress and writer,
                   initial=len(done)) as bar:
         for config, width, pending in classes:
-            for lo in range(0, len(pending), mesh.size):
-                call = pending[lo:lo + mesh.size]
-                rows = _run_call(spec, config, width, call, mesh.size, platforms, workloads,
-                                 page, sharding)
-                columns, rows = _commit(path, rows, columns, writer)
-                done_rows.extend(rows)
-                wanted = len(rows) // len(spec.slo_ms)
+            for lo in range(0, len(pending), len(devices)):
+                call = pending[lo:lo + len(devices)]
+                rows = _run_call(spec, config, width, call, devices, platforms, workloads,
+                                 page)
+                if writer:
+                    columns = _commit(path, rows, columns)
+                    done_rows.extend(rows)
+                wanted = sum(len(left) for _, left in call)
                 chunks += len(call)
                 run_now += wanted
                 bar.update(wanted)
@@ -345,29 +384,48 @@ def run(spec: SweepSpec, out_dir, *, resume: bool = False, chunk_size: int = 64,
         done_rows.sort(key=_sort_key)
         _write_atomic(path, _csv_text(done_rows, columns, header=True))
     return SweepReport(path=path, configs_total=total, configs_run=run_now, chunks=chunks,
-                       compiles=simulation.BATCH_TRACES - traces_before, devices=mesh.size,
-                       page_size=page, wall_seconds=time.perf_counter() - start)
+                       compiles=simulation.BATCH_TRACES - traces_before, devices=len(devices),
+                       processes=jax.process_count(), page_size=page,
+                       wall_seconds=time.perf_counter() - start)
 
 
-def _open(spec: SweepSpec, path: pathlib.Path, chunk_size: int, resume: bool,
-          writer: bool) -> tuple[list[str] | None, list[dict]]:
-    """Start the sweep in ``path``'s folder, or resume it: (CSV columns or None, rows
-    already done). A resume must have the same axes and chunk size as ``sweep.json``."""
+def _spec_json(spec: SweepSpec, chunk_size: int) -> str:
+    """What ``sweep.json`` holds: the axes and the chunk size (which fixes every
+    configuration's vmap width, so a resume must keep it)."""
+    return json.dumps({**dataclasses.asdict(spec), "chunk_size": chunk_size}, indent=2,
+                      sort_keys=True) + "\n"
+
+
+def _open(spec_json: str, path: pathlib.Path, resume: bool, rows_per_config: int
+          ) -> tuple[list[str] | None, list[dict]]:
+    """Start the sweep in ``path``'s folder, or resume it (process 0's job): (CSV columns
+    or None, rows already done). A resume must have the same axes and chunk size as
+    ``sweep.json``."""
     spec_path = path.with_name("sweep.json")
-    # chunk_size fixes every configuration's vmap width, so a resume must keep it.
-    spec_json = json.dumps({**dataclasses.asdict(spec), "chunk_size": chunk_size}, indent=2,
-                           sort_keys=True) + "\n"
     if resume and path.is_file():
         if not spec_path.is_file() or spec_path.read_text() != spec_json:
             raise ConfigError("resume", str(spec_path), "the sweep in this folder has other "
                               "axes or chunk_size; use another folder or start over "
                               "without resume")
-        return _read_existing(path, len(spec.slo_ms), writer)
-    if writer:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(spec_path, spec_json.encode())
-        _write_atomic(path, b"")
+        return _read_existing(path, rows_per_config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(spec_path, spec_json.encode())
+    _write_atomic(path, b"")
     return None, []
+
+
+def _agree_on_done(done_rows: list[dict], error: ConfigError | None) -> set[tuple]:
+    """The simulated configurations already done, as process 0 read them, on every process
+    (so that every process plans the same calls); process 0's error (``error``) raised on
+    every process."""
+    if error is not None:
+        message = {"error": [error.field, error.value, error.reason]}
+    else:
+        message = {"done": sorted({tuple(r[c] for c in _SIM_KEY) for r in done_rows})}
+    message = json.loads(multihost.broadcast_bytes(json.dumps(message).encode()))
+    if "error" in message:
+        raise ConfigError(*message["error"])
+    return {tuple(key) for key in message["done"]}
 
 
 def _plan(spec: SweepSpec, done: set, pools: dict, page: int, bank_groups: int,
@@ -403,58 +461,69 @@ def _plan(spec: SweepSpec, done: set, pools: dict, page: int, bank_groups: int,
     return classes, total
 
 
-def _run_call(spec, config, width, call, devices, platforms, workloads, page,
-              sharding) -> list[dict]:
-    """One compiled call: each device runs one chunk of ``call`` (chunks padded to
-    ``width`` with copies of their last configuration; devices without a chunk of their
-    own repeat the last one). Returns the rows of the configurations still to run."""
-    padded, wanted = [], []
-    for d in range(devices):
-        chunk, left = call[min(d, len(call) - 1)]
+def _run_call(spec, config, width, call, devices, platforms, workloads, page) -> list[dict]:
+    """One round of chunks: chunk ``i`` of ``call`` runs on ``devices[i]``, padded to
+    ``width`` with copies of its last configuration. Each process runs the chunks of its
+    own devices; the rows of the configurations still to run (formatted, in ``call``
+    order) come back on every process."""
+    mine = [i for i in range(len(call)) if devices[i].process_index == jax.process_index()]
+    padded = []
+    for i in mine:
+        chunk, _ = call[i]
         padded += chunk + [chunk[-1]] * (width - len(chunk))
-        wanted += [d < len(call) and j < len(chunk) and chunk[j] in left
-                   for j in range(width)]
-    rows = _run_chunk(spec, config, padded, platforms, workloads, page, sharding)
-    per_config = len(spec.slo_ms)
-    return [r for i, r in enumerate(rows) if wanted[i // per_config]]
+    rows = _run_chunk(spec, config, padded, width, [devices[i] for i in mine], platforms,
+                      workloads, page) if mine else []
+    local = {}
+    for k, i in enumerate(mine):
+        chunk, left = call[i]
+        local[i] = [_formatted(r) for j, c in enumerate(chunk) if c in left
+                    for r in rows[k * width + j]]
+    every = multihost.allgather_bytes(json.dumps(local).encode())
+    merged = {int(i): r for data in every for i, r in json.loads(data).items()}
+    return [r for i in range(len(call)) for r in merged[i]]
 
 
-def _commit(path: pathlib.Path, rows: list[dict], columns: list[str] | None,
-            writer: bool) -> tuple[list[str], list[dict]]:
-    """Append one call's rows to the CSV (with the header when it is the first); returns
-    the columns and the rows as written (strings)."""
+def _formatted(row: dict) -> dict:
+    """A result row as the CSV holds it: its columns (:func:`_columns`) as strings."""
+    return {c: _format(row[c]) for c in _columns(row)}
+
+
+def _commit(path: pathlib.Path, rows: list[dict], columns: list[str] | None) -> list[str]:
+    """Append one call's formatted rows to the CSV (with the header when it is the first);
+    returns the columns."""
     header = columns is None
     if header:
-        columns = _columns(rows[0])
-    elif columns != _columns(rows[0]):
+        columns = list(rows[0])
+    elif columns != list(rows[0]):
         raise ConfigError("resume", str(path), "its columns differ from this version's rows; "
                           "start over without resume")
-    rows = [{c: _format(r[c]) for c in columns} for r in rows]
-    if writer:
-        _append_rows(path, _csv_text(rows, columns, header=header))
-    return columns, rows
+    _append_rows(path, _csv_text(rows, columns, header=header))
+    return columns
 
 
-def _run_chunk(spec, config, configs, platforms, workloads, page, sharding) -> list[dict]:
-    """Simulate one chunk of (overrides, system, batch, seed) configurations; rows of the
-    chunk in its order, one per configuration and SLO."""
-    params = [make_params(s, spec.model, platforms[o], max_batch=b, page_size=page)
-              for o, s, b, _ in configs]
+def _run_chunk(spec, config, configs, width, devices, platforms, workloads, page
+               ) -> list[list[dict]]:
+    """Simulate chunks of ``width`` (overrides, system, batch, seed) configurations, one
+    per device of ``devices``; per configuration of ``configs``, its rows, one per SLO."""
+    custom = {s.name: s for s in spec.custom_systems}
+    params = [make_params(custom.get(s, s), spec.model, platforms[o], max_batch=b,
+                          page_size=page, knobs=spec.knobs) for o, s, b, _ in configs]
     seeds = [seed for *_, seed in configs]
     dev = [_steady(workloads, seed, b, config.num_requests) for _, _, b, seed in configs]
     opened, final, metrics = study.run_steady(config, params, dev, spec.steps,
-                                              study.WARMUP_STEPS, seeds, sharding=sharding)
+                                              study.WARMUP_STEPS, seeds, width=width,
+                                              devices=devices)
     name = pathlib.Path(spec.trace).name if spec.trace else spec.workload
     rows = []
     for i, (o, s, b, seed) in enumerate(configs):
-        point = study.SweepPoint(s, b, spec.model, platforms[o], o)
+        point = study.SweepPoint(custom.get(s, s), b, spec.model, platforms[o], o)
         row = study.point_row(point, index_config(metrics, i), index_config(opened, i),
                               index_config(final, i), dev[i], page)
-        base = {"system": s, "overrides": o, "batch": b, "seed": seed, "model": spec.model,
+        base = {"system": s, "overrides": o, "batch": b, "seed": seed, "model": row["model"],
                 "workload": name}
-        for slo in spec.slo_ms:
-            rows.append({**row, **base, "slo_ms": slo,
-                         "meets_slo": bool(not row["oom"] and row["tpot_p99_ms"] <= slo)})
+        rows.append([{**row, **base, "slo_ms": slo,
+                      "meets_slo": bool(not row["oom"] and row["tpot_p99_ms"] <= slo)}
+                     for slo in spec.slo_ms])
     return rows
 
 
