@@ -403,7 +403,28 @@ def cmd_presets(args) -> int:
         "workload": d.name, "mode": d.mode, "prompt mean": d.prompt_mean,
         "output mean": d.output_mean,
     } for d in DATASETS.values()], ["workload", "mode", "prompt mean", "output mean"]))
+    if args.access_stats:
+        _print_access_stats()
     return 0
+
+
+def _print_access_stats() -> None:
+    """The default access model's emergent locality (locality.selection_statistics)."""
+    from pamjax.locality import LAYER_GROUP_CORRELATION, AccessModel, selection_statistics
+
+    access = AccessModel()
+    print("\naccess model (defaults; 8 requests of 2,048 tokens, 256 decode steps):")
+    stats = selection_statistics(access)
+    rows = [{"statistic": f"selection overlap at lag {lag}", "value": v}
+            for lag, v in stats["overlap"].items()]
+    rows += [{"statistic": f"HBM hit rate (top {access.select_fraction:g} by importance EMA)",
+              "value": stats["hbm_hit_rate"]},
+             {"statistic": "attention mass the selection covers",
+              "value": stats["selected_mass_share"]},
+             {"statistic": f"union of 4 layer groups' selections / one selection "
+                           f"(correlation {LAYER_GROUP_CORRELATION:g})",
+              "value": stats["layer_group_union"]}]
+    print(format_table(rows, ["statistic", "value"]))
 
 
 def _pim_rates(platform, m) -> dict:
@@ -1145,6 +1166,10 @@ def _add_presets(sub) -> None:
     p.add_argument("--model-file", metavar="FILE", help="also show the derived figures of a "
                    "model file (TOML, JSON or a Hugging Face config.json): parameters, "
                    "weight and KV bytes, FLOPs per token, GQA group")
+    p.add_argument("--access-stats", action="store_true", help="also measure the access "
+                   "model's locality: selection overlap at lags 1, 10 and 100 steps, the hit "
+                   "rate of an HBM set ranked by the importance EMA, the union of layer "
+                   "groups' selections (about 30 s)")
 
 
 def _add_reproduce(sub) -> None:

@@ -146,12 +146,21 @@ def allreduce_s(params: SimParams, tokens):
         + 2.0 * (t - 1.0) * params.collective_latency
 
 
+def streamed_weights(params: SimParams, tokens):
+    """Weight bytes a pass of ``tokens`` tokens reads: every non-expert weight once, and of
+    a mixture of experts' routed experts the fraction the tokens touch under uniform
+    routing, ``1 - (1 - k / E) ** tokens`` (models.Model.streamed_weight_bytes_for_batch);
+    every weight for a dense model."""
+    untouched = (1.0 - params.expert_route_fraction) ** tokens
+    return params.streamed_weight_bytes - params.routed_weight_bytes * untouched
+
+
 def decode_fc_time(params: SimParams, batch):
     """GPU time of the FC layers for one decode iteration of ``batch`` requests, s."""
     t, p = params.tp, params.pp
     micro = batch / p
     flops = params.fc_flops_per_token * micro / p
-    weight_bytes = params.streamed_weight_bytes / p
+    weight_bytes = streamed_weights(params, micro) / p
     roofline = jnp.maximum(flops / (t * params.gpu_flops), weight_bytes / (t * params.gpu_mem_rate))
     act_bytes = micro * params.hidden * 2.0
     stage_layers = params.layers / p
@@ -203,7 +212,7 @@ def prefill_time_and_flops(params: SimParams, counts: StepCounts):
     flops = params.fc_flops_per_token * n \
         + 4.0 * params.layers * params.q_heads * params.head_dim * counts.prefill_pairs
     compute = flops / (params.num_gpus * params.gpu_flops)
-    weights = params.streamed_weight_bytes / (params.tp * params.gpu_mem_rate)
+    weights = streamed_weights(params, n) / (params.tp * params.gpu_mem_rate)
     # Each pipeline stage all-reduces every prompt token's activations twice per layer of
     # its own; the stages work on different micro-batches at once (as the FLOPs above).
     allreduce = params.layers / params.pp * 2.0 * allreduce_s(params, n)
@@ -299,8 +308,9 @@ def _energy(params, counts, time, on_pim, selected_bytes, label_bytes, write_byt
     layers = params.layers
     gpu_compute = params.gpu_pj_per_flop * (
         params.fc_flops_per_token * b + prefill_flops + jnp.where(on_pim, 0.0, gpu_attn_flops))
-    weight_reads = jnp.where(b > 0, params.pp * params.streamed_weight_bytes, 0.0) \
-        + jnp.where(counts.prefill_tokens > 0, params.streamed_weight_bytes, 0.0)
+    weight_reads = jnp.where(b > 0, params.pp * streamed_weights(params, b / params.pp), 0.0) \
+        + jnp.where(counts.prefill_tokens > 0, streamed_weights(params, counts.prefill_tokens),
+                    0.0)
     gpu_memory = BITS * params.gpu_hbm_read_pj * (
         weight_reads + jnp.where(on_pim, 0.0, selected_bytes[HBM]))
     # PIM: each byte read once per pass over it, and the PUs do g FLOPs per KV byte

@@ -141,7 +141,9 @@ class SimParams:
       node, RDMA across nodes), pcie_rate (bytes/s per GPU, per direction),
       gpu_link_latency (s), kernel_overhead (s per layer).
     Model, f32 []: layers, q_heads, kv_heads, head_dim, hidden, kv_bytes_per_token,
-      fc_flops_per_token, streamed_weight_bytes.
+      fc_flops_per_token (active parameters only for MoE), streamed_weight_bytes (every
+      weight, every expert), routed_weight_bytes (the routed experts' share of it, 0 when
+      dense), expert_route_fraction (k / E: a token's share of a layer's routed experts).
     Energy, f32 []: gpu_pj_per_flop (pJ/FLOP), gpu_hbm_read_pj, bank_group_read_pj,
       nvlink_pj, pcie_pj (pJ/bit), pim_pu_factor (dimensionless), static_power_w (W, the
       platform's idle power, charged for every simulated second).
@@ -202,6 +204,8 @@ class SimParams:
     kv_bytes_per_token: jnp.ndarray
     fc_flops_per_token: jnp.ndarray
     streamed_weight_bytes: jnp.ndarray
+    routed_weight_bytes: jnp.ndarray
+    expert_route_fraction: jnp.ndarray
     gpu_pj_per_flop: jnp.ndarray
     gpu_hbm_read_pj: jnp.ndarray
     bank_group_read_pj: jnp.ndarray

@@ -35,8 +35,12 @@ Lower bounds on the time of one decode iteration (one token for each of ``b`` re
   per micro-batch that passes its stage. With ``m`` micro-batches a GPU reads ``m`` times,
   and since a micro-batch visits the ``pp`` stages in order the iteration spans at least
   ``pp`` stage passes, so it takes at least ``max(m, pp) W / (t pp beta) >= W / (t beta)``
-  (the same holds for pipelines that interleave iterations). Compute and weight reads of
-  the FC kernels overlap at best: the FC stage takes at least the larger of the two.
+  (the same holds for pipelines that interleave iterations). A mixture of experts reads
+  only the experts a micro-batch's tokens reach, ``W(b / m)``
+  (Model.streamed_weight_bytes_for_batch, uniform routing); W is concave in the tokens,
+  so ``max(m, pp) W(b / m) / (t pp beta) >= W(b / pp) / (t beta)`` for every m, the bound
+  used. Compute and weight reads of the FC kernels overlap at best: the FC stage takes at
+  least the larger of the two.
 * Attention in PIM: the tiers work in parallel, and a tier reads its attended KV plus the
   labels of every token it holds, at ``r_i`` at best (an unbalanced bank group is only
   slower). For any set Q of enabled tiers at most ``C_out = sum of C_i outside Q`` tokens
@@ -217,7 +221,8 @@ class _Setup:
     kv: float  # bytes per token
     select: float  # attended fraction f
     label: float  # label bytes per held token / kv (lam)
-    weights_s: float  # W / (t beta)
+    weight_rate: float  # t beta: the rate one copy of the weights is streamed at, bytes/s
+    stages: int  # pp
     fc_s_per_token: float  # F / (G phi)
     attn_s_per_token: float  # attention FLOPs per attended token / (G phi)
     prefill_s: float  # P(p) / (G phi), per request
@@ -278,7 +283,7 @@ def _setup(system, model, *, mean_prompt, mean_output, mean_context=None, platfo
         pcie_rate=gpu.num_gpus * gpu.pcie_gbps * 1e9, kv=kv,
         select=access.select_fraction if sparse else 1.0,
         label=model.key_bytes_per_token * label_fraction_of_key / kv if sparse else 0.0,
-        weights_s=model.streamed_weight_bytes / (gpu.tensor_parallel * gpu_mem),
+        weight_rate=gpu.tensor_parallel * gpu_mem, stages=gpu.pipeline_parallel,
         fc_s_per_token=model.fc_flops_per_token / gpu_flops,
         attn_s_per_token=model.attention_flops(1.0) / gpu_flops,
         prefill_s=model.prefill_flops(mean_prompt) / gpu_flops,
@@ -297,7 +302,11 @@ def _iteration_terms(s: _Setup, b: np.ndarray) -> dict[str, np.ndarray]:
     held = b * s.mean_context
     attended = s.select * held
     zero = np.zeros_like(held)
-    terms = {"fc_compute": b * s.fc_s_per_token, "weights": np.full_like(held, s.weights_s),
+    # The weights an iteration of b tokens streams at least (module docstring): W(b / pp),
+    # every weight for a dense model.
+    weights = s.model.streamed_weight_bytes_for_batch(b / s.stages) / s.weight_rate
+    terms = {"fc_compute": b * s.fc_s_per_token, "weights": np.broadcast_to(weights,
+                                                                               held.shape),
              "migration": b * s.migration_s_per_token}
     if s.on_pim:
         slowest = zero
