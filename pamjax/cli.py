@@ -372,11 +372,15 @@ def cmd_presets(args) -> int:
           f"{e.gpu_idle_w:g} W, {platform.ddr.num_devices} DIMMs x {e.dimm_idle_w:g} W, "
           f"{platform.ssd.num_devices} SSDs x {e.ssd_idle_w:g} W, {gpu.nodes} node(s) x "
           f"{e.node_other_w:g} W")
-    shown = list(MODELS.values()) + ([model] if model is not None else [])
+    shown = list(MODELS.values())
     print("\nPIM attention rate per device, KV GB/s = min(internal / passes, compute cap / g)"
           " (g = query heads per KV head):")
     print(format_table([_pim_rates(platform, m) for m in shown],
                        ["model", "g", "hbm", "ddr", "ssd", "passes hbm/ddr/ssd"]))
+    print("\nPAM's x:y:1 importance target per model, fixed at the reference point (requests "
+          "of 2,048 tokens filling HBM; systems.pam_targets):")
+    print(format_table([_pam_target(platform, m) for m in shown],
+                       ["model", "reference batch", "x", "y"]))
     print("\nmodels:")
     print(format_table([{
         "model": m.name, "layers": m.layers, "heads q/kv": f"{m.q_heads}/{m.kv_heads}",
@@ -385,7 +389,12 @@ def cmd_presets(args) -> int:
                                   "KV KiB/token"]))
     if model is not None:
         print(f"\nmodel file {args.model_file}:")
-        rows = _model_figures(model)
+        rates, target = _pim_rates(platform, model), _pam_target(platform, model)
+        rows = _model_figures(model) + [
+            ("PIM GB/s per device hbm/ddr/ssd", "/".join(f"{rates[t]:.4g}"
+                                                         for t in ("hbm", "ddr", "ssd"))),
+            ("PIM read passes hbm/ddr/ssd", rates["passes hbm/ddr/ssd"]),
+            ("PAM x:y", f"{target['x']:.4g}:{target['y']:.4g}")]
         width = max(len(name) for name, _ in rows)
         for name, value in rows:
             print(f"  {name.ljust(width)}  {value:.4g}" if isinstance(value, float)
@@ -425,6 +434,16 @@ def _print_access_stats() -> None:
                            f"(correlation {LAYER_GROUP_CORRELATION:g})",
               "value": stats["layer_group_union"]}]
     print(format_table(rows, ["statistic", "value"]))
+
+
+def _pam_target(platform, m) -> dict:
+    """One row of the presets' x:y table (PAM's calibrated target for a model)."""
+    from pamjax.systems import Knobs, make_params, reference_batch
+
+    params = make_params("pam", m, platform)
+    return {"model": m.name,
+            "reference batch": reference_batch(platform, m, Knobs().calibration_context),
+            "x": float(params.target_x), "y": float(params.target_y)}
 
 
 def _pim_rates(platform, m) -> dict:

@@ -41,6 +41,7 @@ Definitions used for the SLO (documented here because results depend on them):
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -243,16 +244,21 @@ def _run_group(points, work, steps, warmup, seed, access, knobs, page, chunk_ste
             for i, p in enumerate(points)]
 
 
-def run_steady(config, params, workloads, steps: int, warmup: int, seeds, **kwargs):
+def run_steady(config, params, workloads, steps: int, warmup: int, seeds, *,
+               chunk_steps: int | None = None, **kwargs):
     """Steady-state runs (simulation.run_batch): resume every configuration's in-flight
     requests, ``warmup`` steps, then the ``steps`` of the window.
+
+    Both calls run in chunks of the same length (a common divisor of ``warmup``, ``steps``
+    and ``chunk_steps``), so they share one compiled program.
 
     Returns:
       (states when the window opens, final states, StepMetrics of the window [C, steps]).
     """
+    chunk = math.gcd(math.gcd(warmup, steps), chunk_steps or steps)
     opened, _ = run_batch(config, params, workloads, warmup, seeds=seeds, resume=True,
-                          **kwargs)
-    final, metrics = run_batch(config, params, workloads, steps,
+                          chunk_steps=chunk, **kwargs)
+    final, metrics = run_batch(config, params, workloads, steps, chunk_steps=chunk,
                                states=jax.tree.map(jnp.asarray, opened), **kwargs)
     return opened, final, metrics
 
