@@ -340,7 +340,10 @@ def leap(config: EngineConfig, params: SimParams, s: LeapState, workload: Device
     landed = jnp.where(i < room_in_last, s.slot_last_tier, HBM)  # [L, R]
     counts = _counts(jnp.sum(dec, -1), jnp.sum(dec * context, -1),
                      jnp.sum(dec[..., None] * tokens, 1), jnp.sum(_one_hot(landed, dec), 1))
-    cost = jax.vmap(lambda one: step_cost(params, one))(counts)
+    # lax.map, not vmap: each step's cost is then the very program engine.step runs, so the
+    # step times agree to the bit (vmapped, XLA fuses the arithmetic differently and an
+    # ulp's difference in the clock can move an arrival across a step boundary).
+    cost = lax.map(lambda one: step_cost(params, one), counts)
     busy = jnp.any(decoding, -1)
     dt = jnp.where(busy, cost.time_s, 0.0)
 
