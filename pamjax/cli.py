@@ -276,7 +276,7 @@ def _simulate_summary(args, setup: _Setup, system, result, workload) -> dict:
     """A SimResult's summary with the run's bound, efficiency, SLO verdict and labels."""
     import numpy as np
 
-    from pamjax.studies.bounds import bound_columns
+    from pamjax.studies.bounds import bound_columns, offered_load
     from pamjax.types import STATUS_FINISHED, STATUS_RUNNING
 
     s = dict(result.summary, engine=result.engine)
@@ -284,12 +284,12 @@ def _simulate_summary(args, setup: _Setup, system, result, workload) -> dict:
     admitted = (status == STATUS_RUNNING) | (status == STATUS_FINISHED)
     if admitted.any():
         # The run's physical bound (pamjax.studies.bounds.run_bound): its admitted requests,
-        # never more than --batch at once; idle time between arrivals counts against
-        # efficiency.
+        # never more than --batch at once, and no more than its arrivals offer.
         s.update(bound_columns(system, setup.model, s["throughput_tokens_per_s"],
                                prompts=workload.prompt_tokens[admitted],
                                outputs=workload.output_tokens[admitted],
-                               concurrency=args.batch, platform=setup.platform))
+                               concurrency=args.batch, platform=setup.platform,
+                               offered_tokens_per_s=offered_load(workload)))
     else:
         s.update(bound_tokens_per_s=None, binding_resource=None, efficiency=None)
     if args.slo_ms:
@@ -360,10 +360,27 @@ def cmd_presets(args) -> int:
     print(f"tiers (platform {platform.name}):")
     print(format_table([{
         "tier": t.name, "devices": t.num_devices, "capacity GB": t.capacity_gb,
-        "PIM GB/s per device": t.device_effective_gbps, "PIM GB/s tier": t.effective_gbps,
-        "bank groups/device": t.bank_groups_per_device, "link GB/s": t.link_total_gbps,
-    } for t in platform.tiers], ["tier", "devices", "capacity GB", "PIM GB/s per device",
-                                 "PIM GB/s tier", "bank groups/device", "link GB/s"]))
+        "internal GB/s/device": t.device.internal_gbps(t.kv_run_bytes),
+        "bank groups/device": t.bank_groups_per_device, "device links GB/s": t.link_total_gbps,
+        "path to GPUs GB/s": platform.path_gbps(t),
+        "via": "PCIe (shared)" if t.behind_pcie else "own links",
+    } for t in platform.tiers], ["tier", "devices", "capacity GB", "internal GB/s/device",
+                                 "bank groups/device", "device links GB/s",
+                                 "path to GPUs GB/s", "via"]))
+    e, gpu = platform.energy, platform.gpu
+    print(f"static power {platform.static_power_w:.0f} W: {gpu.num_gpus} GPUs x "
+          f"{e.gpu_idle_w:g} W, {platform.ddr.num_devices} DIMMs x {e.dimm_idle_w:g} W, "
+          f"{platform.ssd.num_devices} SSDs x {e.ssd_idle_w:g} W, {gpu.nodes} node(s) x "
+          f"{e.node_other_w:g} W")
+    shown = list(MODELS.values())
+    print("\nPIM attention rate per device, KV GB/s = min(internal / passes, compute cap / g)"
+          " (g = query heads per KV head):")
+    print(format_table([_pim_rates(platform, m) for m in shown],
+                       ["model", "g", "hbm", "ddr", "ssd", "passes hbm/ddr/ssd"]))
+    print("\nPAM's x:y:1 importance target per model, fixed at the reference point (requests "
+          "of 2,048 tokens filling HBM; systems.pam_targets):")
+    print(format_table([_pam_target(platform, m) for m in shown],
+                       ["model", "reference batch", "x", "y"]))
     print("\nmodels:")
     print(format_table([{
         "model": m.name, "layers": m.layers, "heads q/kv": f"{m.q_heads}/{m.kv_heads}",
@@ -372,7 +389,12 @@ def cmd_presets(args) -> int:
                                   "KV KiB/token"]))
     if model is not None:
         print(f"\nmodel file {args.model_file}:")
-        rows = _model_figures(model)
+        rates, target = _pim_rates(platform, model), _pam_target(platform, model)
+        rows = _model_figures(model) + [
+            ("PIM GB/s per device hbm/ddr/ssd", "/".join(f"{rates[t]:.4g}"
+                                                         for t in ("hbm", "ddr", "ssd"))),
+            ("PIM read passes hbm/ddr/ssd", rates["passes hbm/ddr/ssd"]),
+            ("PAM x:y", f"{target['x']:.4g}:{target['y']:.4g}")]
         width = max(len(name) for name, _ in rows)
         for name, value in rows:
             print(f"  {name.ljust(width)}  {value:.4g}" if isinstance(value, float)
@@ -380,16 +402,60 @@ def cmd_presets(args) -> int:
     print("\nsystems:")
     print(format_table([{
         "system": s.name, "attention": "PIM" if s.attention_on_pim else "GPU",
-        "sparse": s.sparse, "tiers": "+".join(s.tiers), "swaps/step": s.swap_budget,
-        "PAMattention": s.use_pamattention, "greedy mapping": s.greedy_mapping,
-    } for s in SYSTEMS.values()], ["system", "attention", "sparse", "tiers", "swaps/step",
-                                   "PAMattention", "greedy mapping"]))
+        "sparse": s.sparse, "tiers": "+".join(s.tiers),
+        "swap tokens/phase": s.swap_budget, "PAMattention": s.use_pamattention,
+        "mapping": s.mapping if s.attention_on_pim else "-",
+    } for s in SYSTEMS.values()], ["system", "attention", "sparse", "tiers",
+                                   "swap tokens/phase", "PAMattention", "mapping"]))
     print("\nworkloads:")
     print(format_table([{
         "workload": d.name, "mode": d.mode, "prompt mean": d.prompt_mean,
         "output mean": d.output_mean,
     } for d in DATASETS.values()], ["workload", "mode", "prompt mean", "output mean"]))
+    if args.access_stats:
+        _print_access_stats()
     return 0
+
+
+def _print_access_stats() -> None:
+    """The default access model's emergent locality (locality.selection_statistics)."""
+    from pamjax.locality import LAYER_GROUP_CORRELATION, AccessModel, selection_statistics
+
+    access = AccessModel()
+    print("\naccess model (defaults; 8 requests of 2,048 tokens, 256 decode steps):")
+    stats = selection_statistics(access)
+    rows = [{"statistic": f"selection overlap at lag {lag}", "value": v}
+            for lag, v in stats["overlap"].items()]
+    rows += [{"statistic": f"HBM hit rate (top {access.select_fraction:g} by importance EMA)",
+              "value": stats["hbm_hit_rate"]},
+             {"statistic": "attention mass the selection covers",
+              "value": stats["selected_mass_share"]},
+             {"statistic": f"union of 4 layer groups' selections / one selection "
+                           f"(correlation {LAYER_GROUP_CORRELATION:g})",
+              "value": stats["layer_group_union"]}]
+    print(format_table(rows, ["statistic", "value"]))
+
+
+def _pam_target(platform, m) -> dict:
+    """One row of the presets' x:y table (PAM's calibrated target for a model)."""
+    from pamjax.systems import Knobs, make_params, reference_batch
+
+    params = make_params("pam", m, platform)
+    return {"model": m.name,
+            "reference batch": reference_batch(platform, m, Knobs().calibration_context),
+            "x": float(params.target_x), "y": float(params.target_y)}
+
+
+def _pim_rates(platform, m) -> dict:
+    """One row of the presets' PIM rate table: a model's per-device rates on each tier."""
+    from pamjax.hardware import query_passes
+
+    g = m.q_heads // m.kv_heads
+    row = {"model": m.name, "g": g}
+    row.update({t.name: t.device_effective_gbps(m) for t in platform.tiers})
+    row["passes hbm/ddr/ssd"] = "/".join(
+        str(query_passes(t.device.pu_buffer_bytes, g, m.head_dim)) for t in platform.tiers)
+    return row
 
 
 def _model_figures(m) -> list[tuple[str, object]]:
@@ -1119,6 +1185,10 @@ def _add_presets(sub) -> None:
     p.add_argument("--model-file", metavar="FILE", help="also show the derived figures of a "
                    "model file (TOML, JSON or a Hugging Face config.json): parameters, "
                    "weight and KV bytes, FLOPs per token, GQA group")
+    p.add_argument("--access-stats", action="store_true", help="also measure the access "
+                   "model's locality: selection overlap at lags 1, 10 and 100 steps, the hit "
+                   "rate of an HBM set ranked by the importance EMA, the union of layer "
+                   "groups' selections (about 30 s)")
 
 
 def _add_reproduce(sub) -> None:

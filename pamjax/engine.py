@@ -25,6 +25,7 @@ compiled program, and a chunk of steps runs without returning to the host.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -33,11 +34,14 @@ from jax import lax
 
 from pamjax import batching, locality, placement, scheduler
 from pamjax._numerics import integer_sum, tier_units
-from pamjax.costs import StepCounts, step_cost
+from pamjax.costs import StepCounts, static_energy_pj, step_cost
 from pamjax.types import (
+    ENERGY_COMPONENTS,
     NO_UNIT,
     NUM_TIERS,
     SSD,
+    STATUS_REJECTED,
+    STATUS_RUNNING,
     DeviceWorkload,
     EngineConfig,
     EngineState,
@@ -106,7 +110,7 @@ def step(config: EngineConfig, params: SimParams, state: EngineState,
     state, attended = locality.attend(config, params, state, decoding, token, recorded)
 
     # 4. Account the attention load (on the placement before this step's scheduling).
-    activation, load = placement.attention_load(config, state, attended)
+    activation, load = placement.attention_load(config, params, state, attended, token)
 
     # 5. Schedule.
     state = scheduler.schedule_step(config, params, state, attended, token.context)
@@ -121,8 +125,8 @@ def step(config: EngineConfig, params: SimParams, state: EngineState,
     end = batching.close_step(config, workload, start, admission, state.slot_request,
                               state.slot_generated, decoding, busy, cost.time_s)
     new_state = _next_state(state, end, token, attended, activation, start)
-    metrics = _metrics(end, decoding, admission, new_state, cost, busy, attended, moved,
-                       tier_before)
+    metrics = _metrics(params, end, decoding, admission, new_state, cost, busy, attended,
+                       moved, tier_before, token.context)
     return new_state, metrics
 
 
@@ -141,6 +145,9 @@ def _step_counts(config, params, decoding, token, prompts, admission, attended, 
         tier_requests=load.tier_requests.astype(jnp.float32),
         tier_holders=load.tier_holders.astype(jnp.float32),
         tier_active_bank_groups=load.active_bank_groups.astype(jnp.float32),
+        tier_active_chunks=load.active_chunks.astype(jnp.float32),
+        tier_topk_candidates=load.topk_candidates.astype(jnp.float32),
+        tier_decode_writes=load.decode_writes.astype(jnp.float32),
         prefill_tokens=jnp.sum(prefill_n),
         prefill_pairs=jnp.sum(prefill_n * (prefill_n + 1.0) / 2.0),
         prefill_tier_tokens=prompts.tier_tokens.astype(jnp.float32),
@@ -175,15 +182,16 @@ def _next_state(state: EngineState, end: batching.StepEnd, token: batching.Decod
     )
 
 
-def _metrics(end: batching.StepEnd, decoding, admission: batching.Admission,
+def _metrics(params, end: batching.StepEnd, decoding, admission: batching.Admission,
              new_state: EngineState, cost, busy, attended: locality.Attention, moved,
-             tier_before) -> StepMetrics:
-    """What the step reports (types.StepMetrics)."""
+             tier_before, new_state_context) -> StepMetrics:
+    """What the step reports (types.StepMetrics); an idle clock jump costs static energy."""
     selected = attended.selected
     return StepMetrics(
         step_time_s=end.step_time_s,
         idle_s=end.idle_s,
         decode_requests=jnp.sum(decoding).astype(jnp.int32),
+        decode_context=jnp.sum(jnp.where(decoding, new_state_context, 0)).astype(jnp.int32),
         prefill_requests=jnp.sum(admission.admit).astype(jnp.int32),
         output_tokens=(jnp.sum(decoding) + jnp.sum(admission.admit)).astype(jnp.int32),
         tier_units=tier_units(new_state.unit_tier),
@@ -195,9 +203,67 @@ def _metrics(end: batching.StepEnd, decoding, admission: batching.Admission,
         selected_mass=attended.selected_mass,
         migrated_units=integer_sum(moved, moved.size),
         migrated_from_ssd=integer_sum(moved & (tier_before == SSD), moved.size),
-        energy_pj=jnp.where(busy, cost.energy_pj, 0.0),
+        energy_pj=step_energy_pj(params, cost, busy, end.idle_s),
         rejected=jnp.sum(admission.rejected).astype(jnp.int32),
     )
+
+
+def resume(config: EngineConfig, params: SimParams, state: EngineState,
+           workload: DeviceWorkload, recorded=None) -> EngineState:
+    """Put the workload's in-flight requests in their slots at t = 0 (a steady-state start).
+
+    The in-flight requests (``generated_tokens`` > 0, the first K of the workload;
+    workload.steady_state) take slots 0..K-1 in FCFS order while slots, ``max_batch`` and
+    the KV capacity (each request's whole prompt + output reserved, as admission does)
+    allow. A request that has produced g tokens holds prompt + g - 1 tokens of KV (its last
+    token's K/V is written when it decodes the next), placed as the system places a prompt
+    of that length (placement.place_prompts: PAM by importance ratio, the baselines fastest
+    first) and mapped to bank groups. No time passes and nothing is charged: their prefill
+    happened before t = 0, so their first-token time stays NaN (no TTFT). In-flight requests
+    that do not fit are rejected (the batch is out of memory), so the FCFS pointer starts
+    past all K and only fresh requests are admitted later.
+
+    Args:
+      config: static sizes; params: SimParams; state: a fresh EngineState (init_state);
+      workload: request arrays [N] with ``generated_tokens``; recorded: optional recorded
+        unit logits.
+
+    Returns:
+      The EngineState the first step starts from.
+    """
+    r, n_req, page = config.num_slots, config.num_requests, config.page_size
+    capacity = batching.tier_capacity(params)
+    cand = jnp.arange(r, dtype=jnp.int32)
+    cand_c = jnp.minimum(cand, n_req - 1)
+    generated = workload.generated_tokens[cand_c]
+    in_flight = (cand < n_req) & (generated > 0)
+    prompt, output = workload.prompt_tokens[cand_c], workload.output_tokens[cand_c]
+    need = batching.units_needed(prompt + output - 1, page)
+    fits = (jnp.cumsum(jnp.where(in_flight, need, 0)) <= jnp.sum(capacity)) \
+        & (need <= config.units_per_slot) & (cand < jnp.minimum(params.max_batch, r))
+    admit = jnp.cumprod((in_flight & fits).astype(jnp.int32)).astype(bool)
+    admission = batching.Admission(
+        cand=cand, cand_c=cand_c, prompt=prompt + generated - 1, admit=admit,
+        rejected=jnp.zeros(r, bool), taken=admit, slot=jnp.where(admit, cand, r))
+    wide = dataclasses.replace(config, admit_window=r)
+    order = placement.mapping_order(wide, params, state, admission, jnp.zeros(r, bool))
+    prompts = placement.place_prompts(wide, params, state, admission, capacity, order,
+                                      recorded)
+    state = batching.start_requests(state, admission, prompts)
+    admitted = jnp.where(admit, cand, n_req)
+    refused = jnp.where(in_flight & ~admit, cand, n_req)
+    status = state.req_status.at[admitted].set(STATUS_RUNNING, mode="drop")
+    return state.replace(
+        slot_generated=jnp.where(admit, generated, state.slot_generated),
+        next_request=jnp.sum(in_flight).astype(jnp.int32),
+        req_status=status.at[refused].set(STATUS_REJECTED, mode="drop"))
+
+
+def step_energy_pj(params: SimParams, cost, busy, idle_s):
+    """A step's energy per component, pJ [C]: the cost model's when the step did work, plus
+    the static power of an idle clock jump (shared with the event leap)."""
+    energy = jnp.where(busy, cost.energy_pj, 0.0)
+    return energy.at[ENERGY_COMPONENTS.index("static")].add(static_energy_pj(params, idle_s))
 
 
 def rollout(config: EngineConfig, params: SimParams, state: EngineState,
@@ -216,6 +282,10 @@ def rollout(config: EngineConfig, params: SimParams, state: EngineState,
         return step(config, params, carry, workload, recorded)
 
     return lax.scan(body, state, None, length=num_steps)
+
+
+resume_jit = jax.jit(resume, static_argnums=0)
+"""Jitted :func:`resume` (one compile per EngineConfig)."""
 
 
 @functools.partial(jax.jit, static_argnames=("config", "num_steps"), donate_argnums=(2,))

@@ -19,8 +19,17 @@ Derivations (the tests write each one out by hand):
   reads of one bank are in one bank group, hence tCCD_L. A run shorter than a row is a row
   miss per run; a full-row run amortises the activation over the row (row-buffer hits).
 * Internal rate = banks x per-bank rate (all banks stream in lock-step in PIM all-bank mode).
-* Effective PIM attention throughput = min(internal rate, compute cap x bytes per FLOP):
-  FP16 GEMV does 2 FLOPs per 2-byte KV element, i.e. one FLOP per byte (PAM_SPEC §2).
+* Arithmetic intensity depends on the model (PAM_SPEC §2, revised). A KV head serves
+  ``g = q_heads / kv_heads`` query heads, and the score and value GEMVs do 2 FLOPs (one
+  multiply-add) per 2-byte element *per query head*: g FLOPs per KV byte (1 for MHA such as
+  OPT-175B, 8 for LLaMA3-70B). The PU's buffer holds ``floor(buffer / (head_dim x 2))``
+  query vectors (512 B: 2 heads at d = 128 in FP16; at least one head's worth is streamed
+  when less fits), so a KV byte is read ``passes = ceil(g / heads held)`` times:
+  effective PIM attention throughput, in KV bytes/s, = min(internal rate / passes, compute
+  cap / g) (:meth:`DramPimDevice.effective_gbps`). Selection labels are read the same way.
+* A bank group's own rate is the internal rate / passes / bank groups: under a device-wide
+  (power) compute cap, a device's local-attention time is max(busiest bank group's bytes /
+  its own rate, all its bytes / the device's effective rate) (PAM_SPEC §7, revised).
 * SSD: a die reads a ``page_bytes`` page in tR; a channel moves at most
   ``channel_mts * channel_bus_bits / 8`` bytes/s; rate per channel = min(dies x useful bytes
   per page read / tR, channel bus); internal = channels x that.
@@ -101,7 +110,6 @@ class DramPimDevice:
     pu_buffer_bytes: int
     compute_cap_gflops: float  # power-limited PIM compute per device (PAM_SPEC §2)
     reduction_units: int  # RUs per device (per bank group / logic die / central buffer)
-    bytes_per_flop: float = 1.0  # KV bytes per FLOP of FP16 GEMV attention
 
     def __post_init__(self):
         _validate_positive(self, self.name, allow_zero=("tRC",))
@@ -118,7 +126,8 @@ class DramPimDevice:
         """Independent bank groups per device (lock-step chips of a rank count once).
 
         This is the granularity of PAM's intra-device mapping: a token placed on a device
-        sits in one of these units, and the device's attention time is the maximum over them.
+        sits in one of these bank groups, and the device's attention time is bound by the
+        busiest of them.
         """
         return self.channels * self.pseudo_channels * self.ranks * self.bank_groups
 
@@ -177,18 +186,26 @@ class DramPimDevice:
         """Raw PU arithmetic (one FMA = 2 FLOPs per lane per cycle) before the power cap."""
         return self.banks * self.pu_lanes * 2 * self.pu_clock_ghz
 
-    def effective_gbps(self, run_bytes: float | None = None) -> float:
-        """Effective PIM attention throughput in KV GB/s = min(internal, compute cap).
+    def effective_gbps(self, run_bytes: float | None = None, *, gqa_group: int = 1,
+                       head_dim: int = 128) -> float:
+        """Effective PIM attention throughput in KV GB/s (see the module docstring).
 
         Args:
           run_bytes: contiguous KV bytes per bank visit per chip; ``None`` = one full row.
+          gqa_group: query heads per KV head (FLOPs per KV byte), g.
+          head_dim: elements per head (sets how many query vectors the PU buffer holds).
 
         Returns:
-          KV GB/s the device's PUs can attend over: the internal rate, or the compute cap
-          (the smaller of ``compute_cap_gflops`` and the raw PU peak) x ``bytes_per_flop``.
+          min(internal rate / passes, min(compute cap, raw PU peak) / g), GB/s.
         """
-        compute_bound = min(self.compute_cap_gflops, self.pu_peak_gflops) * self.bytes_per_flop
-        return min(self.internal_gbps(run_bytes), compute_bound)
+        return _effective_gbps(self, run_bytes, gqa_group, head_dim)
+
+    def bank_group_gbps(self, run_bytes: float | None = None, *, gqa_group: int = 1,
+                        head_dim: int = 128) -> float:
+        """One bank group's own KV rate, GB/s = internal rate / passes / bank groups (no
+        compute cap: the cap is device-wide)."""
+        return self.internal_gbps(run_bytes) / query_passes(
+            self.pu_buffer_bytes, gqa_group, head_dim) / self.bank_groups_per_device
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,14 +226,14 @@ class SsdPimDevice:
     compute_cap_gflops: float
     reduction_units: int
     host_link_gbps: float  # NVMe link per direction, GB/s ([E] PCIe Gen5 x4)
-    bytes_per_flop: float = 1.0
+    pu_buffer_bytes: int = 65536  # [D] controller SRAM per PU: every query head fits
 
     def __post_init__(self):
         _validate_positive(self, self.name)
 
     @property
     def bank_groups_per_device(self) -> int:
-        """Mapping granularity inside an SSD: its channels."""
+        """Mapping granularity inside an SSD: its channels (the "bank groups" of an SSD)."""
         return self.channels
 
     @property
@@ -256,35 +273,69 @@ class SsdPimDevice:
         """Raw controller-PU arithmetic, GFLOP/s (one FMA = 2 FLOPs per lane per cycle)."""
         return self.pu_count * self.pu_lanes * 2 * self.pu_clock_ghz
 
-    def effective_gbps(self, run_bytes: float | None = None) -> float:
-        """Effective PIM attention throughput in KV GB/s = min(internal, compute cap).
+    def effective_gbps(self, run_bytes: float | None = None, *, gqa_group: int = 1,
+                       head_dim: int = 128) -> float:
+        """Effective PIM attention throughput in KV GB/s, as for
+        :meth:`DramPimDevice.effective_gbps` (``run_bytes``: useful bytes per page read)."""
+        return _effective_gbps(self, run_bytes, gqa_group, head_dim)
 
-        Args:
-          run_bytes: useful contiguous KV bytes per page read; ``None`` = a full page.
+    def bank_group_gbps(self, run_bytes: float | None = None, *, gqa_group: int = 1,
+                        head_dim: int = 128) -> float:
+        """One channel's own KV rate, GB/s = internal rate / passes / channels."""
+        return self.internal_gbps(run_bytes) / query_passes(
+            self.pu_buffer_bytes, gqa_group, head_dim) / self.bank_groups_per_device
 
-        Returns:
-          KV GB/s, as for :meth:`DramPimDevice.effective_gbps`.
-        """
-        compute_bound = min(self.compute_cap_gflops, self.pu_peak_gflops) * self.bytes_per_flop
-        return min(self.internal_gbps(run_bytes), compute_bound)
+
+def query_passes(buffer_bytes: int, gqa_group: int, head_dim: int,
+                 value_bytes: int = 2) -> int:
+    """Passes a PU makes over each KV byte to serve the ``gqa_group`` query heads sharing it.
+
+    The PU's buffer holds ``floor(buffer_bytes / (head_dim x value_bytes))`` query vectors
+    (at least one: a head longer than the buffer is streamed in slices, each KV element still
+    read once per head). PAM_SPEC §2: 512 B holds 2 FP16 heads of d = 128.
+
+    Args:
+      buffer_bytes: PU buffer, bytes; gqa_group: query heads per KV head (>= 1);
+      head_dim: elements per head; value_bytes: bytes per element (FP16: 2).
+
+    Returns:
+      ceil(gqa_group / heads held), an integer >= 1.
+    """
+    held = max(1, buffer_bytes // (head_dim * value_bytes))
+    return -(-gqa_group // held)
+
+
+def _effective_gbps(device, run_bytes, gqa_group: int, head_dim: int) -> float:
+    if not isinstance(gqa_group, int) or gqa_group < 1:
+        raise ConfigError("gqa_group", gqa_group, "must be an integer >= 1")
+    passes = query_passes(device.pu_buffer_bytes, gqa_group, head_dim)
+    compute_bound = min(device.compute_cap_gflops, device.pu_peak_gflops) / gqa_group
+    return min(device.internal_gbps(run_bytes) / passes, compute_bound)
 
 
 @dataclasses.dataclass(frozen=True)
 class Tier:
-    """A memory tier: ``num_devices`` identical devices and their link to the host/GPUs.
+    """A memory tier: ``num_devices`` identical devices and their path to the GPUs.
 
     A token's KV is interleaved over all devices of its tier (tensor- and pipeline-parallel
     slices), and inside every device it sits in one bank group; see placement.py.
+
+    Paths (PAM_SPEC §2, revised): every byte between the GPUs and a tier crosses the tier's
+    own device interfaces (``link_gbps`` each: an HBM stack's interface to its GPU, a DIMM's
+    DDR channel, an SSD's NVMe link) and, for a tier that sits behind the host
+    (``behind_pcie``: DDR and SSD), the GPUs' PCIe links too, which the host-side tiers
+    share (Platform.pcie_gbps).
     """
 
     name: str
     device: DramPimDevice | SsdPimDevice
     num_devices: int
-    link_gbps: float  # per device, per direction: what a host/GPU sees of this device
+    link_gbps: float  # per device, per direction: the device's own interface
     link_latency_us: float  # one transfer's fixed latency (Q broadcast, partials, migration)
     pim_read_pj_per_bit: float  # device-internal read for PIM attention
     host_read_pj_per_bit: float  # reading this tier's KV out to a GPU (incl. I/O)
     kv_run_bytes: float  # contiguous KV bytes per bank/page visit (layout parameter)
+    behind_pcie: bool = False  # reached from the GPUs through the host's PCIe
 
     def __post_init__(self):
         _validate_positive(self, self.name)
@@ -296,23 +347,36 @@ class Tier:
 
     @property
     def bank_groups_per_device(self) -> int:
-        """Mapping units per device (bank groups, or SSD channels); see the device classes."""
+        """Bank groups (or SSD channels) per device; see the device classes."""
         return self.device.bank_groups_per_device
 
-    @property
-    def device_effective_gbps(self) -> float:
-        """One device's effective PIM attention throughput at this tier's KV run, GB/s."""
-        return self.device.effective_gbps(self.kv_run_bytes)
+    def device_effective_gbps(self, model=None) -> float:
+        """One device's effective PIM attention throughput at this tier's KV run, GB/s.
 
-    @property
-    def effective_gbps(self) -> float:
+        Args:
+          model: anything with ``q_heads``, ``kv_heads`` and ``head_dim`` (a models.Model);
+            None = multi-head attention (g = 1) at d = 128.
+        """
+        return self.device.effective_gbps(self.kv_run_bytes, **_attention_shape(model))
+
+    def effective_gbps(self, model=None) -> float:
         """Effective PIM attention throughput of the whole tier, GB/s."""
-        return self.num_devices * self.device_effective_gbps
+        return self.num_devices * self.device_effective_gbps(model)
+
+    def bank_group_gbps(self, model=None) -> float:
+        """One bank group's own KV rate at this tier's KV run, GB/s."""
+        return self.device.bank_group_gbps(self.kv_run_bytes, **_attention_shape(model))
 
     @property
     def link_total_gbps(self) -> float:
-        """Host-visible link rate of the whole tier, per direction, GB/s."""
+        """The tier's device interfaces together, per direction, GB/s."""
         return self.num_devices * self.link_gbps
+
+
+def _attention_shape(model) -> dict:
+    if model is None:
+        return {"gqa_group": 1, "head_dim": 128}
+    return {"gqa_group": model.q_heads // model.kv_heads, "head_dim": model.head_dim}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -332,6 +396,27 @@ class Gpu:
     link_latency_us: float  # per collective / transfer step [D]
     kernel_overhead_us: float  # fixed launch/synchronisation cost per layer [D]
     activation_reserve: float  # fraction of GPU HBM kept for activations [D]
+    gpus_per_node: int = 8  # GPUs sharing one NVLink domain [E] DGX H100
+    rdma_gbps: float = 50.0  # per GPU, per direction, between nodes [E] 400 Gb/s NICs
+    rdma_latency_us: float = 5.0  # per collective step between nodes [D]
+
+    @property
+    def nodes(self) -> int:
+        """Nodes the GPUs span (ceil(num_gpus / gpus_per_node))."""
+        return -(-self.num_gpus // self.gpus_per_node)
+
+    @property
+    def collective_gbps(self) -> float:
+        """Per-GPU rate of a tensor-parallel all-reduce: NVLink inside one node, RDMA (the
+        slowest link of a ring that leaves the node) once the TP group spans nodes."""
+        return self.nvlink_gbps if self.tensor_parallel <= self.gpus_per_node else \
+            self.rdma_gbps
+
+    @property
+    def collective_latency_us(self) -> float:
+        """Per-step latency of a tensor-parallel all-reduce (NVLink or RDMA, as above)."""
+        return self.link_latency_us if self.tensor_parallel <= self.gpus_per_node else \
+            self.rdma_latency_us
 
     def __post_init__(self):
         _validate_positive(self, self.name)
@@ -360,6 +445,11 @@ class Energy:
     ssd_to_host: float = 10.0  # [D] NVMe/PCIe transfer, on top of the NAND read
     pcie: float = 10.0  # [D] host<->GPU PCIe transfer; same figure as the NVMe link share
     gpu_pj_per_flop: float = 0.5  # [D] pJ per FLOP
+    # Static power, W, charged for every simulated second ([D] datasheet idle figures).
+    gpu_idle_w: float = 75.0  # per GPU
+    dimm_idle_w: float = 3.0  # per DDR DIMM
+    ssd_idle_w: float = 5.0  # per SSD
+    node_other_w: float = 1000.0  # per node: CPUs, NICs, fans
 
     def __post_init__(self):
         _validate_positive(self, "energy")
@@ -380,6 +470,26 @@ class Platform:
     def tiers(self) -> tuple[Tier, Tier, Tier]:
         """(hbm, ddr, ssd): the tiers in TIER_NAMES order, the order of every [T] array."""
         return (self.hbm, self.ddr, self.ssd)
+
+    @property
+    def pcie_gbps(self) -> float:
+        """The GPUs' PCIe links together, per direction, GB/s: what every byte between the
+        GPUs and the host-side tiers (DDR, SSD) shares."""
+        return self.gpu.num_gpus * self.gpu.pcie_gbps
+
+    def path_gbps(self, tier: Tier) -> float:
+        """Rate of the path between the GPUs and ``tier`` when it carries nothing else, GB/s:
+        the tier's device interfaces, and the GPUs' PCIe for a tier behind the host."""
+        return min(tier.link_total_gbps, self.pcie_gbps) if tier.behind_pcie \
+            else tier.link_total_gbps
+
+    @property
+    def static_power_w(self) -> float:
+        """Idle power of the whole platform, W: GPUs, DIMMs, SSDs and the rest of each node
+        (PAM_SPEC §2 revised, [D]). The same for every system on this host."""
+        e = self.energy
+        return (self.gpu.num_gpus * e.gpu_idle_w + self.ddr.num_devices * e.dimm_idle_w
+                + self.ssd.num_devices * e.ssd_idle_w + self.gpu.nodes * e.node_other_w)
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> Platform:
         """Return a copy with dotted fields replaced, e.g. ``{"ddr.num_devices": 80}``.
@@ -509,12 +619,13 @@ def _pam_dgx_h100() -> Platform:
         ddr=Tier("ddr", DDR4_3200_PIM_DIMM, num_devices=40,
                  link_gbps=DDR4_3200_PIM_DIMM.external_gbps, link_latency_us=2.0,
                  pim_read_pj_per_bit=energy.ddr_pim_read,
-                 host_read_pj_per_bit=energy.ddr_host_read + energy.pcie, kv_run_bytes=1024),
+                 host_read_pj_per_bit=energy.ddr_host_read + energy.pcie, kv_run_bytes=1024,
+                 behind_pcie=True),
         ssd=Tier("ssd", SSD_PIM, num_devices=8,
                  link_gbps=SSD_PIM.host_link_gbps, link_latency_us=10.0,
                  pim_read_pj_per_bit=energy.ssd_nand_read,
                  host_read_pj_per_bit=energy.ssd_nand_read + energy.ssd_to_host,
-                 kv_run_bytes=16384),
+                 kv_run_bytes=16384, behind_pcie=True),
         energy=energy,
     )
 

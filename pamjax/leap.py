@@ -69,10 +69,11 @@ from jax import lax
 
 from pamjax import batching, placement
 from pamjax.batching import units_needed
-from pamjax.costs import StepCounts, empty_counts, step_cost
+from pamjax.costs import StepCounts, empty_counts, static_energy_pj, step_cost
 from pamjax.errors import ConfigError
 from pamjax.types import (
     DDR,
+    ENERGY_COMPONENTS,
     HBM,
     NEW_TOKEN_FASTEST_FREE,
     NUM_TIERS,
@@ -87,6 +88,7 @@ from pamjax.types import (
     StepMetrics,
 )
 
+_STATIC = ENERGY_COMPONENTS.index("static")
 LEAP_STEPS = 32
 """Default engine steps per iteration (one general step plus up to 31 leap steps)."""
 
@@ -148,7 +150,7 @@ def _one_hot(tier, count):
     return jnp.where(tier[..., None] == jnp.arange(NUM_TIERS), count[..., None], 0)
 
 
-def _counts(decode_requests, decode_context, tier_tokens, prefill_n=None,
+def _counts(decode_requests, decode_context, tier_tokens, decode_writes, prefill_n=None,
             prefill_tier_tokens=None) -> StepCounts:
     """StepCounts of a dense GPU-attention step ([...]-batched). Fields that only PIM
     attention reads (bank groups, holders, partials) stay zero."""
@@ -157,7 +159,8 @@ def _counts(decode_requests, decode_context, tier_tokens, prefill_n=None,
         decode_requests=decode_requests.astype(f32),
         decode_context=decode_context.astype(f32),
         tier_tokens=tier_tokens.astype(f32),
-        tier_selected=tier_tokens.astype(f32))
+        tier_selected=tier_tokens.astype(f32),
+        tier_decode_writes=decode_writes.astype(f32))
     if prefill_n is None:
         return counts
     return counts.replace(prefill_tokens=jnp.sum(prefill_n),
@@ -205,8 +208,10 @@ def general_step(config: EngineConfig, params: SimParams, s: LeapState,
     last_tier = jnp.where(token.opens, new_tier, last_tier)
     tokens = _tier_tokens(slot_units, last_tier, token.context, page)
     dec = decoding.astype(jnp.int32)
+    # Each decoding request writes its token to its last unit's tier.
     counts = _counts(jnp.sum(dec), jnp.sum(dec * token.context),
-                     jnp.sum(dec[:, None] * tokens, 0), prompt.astype(jnp.float32),
+                     jnp.sum(dec[:, None] * tokens, 0),
+                     jnp.sum(_one_hot(last_tier, dec), 0), prompt.astype(jnp.float32),
                      jnp.sum(c_tier_tokens, 0))
     cost = step_cost(params, counts)
 
@@ -236,14 +241,15 @@ def general_step(config: EngineConfig, params: SimParams, s: LeapState,
     selected = jnp.sum(dec * units_needed(token.context, page))
     persisted = jnp.sum(jnp.where(decoding & (s.slot_generated >= 2),
                                   units_needed(token.context - 1, page), 0))
-    metrics = _metrics(end.step_time_s, end.idle_s, jnp.sum(dec), jnp.sum(admission.admit),
+    metrics = _metrics(params, end.step_time_s, end.idle_s, jnp.sum(dec),
+                       jnp.sum(dec * token.context), jnp.sum(admission.admit),
                        jnp.sum(slot_units, 0), cost, busy, selected, persisted,
                        jnp.sum(admission.rejected))
     return new_state, metrics
 
 
-def _metrics(dt, idle, decode_requests, prefill_requests, tier_units, cost, busy, selected,
-             persisted, rejected) -> StepMetrics:
+def _metrics(params, dt, idle, decode_requests, decode_context, prefill_requests, tier_units,
+             cost, busy, selected, persisted, rejected) -> StepMetrics:
     """StepMetrics from a step's (possibly [L]-batched) pieces."""
     i32, zero = jnp.int32, jnp.zeros(dt.shape, jnp.int32)
     busy_t = busy[..., None]
@@ -251,6 +257,7 @@ def _metrics(dt, idle, decode_requests, prefill_requests, tier_units, cost, busy
         step_time_s=dt,
         idle_s=idle,
         decode_requests=decode_requests.astype(i32),
+        decode_context=decode_context.astype(i32),
         prefill_requests=prefill_requests.astype(i32),
         output_tokens=(decode_requests + prefill_requests).astype(i32),
         tier_units=tier_units.astype(i32),
@@ -262,7 +269,8 @@ def _metrics(dt, idle, decode_requests, prefill_requests, tier_units, cost, busy
         selected_mass=decode_requests.astype(jnp.float32),
         migrated_units=zero,
         migrated_from_ssd=zero,
-        energy_pj=jnp.where(busy_t, cost.energy_pj, 0.0),
+        energy_pj=jnp.where(busy_t, cost.energy_pj, 0.0).at[..., _STATIC].add(
+            static_energy_pj(params, idle)),
         rejected=rejected.astype(i32),
     )
 
@@ -328,9 +336,14 @@ def leap(config: EngineConfig, params: SimParams, s: LeapState, workload: Device
         + _one_hot(jnp.broadcast_to(s.slot_last_tier, in_last.shape), in_last) \
         + _one_hot(jnp.zeros_like(in_last), i + 1 - in_last)  # [L, R, T]
     dec = decoding.astype(jnp.int32)
+    # A token fills the last unit while it has room, then lands in a new HBM unit.
+    landed = jnp.where(i < room_in_last, s.slot_last_tier, HBM)  # [L, R]
     counts = _counts(jnp.sum(dec, -1), jnp.sum(dec * context, -1),
-                     jnp.sum(dec[..., None] * tokens, 1))
-    cost = jax.vmap(lambda one: step_cost(params, one))(counts)
+                     jnp.sum(dec[..., None] * tokens, 1), jnp.sum(_one_hot(landed, dec), 1))
+    # lax.map, not vmap: each step's cost is then the very program engine.step runs, so the
+    # step times agree to the bit (vmapped, XLA fuses the arithmetic differently and an
+    # ulp's difference in the clock can move an arrival across a step boundary).
+    cost = lax.map(lambda one: step_cost(params, one), counts)
     busy = jnp.any(decoding, -1)
     dt = jnp.where(busy, cost.time_s, 0.0)
 
@@ -379,7 +392,8 @@ def leap(config: EngineConfig, params: SimParams, s: LeapState, workload: Device
     persisted = jnp.sum(jnp.where(decoding & (g + i >= 2), units_needed(context - 1, page),
                                   0), -1)
     zero = jnp.zeros((num_steps,), jnp.int32)
-    metrics = _metrics(dt, jnp.zeros((num_steps,), jnp.float32), jnp.sum(dec, -1), zero,
+    metrics = _metrics(params, dt, jnp.zeros((num_steps,), jnp.float32), jnp.sum(dec, -1),
+                       jnp.sum(dec * context, -1), zero,
                        tier_units, cost, busy, selected, persisted, zero)
     return new_state, metrics, kept
 

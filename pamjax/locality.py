@@ -371,3 +371,120 @@ def recorded_unit_logits(scores: np.ndarray, page_size: int) -> np.ndarray:
     padded = np.full((steps, units * page_size), -np.inf, np.float32)
     padded[:, :tokens] = scores
     return padded.reshape(steps, units, page_size).max(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The access model on its own: emergent locality statistics
+# ---------------------------------------------------------------------------------------------
+
+LAYER_GROUP_CORRELATION = 0.8
+"""[D] Correlation of the latent log-importance of one token between two layer groups.
+
+The engine draws one selection per token for all layers (one latent per unit). Real
+retrieval selectors (Double Sparsity) pick per layer and head, and layers agree only in
+part on which tokens matter: attention sinks and the recent window are shared by all, the
+content-selected heavy hitters differ. With G layer groups, each group's latent is
+``sqrt(c) z_shared + sqrt(1 - c) z_group`` (each term an AR(1) process with the access
+model's persistence and spread), so any two groups' latents correlate with coefficient c;
+the sink and recency bonuses are common. c = 0.8 is a pamjax assumption (no published
+figure pins it down); :func:`selection_statistics` reports how much the union of what the
+groups select exceeds one selection, for any c, so its consequence can be weighed.
+"""
+
+
+def selection_statistics(access: AccessModel, *, context: int = 2048, steps: int = 256,
+                         requests: int = 8, lags=(1, 10, 100),
+                         hbm_share: float | None = None,
+                         layer_groups: int = 4,
+                         group_correlation: float = LAYER_GROUP_CORRELATION,
+                         seed: int = 0) -> dict:
+    """Emergent locality of the access model, measured on its own (no placement, no cost).
+
+    ``requests`` requests of ``context`` tokens evolve for ``steps`` decode steps (the
+    context held fixed, so every statistic is stationary); each step the selector attends
+    the top ``select_fraction`` of the tokens and PAM's importance EMA absorbs the mass.
+
+    Args:
+      access: the access model.
+      context, steps, requests: size of the experiment (tokens, decode steps, requests).
+      lags: step distances at which to measure the selection overlap.
+      hbm_share: fraction of a request's tokens an HBM tier holds, ranked by the EMA
+        (default: the selector's fraction, an HBM just large enough for one selection).
+      layer_groups, group_correlation: layer groups for the union measurement (see
+        LAYER_GROUP_CORRELATION); 1 group = the engine's model.
+      seed: random seed.
+
+    Returns:
+      {"overlap": {lag: fraction of the tokens selected ``lag`` steps ago still selected},
+       "hbm_hit_rate": fraction of the tokens selected at a step that were in the top
+         ``hbm_share`` by the importance EMA of the step before (what an HBM tier placed by
+         the EMA serves),
+       "selected_mass_share": mean attention mass the selection covers,
+       "layer_group_union": tokens selected by at least one of the groups / tokens one
+         group selects (1 when the groups agree, ``layer_groups`` at most)}.
+    """
+    hbm_share = access.select_fraction if hbm_share is None else hbm_share
+    if not 0 < hbm_share < 1:
+        raise ConfigError("hbm_share", hbm_share, "must be in (0, 1)")
+    if not 0 <= group_correlation <= 1:
+        raise ConfigError("group_correlation", group_correlation, "must be in [0, 1]")
+    for field, value in (("context", context), ("steps", steps), ("requests", requests),
+                         ("layer_groups", layer_groups)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(field, value, "must be an integer >= 1")
+    lags = tuple(int(lag) for lag in lags)
+    if not lags or min(lags) < 1 or max(lags) >= steps:
+        raise ConfigError("lags", lags, f"need lags in [1, steps = {steps})")
+    stats = _selection_scan(access, context, steps, requests, max(lags), hbm_share,
+                            layer_groups, float(group_correlation), seed)
+    overlap, hits, mass, union = (np.asarray(x, np.float64) for x in stats)
+    return {"overlap": {lag: float(overlap[lag - 1]) for lag in lags},
+            "hbm_hit_rate": float(hits), "selected_mass_share": float(mass),
+            "layer_group_union": float(union)}
+
+
+def _selection_scan(access, context, steps, requests, max_lag, hbm_share, groups,
+                    correlation, seed):
+    import jax
+
+    tokens = jnp.ones((requests, context), jnp.int32)
+    ctx = jnp.full((requests,), context, jnp.int32)
+    row = jnp.arange(requests, dtype=jnp.int32)[:, None, None]
+    unit = jnp.arange(context, dtype=jnp.int32)[None, None, :]
+    group = jnp.arange(groups + 1, dtype=jnp.int32)[None, :, None]  # 0 = shared
+    salt = group * context  # distinct counters per group
+    latent = initial_latent(access, seed, row, unit + salt * 7919)  # [R, G + 1, C]
+    k = max(1, int(np.ceil(access.select_fraction * context)))
+    top_hbm = max(1, round(hbm_share * context))
+
+    def mix(z):
+        return np.sqrt(correlation) * z[:, :1] + np.sqrt(1.0 - correlation) * z[:, 1:]
+
+    def pick(z):  # [R, G, C] logits -> selected bool, mass of group 0
+        logit = jnp.stack([logits(access, z[:, g], ctx, 1) for g in range(z.shape[1])], 1)
+        threshold = lax.top_k(logit, k)[0][..., -1:]
+        return logit >= threshold, attention_mass(logit[:, 0], tokens)
+
+    def body(carry, j):
+        latent, importance, history = carry
+        latent = evolve_latent(access, latent, seed, row, unit + salt * 7919, j)
+        selected, mass = pick(mix(latent))
+        first = selected[:, 0]
+        hbm_threshold = lax.top_k(importance, top_hbm)[0][:, -1:]
+        hits = jnp.sum(first & (importance >= hbm_threshold)) / jnp.sum(first)
+        overlap = jnp.stack([jnp.sum(first & history[lag]) / jnp.maximum(
+            jnp.sum(history[lag]), 1) for lag in range(max_lag)])
+        valid = j >= jnp.arange(1, max_lag + 1)
+        importance = access.ema_lambda * mass + (1.0 - access.ema_lambda) * importance
+        union = jnp.sum(jnp.any(selected, 1)) / jnp.sum(first)
+        history = jnp.concatenate([first[None], history[:-1]])
+        return (latent, importance, history), (overlap, valid, hits, jnp.sum(
+            jnp.where(first, mass, 0.0)) / requests, union)
+
+    history = jnp.zeros((max_lag, requests, context), bool)
+    importance = jnp.zeros((requests, context), jnp.float32)
+    _, out = jax.jit(lambda c: lax.scan(body, c, jnp.arange(steps)))(
+        (latent, importance, history))
+    overlap, valid, hits, mass, union = out
+    overlap = jnp.sum(jnp.where(valid, overlap, 0.0), 0) / jnp.sum(valid, 0)
+    return overlap, jnp.mean(hits[1:]), jnp.mean(mass), jnp.mean(union)

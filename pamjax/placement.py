@@ -23,6 +23,8 @@ from pamjax._numerics import threshold_bracket, tier_sums, tier_units, top_count
 from pamjax.types import (
     DDR,
     HBM,
+    MAPPING_GREEDY,
+    MAPPING_SEQUENTIAL,
     NEW_TOKEN_HBM_DISPLACE,
     NO_UNIT,
     NUM_TIERS,
@@ -203,24 +205,28 @@ def naive_start(request):
     return unit_hash(0, request, 0, 0x5EED)
 
 
-def assign_bank_groups(params, tier, is_new, order, request, unit):
-    """Bank group of new units inside their device (PAM's intra-device mapping).
+def assign_bank_groups(params, tier, is_new, order, request, unit, page_size: int):
+    """Bank group of new units inside their device (the intra-device mapping, PAM_SPEC §5).
 
     Greedy (PAM): the new units of a tier, taken in row-major order, go round-robin over that
     tier's bank groups sorted by their activation count over the last W decode steps
     (``order``, from bank_group_order), so the least-activated groups receive tokens first
-    and a batch of new tokens does not herd onto one group. Sequential fill (ablation and
-    baselines): ``naive_run_units`` consecutive units of a request share a bank group, the
-    request's runs following each other from a start group given by its id (naive_start),
-    ignoring activation.
+    and a batch of new tokens does not herd onto one group. Striped (AttAcc's layout, the
+    baselines and the ablation): consecutive tokens of a request sit on consecutive bank
+    groups from a start group given by its id (naive_start), ignoring activation.
+    Sequential: ``naive_run_units`` consecutive units of a request share a bank group, the
+    runs following each other from the same start (a naive fill, kept for studies).
 
     Args:
       tier: i8 [M] tier of each unit; is_new: bool [M] units to map.
       order: i32 [T, G] bank groups by increasing activation.
       request: i32 [M] request id of each unit; unit: i32 [M] its unit index.
+      page_size: tokens per unit (static); a striped page starts where its first token
+        falls.
 
     Returns:
-      i16 [M] bank groups (meaningful where ``is_new``; the caller masks).
+      i16 [M] bank groups (meaningful where ``is_new``; the caller masks). A page's tokens
+      continue on the following bank groups (spread_over_pages) except under sequential.
     """
     count = params.bank_groups_per_device.astype(jnp.int32)  # [T]
     tier_i = jnp.clip(tier.astype(jnp.int32), 0, NUM_TIERS - 1)
@@ -228,20 +234,21 @@ def assign_bank_groups(params, tier, is_new, order, request, unit):
     rank = (jnp.cumsum(one_hot, axis=0) - one_hot)[jnp.arange(tier.shape[0]), tier_i]
     tier_count = count[tier_i]
     greedy = order[tier_i, rank % tier_count]
-    run = unit // jnp.maximum(params.naive_run_units, 1)
-    naive = ((naive_start(request) % tier_count.astype(jnp.uint32)).astype(jnp.int32) + run) \
-        % tier_count
-    return jnp.where(params.greedy_mapping, greedy, naive).astype(jnp.int16)
+    offset = jnp.where(params.mapping_policy == MAPPING_SEQUENTIAL,
+                       unit // jnp.maximum(params.naive_run_units, 1), unit * page_size)
+    start = (naive_start(request) % tier_count.astype(jnp.uint32)).astype(jnp.int32)
+    naive = (start + offset % tier_count) % tier_count
+    return jnp.where(params.mapping_policy == MAPPING_GREEDY, greedy, naive).astype(jnp.int16)
 
 
 def spread_over_pages(params, start_load, page_size: int):
     """Attended tokens per bank group when a unit's tokens are spread over its page.
 
     At token granularity a unit is one token in one bank group. A page of ``page_size``
-    tokens is a coarse-graining of that: under the greedy mapping its tokens would sit in
-    consecutive bank groups from the page's own, so each of ``page_size`` consecutive groups
-    (cyclically, within the tier's count) gets 1/page_size of its load. Under sequential
-    fill a page lies inside one run and keeps its load in one group.
+    tokens is a coarse-graining of that: under the greedy and striped mappings its tokens
+    would sit in consecutive bank groups from the page's own, so each of ``page_size``
+    consecutive groups (cyclically, within the tier's count) gets 1/page_size of its load.
+    Under the sequential mapping a page lies inside one run and keeps its load in one group.
 
     Args:
       start_load: f32 [T, G] attended tokens per (tier, bank group of the unit).
@@ -270,7 +277,7 @@ def spread_over_pages(params, start_load, page_size: int):
               - jnp.take_along_axis(prefix, end - part, -1))
     spread = (whole * load.sum(-1, keepdims=True) + window) / page_size
     spread = jnp.where(inside, spread, 0.0)
-    return jnp.where(params.greedy_mapping, spread, start_load)
+    return jnp.where(params.mapping_policy == MAPPING_SEQUENTIAL, start_load, spread)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,7 +293,7 @@ def mapping_order(config, params, state, admission, decoding):
     """
     places_units = jnp.any(admission.admit) | jnp.any(
         decoding & (state.slot_context % config.page_size == 0))
-    return lax.cond(params.greedy_mapping & places_units,
+    return lax.cond((params.mapping_policy == MAPPING_GREEDY) & places_units,
                     lambda a: bank_group_order(params, a),
                     lambda a: jnp.zeros((NUM_TIERS, a.shape[-1]), jnp.int32),
                     state.activation)
@@ -351,7 +358,8 @@ def place_prompts(config, params, state, admission, capacity, order, recorded) -
         bank_group = assign_bank_groups(
             params, tier.ravel(), c_present.ravel(), order,
             jnp.broadcast_to(cand_c[:, None], tier.shape).ravel(),
-            jnp.broadcast_to(unit_idx[None, :], tier.shape).ravel()).reshape(tier.shape)
+            jnp.broadcast_to(unit_idx[None, :], tier.shape).ravel(),
+            page).reshape(tier.shape)
         return tier, bank_group, latent, mass
 
     def nothing_to_place(_):
@@ -411,7 +419,8 @@ def place_new_units(config, params, state, token, capacity, order):
         jnp.concatenate([opens, demote]),
         order,
         jnp.concatenate([req, req]),
-        jnp.concatenate([token.unit, victim]).astype(jnp.int32))
+        jnp.concatenate([token.unit, victim]).astype(jnp.int32),
+        config.page_size)
     unit_tier = unit_tier.at[rows, victim_col].set(lower_tier.astype(jnp.int8), mode="drop")
     unit_bg = state.unit_bank_group.at[rows, victim_col].set(mapped[r_slots:], mode="drop")
     unit_tier = unit_tier.at[rows, token.column].set(new_tier.astype(jnp.int8), mode="drop")
@@ -423,15 +432,22 @@ def place_new_units(config, params, state, token, capacity, order):
 
 @struct.dataclass
 class AttentionLoad:
-    """Where the step's attention reads (attention_load); costs.StepCounts is built from it.
+    """Where the step's attention reads and its decode writes (attention_load); costs.
+    StepCounts is built from it. All i32.
 
-    bank_group_tokens i32 [T, G]: attended tokens per (tier, bank group of their unit);
-    tier_tokens i32 [T]: tokens of decoding requests held per tier (their selection labels
-      are read there);
-    tier_holders i32 [T]: decoding requests with any KV on the tier (Q goes there);
-    tier_requests i32 [T]: decoding requests with attended tokens on the tier;
-    active_bank_groups i32 [T]: sum over decoding requests of the bank groups holding their
-      attended tokens (one partial result each before reduction).
+    bank_group_tokens [T, G]: attended tokens per (tier, bank group of their unit);
+    tier_tokens [T]: tokens of decoding requests held per tier (their selection labels are
+      read there);
+    tier_holders [T]: decoding requests with any KV on the tier (Q goes there);
+    tier_requests [T]: decoding requests with attended tokens on the tier;
+    active_bank_groups [T]: sum over decoding requests of the bank groups holding their
+      attended tokens (one partial each for the reduction units);
+    active_chunks [T]: sum over decoding requests of the FlashDecoding chunks
+      (``params.decode_split_tokens`` consecutive positions) with attended tokens on the
+      tier (0 under PAMattention, which does not use them);
+    topk_candidates [T]: sum over decoding requests of min(tokens on the tier, the
+      selector's token target): label scores gathered for the top-k;
+    decode_writes [T]: decode tokens written to each tier.
     """
 
     bank_group_tokens: jnp.ndarray
@@ -439,21 +455,26 @@ class AttentionLoad:
     tier_holders: jnp.ndarray
     tier_requests: jnp.ndarray
     active_bank_groups: jnp.ndarray
+    active_chunks: jnp.ndarray
+    topk_candidates: jnp.ndarray
+    decode_writes: jnp.ndarray
 
 
-def attention_load(config, state, attended):
-    """Attended tokens per bank group and partial results per device, on the placement
-    before this step's scheduling (labels are read, and attention runs, where the tokens sit
-    when they are selected); the activation window gains this step's row.
+def attention_load(config, params, state, attended, token):
+    """Attended tokens per bank group, partial results per device and the step's decode
+    writes, on the placement before this step's scheduling (labels are read, and attention
+    runs, where the tokens sit when they are selected); the activation window gains this
+    step's row.
 
     Args:
-      config: static sizes; state: EngineState after new units; attended:
-        locality.Attention of the step.
+      config: static sizes; params: SimParams; state: EngineState after new units;
+      attended: locality.Attention of the step; token: batching.DecodeToken.
 
     Returns:
       (activation i32 [W, T, G] with this step's selected units per bank group, AttentionLoad).
     """
     r_slots, groups, page = config.num_slots, config.padded_bank_groups, config.page_size
+    n_units = config.units_per_slot
     rows = jnp.arange(r_slots)
     unit_tier, selected, tokens = state.unit_tier, attended.selected, attended.tokens
     sel_tokens = jnp.where(selected, tokens, 0)
@@ -462,12 +483,20 @@ def attention_load(config, state, attended):
     bg_tokens = jax.ops.segment_sum(sel_tokens.ravel(), segment.ravel(),
                                     num_segments=NUM_TIERS * groups).reshape(NUM_TIERS, groups)
     # Partials a request's attention produces per device: one per bank group holding its
-    # attended units (a [R, T x G] presence table; PAM_SPEC §4 and its ablation).
+    # attended units (a [R, T x G] presence table; PAM_SPEC §4).
     request_bg = jnp.zeros((r_slots, NUM_TIERS * groups), bool).at[rows[:, None], segment].max(
         selected).reshape(r_slots, NUM_TIERS, groups)
-    present = attended.present
-    tier_holders = jnp.stack([jnp.sum(jnp.any(present & (unit_tier == t), axis=-1))
-                              for t in range(NUM_TIERS)])
+    # Tokens per request and tier: who holds KV where, and the top-k label candidates.
+    held = jnp.stack([jnp.sum(jnp.where(unit_tier == t, tokens, 0), -1)
+                      for t in range(NUM_TIERS)], -1)  # [R, T]
+    target = jnp.maximum(jnp.ceil(params.select_fraction * jnp.sum(held, -1)), 1.0)
+    candidates = jnp.sum(jnp.minimum(held.astype(jnp.float32), target[:, None]), 0)
+    chunks = lax.cond(params.use_pamattention,
+                      lambda: jnp.zeros((NUM_TIERS,), jnp.int32),
+                      lambda: _active_chunks(params, tier_i, selected, page))
+    decoding = jnp.any(attended.present, -1)
+    landed = unit_tier[rows, jnp.clip(token.unit, 0, n_units - 1)]
+    writes = jnp.stack([jnp.sum(decoding & (landed == t)) for t in range(NUM_TIERS)])
     sel_units_bg = jax.ops.segment_sum(selected.ravel().astype(jnp.int32), segment.ravel(),
                                        num_segments=NUM_TIERS * groups)
     activation = state.activation.at[state.step % config.window].set(
@@ -475,6 +504,31 @@ def attention_load(config, state, attended):
     return activation, AttentionLoad(
         bank_group_tokens=bg_tokens,
         tier_tokens=tier_sums(unit_tier, tokens, unit_tier.size * page),
-        tier_holders=tier_holders,
+        tier_holders=jnp.sum(held > 0, 0),
         tier_requests=request_bg.any(-1).sum(0),
-        active_bank_groups=request_bg.sum((0, 2)))
+        active_bank_groups=request_bg.sum((0, 2)),
+        active_chunks=chunks,
+        topk_candidates=candidates.astype(jnp.int32),
+        decode_writes=writes)
+
+
+def _active_chunks(params, tier_i, selected, page_size: int):
+    """FlashDecoding chunks with attended tokens, per tier, summed over requests, i32 [T].
+
+    A chunk is ``decode_split_tokens`` consecutive positions of a request. A unit counts
+    for the chunk of its first token, plus the further chunks its page reaches when a page
+    is longer than a chunk; units sharing a chunk and a tier count once.
+    """
+    r_slots, n_units = selected.shape
+    split = jnp.maximum(params.decode_split_tokens, 1)
+    first = jnp.arange(n_units, dtype=jnp.int32) * page_size
+    # Chunk of each unit's first token, as an id below U: when pages are at least a chunk
+    # long no two units share one, so the unit's own index serves.
+    chunk = jnp.minimum(first // split, jnp.arange(n_units, dtype=jnp.int32))
+    extra = (first + page_size - 1) // split - first // split  # [U] chunks beyond the first
+    ids = (jnp.arange(r_slots)[:, None] * n_units + chunk[None, :]) * NUM_TIERS + tier_i
+    present = jnp.zeros((r_slots * n_units * NUM_TIERS,), bool).at[ids.ravel()].max(
+        selected.ravel()).reshape(r_slots, n_units, NUM_TIERS)
+    spanned = jnp.stack([jnp.sum(jnp.where(selected & (tier_i == t), extra[None, :], 0))
+                         for t in range(NUM_TIERS)])
+    return jnp.sum(present, (0, 1)).astype(jnp.int32) + spanned.astype(jnp.int32)

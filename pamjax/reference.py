@@ -97,7 +97,10 @@ from pamjax.errors import ConfigError
 from pamjax.placement import naive_start
 from pamjax.types import (
     DDR,
+    ENERGY_COMPONENTS,
     HBM,
+    MAPPING_GREEDY,
+    MAPPING_SEQUENTIAL,
     NEW_TOKEN_HBM_DISPLACE,
     NO_UNIT,
     NUM_TIERS,
@@ -170,6 +173,7 @@ class RefMetrics:
     Fields:
       step_time_s, idle_s: float, s.
       decode_requests, prefill_requests, output_tokens: int.
+      decode_context: int, the decoding requests' contexts after their token, summed.
       tier_units: int [T], units per tier after the step.
       attention_s: float, attention time on the step's critical path, s.
       tier_attention_s: float [T], attention time per tier, s.
@@ -183,6 +187,7 @@ class RefMetrics:
     step_time_s: float
     idle_s: float
     decode_requests: int
+    decode_context: int
     prefill_requests: int
     output_tokens: int
     tier_units: np.ndarray
@@ -288,19 +293,21 @@ def _select(logits_row: np.ndarray, tokens: np.ndarray, select_fraction: float) 
 
 
 def _map_bank_groups(p: SimParams, placements: list[tuple[int, int]],
-                     activation: np.ndarray) -> list[int]:
+                     activation: np.ndarray, page_size: int) -> list[int]:
     """Bank groups for a batch of units placed together.
 
     Args:
-      p: parameters (``bank_groups_per_device`` per tier, ``greedy_mapping``, ``naive_run_units``).
+      p: parameters (``bank_groups_per_device`` per tier, ``mapping_policy``,
+        ``naive_run_units``).
       placements: (tier, request id, unit index) of each unit, in placement order.
       activation: int [W, T, G] activation history at the start of the step.
+      page_size: tokens per unit.
 
     Returns:
       The bank group of each unit.
     """
     groups = [int(p.bank_groups_per_device[t]) for t in range(NUM_TIERS)]
-    if bool(p.greedy_mapping):
+    if int(p.mapping_policy) == MAPPING_GREEDY:
         # Least-activated first (lowest index among equals), then round-robin.
         order = []
         for t in range(NUM_TIERS):
@@ -312,10 +319,15 @@ def _map_bank_groups(p: SimParams, placements: list[tuple[int, int]],
             result.append(order[tier][placed[tier] % groups[tier]])
             placed[tier] += 1
         return result
-    # Sequential fill: runs of ``naive_run_units`` units, from the request's start group.
-    run = max(int(p.naive_run_units), 1)
-    return [(int(naive_start(np.int32(request))) % groups[tier] + unit // run) % groups[tier]
-            for tier, request, unit in placements]
+    # Striped: a request's token k sits on bank group start + k. Sequential: runs of
+    # ``naive_run_units`` units per bank group. Both from the request's start group.
+    def offset(unit):
+        if int(p.mapping_policy) == MAPPING_SEQUENTIAL:
+            return unit // max(int(p.naive_run_units), 1)
+        return unit * page_size
+
+    return [(int(naive_start(np.int32(request))) % groups[tier] + offset(unit))
+            % groups[tier] for tier, request, unit in placements]
 
 
 def _tier_importance(importance_row, tier_row, present) -> list[float]:
@@ -351,10 +363,14 @@ def _swap_phase(importance_row, tier_row, bank_group_row, present, fast: int, sl
 
 
 def _schedule_request(p: SimParams, config: EngineConfig, importance_row, tier_row,
-                      bank_group_row, present) -> None:
-    """PAM's two swap phases on one decoding request (PAM_SPEC §5), in place."""
+                      bank_group_row, present, decode_index: int) -> None:
+    """PAM's two swap phases on one decoding request (PAM_SPEC §5), in place. The request
+    may move ``swap_budget`` tokens per phase per step: at its k-th decode step, the pages
+    its allowance completes, floor((k + 1) B / P) - floor(k B / P)."""
     x, y = float(p.target_x), float(p.target_y)
-    budget = min(int(p.swap_budget), config.max_swaps)
+    tokens, page = int(p.swap_budget), config.page_size
+    pages = (decode_index + 1) * tokens // page - decode_index * tokens // page
+    budget = min(pages, config.max_swaps)
 
     def phase1(share):  # x* + y* < x + y; with no SSD importance x* is infinite
         hbm, ddr, ssd = share
@@ -506,9 +522,11 @@ class _Prefill:
 
 @dataclasses.dataclass
 class _Load:
-    """Where the step's attention reads (phase 6): attended tokens per (tier, bank group) and
-    the same spread over a page's bank groups (busiest-group input), tokens per tier,
-    requests holding KV / attending per tier, active bank groups per tier."""
+    """Where the step's attention reads and its decode writes (phase 4): attended tokens
+    per (tier, bank group) and the same spread over a page's bank groups (busiest-group
+    input), tokens per tier, requests holding KV / attending per tier, active bank groups,
+    FlashDecoding chunks with attended tokens (without PAMattention), top-k label
+    candidates and decode writes per tier."""
 
     bank_group_tokens: np.ndarray
     bank_group_load: np.ndarray
@@ -516,6 +534,9 @@ class _Load:
     tier_holders: np.ndarray
     tier_requests: np.ndarray
     active_bank_groups: np.ndarray
+    active_chunks: np.ndarray
+    topk_candidates: np.ndarray
+    decode_writes: np.ndarray
 
 
 def reference_step(config: EngineConfig, params: SimParams, state: RefState, workload):
@@ -558,9 +579,10 @@ def reference_step(config: EngineConfig, params: SimParams, state: RefState, wor
     load = attention_load(config, p, s, decoding, tokens, selected)            # 4.
     for r in decoding:                                                          # 5.
         _schedule_request(p, config, s.unit_importance[r], s.unit_tier[r],
-                          s.unit_bank_group[r], tokens[r] > 0)
+                          s.unit_bank_group[r], tokens[r] > 0, int(s.slot_generated[r]))
     migrated, migrated_units, migrated_from_ssd = migration(tier_before, s.unit_tier, tokens)
     busy = bool(decoding) or bool(admitted)
+    decode_context = sum(int(s.slot_context[r]) for r in decoding)
     cost = step_cost_of(p, s, decoding, load, prefill, migrated)                # 6.
     step_time, idle = complete(config, s, state, requests, decoding, prefill,   # 7.
                                rejected, float(cost.time_s) if busy else 0.0, busy)
@@ -577,6 +599,7 @@ def reference_step(config: EngineConfig, params: SimParams, state: RefState, wor
         step_time_s=step_time,
         idle_s=idle,
         decode_requests=len(decoding),
+        decode_context=decode_context,
         prefill_requests=len(admitted),
         output_tokens=len(decoding) + len(admitted),
         tier_units=np.array(count_units_per_tier(s.unit_tier)),
@@ -588,10 +611,18 @@ def reference_step(config: EngineConfig, params: SimParams, state: RefState, wor
         selected_mass=selected_mass,
         migrated_units=migrated_units,
         migrated_from_ssd=migrated_from_ssd,
-        energy_pj=cost.energy_pj if busy else np.zeros_like(cost.energy_pj),
+        energy_pj=_energy_with_idle(p, cost.energy_pj if busy else
+                                    np.zeros_like(cost.energy_pj), idle),
         rejected=len(rejected),
     )
     return s, metrics
+
+
+def _energy_with_idle(p: SimParams, energy_pj: np.ndarray, idle_s: float) -> np.ndarray:
+    """The step's energy plus the static power of an idle clock jump (pJ, [C])."""
+    energy = np.array(energy_pj, np.float64)
+    energy[ENERGY_COMPONENTS.index("static")] += float(p.static_power_w) * idle_s * 1e12
+    return energy
 
 
 def admit(config: EngineConfig, p: SimParams, s: RefState, requests: _Requests,
@@ -660,7 +691,8 @@ def prefill_and_place_prompts(config: EngineConfig, p: SimParams, s: RefState,
         s.req_status[i] = STATUS_RUNNING
         prefill.tokens += n_prompt
         prefill.pairs += n_prompt * (n_prompt + 1) / 2.0
-    groups = _map_bank_groups(p, [(t, i, u) for _, u, t, i in placements], s.activation)
+    groups = _map_bank_groups(p, [(t, i, u) for _, u, t, i in placements], s.activation,
+                              page)
     for (slot, u, _, _), group in zip(placements, groups, strict=True):
         s.unit_bank_group[slot, u] = group
     return prefill
@@ -706,7 +738,8 @@ def place_new_units(config: EngineConfig, p: SimParams, s: RefState, decoding: l
         s.unit_latent[r, u] = np.float32(_initial_latent(p, np.uint32(s.seed), i, u))
         new_units.append((r, u, tier, i))
     placements = new_units + demoted
-    groups = _map_bank_groups(p, [(t, i, u) for _, u, t, i in placements], s.activation)
+    groups = _map_bank_groups(p, [(t, i, u) for _, u, t, i in placements], s.activation,
+                              page)
     for (r, u, _, _), group in zip(placements, groups, strict=True):
         s.unit_bank_group[r, u] = group
     return opened
@@ -744,37 +777,48 @@ def attend(config: EngineConfig, p: SimParams, s: RefState, decoding: list[int],
 
 def attention_load(config: EngineConfig, p: SimParams, s: RefState, decoding: list[int],
                    tokens: np.ndarray, selected: np.ndarray) -> _Load:
-    """Phase 4, the attention load on the placement before scheduling; the activation
-    window records this step's selected units per bank group (in place)."""
-    groups = config.padded_bank_groups
-    load = _Load(np.zeros((NUM_TIERS, groups), np.int64), None, np.zeros(NUM_TIERS),
-                 np.zeros(NUM_TIERS), np.zeros(NUM_TIERS), np.zeros(NUM_TIERS))
+    """Phase 4, the attention load on the placement before scheduling, and the decode
+    writes; the activation window records this step's selected units per bank group (in
+    place)."""
+    groups, page = config.padded_bank_groups, config.page_size
+    zeros = [np.zeros(NUM_TIERS) for _ in range(7)]
+    load = _Load(np.zeros((NUM_TIERS, groups), np.int64), None, *zeros)
     bg_units = np.zeros((NUM_TIERS, groups), np.int64)
+    split = int(p.decode_split_tokens)
     for r in decoding:
-        touched = set()
-        holds = set()
+        touched, chunks = set(), set()
+        held = [0] * NUM_TIERS
         for u in range(config.units_per_slot):
             if tokens[r, u] == 0:
                 continue
             tier, group = s.unit_tier[r, u], s.unit_bank_group[r, u]
             load.tier_tokens[tier] += tokens[r, u]
-            holds.add(tier)
+            held[tier] += tokens[r, u]
             if selected[r, u]:
                 load.bank_group_tokens[tier, group] += tokens[r, u]
                 bg_units[tier, group] += 1
                 touched.add((tier, group))
+                # FlashDecoding chunks of the unit's page (page_size positions from u x P).
+                first, last = u * page // split, (u * page + page - 1) // split
+                chunks.update((tier, c) for c in range(first, last + 1))
+        target = max(math.ceil(float(p.select_fraction) * sum(held)), 1)
         for t in range(NUM_TIERS):
             on_t = sum(1 for tier, _ in touched if tier == t)
             load.active_bank_groups[t] += on_t
             load.tier_requests[t] += on_t > 0
-            load.tier_holders[t] += t in holds  # Q goes to every tier holding the request's KV
+            load.tier_holders[t] += held[t] > 0  # Q goes to every tier holding its KV
+            load.topk_candidates[t] += min(held[t], target)
+            if not bool(p.use_pamattention):
+                load.active_chunks[t] += sum(1 for tier, _ in chunks if tier == t)
+        # The decode token was written to the unit it landed in.
+        last_unit = (int(s.slot_context[r]) - 1) // page
+        load.decode_writes[s.unit_tier[r, last_unit]] += 1
     s.activation[s.step % config.window] = bg_units
-    # Busiest bank group. Under the greedy mapping a page's tokens stand for tokens that would
-    # sit in page_size consecutive bank groups (cyclically within the tier), so each of those
-    # gets an equal share; under sequential fill a page stays in its one group.
-    page = config.page_size
+    # Busiest bank group. Under the greedy and striped mappings a page's tokens stand for
+    # tokens that would sit in page_size consecutive bank groups (cyclically within the
+    # tier), so each of those gets an equal share; a sequential page stays in one group.
     load.bank_group_load = load.bank_group_tokens.astype(np.float64)
-    if bool(p.greedy_mapping) and page > 1:
+    if int(p.mapping_policy) != MAPPING_SEQUENTIAL and page > 1:
         load.bank_group_load = np.zeros_like(load.bank_group_load)
         for t in range(NUM_TIERS):
             count = int(p.bank_groups_per_device[t])
@@ -813,6 +857,9 @@ def step_cost_of(p: SimParams, s: RefState, decoding: list[int], load: _Load,
         tier_requests=load.tier_requests,
         tier_holders=load.tier_holders,
         tier_active_bank_groups=load.active_bank_groups,
+        tier_active_chunks=load.active_chunks,
+        tier_topk_candidates=load.topk_candidates,
+        tier_decode_writes=load.decode_writes,
         prefill_tokens=np.float64(prefill.tokens),
         prefill_pairs=np.float64(prefill.pairs),
         prefill_tier_tokens=prefill.tier_tokens,

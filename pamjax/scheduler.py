@@ -7,7 +7,11 @@ Per request and per decode step, with IS_t the sum of the importance factors on 
 2. while x* / y* < x / y: swap the least important HBM unit with the most important DDR unit.
 
 A swap is only made while the slower tier's candidate is more important than the faster
-tier's (the termination guard), and at most ``swap_budget`` swaps per phase (PAM_SPEC [D]).
+tier's (the termination guard). The swap budget (PAM_SPEC §5 [D], revised) is in tokens: a
+request may move ``swap_budget`` tokens per phase per step, so at pages of P tokens it
+swaps ``floor((k + 1) B / P) - floor(k B / P)`` pages per phase at its k-th decode step
+(:func:`pages_allowed`): B / P pages per step on average, the same moved volume at any page
+size.
 
 Vectorisation: the k-th swap of a phase pairs the k-th most important slow-tier unit with the
 k-th least important fast-tier unit, so ``lax.top_k`` of each side gives every candidate pair
@@ -98,19 +102,28 @@ def tier_importance(importance, tier, present):
                       for t in range(NUM_TIERS)], axis=-1)
 
 
-def schedule(params, importance, tier, bank_group, present, max_swaps: int):
+def pages_allowed(swap_budget, decode_index, page_size: int):
+    """Pages a request may swap per phase at its ``decode_index``-th decode step (i32, any
+    shape): its budget of ``swap_budget`` tokens per step, counted in whole pages."""
+    return ((decode_index + 1) * swap_budget) // page_size \
+        - (decode_index * swap_budget) // page_size
+
+
+def schedule(params, importance, tier, bank_group, present, max_swaps: int, budget):
     """Apply PAM's two swap phases to every request.
 
     Args:
       importance: f32 [R, U] importance factors; tier: i8 [R, U]; bank_group: i16 [R, U];
       present: bool [R, U] units that exist (of running requests).
-      max_swaps: static bound on swaps per phase (``params.swap_budget`` <= it).
+      max_swaps: static bound on swaps per phase.
+      budget: i32 [R] units each request may swap per phase (pages_allowed; min'd with
+        ``max_swaps``).
 
     Returns:
       (tier, bank_group, ddr_ssd_swaps [R], hbm_ddr_swaps [R]).
     """
     x, y = params.target_x, params.target_y
-    budget = params.swap_budget
+    budget = budget[:, None]
 
     share = tier_importance(importance, tier, present)
     hbm, ddr, ssd = share[:, 0:1], share[:, 1:2], share[:, 2:3]
@@ -132,7 +145,8 @@ def schedule_step(config, params, state, attended, context):
     """The engine's scheduling phase: PAM's swaps on every decoding request.
 
     Units are ranked by the importance factor, or by ``importance x exp(c)`` with a learned
-    placement score c (``config.placement_score``, placement.corrected_key). Systems without
+    placement score c (``config.placement_score``, placement.corrected_key). Each request's
+    budget follows its own decode count (``slot_generated``, pages_allowed). Systems without
     online scheduling (swap budget 0) skip the phase: no swap could happen.
 
     Args:
@@ -148,7 +162,9 @@ def schedule_step(config, params, state, attended, context):
         rank_key = importance if config.placement_score is None else corrected_key(
             importance, config.placement_score(params.policy, importance, attended.selected,
                                                context, tier, present), present)
-        return schedule(params, rank_key, tier, bank_group, present, config.max_swaps)[:2]
+        budget = pages_allowed(params.swap_budget, state.slot_generated, config.page_size)
+        return schedule(params, rank_key, tier, bank_group, present, config.max_swaps,
+                        budget)[:2]
 
     tier, bank_group = lax.cond(params.swap_budget > 0, run_scheduler,
                                 lambda tier, bank_group: (tier, bank_group),

@@ -131,8 +131,9 @@ def check_slots(params, config: EngineConfig) -> None:
 def device_workload(workload: HostWorkload) -> DeviceWorkload:
     """The engine's request arrays: arrival_s f32 [N] (s), prompt and output tokens i32 [N]."""
     return DeviceWorkload(arrival_s=jnp.asarray(workload.arrival_s, jnp.float32),
-                    prompt_tokens=jnp.asarray(workload.prompt_tokens, jnp.int32),
-                    output_tokens=jnp.asarray(workload.output_tokens, jnp.int32))
+                          prompt_tokens=jnp.asarray(workload.prompt_tokens, jnp.int32),
+                          output_tokens=jnp.asarray(workload.output_tokens, jnp.int32),
+                          generated_tokens=jnp.asarray(workload.generated_tokens, jnp.int32))
 
 
 def step_bound(workload: HostWorkload) -> int:
@@ -378,7 +379,7 @@ configuration, e.g. per seed); jitted, state donated."""
 
 def run_batch(config: EngineConfig, params, workload, num_steps: int, *, seeds=0,
               states=None, chunk_steps: int | None = None, width: int | None = None,
-              devices=None, progress: str | None = None):
+              devices=None, progress: str | None = None, resume: bool = False):
     """Simulate C configurations for ``num_steps`` steps each, vmapped: one compile per shape.
 
     The one batched runner of pamjax: the SLO search (studies.study), the sweep
@@ -414,6 +415,8 @@ def run_batch(config: EngineConfig, params, workload, num_steps: int, *, seeds=0
       devices: jax devices of this process to run the groups on (default: JAX's default
         device); the program is compiled once per device (traced once).
       progress: a label: show the steps done on stderr (pamjax.progress); None: silent.
+      resume: start each configuration from its workload's in-flight requests
+        (engine.resume, a steady-state start) before the first step.
 
     Returns:
       (final EngineState [C, ...], StepMetrics [C, num_steps, ...]), numpy.
@@ -460,7 +463,10 @@ def run_batch(config: EngineConfig, params, workload, num_steps: int, *, seeds=0
             state = take(states) if states is not None else \
                 stack([engine.init_state(config, seeds[i]) for i in index])
             group = (take(params), state, take(workload) if per_config else workload)
-            groups.append(group if device is None else jax.device_put(group, device))
+            group = group if device is None else jax.device_put(group, device)
+            if resume:
+                group = (group[0], _resume_batch(config, *group, per_config), group[2])
+            groups.append(group)
         results += _run_round(rollout, config, groups, num_steps, chunk_steps, bar)
     bar.close()
     join = functools.partial(jax.tree.map, lambda *xs: np.concatenate(xs)[:count])
@@ -485,6 +491,13 @@ def _run_round(rollout, config, groups, num_steps, chunk_steps, bar) -> list[tup
         bar.update(n * len(groups))
     concat = functools.partial(jax.tree.map, lambda *xs: np.concatenate(xs, axis=1))
     return [(jax.device_get(state), concat(*part)) for (_, state, _), part in zip(groups, parts)]
+
+
+@functools.partial(jax.jit, static_argnames=("config", "per_config"))
+def _resume_batch(config, params, state, workload, per_config: bool):
+    """engine.resume vmapped over a group of configurations (their own workloads or one)."""
+    return jax.vmap(engine.resume, in_axes=(None, 0, 0, 0 if per_config else None))(
+        config, params, state, workload)
 
 
 def _device(workload) -> DeviceWorkload:

@@ -1,45 +1,56 @@
 """The systems PAM is compared with (PAM_SPEC §7), as parameter sets of one engine.
 
+What is hardware is the same for every system that has it (PAM_SPEC §7, revised): every PIM
+device reduces the partials of its bank groups with its own reduction units, and a baseline's
+KV is striped over bank groups the way AttAcc lays it out. A baseline lacks only what is
+PAM's: PAMattention (the exact per-device partial softmax merged across tiers), the
+activation-aware mapping, the importance placement and the online scheduling.
+
 * ``vllm-offload``: GPU only. PagedAttention/FlashDecoding on the GPUs over the whole context
   (dense). KV fills GPU HBM first, then is offloaded to host DDR, then SSD, and offloaded KV
   is fetched over PCIe every time it is attended. No migration.
 * ``attacc``: GPU + HBM-PIM. FC layers on the GPUs, dense attention in HBM-PIM. KV lives in
   HBM only, so the batch is capacity-bound: a request that would not fit waits, and a batch
   whose KV exceeds HBM (net of weights and the activation reserve) is out of memory.
-  AttAcc reduces partial results inside each stack (its buffer-die accumulators), which is
-  the engine's device-local reduction; with a single tier nothing crosses devices.
 * ``l-pim``: layered PIM in HBM, DDR and SSD; KV fills the fastest tier first; dense attention
-  in every tier; no PAMattention (partials of every bank group are merged centrally), no PAM
-  KV management (sequential bank-group fill, no scheduling).
+  in every tier; no PAMattention, no PAM KV management. While all KV fits HBM it is AttAcc.
 * ``ls-pim``: l-pim plus the same retrieval sparsity as PAM (1/8 of the tokens per step),
   static placement.
 * ``pam``: sparsity, locality-aware importance-ratio placement at prefill, new tokens to HBM,
-  PAMattention (device-local reduction), greedy least-activated bank-group mapping, and
-  online x:y:1 scheduling through the PAM interface.
-* Ablations: ``pam-no-pamattention`` (central reduction), ``pam-no-mapping`` (sequential
-  bank-group fill), ``pam-no-scheduling`` (swap budget 0; the prefill placement is kept).
+  PAMattention, greedy least-activated bank-group mapping, and online x:y:1 scheduling
+  through the PAM interface.
+* Ablations: ``pam-no-pamattention`` (a fixed FlashDecoding split, central reduction),
+  ``pam-no-mapping`` (the baselines' striping), ``pam-no-scheduling`` (swap budget 0; the
+  prefill placement is kept).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pamjax.costs import LABEL_FRACTION_OF_KV
+from pamjax.costs import StepCounts, step_cost
 from pamjax.errors import CapacityError, ConfigError, UnknownNameError
-from pamjax.hardware import TIER_NAMES, Platform, get_platform
+from pamjax.hardware import TIER_NAMES, Platform, get_platform, query_passes
 from pamjax.locality import AccessModel, logits
 from pamjax.models import Model, get_model
 from pamjax.types import (
+    MAPPING_GREEDY,
+    MAPPING_SEQUENTIAL,
+    MAPPING_STRIPED,
     NEW_TOKEN_FASTEST_FREE,
     NEW_TOKEN_HBM_DISPLACE,
     PLACEMENT_FASTEST_FIRST,
     PLACEMENT_IMPORTANCE_RATIO,
     SimParams,
 )
+
+MAPPINGS = {"greedy": MAPPING_GREEDY, "striped": MAPPING_STRIPED,
+            "sequential": MAPPING_SEQUENTIAL}
+"""Intra-device mapping policies by name (types.MAPPING_*)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,9 +63,12 @@ class System:
       sparse: retrieval sparsity (select_fraction of the access model) vs dense.
       placement_policy, new_token_policy: PLACEMENT_* / NEW_TOKEN_* codes (types.py).
       tiers: names of the tiers that may hold KV.
-      swap_budget: swaps per request per scheduling phase per step (0 = no scheduling).
-      use_pamattention: device-local two-level reduction.
-      greedy_mapping: least-activated bank-group mapping (else sequential fill).
+      swap_budget: tokens each request may move per scheduling phase per step (0 = no
+        online scheduling) [D].
+      use_pamattention: PAMattention's per-device partial softmax and cross-tier merge
+        (else a fixed FlashDecoding split with central reduction).
+      mapping: intra-device mapping, a key of MAPPINGS: ``greedy`` (PAM, least activated),
+        ``striped`` (AttAcc's layout), ``sequential`` (runs of Knobs.naive_run_tokens).
       migration_slowdown: 1 = PAM interface; 20 = CPU-side re-layout (PAM_SPEC §5 [D]).
     """
 
@@ -66,33 +80,39 @@ class System:
     tiers: tuple[str, ...] = ("hbm", "ddr", "ssd")
     swap_budget: int = 0
     use_pamattention: bool = False
-    greedy_mapping: bool = False
+    mapping: str = "striped"
     migration_slowdown: float = 20.0
+
+    def __post_init__(self):
+        if self.mapping not in MAPPINGS:
+            raise UnknownNameError("mapping", self.mapping, MAPPINGS)
+        for name in self.tiers:
+            if name not in TIER_NAMES:
+                raise UnknownNameError("tier", name, TIER_NAMES)
+        if not isinstance(self.swap_budget, int) or self.swap_budget < 0:
+            raise ConfigError(f"{self.name}.swap_budget", self.swap_budget,
+                              "must be an integer >= 0 (tokens per request per phase)")
 
 
 _PAM = System("pam", attention_on_pim=True, sparse=True,
               placement_policy=PLACEMENT_IMPORTANCE_RATIO,
               new_token_policy=NEW_TOKEN_HBM_DISPLACE, swap_budget=8,
-              use_pamattention=True, greedy_mapping=True, migration_slowdown=1.0)
+              use_pamattention=True, mapping="greedy", migration_slowdown=1.0)
+_LAYERED = System("l-pim", attention_on_pim=True, sparse=False,
+                  placement_policy=PLACEMENT_FASTEST_FIRST,
+                  new_token_policy=NEW_TOKEN_FASTEST_FREE)
 
 SYSTEMS = {
     "vllm-offload": System("vllm-offload", attention_on_pim=False, sparse=False,
                            placement_policy=PLACEMENT_FASTEST_FIRST,
                            new_token_policy=NEW_TOKEN_FASTEST_FREE),
-    "attacc": System("attacc", attention_on_pim=True, sparse=False,
-                     placement_policy=PLACEMENT_FASTEST_FIRST,
-                     new_token_policy=NEW_TOKEN_FASTEST_FREE, tiers=("hbm",),
-                     use_pamattention=True),
-    "l-pim": System("l-pim", attention_on_pim=True, sparse=False,
-                    placement_policy=PLACEMENT_FASTEST_FIRST,
-                    new_token_policy=NEW_TOKEN_FASTEST_FREE),
-    "ls-pim": System("ls-pim", attention_on_pim=True, sparse=True,
-                     placement_policy=PLACEMENT_FASTEST_FIRST,
-                     new_token_policy=NEW_TOKEN_FASTEST_FREE),
+    "attacc": dataclasses.replace(_LAYERED, name="attacc", tiers=("hbm",)),
+    "l-pim": _LAYERED,
+    "ls-pim": dataclasses.replace(_LAYERED, name="ls-pim", sparse=True),
     "pam": _PAM,
     "pam-no-pamattention": dataclasses.replace(_PAM, name="pam-no-pamattention",
                                                use_pamattention=False),
-    "pam-no-mapping": dataclasses.replace(_PAM, name="pam-no-mapping", greedy_mapping=False),
+    "pam-no-mapping": dataclasses.replace(_PAM, name="pam-no-mapping", mapping="striped"),
     "pam-no-scheduling": dataclasses.replace(_PAM, name="pam-no-scheduling", swap_budget=0),
 }
 """Systems and ablations by name."""
@@ -107,81 +127,76 @@ def get_system(name: str) -> System:
     return SYSTEMS[name]
 
 
+TARGET_RULES = ("equal-time", "equal-time-oracle", "throughput")
+
+
 @dataclasses.dataclass(frozen=True)
 class Knobs:
     """Modelling choices that are neither hardware nor system policy ([D], overridable).
 
     Fields:
-      naive_run_tokens: consecutive tokens sharing a bank group under sequential fill.
-      migration_overlap: fraction of a step's attention time that can hide migration.
+      naive_run_tokens: consecutive tokens sharing a bank group under the sequential mapping.
+      decode_split_tokens: tokens per FlashDecoding chunk without PAMattention ([E] vLLM's
+        PagedAttention v2 partition size, 512).
       target_x, target_y: PAM's x:y:1 target; None = derived by ``target_rule``.
-      target_rule: ``"equal-time"`` (default): the split that equalises expected attention
-        time per tier at the configuration's batch, selection-label reads and per-layer
-        round trips included (scheduler.calibrate_targets, the intent of PAM_SPEC §5 [D]);
-        ``"throughput"``: x, y = ratios of the tiers' effective PIM throughput (the literal
-        reading, which ignores both).
-      calibration_context: tokens of the request used by the equal-time calibration.
+      target_rule: ``"equal-time"`` (default): x, y chosen once per (platform, model) so that
+        the tiers' attention times are equal at a reference operating point (requests of
+        ``calibration_context`` tokens, as many as fill the HBM tier), counting everything a
+        tier costs per step (calibrate_targets), then held fixed for every workload, batch
+        and SLO, as the publication does (PAM_SPEC §5 revised); ``"equal-time-oracle"``: the
+        same calibration at each configuration's own batch (an oracle the publication does
+        not have, for comparison only); ``"throughput"``: x, y = the tiers' effective PIM
+        throughput ratios (the literal reading, which ignores labels and transfers).
+      calibration_context: tokens of the reference request of the equal-time rules.
       prefill_token_budget: prompt tokens prefilled per step at most ([D] 8192, a common
         vLLM max_num_batched_tokens).
     """
 
     naive_run_tokens: int = 64
-    migration_overlap: float = 0.9
+    decode_split_tokens: int = 512
     target_x: float | None = None
     target_y: float | None = None
     target_rule: str = "equal-time"
-    calibration_context: int = 1024
+    calibration_context: int = 2048
     prefill_token_budget: int = 8192
 
     def __post_init__(self):
         if self.target_rule not in TARGET_RULES:
             raise UnknownNameError("target rule", self.target_rule, TARGET_RULES)
-        if self.prefill_token_budget < 1:
-            raise ConfigError("knobs.prefill_token_budget", self.prefill_token_budget,
-                              "must be >= 1")
-        if self.naive_run_tokens < 1:
-            raise ConfigError("knobs.naive_run_tokens", self.naive_run_tokens, "must be >= 1")
-        if not 0 <= self.migration_overlap <= 1:
-            raise ConfigError("knobs.migration_overlap", self.migration_overlap,
-                              "must be in [0, 1]")
+        for field in ("prefill_token_budget", "naive_run_tokens", "decode_split_tokens",
+                      "calibration_context"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"knobs.{field}", value, "must be an integer >= 1")
         for field in ("target_x", "target_y"):
             value = getattr(self, field)
             if value is not None and not (np.isfinite(value) and value > 0):
                 raise ConfigError(f"knobs.{field}", value, "must be a finite number > 0")
 
 
-TARGET_RULES = ("equal-time", "throughput")
+def calibrate_targets(params: SimParams, access: AccessModel, *, context: int, batch: int,
+                      seed: int = 0, grid: int = 128, max_ratio: float = 1e12
+                      ) -> tuple[float, float]:
+    """PAM's x:y:1 target: the split of a reference request over the tiers that makes their
+    attention times equal, counting everything each tier costs per step.
 
-
-def calibrate_targets(tier_rates, access, *, context: int = 1024, label_fraction: float,
-                      kv_bytes_per_token: float = 1.0, batch: int = 1,
-                      tier_fixed_s=(0.0, 0.0, 0.0), seed: int = 0, grid: int = 256,
-                      max_ratio: float = 1e12):
-    """PAM's offline x:y:1 target chosen so that expected attention time per tier is equal.
-
-    PAM_SPEC §5 [D] asks for x, y that equalise the expected attention time of the tiers.
-    A tier's time per step is a fixed cost when it holds any KV (``tier_fixed_s``: the Q and
-    partial-result round trips of every layer) plus ``batch`` x (selected KV bytes +
-    selection-label bytes of every token it holds) / its effective PIM rate, so
-    throughput-proportional importance shares alone do not equalise it: label reads scale
-    with the token *count* a tier holds. This draws one request of ``context`` tokens from
-    the access model (importance = attention mass), ranks its tokens by importance, assumes
-    the selector attends the top ``select_fraction``, and searches the split (HBM gets the
-    top ``a`` tokens, DDR the next ``b``, SSD the rest) that minimises the largest tier time
-    (which equalises the times of the tiers it uses); x and y are the importance ratios of
-    that split. A tier the best split leaves empty gets no importance share: x (and y when
-    DDR is empty too) is then ``max_ratio``. Capacity is ignored here: when a tier is full,
-    placement spills downwards at run time.
+    One request of ``context`` tokens is drawn from the access model (importance = attention
+    mass, :func:`pamjax.locality.logits`) and its tokens ranked by importance; the selector
+    attends the top ``select_fraction``. For every split of the ranking (HBM gets the top
+    ``a`` tokens, DDR the next ``b``, SSD the rest) ``batch`` such requests make the counts
+    of one decode step, and :func:`pamjax.costs.step_cost` (the engine's own cost model:
+    attended KV and selection labels at each tier's GQA rate, Q broadcast, partials and
+    top-k scores over each tier's real path, decode writes, per-layer round trips) gives its
+    attention time. The split with the smallest attention time (the slowest tier's, which
+    equalises the tiers it uses) sets x and y as its importance ratios. A tier the best
+    split leaves empty gets no share: x (and y when DDR is empty too) is ``max_ratio``.
+    Capacity is ignored here: placement spills downwards at run time when a tier is full.
 
     Args:
-      tier_rates: effective PIM bytes/s per tier [T].
-      access: AccessModel.
-      context: tokens of the calibration request.
-      label_fraction: label bytes per KV byte read for every held token (costs.py).
-      kv_bytes_per_token: KV bytes of one token (all layers).
-      batch: requests per step the split is optimised for.
-      tier_fixed_s: seconds per step a tier costs as soon as it holds KV [T].
-      grid: candidate split points per tier (resolution of the search).
+      params: SimParams of the system on its platform and model (targets ignored).
+      access: AccessModel (the reference request's importance and selection).
+      context: tokens of the reference request; batch: requests per step.
+      seed: access-model draw; grid: candidate split points per tier.
       max_ratio: x (and y) when the best split leaves the SSD (and DDR) no token.
 
     Returns:
@@ -193,22 +208,19 @@ def calibrate_targets(tier_rates, access, *, context: int = 1024, label_fraction
     mass = np.exp(logit - logit.max())
     mass = np.sort(mass / mass.sum())[::-1]
     cum = np.concatenate([[0.0], np.cumsum(mass)])
-    selected = max(1, int(np.ceil(access.select_fraction * context)))
+    selected = max(1, int(np.ceil(access.select_fraction * context))) \
+        if float(params.select_fraction) < 1.0 else context
     cuts = np.unique(np.linspace(0, context, grid + 1).round().astype(int))
-    a, b = np.meshgrid(cuts, cuts, indexing="ij")
-    valid = a + b <= context
-    c = np.clip(context - a - b, 0, None)
+    a, b = (x.ravel() for x in np.meshgrid(cuts, cuts, indexing="ij"))
+    keep = a + b <= context
+    a, b = a[keep], b[keep]
+    held = np.stack([a, b, context - a - b], -1).astype(np.float64)  # [K, T] tokens
     sel_h = np.minimum(a, selected)
     sel_d = np.clip(selected - a, 0, b)
-    sel_s = selected - sel_h - sel_d
-    rates = np.asarray(tier_rates, np.float64)
-    scale = batch * kv_bytes_per_token
-    fixed = np.asarray(tier_fixed_s, np.float64)
-    times = np.stack([fixed[t] * (n > 0) + scale * (sel + label_fraction * n) / rates[t]
-                      for t, (sel, n) in enumerate(((sel_h, a), (sel_d, b), (sel_s, c)))])
-    worst = np.where(valid, times.max(0), np.inf)
-    i, j = np.unravel_index(np.argmin(worst), worst.shape)
-    best_a, best_b = int(a[i, j]), int(b[i, j])
+    attended = np.stack([sel_h, sel_d, selected - sel_h - sel_d], -1).astype(np.float64)
+    times = _split_attention_s(params, held, attended, float(batch), float(selected))
+    best = int(np.argmin(times))
+    best_a, best_b = int(a[best]), int(b[best])
     is_h = cum[best_a]
     is_d = cum[best_a + best_b] - is_h
     if best_a + best_b >= context:  # the SSD holds nothing
@@ -217,31 +229,78 @@ def calibrate_targets(tier_rates, access, *, context: int = 1024, label_fraction
     return float(is_h / is_s), float(is_d / is_s)
 
 
-@functools.lru_cache(maxsize=256)
-def _equal_time_targets(rates: tuple, access: AccessModel, context: int, kv_bytes: float,
-                        batch: int, fixed: tuple):
-    return calibrate_targets(rates, access, context=context,
-                             label_fraction=LABEL_FRACTION_OF_KV, kv_bytes_per_token=kv_bytes,
-                             batch=batch, tier_fixed_s=fixed)
+def _split_attention_s(params, held, attended, batch: float, topk: float) -> np.ndarray:
+    """Attention time (s) of one decode step of ``batch`` identical requests for each split
+    (held, attended: [K, T] tokens per request), by costs.step_cost in float64. Bank
+    groups are balanced (PAM's greedy mapping), every new token lands in HBM."""
+    groups = np.asarray(params.bank_groups_per_device, np.float64)
+    split = float(params.decode_split_tokens)
+    uses = (held > 0).astype(np.float64)
+    counts = StepCounts(
+        decode_requests=np.full(len(held), batch),
+        decode_context=batch * held.sum(-1),
+        tier_tokens=batch * held,
+        tier_selected=batch * attended,
+        tier_busiest_bank_group=batch * attended / groups,
+        tier_requests=batch * (attended > 0),
+        tier_holders=batch * uses,
+        tier_active_bank_groups=batch * np.minimum(attended, groups),
+        tier_active_chunks=batch * np.minimum(np.ceil(held / split), attended),
+        tier_topk_candidates=batch * np.minimum(held, topk),
+        tier_decode_writes=np.broadcast_to([batch, 0.0, 0.0], held.shape),
+        prefill_tokens=np.zeros(len(held)), prefill_pairs=np.zeros(len(held)),
+        prefill_tier_tokens=np.zeros_like(held),
+        migrated_tokens=np.zeros(held.shape + (3,)),
+        sparse=np.full(len(held), float(float(params.select_fraction) < 1.0)),
+    )
+    with jax.enable_x64(True):
+        p64 = jax.tree.map(lambda v: jnp.asarray(v, jnp.float64)
+                           if jnp.asarray(v).dtype.kind == "f" else jnp.asarray(v), params)
+        cost = jax.jit(jax.vmap(step_cost, in_axes=(None, 0)))(p64, counts)
+        return np.asarray(cost.attention_s, np.float64)
 
 
-def pam_targets(platform: Platform, model: Model, access: AccessModel, knobs: Knobs,
-                batch: int) -> tuple[float, float]:
-    """PAM's (x, y) for a platform, model and batch: explicit knobs, else the target rule.
+def pam_targets(params: SimParams, platform: Platform, model: Model, access: AccessModel,
+                knobs: Knobs, batch: int) -> tuple[float, float]:
+    """PAM's (x, y) for a configuration: explicit knobs, else the target rule.
 
-    The equal-time rule counts each tier's per-step round trips (two link latencies per
-    layer) as the fixed cost of using it, so at small batches the slower tiers stay empty
-    unless capacity forces KV there.
+    Args:
+      params: SimParams of the system (targets ignored); platform, model, access, knobs:
+        what it was built from; batch: the configuration's batch (the oracle rule only).
+
+    Returns:
+      (x, y).
     """
-    eff = tuple(t.effective_gbps * 1e9 for t in platform.tiers)
     if knobs.target_rule == "throughput":
+        eff = [t.effective_gbps(model) for t in platform.tiers]
         x, y = eff[0] / eff[2], eff[1] / eff[2]
     else:
-        fixed = tuple(2.0 * model.layers * t.link_latency_us * 1e-6 for t in platform.tiers)
-        x, y = _equal_time_targets(eff, access, knobs.calibration_context,
-                                   float(model.kv_bytes_per_token), int(batch), fixed)
+        context = knobs.calibration_context
+        if knobs.target_rule == "equal-time":
+            batch = reference_batch(platform, model, context)
+        x, y = _targets_cached(params, access, context, int(batch))
     return (knobs.target_x if knobs.target_x is not None else x,
             knobs.target_y if knobs.target_y is not None else y)
+
+
+def reference_batch(platform: Platform, model: Model, context: int) -> int:
+    """Requests of ``context`` tokens whose KV fills the HBM tier: the reference operating
+    point of the equal-time target rule (where the hierarchy starts to matter)."""
+    hbm_tokens = tier_kv_capacity_bytes(platform, model)[0] / model.kv_bytes_per_token
+    return max(1, int(hbm_tokens // context))
+
+
+_TARGET_CACHE: dict = {}
+
+
+def _targets_cached(params: SimParams, access: AccessModel, context: int, batch: int):
+    # Calibration runs a vmapped cost model over ~8K splits; a sweep asks for the same
+    # (params, access, context, batch) many times.
+    key = (tuple(np.asarray(leaf).tobytes() for leaf in jax.tree.leaves(params)), access,
+           context, batch)
+    if key not in _TARGET_CACHE:
+        _TARGET_CACHE[key] = calibrate_targets(params, access, context=context, batch=batch)
+    return _TARGET_CACHE[key]
 
 
 def hbm_kv_bytes(platform: Platform, model: Model) -> float:
@@ -332,20 +391,29 @@ def make_params(system: System | str, model: Model | str = "llama3-70b",
     platform = platform or get_platform()
     access = access or AccessModel()
     knobs = knobs or Knobs()
-    if not isinstance(max_batch, (int, np.integer)) or max_batch < 1:
+    if isinstance(max_batch, bool) or not isinstance(max_batch, (int, np.integer)) \
+            or max_batch < 1:
         raise ConfigError("max_batch", max_batch, "must be an integer >= 1")
-    if not isinstance(page_size, int) or page_size < 1:
+    if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
         raise ConfigError("page_size", page_size, "must be an integer >= 1")
-    for name in system.tiers:
-        if name not in ("hbm", "ddr", "ssd"):
-            raise UnknownNameError("tier", name, ("hbm", "ddr", "ssd"))
+    params = _params_without_targets(system, model, platform, access, knobs, int(max_batch),
+                                     page_size)
+    if system.placement_policy != PLACEMENT_IMPORTANCE_RATIO and system.swap_budget == 0:
+        return params  # x:y is read only by PAM's placement and scheduling
+    x, y = pam_targets(params, platform, model, access, knobs, int(max_batch))
+    return params.replace(target_x=jnp.asarray(x, jnp.float32),
+                          target_y=jnp.asarray(y, jnp.float32))
 
+
+def _params_without_targets(system: System, model: Model, platform: Platform,
+                            access: AccessModel, knobs: Knobs, max_batch: int,
+                            page_size: int) -> SimParams:
     tiers = platform.tiers
     gpu = platform.gpu
     energy = platform.energy
     unit_bytes = model.kv_bytes_per_token * page_size
     capacity = np.minimum(tier_kv_capacity_bytes(platform, model) // unit_bytes, 2**31 - 1)
-    target_x, target_y = pam_targets(platform, model, access, knobs, int(max_batch))
+    gqa_group = model.q_heads // model.kv_heads
     f32 = lambda v: jnp.asarray(v, jnp.float32)
     i32 = lambda v: jnp.asarray(v, jnp.int32)
     return SimParams(
@@ -355,14 +423,14 @@ def make_params(system: System | str, model: Model | str = "llama3-70b",
         new_token_policy=i32(system.new_token_policy),
         tier_enabled=jnp.asarray([t.name in system.tiers for t in tiers]),
         swap_budget=i32(system.swap_budget),
-        target_x=f32(target_x),
-        target_y=f32(target_y),
+        target_x=f32(1.0),
+        target_y=f32(1.0),
         ema_lambda=f32(access.ema_lambda),
         use_pamattention=jnp.asarray(system.use_pamattention),
-        greedy_mapping=jnp.asarray(system.greedy_mapping),
+        decode_split_tokens=i32(knobs.decode_split_tokens),
+        mapping_policy=i32(MAPPINGS[system.mapping]),
         naive_run_units=i32(max(1, knobs.naive_run_tokens // page_size)),
         migration_slowdown=f32(system.migration_slowdown),
-        migration_overlap=f32(knobs.migration_overlap),
         max_batch=i32(max_batch),
         prefill_token_budget=i32(knobs.prefill_token_budget),
         sigma=f32(access.sigma),
@@ -373,9 +441,15 @@ def make_params(system: System | str, model: Model | str = "llama3-70b",
         recency_tokens=f32(access.recency_tokens),
         capacity_units=i32(capacity),
         bank_groups_per_device=f32([t.bank_groups_per_device for t in tiers]),
-        device_rate=f32([t.device_effective_gbps * 1e9 for t in tiers]),
+        device_rate=f32([t.device_effective_gbps(model) * 1e9 for t in tiers]),
+        bank_group_rate=f32([t.bank_group_gbps(model) * 1e9 for t in tiers]),
+        device_internal_rate=f32([t.device.internal_gbps(t.kv_run_bytes) * 1e9
+                                  for t in tiers]),
+        read_passes=f32([query_passes(t.device.pu_buffer_bytes, gqa_group, model.head_dim)
+                         for t in tiers]),
         num_devices=f32([t.num_devices for t in tiers]),
         link_rate=f32([t.link_total_gbps * 1e9 for t in tiers]),
+        behind_pcie=f32([float(t.behind_pcie) for t in tiers]),
         link_latency=f32([t.link_latency_us * 1e-6 for t in tiers]),
         pim_read_pj=f32([t.pim_read_pj_per_bit for t in tiers]),
         host_read_pj=f32([t.host_read_pj_per_bit for t in tiers]),
@@ -385,22 +459,29 @@ def make_params(system: System | str, model: Model | str = "llama3-70b",
         gpu_flops=f32(gpu.peak_tflops * 1e12 * gpu.gemm_efficiency),
         gpu_mem_rate=f32(gpu.hbm_tbps * 1e12 * gpu.stream_efficiency),
         nvlink_rate=f32(gpu.nvlink_gbps * 1e9),
+        collective_rate=f32(gpu.collective_gbps * 1e9),
+        collective_latency=f32(gpu.collective_latency_us * 1e-6),
         pcie_rate=f32(gpu.pcie_gbps * 1e9),
         gpu_link_latency=f32(gpu.link_latency_us * 1e-6),
         kernel_overhead=f32(gpu.kernel_overhead_us * 1e-6),
         layers=f32(model.layers),
         q_heads=f32(model.q_heads),
+        kv_heads=f32(model.kv_heads),
         head_dim=f32(model.head_dim),
         hidden=f32(model.hidden),
         kv_bytes_per_token=f32(model.kv_bytes_per_token),
         fc_flops_per_token=f32(model.fc_flops_per_token),
         streamed_weight_bytes=f32(model.streamed_weight_bytes),
+        routed_weight_bytes=f32(model.routed_expert_params * model.weight_bytes_per_value),
+        expert_route_fraction=f32(model.experts_per_token / model.num_experts
+                                  if model.is_moe else 0.0),
         gpu_pj_per_flop=f32(energy.gpu_pj_per_flop),
         gpu_hbm_read_pj=f32(energy.gpu_hbm_read),
         bank_group_read_pj=f32(energy.hbm_pim_bank_group_read),
         nvlink_pj=f32(energy.nvlink),
         pcie_pj=f32(energy.pcie),
         pim_pu_factor=f32(energy.pim_pu_factor),
+        static_power_w=f32(platform.static_power_w),
     )
 
 

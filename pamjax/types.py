@@ -32,8 +32,9 @@ ENERGY_COMPONENTS = (
     "gpu_memory",  # weights and GPU-side KV read from HBM by the GPUs
     "pim_attention",  # KV and label reads inside PIM devices plus PU arithmetic
     "reduction",  # intra-device partial-result traffic to the reduction units
-    "transfer",  # Q broadcast, partials, offloaded KV over PCIe, all-reduce, prefill KV writes
-    "migration",  # tokens moved between tiers by the scheduler or by demotion
+    "transfer",  # Q, partials, top-k scores, KV writes, offloaded KV, all-reduces
+    "migration",  # tokens moved between tiers by the scheduler or by displacement
+    "static",  # the platform's idle power over the simulated time
 )
 
 PLACEMENT_FASTEST_FIRST = 0  # fill the fastest enabled tier, then the next (baselines)
@@ -41,6 +42,10 @@ PLACEMENT_IMPORTANCE_RATIO = 1  # PAM: most important units first, to the x:y:1 
 
 NEW_TOKEN_FASTEST_FREE = 0  # the fastest enabled tier with room (baselines)
 NEW_TOKEN_HBM_DISPLACE = 1  # PAM: HBM, displacing the request's least important HBM unit
+
+MAPPING_GREEDY = 0  # PAM: new units to the least-activated bank groups over the window
+MAPPING_STRIPED = 1  # AttAcc's layout: consecutive tokens on consecutive bank groups
+MAPPING_SEQUENTIAL = 2  # runs of naive_run_units units per bank group (a naive fill)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,37 +102,51 @@ class EngineConfig:
 class SimParams:
     """Numeric parameters of one simulated configuration (vmappable pytree).
 
-    Policy (see systems.py for the five systems):
+    Policy (see systems.py for the systems):
       attention_on_pim: bool [], attention runs in PIM tiers (else on the GPUs, offloaded KV
         fetched over PCIe).
       select_fraction: f32 [], fraction of each request's tokens attended per step (1 = dense).
       placement_policy, new_token_policy: i32 [], PLACEMENT_* / NEW_TOKEN_* codes.
       tier_enabled: bool [T], tiers that may hold KV.
-      swap_budget: i32 [], swaps per request per scheduling phase per step (0 = off).
+      swap_budget: i32 [], tokens each request may move per scheduling phase per step (0 =
+        no online scheduling); a page moves once the request's allowance covers it, so the
+        moved volume does not depend on the page size.
       target_x, target_y: f32 [], PAM importance target IS_HBM:IS_DDR:IS_SSD = x:y:1.
       ema_lambda: f32 [], importance EMA weight of the current score (PAM: 0.6).
-      use_pamattention: bool [], device-local reduction (else partials leave every bank group
-        and are merged centrally).
-      greedy_mapping: bool [], least-activated bank-group mapping (else sequential fill).
-      naive_run_units: i32 [], consecutive units sharing a bank group under sequential fill.
+      use_pamattention: bool [], PAMattention: one partial per request, layer and head
+        leaves each tier and partials merge across tiers on the HBM side; else a fixed
+        FlashDecoding split (``decode_split_tokens``) ignores device boundaries and one
+        partial per split chunk with attended tokens on a tier leaves it for central
+        reduction.
+      decode_split_tokens: i32 [], tokens per FlashDecoding chunk without PAMattention.
+      mapping_policy: i32 [], MAPPING_* code (intra-device bank-group mapping).
+      naive_run_units: i32 [], consecutive units sharing a bank group under MAPPING_SEQUENTIAL.
       migration_slowdown: f32 [], 1 for the PAM interface, 20 for a CPU-side re-layout.
-      migration_overlap: f32 [], fraction of attention time that can hide migration.
       max_batch: i32 [], concurrent requests allowed (<= num_slots).
       prefill_token_budget: i32 [], prompt tokens prefilled per step at most (vLLM's
         max_num_batched_tokens); a longer single prompt is still admitted alone.
     Access model (locality.py): sigma, persistence, sink_tokens, sink_bonus, recency_bonus,
       recency_tokens, all f32 [].
-    Tiers, f32 [T]: capacity_units (KV units the tier may hold), bank_groups_per_device
-      (bank groups, or SSD channels, per device), device_rate (effective PIM attention bytes/s per device), num_devices,
-      link_rate (bytes/s, all devices, per direction), link_latency (s), pim_read_pj and
-      host_read_pj (pJ/bit).
+    Tiers, [T]: capacity_units i32 (KV units the tier may hold); f32: bank_groups_per_device
+      (bank groups, or SSD channels, per device), device_rate (effective PIM attention KV
+      bytes/s per device: min(internal / passes, compute cap / g), hardware.py),
+      bank_group_rate (one bank group's own KV bytes/s), device_internal_rate (bytes/s one
+      device reads or writes at full rows, for migration and KV writes), read_passes (reads
+      of each KV byte per query group), num_devices, link_rate (bytes/s of the tier's device
+      interfaces together, per direction), behind_pcie (1 when the tier's path crosses the
+      GPUs' PCIe), link_latency (s), pim_read_pj and host_read_pj (pJ/bit).
     GPU, f32 []: num_gpus, tp, pp, gpu_flops (achievable FLOP/s per GPU), gpu_mem_rate
-      (achievable HBM bytes/s per GPU), nvlink_rate, pcie_rate (bytes/s per GPU, per
-      direction), gpu_link_latency, kernel_overhead (s per layer).
-    Model, f32 []: layers, q_heads, head_dim, hidden, kv_bytes_per_token,
-      fc_flops_per_token, streamed_weight_bytes.
-    Energy, f32 [] pJ: gpu_pj_per_flop, gpu_hbm_read_pj, bank_group_read_pj, nvlink_pj,
-      pcie_pj (per bit), pim_pu_factor (dimensionless).
+      (achievable HBM bytes/s per GPU), nvlink_rate (bytes/s per GPU, pipeline hand-offs),
+      collective_rate and collective_latency (tensor-parallel all-reduce: NVLink inside a
+      node, RDMA across nodes), pcie_rate (bytes/s per GPU, per direction),
+      gpu_link_latency (s), kernel_overhead (s per layer).
+    Model, f32 []: layers, q_heads, kv_heads, head_dim, hidden, kv_bytes_per_token,
+      fc_flops_per_token (active parameters only for MoE), streamed_weight_bytes (every
+      weight, every expert), routed_weight_bytes (the routed experts' share of it, 0 when
+      dense), expert_route_fraction (k / E: a token's share of a layer's routed experts).
+    Energy, f32 []: gpu_pj_per_flop (pJ/FLOP), gpu_hbm_read_pj, bank_group_read_pj,
+      nvlink_pj, pcie_pj (pJ/bit), pim_pu_factor (dimensionless), static_power_w (W, the
+      platform's idle power, charged for every simulated second).
     policy: None, or the parameter pytree of a learned placement scorer that
       ``EngineConfig.placement_score`` applies (policy.py).
     """
@@ -142,10 +161,10 @@ class SimParams:
     target_y: jnp.ndarray
     ema_lambda: jnp.ndarray
     use_pamattention: jnp.ndarray
-    greedy_mapping: jnp.ndarray
+    decode_split_tokens: jnp.ndarray
+    mapping_policy: jnp.ndarray
     naive_run_units: jnp.ndarray
     migration_slowdown: jnp.ndarray
-    migration_overlap: jnp.ndarray
     max_batch: jnp.ndarray
     prefill_token_budget: jnp.ndarray
     sigma: jnp.ndarray
@@ -157,8 +176,12 @@ class SimParams:
     capacity_units: jnp.ndarray
     bank_groups_per_device: jnp.ndarray
     device_rate: jnp.ndarray
+    bank_group_rate: jnp.ndarray
+    device_internal_rate: jnp.ndarray
+    read_passes: jnp.ndarray
     num_devices: jnp.ndarray
     link_rate: jnp.ndarray
+    behind_pcie: jnp.ndarray
     link_latency: jnp.ndarray
     pim_read_pj: jnp.ndarray
     host_read_pj: jnp.ndarray
@@ -168,22 +191,28 @@ class SimParams:
     gpu_flops: jnp.ndarray
     gpu_mem_rate: jnp.ndarray
     nvlink_rate: jnp.ndarray
+    collective_rate: jnp.ndarray
+    collective_latency: jnp.ndarray
     pcie_rate: jnp.ndarray
     gpu_link_latency: jnp.ndarray
     kernel_overhead: jnp.ndarray
     layers: jnp.ndarray
     q_heads: jnp.ndarray
+    kv_heads: jnp.ndarray
     head_dim: jnp.ndarray
     hidden: jnp.ndarray
     kv_bytes_per_token: jnp.ndarray
     fc_flops_per_token: jnp.ndarray
     streamed_weight_bytes: jnp.ndarray
+    routed_weight_bytes: jnp.ndarray
+    expert_route_fraction: jnp.ndarray
     gpu_pj_per_flop: jnp.ndarray
     gpu_hbm_read_pj: jnp.ndarray
     bank_group_read_pj: jnp.ndarray
     nvlink_pj: jnp.ndarray
     pcie_pj: jnp.ndarray
     pim_pu_factor: jnp.ndarray
+    static_power_w: jnp.ndarray
     policy: object = None
 
 
@@ -191,12 +220,15 @@ class SimParams:
 class DeviceWorkload:
     """Device-side request arrays (sorted by arrival), each [N].
 
-    Fields: arrival_s f32 (s), prompt_tokens i32, output_tokens i32.
+    Fields: arrival_s f32 (s), prompt_tokens i32, output_tokens i32, generated_tokens i32
+    (output tokens an in-flight request had produced before t = 0; 0 = fresh; see
+    workload.Workload).
     """
 
     arrival_s: jnp.ndarray
     prompt_tokens: jnp.ndarray
     output_tokens: jnp.ndarray
+    generated_tokens: jnp.ndarray
 
 
 STATUS_WAITING, STATUS_RUNNING, STATUS_FINISHED, STATUS_REJECTED = 0, 1, 2, 3
@@ -255,6 +287,8 @@ class StepMetrics:
     step_time_s f32 []: wall time the step takes on the simulated hardware (0 when idle and
       the clock jumps to the next arrival; idle_s holds that jump).
     decode_requests i32 []: requests that generated a token by decode this step.
+    decode_context i32 []: their context lengths summed (tokens in their KV after the step's
+      token), so decode_context / decode_requests is the mean context attended.
     prefill_requests i32 []: requests admitted and prefilled this step.
     output_tokens i32 []: tokens produced (decode + first tokens from prefill).
     tier_units i32 [T]: KV units held per tier after the step.
@@ -275,6 +309,7 @@ class StepMetrics:
     step_time_s: jnp.ndarray
     idle_s: jnp.ndarray
     decode_requests: jnp.ndarray
+    decode_context: jnp.ndarray
     prefill_requests: jnp.ndarray
     output_tokens: jnp.ndarray
     tier_units: jnp.ndarray

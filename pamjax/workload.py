@@ -72,12 +72,17 @@ class Workload:
       output_tokens: int32 [N], number of tokens each request generates, >= 1; a request's
         context (prompt + output) is at most 2**31 - 1 tokens, the engine's int32 positions.
       name: label of the workload (dataset name or trace file stem).
+      generated_tokens: int32 [N] (default all 0), output tokens a request had already
+        produced when the simulation starts: the in-flight requests of a steady-state start
+        (:func:`steady_state`, engine.resume), which must come first, arrive at 0 and have
+        0 < generated < output. 0 = a fresh request (prefilled when admitted).
     """
 
     arrival_s: np.ndarray
     prompt_tokens: np.ndarray
     output_tokens: np.ndarray
     name: str = "workload"
+    generated_tokens: np.ndarray | None = None
 
     def __post_init__(self):
         if not isinstance(self.name, str):
@@ -99,6 +104,38 @@ class Workload:
             i = _first_bad(context > _INT32_MAX)
             raise ConfigError("Workload.prompt_tokens+output_tokens", int(context[i]),
                               f"request {i}: the context must be at most {_INT32_MAX} tokens")
+        object.__setattr__(self, "generated_tokens", self._checked_generated(n))
+
+    def _checked_generated(self, n: int) -> np.ndarray:
+        field = "Workload.generated_tokens"
+        if self.generated_tokens is None:
+            generated = np.zeros(n, np.int32)
+        else:
+            generated = _as_vector(field, self.generated_tokens)
+            if generated.shape[0] != n:
+                raise ConfigError(field, generated.shape[0], f"length differs from arrival_s "
+                                  f"({n})")
+            if generated.dtype.kind == "f" and not np.all(generated == np.round(generated)):
+                raise ConfigError(field, generated, "must hold whole numbers")
+            generated = generated.astype(np.int64)
+        in_flight = generated > 0
+        bad = (generated < 0) | (in_flight & (generated >= self.output_tokens))
+        if bad.any():
+            i = _first_bad(bad)
+            raise ConfigError(field, int(generated[i]), f"request {i}: must be 0 (fresh) or "
+                              f"in [1, output_tokens = {int(self.output_tokens[i])})")
+        k = int(in_flight.sum())
+        if not in_flight[:k].all() or (self.arrival_s[:k] != 0).any():
+            raise ConfigError(field, k, "in-flight requests (generated > 0) must come first "
+                              "and arrive at 0")
+        generated = generated.astype(np.int32)
+        generated.setflags(write=False)
+        return generated
+
+    @property
+    def in_flight(self) -> int:
+        """Requests already running when the simulation starts (generated_tokens > 0)."""
+        return int(np.count_nonzero(self.generated_tokens))
 
     def __repr__(self) -> str:
         # The default dataclass repr would print every array element of a 20k-request trace.
@@ -139,9 +176,8 @@ class Workload:
         """
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
             raise ConfigError("n", n, "must be an integer >= 1")
-        return Workload(
-            self.arrival_s[:n], self.prompt_tokens[:n], self.output_tokens[:n], self.name
-        )
+        return Workload(self.arrival_s[:n], self.prompt_tokens[:n], self.output_tokens[:n],
+                        self.name, self.generated_tokens[:n])
 
 
 def _as_vector(field: str, value) -> np.ndarray:
@@ -351,3 +387,47 @@ def synthetic(
     else:
         arrival = np.cumsum(rng.exponential(1.0 / float(rate_per_s), num_requests))
     return Workload(arrival, prompt, output, name)
+
+
+def steady_state(pool: Workload, batch: int, num_requests: int, *, seed: int) -> Workload:
+    """A closed loop at its stationary point (PAM_SPEC §8, revised), as a workload.
+
+    At a fixed batch a serving system keeps ``batch`` slots busy, refilling a slot with a
+    fresh request when its request finishes. Seen at a step boundary, a slot holds a request
+    drawn with probability proportional to the steps it occupies a slot (its output tokens
+    but the last, ``output - 1``: a length-biased draw), at a point of its life uniform over
+    those boundaries (``generated`` in 1..output-1 tokens). The first ``batch`` requests of
+    the result are such in-flight requests (``generated_tokens`` > 0; engine.resume starts
+    the simulation with them in their slots), the rest fresh requests queued at t = 0 (the
+    refills), all drawn from ``pool`` with replacement.
+
+    Args:
+      pool: requests whose lengths define the population (a synthetic dataset or a trace);
+        arrivals are ignored. At least one request must have an output of 2 or more tokens.
+      batch: in-flight requests (the closed loop's concurrency), >= 1.
+      num_requests: total requests, > batch (the refills follow the in-flight ones).
+      seed: non-negative integer seed.
+
+    Returns:
+      A Workload of ``num_requests`` requests named after the pool, all arriving at 0.
+
+    Raises:
+      ConfigError: a bad count or seed, or a pool with no multi-token output.
+    """
+    for field, value, low in (("batch", batch, 1), ("num_requests", num_requests, batch + 1),
+                              ("seed", seed, 0)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise ConfigError(field, value, f"must be an integer >= {low}")
+    weight = pool.output_tokens.astype(np.float64) - 1.0
+    if not weight.sum() > 0:
+        raise ConfigError("pool", pool.name, "every request has a 1-token output: no request "
+                          "is ever in flight at a step boundary")
+    rng = np.random.default_rng(seed)
+    flying = rng.choice(pool.num_requests, size=batch, p=weight / weight.sum())
+    out = pool.output_tokens[flying].astype(np.int64)
+    generated = 1 + np.floor(rng.random(batch) * (out - 1)).astype(np.int64)
+    fresh = rng.integers(0, pool.num_requests, num_requests - batch)
+    index = np.concatenate([flying, fresh])
+    return Workload(np.zeros(num_requests), pool.prompt_tokens[index],
+                    pool.output_tokens[index], pool.name,
+                    np.concatenate([generated, np.zeros(num_requests - batch, np.int64)]))

@@ -1,31 +1,24 @@
 """Physical bounds (pamjax/studies/bounds.py): hand arithmetic, monotonicity, and the engine
 against them.
 
-The engine checks run five sweeps that share one compiled program: every workload has
-``REQUESTS`` requests and is padded to ``MAX_CONTEXT`` tokens by a last request (behind 255
-others, so a 48-step horizon does not reach it; it would be an ordinary request if it did),
-and every sweep vmaps 20 points over 64 slots, so only the first sweep compiles. Three draw
+The engine checks run five steady-state sweeps (study.run_sweep: in-flight requests at
+their stationary contexts, refilled as they finish, a window after a warm-up). Three draw
 mixed lengths from datasets (seeds 0-2, FC-bound at these batches); two use equal lengths,
 one sized so that OPT-175B fills AttAcc's HBM at batch 63, one on hardware with shrunken HBM
 and DDR so that KV spills to DDR and SSD and attention, PCIe and the SSD tier bind.
 
 Which simulated throughput is held against which bound, and why that is rigorous:
 
-* ``decode_throughput_tokens_per_s`` (decode tokens over the time of decode-only steps)
-  against ``prefill=False``. Each decode-only step with ``b_s <= batch`` requests takes at
-  least ``T_iter(b_s)`` at its requests' mean context, and a ratio of sums is at most the
-  largest ratio. Mixed lengths: the bound is the max over ``b' <= batch``, at a context
-  every such step is sure to exceed: ``b'`` running requests hold at least one output token
-  beyond their prompts, so their mean context is at least 1 + the mean of the ``b'``
-  smallest prompts of the workload. Equal lengths: no request finishes within the horizon,
-  so after admission every decode-only step runs exactly ``peak_concurrency`` requests at a
-  context of at least ``p + 1``, and the bound is taken at exactly that batch. No horizon
-  averaging enters, so the tolerance only covers float32 step times.
-* ``throughput_tokens_per_s`` (first tokens and decode tokens over the whole run) against
-  ``prefill=True``, on equal-length workloads only: there each request costs exactly
-  ``P(p)`` prefill FLOPs and at most ``o`` of the run's tokens come from one prefill, so the
-  run's prefill share is at least the steady state's. For mixed lengths the few requests of
-  a 48-step horizon are no steady-state sample, so that comparison would not be rigorous.
+* ``decode_throughput_tokens_per_s`` (decode tokens over the time of the window's
+  decode-only steps) against ``prefill=False`` at the row's measured mean context
+  (``mean_context_tokens``): each decode-only step with ``b_s <= batch`` requests takes at
+  least ``T_iter(b_s)`` at its requests' mean context; ``T_iter`` is convex in the context
+  (a max of affine terms), so the window's mean step time is at least ``T_iter`` at the
+  mean context, and a ratio of sums is at most the largest ratio over ``b' <= batch``. The
+  tolerance only covers float32 step times.
+* ``throughput_tokens_per_s`` (every token of the window over its time) against
+  ``prefill=True`` on equal-length workloads: there every refill costs exactly ``P(p)``
+  prefill FLOPs for ``o`` output tokens, the steady state's share.
 """
 
 from __future__ import annotations
@@ -46,9 +39,9 @@ from pamjax.systems import MAIN_SYSTEMS, SYSTEMS, get_system, tier_kv_capacity_b
 from pamjax.workload import DATASETS, Workload, synthetic
 
 REQUESTS = 256
-MAX_CONTEXT = 8192
 PAGE = 64
 STEPS = 48
+WARMUP = 8
 TOLERANCE = 1e-3
 """Simulated throughput may exceed its bound by this fraction: float32 step times only."""
 MIN_EFFICIENCY = 0.6
@@ -73,22 +66,14 @@ SPILL_PLATFORMS = {
 ABLATIONS = ("pam", "pam-no-pamattention", "pam-no-mapping", "pam-no-scheduling", "ls-pim")
 
 
-def _padded(prompt, output, name):
-    """Workload of REQUESTS requests at t = 0 whose last one pads the context to
-    MAX_CONTEXT."""
-    half = MAX_CONTEXT // 2
-    return Workload(np.zeros(REQUESTS), np.append(prompt[:REQUESTS - 1], half),
-                    np.append(output[:REQUESTS - 1], half), name=name)
-
-
 def _dataset(name, seed):
-    wl = synthetic(name, REQUESTS - 1, seed=seed)
-    return _padded(wl.prompt_tokens, wl.output_tokens, f"{name}-seed{seed}")
+    wl = synthetic(name, REQUESTS, seed=seed)
+    return Workload(wl.arrival_s, wl.prompt_tokens, wl.output_tokens, f"{name}-seed{seed}")
 
 
 def _constant(prompt, output):
-    n = REQUESTS - 1
-    return _padded(np.full(n, prompt), np.full(n, output), f"constant-{prompt}-{output}")
+    return Workload(np.zeros(REQUESTS), np.full(REQUESTS, prompt), np.full(REQUESTS, output),
+                    name=f"constant-{prompt}-{output}")
 
 
 SWEEPS = {
@@ -117,7 +102,7 @@ def sweeps():
         platforms = None if overrides is None else {
             label: get_platform(overrides=o) for label, o in overrides.items()}
         rows = run_sweep(list(systems), list(models), workload, batches, steps=STEPS,
-                         page_size=PAGE, platforms=platforms)
+                         warmup=WARMUP, page_size=PAGE, platforms=platforms)
         result[name] = [(row, dict(workload=workload, lengths=lengths,
                                    platform=platforms[row["platform"]] if platforms else None))
                         for row in rows]
@@ -126,19 +111,10 @@ def sweeps():
 
 def _decode_bound(row, workload, lengths, platform):
     """Rigorous bound (tokens/s) on a row's decode-only throughput (see module docstring)."""
-    if lengths is not None:
-        prompt, output = lengths
-        return bounds.bound(row["system"], row["model"], mean_prompt=prompt,
-                            mean_output=output, mean_context=prompt + 1,
-                            batch=row["peak_concurrency"], exact_batch=True, prefill=False,
-                            platform=platform).tokens_per_s
-    batches = np.arange(1, row["batch"] + 1)
-    smallest = np.sort(workload.prompt_tokens)[:row["batch"]]
-    context = 1.0 + np.cumsum(smallest) / batches
-    return float(bounds.throughput_curve(
-        row["system"], row["model"], batches, mean_prompt=workload.mean_prompt,
-        mean_output=workload.mean_output, mean_context=context, prefill=False,
-        platform=platform).max())
+    return bounds.run_bound(row["system"], row["model"], prompts=workload.prompt_tokens,
+                            outputs=workload.output_tokens, concurrency=row["batch"],
+                            prefill=False, platform=platform,
+                            mean_context=row["mean_context_tokens"]).tokens_per_s
 
 
 # ------------------------------------------------------------------------------------------
@@ -192,12 +168,13 @@ def test_prefill_amortisation_by_hand():
 def test_capacity_forced_ssd_bound_by_hand():
     # PAM, LLaMA3-8B, one request of 20 M tokens: more than HBM and DDR hold, so the rest
     # must sit on the SSDs and have its selection labels (1/8 of the key, 1/16 of K+V) read
-    # there. SSD-PIM rate: 8 SSDs x 8 channels x min(4 dies x 16 KB / 30 us, 2400 MT/s x
-    # 1 byte) = 139.8 GB/s, below the 8 x 18 GFLOPS compute cap.
+    # there. SSD-PIM rate: 8 SSDs x min(8 channels x min(4 dies x 16 KB / 30 us, 2400 MT/s
+    # x 1 byte), 18 GFLOPS / g) with g = 32 / 8 = 4 query heads per KV head: the compute
+    # cap binds, 4.5 GB/s per SSD.
     model = get_model("llama3-8b")
     kv = 2 * 32 * 8 * 128 * 2
     hbm, ddr, _ = tier_kv_capacity_bytes(get_platform(), model) / kv
-    ssd_rate = 8 * 8 * min(4 * 16384 / 30e-6, 2.4e9)
+    ssd_rate = 8 * min(8 * min(4 * 16384 / 30e-6, 2.4e9), 18e9 / 4)
     context = 20_000_000
     ssd_time = (context - hbm - ddr) * kv / 16 / ssd_rate
     b = bounds.bound("pam", model, mean_prompt=15_000_000, mean_output=10_000_000,
@@ -407,6 +384,8 @@ def test_bounds_share_no_code_with_the_engine():
 def test_engine_decode_throughput_never_exceeds_its_bound(sweeps):
     for name, points in sweeps.items():
         for row, args in points:
+            if row["oom"]:
+                continue
             bound = _decode_bound(row, **args)
             simulated = row["decode_throughput_tokens_per_s"]
             assert simulated > 0, (name, row["system"])
@@ -418,12 +397,15 @@ def test_engine_decode_throughput_never_exceeds_its_bound(sweeps):
 def test_engine_whole_run_throughput_never_exceeds_its_bound(sweeps):
     for name in ("capacity", "spill"):
         for row, args in sweeps[name]:
+            if row["oom"]:
+                continue
             prompt, output = args["lengths"]
-            stats = dict(mean_prompt=prompt, mean_output=output, mean_context=prompt + 1,
-                         batch=row["batch"], platform=args["platform"])
+            stats = dict(mean_prompt=prompt, mean_output=output,
+                         mean_context=row["mean_context_tokens"], batch=row["batch"],
+                         platform=args["platform"])
             whole = bounds.bound(row["system"], row["model"], **stats)
-            # The run's larger prefill share can only lower throughput when a prefill costs
-            # more than a decode token, which holds by orders of magnitude here.
+            # Prefill costs more than a decode token by orders of magnitude here, so the
+            # window's prefill share (one prefill per o tokens) cannot raise throughput.
             decode = bounds.bound(row["system"], row["model"], prefill=False, **stats)
             prefill_s = get_model(row["model"]).prefill_flops(prompt) / GPU_FLOPS
             assert prefill_s > 1 / decode.tokens_per_s
@@ -433,11 +415,14 @@ def test_engine_whole_run_throughput_never_exceeds_its_bound(sweeps):
 
 
 def test_sweep_rows_carry_their_bound(sweeps):
-    # study.run_sweep sets every row beside bounds.run_bound of the requests it admitted:
-    # whole-run and decode-only, each never above 1 (float32 tolerance).
+    # study.run_sweep sets every row that fits beside bounds.run_bound of its requests at
+    # its batch and mean context: whole-run and decode-only, never above 1 (float32).
     for points in sweeps.values():
         for row, _ in points:
             for prefix in ("", "decode_"):
+                if row["oom"]:
+                    assert row[f"{prefix}bound_tokens_per_s"] is None
+                    continue
                 assert row[f"{prefix}binding_resource"] in bounds.RESOURCES
                 assert 0 < row[f"{prefix}efficiency"] <= 1 + TOLERANCE, (prefix, row)
 
@@ -446,6 +431,8 @@ def test_every_system_comes_close_to_its_bound(sweeps):
     best = {}
     for points in sweeps.values():
         for row, args in points:
+            if row["oom"]:
+                continue
             efficiency = row["decode_throughput_tokens_per_s"] / _decode_bound(row, **args)
             best[row["system"]] = max(best.get(row["system"], 0.0), efficiency)
     assert set(best) == set(SYSTEMS)
@@ -459,8 +446,8 @@ def test_spilled_kv_binds_where_it_is_forced(sweeps):
     for system, resource in (("vllm-offload", "pcie"), ("l-pim", "pim_ssd")):
         row, args = rows[("small-hbm-ddr", system, 64)]
         b = bounds.bound(system, "llama3-8b", mean_prompt=SPILL_PROMPT,
-                         mean_output=SPILL_OUTPUT, mean_context=SPILL_PROMPT + 1, batch=64,
-                         exact_batch=True, prefill=False, platform=args["platform"])
+                         mean_output=SPILL_OUTPUT, mean_context=row["mean_context_tokens"],
+                         batch=64, exact_batch=True, prefill=False, platform=args["platform"])
         assert b.binding_resource == resource
         assert row["ssd_token_share"] > 0.5
         assert row["decode_throughput_tokens_per_s"] >= 0.5 * b.tokens_per_s
@@ -472,7 +459,55 @@ def test_capacity_bound_is_the_attacc_oom_batch(sweeps):
               if r["system"] == "attacc" and r["model"] == "opt-175b"}
     capacity = bounds.capacity_batch(get_system("attacc"), "opt-175b",
                                      mean_prompt=CONSTANT_PROMPT, mean_output=CONSTANT_OUTPUT)
-    assert not attacc[capacity]["oom"] and attacc[capacity]["peak_concurrency"] == capacity
+    assert not attacc[capacity]["oom"] and attacc[capacity]["mean_batch"] == capacity
     assert attacc[capacity + 1]["oom"]
     # The other systems spill to DDR and SSD, so the same batch fits.
     assert not any(r["oom"] for r in rows if r["system"] != "attacc")
+
+
+# ------------------------------------------------------------------------------------------
+# The bound's own derivation of the PIM rates, and the offered load
+# ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("overrides", [{}, {"hbm.device.tCCD_L": 8, "ddr.device.tRCD": 30},
+                                       {"hbm.device.pu_buffer_bytes": 2048,
+                                        "ssd.device.compute_cap_gflops": 400.0}])
+@pytest.mark.parametrize("model", ["llama3-8b", "qwen2.5-32b", "llama3-70b", "opt-175b"])
+def test_pim_rates_agree_with_the_hardware_model(model, overrides):
+    # Two derivations of every tier's effective PIM rate (bounds.py's short formula and
+    # hardware.py's methods) must agree, on the presets and after changing a timing, a
+    # buffer or a cap: a drift in either shows here.
+    platform = get_platform(overrides=overrides)
+    m = get_model(model)
+    ours = bounds.pim_tier_rates(platform, m)
+    theirs = np.array([t.effective_gbps(m) * 1e9 for t in platform.tiers])
+    np.testing.assert_allclose(ours, theirs, rtol=1e-12)
+
+
+def test_pim_rates_follow_gqa_by_hand():
+    # LLaMA3-70B (g = 8) on the presets: HBM compute bound at 1.6 TFLOPS / 8 per stack; DDR
+    # bound by 8 passes over its 195.6 GB/s (128 B buffer: under one 256 B head); SSD by
+    # 18 GFLOPS / 8.
+    rates = bounds.pim_tier_rates(get_platform(), get_model("llama3-70b"))
+    ddr_internal = 128 * 1024 * 1.6e9 / 1072  # 128 banks, a 1 KB row in 1072 cycles
+    np.testing.assert_allclose(rates, [40 * 200e9, 40 * ddr_internal / 8, 8 * 18e9 / 8],
+                               rtol=1e-12)
+
+
+def test_the_offered_load_binds_a_run_that_keeps_up():
+    # 100 requests of 50 output tokens arriving over 10 s offer 500 tokens/s, far below
+    # what vLLM-offload can serve: the arrivals bind.
+    workload = Workload(np.linspace(0.0, 10.0, 100), np.full(100, 100), np.full(100, 50))
+    offered = bounds.offered_load(workload)
+    assert offered == pytest.approx(100 * 50 / 10.0)
+    b = bounds.run_bound("vllm-offload", "llama3-8b", prompts=workload.prompt_tokens,
+                         outputs=workload.output_tokens, concurrency=16,
+                         offered_tokens_per_s=offered)
+    assert b.binding_resource == "arrivals" and b.batch_limit == "arrivals"
+    assert b.tokens_per_s == pytest.approx(500.0)
+    assert b.per_resource["gpu_hbm"] > 500.0
+    # A closed loop (everything at t = 0) offers no limit.
+    assert bounds.offered_load(Workload(np.zeros(3), np.ones(3), np.ones(3))) is None
+    with pytest.raises(ConfigError, match="offered_tokens_per_s"):
+        bounds.run_bound("pam", "llama3-8b", prompts=[1], outputs=[1], concurrency=1,
+                         offered_tokens_per_s=0.0)

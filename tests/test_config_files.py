@@ -34,7 +34,7 @@ def derived_figures(platform) -> dict:
     """What the simulator reads off a platform, beyond the stored fields."""
     out = {"gpus": platform.gpu.num_gpus}
     for tier in platform.tiers:
-        out[tier.name] = (tier.capacity_gb, tier.effective_gbps, tier.link_total_gbps,
+        out[tier.name] = (tier.capacity_gb, tier.effective_gbps(), tier.link_total_gbps,
                           tier.bank_groups_per_device, tier.device.internal_gbps(tier.kv_run_bytes),
                           tier.device.pu_peak_gflops)
     return out
@@ -93,7 +93,7 @@ def test_eighty_dimms_example_changes_ddr_only():
     assert p.name == "pam-80-dimms"
     assert p.ddr.num_devices == 80
     assert p.ddr.capacity_gb == pytest.approx(2 * preset.ddr.capacity_gb)
-    assert p.ddr.effective_gbps == pytest.approx(2 * preset.ddr.effective_gbps)
+    assert p.ddr.effective_gbps() == pytest.approx(2 * preset.ddr.effective_gbps())
     assert (p.gpu, p.hbm, p.ssd, p.energy) == (preset.gpu, preset.hbm, preset.ssd, preset.energy)
 
 

@@ -307,18 +307,26 @@ def hand_decode_step_s(context: int, groups_per_stack: int) -> float:
     allreduce = 2 * (tp - 1) / tp * activations / nvlink + 2 * (tp - 1) * gpu_latency
     per_micro = roofline + layers / pp * (2 * allreduce + kernel)
     fc = pp * per_micro + (pp - 1) * (activations / nvlink + gpu_latency)
-    # HBM-PIM: 40 stacks; each min(1024 banks x 1 KB row / (166 cycles at 1.3 GHz) = 8.2 TB/s
-    # internal, 1.6 TFLOPS x 1 B/FLOP) = 1.6 TB/s. The context fits one sequential run (64
-    # tokens), so the request's KV slice in every stack sits in one bank group.
-    stacks, stack_rate = 40, 1.6e12
-    busiest = context * kv_bytes / stacks / (stack_rate / groups_per_stack)
-    # Q to the tier and one partial (o, m, l in float32) back: with in-stack reduction one
-    # per request, with central reduction one per bank group holding its tokens, also one.
-    # Over 40 x 665.6 GB/s, plus two link latencies of 0.5 us per layer.
+    # HBM-PIM, 40 stacks. A bank streams a 1 KB row in max(tRAS 45, tRCD 19 + 32 columns x
+    # tCCD_L 4) + tRP 19 = 166 cycles at 1.3 GHz; 1024 banks. g = 32 / 8 = 4 query heads per
+    # KV head, the 512 B buffer holds 2 heads of d = 128: 2 passes over the KV. Compute:
+    # 1.6 TFLOPS / 4 FLOP per byte = 400 GB/s per stack, below 8.2 TB/s / 2.
+    internal = 1024 * 1024 / (166 / 1.3e9)
+    stacks, passes, stack_rate = 40, 2, min(internal / 2, 1.6e12 / 4)
+    group_rate = internal / passes / groups_per_stack
+    # Striped over the bank groups: at most ceil(context / groups) tokens per bank group.
+    per_token = kv_bytes / stacks
+    busiest = -(-context // groups_per_stack) * per_token
+    devices = max(busiest / group_rate, context * per_token / stack_rate)
+    # The new token's K/V is written to a stack (at the internal rate) and crosses the link.
+    write = kv_bytes / (stacks * internal)
+    # Q to the tier and one partial (o, m, l in float32) back: the 41 tokens lie in one
+    # FlashDecoding chunk of 512, so one partial without PAMattention too. Over 40 x 665.6
+    # GB/s, plus two link latencies of 0.5 us per layer.
     q_bytes = layers * q_heads * head_dim * 2
     partial = layers * q_heads * (head_dim + 2) * 4
-    link = (q_bytes + partial) / (stacks * 1024 * 5.2e9 / 8) + 2 * layers * 0.5e-6
-    return fc + busiest + link
+    link = (q_bytes + partial + kv_bytes) / (stacks * 1024 * 5.2e9 / 8) + 2 * layers * 0.5e-6
+    return fc + devices + write + link
 
 
 def _one_request(system: str, groups_per_stack: int):
@@ -327,7 +335,11 @@ def _one_request(system: str, groups_per_stack: int):
     config = EngineConfig(num_slots=1, units_per_slot=48, num_requests=1, padded_bank_groups=256,
                           admit_window=1)
     params = systems.make_params(system, MODEL, max_batch=1)
-    params = params.replace(bank_groups_per_device=params.bank_groups_per_device.at[HBM].set(groups_per_stack))
+    # A stack with groups_per_stack bank groups: the same internal rate, shared by fewer.
+    rate = params.bank_group_rate[HBM] * params.bank_groups_per_device[HBM] / groups_per_stack
+    params = params.replace(
+        bank_groups_per_device=params.bank_groups_per_device.at[HBM].set(groups_per_stack),
+        bank_group_rate=params.bank_group_rate.at[HBM].set(rate))
     return config, params, host
 
 
@@ -347,9 +359,9 @@ def test_reference_decode_step_by_hand(system, groups_per_stack):
 
 @pytest.mark.parametrize("system,groups_per_stack", HAND_CASES)
 def test_engine_decode_step_by_hand(system, groups_per_stack):
-    """Regression (partials): with 256 bank groups per stack, the 41 tokens of l-pim's one
-    request sit in one bank group (one sequential run), so its attention yields one partial
-    result to send to the GPUs, not min(41 attended units, 256 bank groups) = 41."""
+    """Regression (partials): the 41 tokens of the one request lie in one FlashDecoding
+    chunk, so its attention yields one partial result to send to the GPUs, not one per bank
+    group holding its tokens (their partials merge inside the stack)."""
     config, params, host = _one_request(system, groups_per_stack)
     state, _ = _STEP(config, params, engine.init_state(config, SEED), device_workload(host))
     _, metrics = _STEP(config, params, state, device_workload(host))
@@ -391,22 +403,24 @@ def test_selection_labels_are_charged_where_tokens_were_selected():
     # The step's scheduling swapped the pages: the 3-token page left HBM for DDR.
     np.testing.assert_array_equal(np.asarray(after.unit_tier[0, :2]), [HBM, DDR])
 
-    # PIM attention energy: 8 bits x (selected + label bytes) x pJ/bit x (1 + PU factor) per
-    # tier, the selected tokens and the labels counted on the tiers before scheduling.
+    # PIM attention energy: 8 bits x (selected + label bytes) x pJ/bit x (read passes + PU
+    # factor x g) per tier, the selected tokens and the labels counted on the tiers before
+    # scheduling. LLaMA3-8B: g = 4; HBM's 512 B buffer holds 2 heads of d = 128 (2 passes),
+    # DDR's 128 B less than one (4 passes), the SSD's every head (1 pass).
     p = jax.tree.map(lambda v: np.asarray(v, np.float64), params)
     tokens, tier_before = np.array([4, 3]), np.array([DDR, HBM])
     chosen = np.asarray(after.unit_selected[0, :2])
     assert chosen.sum() == 1  # ceil(7 / 8) = 1 token: the highest-logit unit
     selected = np.array([tokens[chosen & (tier_before == t)].sum() for t in range(3)])
     labels = np.array([3.0, 4.0, 0.0])
-    want = 8 * np.sum((selected + labels / 16) * p.kv_bytes_per_token * p.pim_read_pj
-                      * (1 + p.pim_pu_factor))
+    factor = np.array([2.0, 4.0, 1.0]) + p.pim_pu_factor * 4.0
+    want = 8 * np.sum((selected + labels / 16) * p.kv_bytes_per_token * p.pim_read_pj * factor)
     c = ENERGY_COMPONENTS.index("pim_attention")
     np.testing.assert_allclose(float(metrics.energy_pj[c]), want, rtol=1e-5)
     np.testing.assert_allclose(ref_metrics.energy_pj[c], want, rtol=1e-6)
     # Labels read after scheduling (4 on HBM, 3 on DDR) would cost measurably differently.
     moved = 8 * np.sum((selected + labels[[1, 0, 2]] / 16) * p.kv_bytes_per_token
-                       * p.pim_read_pj * (1 + p.pim_pu_factor))
+                       * p.pim_read_pj * factor)
     assert not np.isclose(moved, want, rtol=1e-4)
 
 

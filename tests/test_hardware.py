@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 
 from pamjax.errors import ConfigError, UnknownNameError
-from pamjax.hardware import DDR4_3200_PIM_DIMM, HBM3_PIM_STACK, SSD_PIM, get_platform
+from pamjax.hardware import (
+    DDR4_3200_PIM_DIMM,
+    HBM3_PIM_STACK,
+    SSD_PIM,
+    get_platform,
+    query_passes,
+)
+from pamjax.models import get_model
 
 
 def test_hbm3_stack_organisation_and_clock():
@@ -43,9 +51,62 @@ def test_hbm3_bank_streaming_row_hits_and_misses():
 def test_hbm3_effective_rate_is_the_power_cap():
     d = HBM3_PIM_STACK
     # PU peak: 1024 banks x 16 lanes x 2 FLOP x 0.666 GHz = 21,823 GFLOPS, capped at 1.6 TFLOPS;
-    # one FLOP per KV byte, so 1600 GB/s < internal 8212 GB/s.
+    # MHA does one FLOP per KV byte, so 1600 GB/s < internal 8212 GB/s.
     assert d.pu_peak_gflops == pytest.approx(1024 * 16 * 2 * 0.666)
     assert d.effective_gbps() == pytest.approx(1600.0)
+
+
+def test_gqa_divides_the_compute_bound_rate_by_the_group():
+    # LLaMA3-70B: 64 query heads share 8 KV heads, g = 8 FLOPs per KV byte. The 512 B buffer
+    # holds 2 heads of d = 128 (FP16), so the PU reads each KV byte ceil(8 / 2) = 4 times:
+    # min(8212 / 4, 1600 / 8) = 200 GB/s, 1/8 of the MHA rate (PAM_SPEC §2 revised).
+    d = HBM3_PIM_STACK
+    assert query_passes(512, 8, 128) == 4 and query_passes(512, 1, 128) == 1
+    internal = 1024 * 1024 / (166 / 1.3)
+    assert d.effective_gbps(gqa_group=8, head_dim=128) == pytest.approx(min(internal / 4, 200))
+    assert d.effective_gbps(gqa_group=8) == pytest.approx(d.effective_gbps() / 8)
+    # Qwen2.5-32B, g = 5: 3 passes, compute bound 1600 / 5 = 320 GB/s.
+    assert d.effective_gbps(gqa_group=5) == pytest.approx(320.0)
+    # A bank group's own rate has no compute cap: internal / passes / 256 groups.
+    assert d.bank_group_gbps(gqa_group=8) == pytest.approx(internal / 4 / 256)
+    # DDR: a 128 B buffer holds less than one 256 B head: one pass per query head.
+    assert query_passes(128, 8, 128) == 8
+    ddr = DDR4_3200_PIM_DIMM
+    assert ddr.effective_gbps(gqa_group=8) == pytest.approx(
+        min(ddr.internal_gbps() / 8, 204.0 / 8))
+    # A wider PU buffer removes the extra passes; the compute cap then decides alone.
+    wide = dataclasses.replace(d, pu_buffer_bytes=4096)
+    assert wide.effective_gbps(gqa_group=8) == pytest.approx(200.0)
+    with pytest.raises(ConfigError, match="gqa_group"):
+        d.effective_gbps(gqa_group=0)
+
+
+def test_model_rates_per_tier():
+    p = get_platform()
+    llama, opt = get_model("llama3-70b"), get_model("opt-175b")
+    # Per stack: LLaMA3-70B at most a quarter of OPT-175B's (here exactly an eighth).
+    assert p.hbm.device_effective_gbps(llama) <= p.hbm.device_effective_gbps(opt) / 4
+    assert p.hbm.device_effective_gbps(opt) == pytest.approx(1600.0)
+    assert p.hbm.effective_gbps(llama) == pytest.approx(40 * 200.0)
+    # The SSD controller's 18 GFLOPS cap over g = 8: 2.25 GB/s per SSD.
+    assert p.ssd.device_effective_gbps(llama) == pytest.approx(18.0 / 8)
+
+
+def test_paths_and_static_power():
+    p = get_platform()
+    # DDR sits behind the host: 40 DIMM channels (1024 GB/s) but 8 x 63 GB/s of PCIe.
+    assert p.pcie_gbps == pytest.approx(8 * 63.0)
+    assert p.path_gbps(p.ddr) == pytest.approx(504.0)
+    assert p.path_gbps(p.ssd) == pytest.approx(min(8 * 14.0, 504.0))
+    assert p.path_gbps(p.hbm) == pytest.approx(40 * 665.6)
+    # 8 GPUs x 75 W + 40 DIMMs x 3 W + 8 SSDs x 5 W + one node's 1 kW.
+    assert p.static_power_w == pytest.approx(8 * 75 + 40 * 3 + 8 * 5 + 1000)
+    # Tensor parallelism inside a node all-reduces over NVLink, across nodes over RDMA.
+    assert p.gpu.collective_gbps == pytest.approx(450.0)
+    assert p.scaled(2).gpu.collective_gbps == pytest.approx(450.0)  # TP 8: one node
+    four = p.scaled(4)
+    assert four.gpu.tensor_parallel == 16 and four.gpu.collective_gbps == pytest.approx(50.0)
+    assert four.static_power_w == pytest.approx(4 * p.static_power_w)
 
 
 def test_ddr4_dimm_figures():
@@ -89,16 +150,16 @@ def test_platform_tiers_and_capacity():
     assert p.hbm.capacity_gb == pytest.approx(40 * HBM3_PIM_STACK.capacity_gb)
     assert p.ddr.capacity_gb == pytest.approx(40 * DDR4_3200_PIM_DIMM.capacity_gb)
     assert p.ssd.capacity_gb == pytest.approx(8 * 8 * 256)  # PAM_SPEC [D]: 16 TB
-    assert p.hbm.effective_gbps == pytest.approx(40 * 1600.0)
-    assert p.ssd.effective_gbps == pytest.approx(8 * SSD_PIM.effective_gbps())
+    assert p.hbm.effective_gbps() == pytest.approx(40 * 1600.0)
+    assert p.ssd.effective_gbps() == pytest.approx(8 * SSD_PIM.effective_gbps())
     # Throughput ordering that PAM's x:y:1 target follows.
-    assert p.hbm.effective_gbps > p.ddr.effective_gbps > p.ssd.effective_gbps
+    assert p.hbm.effective_gbps() > p.ddr.effective_gbps() > p.ssd.effective_gbps()
 
 
 def test_overrides_propagate_to_derived_figures():
     p = get_platform(overrides={"ddr.num_devices": 80, "hbm.device.compute_cap_gflops": 800.0})
     assert p.ddr.capacity_gb == pytest.approx(2 * get_platform().ddr.capacity_gb)
-    assert p.hbm.device_effective_gbps == pytest.approx(800.0)
+    assert p.hbm.device_effective_gbps() == pytest.approx(800.0)
     slow = get_platform(overrides={"hbm.device.tCCD_L": 8})
     assert slow.hbm.device.internal_gbps() < HBM3_PIM_STACK.internal_gbps()
 
@@ -133,6 +194,6 @@ def test_parallelism_must_cover_gpus():
 def test_scaled_platform():
     p = get_platform().scaled(2)
     assert p.gpu.num_gpus == 16 and p.hbm.num_devices == 80 and p.ssd.num_devices == 16
-    assert math.isclose(p.ddr.effective_gbps, 2 * get_platform().ddr.effective_gbps)
+    assert math.isclose(p.ddr.effective_gbps(), 2 * get_platform().ddr.effective_gbps())
     with pytest.raises(ConfigError):
         get_platform().scaled(0)

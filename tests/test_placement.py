@@ -10,6 +10,7 @@ from pamjax import batching, engine, locality, placement, systems
 from pamjax.types import (
     DDR,
     HBM,
+    MAPPING_SEQUENTIAL,
     NO_UNIT,
     PLACEMENT_FASTEST_FIRST,
     PLACEMENT_IMPORTANCE_RATIO,
@@ -88,17 +89,26 @@ def test_assign_bank_groups_greedy_and_sequential():
     is_new = jnp.array([True, True, True, False, True])
     request = jnp.array([0, 0, 1, 1, 2], jnp.int32)
     unit = jnp.array([0, 1, 0, 1, 5], jnp.int32)
+    groups_per_tier = [4.0, 2.0, 4.0]
     greedy = placement.assign_bank_groups(
-        params_for("pam", bank_groups_per_device=[4.0, 2.0, 4.0]), tier, is_new, order, request, unit)
+        params_for("pam", bank_groups_per_device=groups_per_tier), tier, is_new, order,
+        request, unit, 1)
     # HBM's new units go round-robin over its order [2, 0, 1, 3]: rows 0, 1, 4 -> 2, 0, 1.
     # DDR (2 groups): its first new unit takes order[DDR][0] = 1.
     np.testing.assert_array_equal(np.asarray(greedy)[np.asarray(is_new)], [2, 0, 1, 1])
-    naive_params = params_for("ls-pim", bank_groups_per_device=[4.0, 2.0, 4.0], naive_run_units=2)
-    naive = placement.assign_bank_groups(naive_params, tier, is_new, order, request, unit)
     start = np.asarray(placement.naive_start(request)).astype(np.int64)
     groups = np.array([4, 4, 2, 4, 4])
-    expected = (start % groups + np.asarray(unit) // 2) % groups
-    np.testing.assert_array_equal(naive, expected)
+    # Sequential: runs of 2 units per bank group from the request's start group.
+    sequential = placement.assign_bank_groups(
+        params_for("ls-pim", bank_groups_per_device=groups_per_tier, naive_run_units=2,
+                   mapping_policy=MAPPING_SEQUENTIAL), tier, is_new, order, request, unit, 1)
+    np.testing.assert_array_equal(sequential, (start % groups + np.asarray(unit) // 2) % groups)
+    # Striped (the baselines): token k on bank group start + k; a page of 4 tokens starts
+    # 4 groups further per page.
+    striped = placement.assign_bank_groups(
+        params_for("ls-pim", bank_groups_per_device=groups_per_tier), tier, is_new, order,
+        request, unit, 4)
+    np.testing.assert_array_equal(striped, (start % groups + np.asarray(unit) * 4) % groups)
 
 
 def test_spread_over_pages_matches_a_direct_loop():
@@ -116,7 +126,13 @@ def test_spread_over_pages_matches_a_direct_loop():
                 for j in range(page):
                     expected[t, (g + j) % count] += load[t, g] / page
         np.testing.assert_allclose(spread, expected, rtol=1e-6)
-    sequential = params_for("ls-pim", bank_groups_per_device=[4.0, 3.0, 8.0])
+    # The striped mapping spreads a page the same way; the sequential one keeps it whole.
+    striped = params_for("ls-pim", bank_groups_per_device=[4.0, 3.0, 8.0])
+    np.testing.assert_allclose(
+        placement.spread_over_pages(striped, jnp.asarray(load, jnp.float32), 5),
+        placement.spread_over_pages(params, jnp.asarray(load, jnp.float32), 5))
+    sequential = params_for("ls-pim", bank_groups_per_device=[4.0, 3.0, 8.0],
+                            mapping_policy=MAPPING_SEQUENTIAL)
     np.testing.assert_array_equal(
         placement.spread_over_pages(sequential, jnp.asarray(load, jnp.float32), 4), load)
 
@@ -181,7 +197,13 @@ def test_attention_load_counts_by_hand():
                                   selected=selected, persisted_units=jnp.int32(0),
                                   previously_selected_units=jnp.int32(0),
                                   selected_mass=jnp.float32(0))
-    activation, load = placement.attention_load(config, state, attended)
+    # Request 0's token landed in its unit 2 (DDR), request 1's in its unit 3 (SSD).
+    token = batching.DecodeToken(context=jnp.array([5, 8]), opens=jnp.array([True, False]),
+                                 unit=jnp.array([2, 3]), column=jnp.array([2, 4]),
+                                 overflow=jnp.bool_(False))
+    # A FlashDecoding chunk of 4 tokens = 2 units (page 2), no PAMattention.
+    params = params_for("ls-pim", decode_split_tokens=4, use_pamattention=False)
+    activation, load = placement.attention_load(config, params, state, attended, token)
     expected_bg = np.zeros((3, 4), int)
     expected_bg[HBM, 0] = 2 + 2  # request 0 unit 0, request 1 unit 0
     expected_bg[DDR, 0] = 1
@@ -192,6 +214,18 @@ def test_attention_load_counts_by_hand():
     np.testing.assert_array_equal(load.tier_requests, [2, 1, 1])
     # Partials: request 0 -> HBM bg 0, DDR bg 0; request 1 -> HBM bg 0, SSD bg 2.
     np.testing.assert_array_equal(load.active_bank_groups, [2, 1, 1])
+    # Chunks (units 0-1, units 2-3): request 0 -> HBM chunk 0, DDR chunk 1; request 1 ->
+    # HBM chunk 0, SSD chunks 0 (unit 1) and 1 (unit 2).
+    np.testing.assert_array_equal(load.active_chunks, [2, 1, 2])
+    # Top-k: the selector's target is ceil(1/8 x tokens) = 1 token per request (5 and 8
+    # tokens): min(held, 1) on each tier holding KV.
+    np.testing.assert_array_equal(load.topk_candidates, [2, 1, 1])
+    np.testing.assert_array_equal(load.decode_writes, [0, 1, 1])
     units_row = np.zeros((3, 4), int)
     units_row[HBM, 0], units_row[DDR, 0], units_row[SSD, 2] = 2, 1, 2
     np.testing.assert_array_equal(activation[0], units_row)
+    # With PAMattention the chunks are not counted (one partial per request and tier).
+    pam = params_for("pam", decode_split_tokens=4)
+    np.testing.assert_array_equal(
+        placement.attention_load(config, pam, state, attended, token)[1].active_chunks,
+        [0, 0, 0])

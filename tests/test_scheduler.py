@@ -20,8 +20,9 @@ def run(params, importance, tiers, max_swaps=8):
     tier = jnp.asarray([tiers], jnp.int8)
     bank_group = jnp.arange(len(tiers), dtype=jnp.int16)[None]
     present = tier >= 0
+    budget = jnp.full((1,), params.swap_budget, jnp.int32)  # pages per phase at page 1
     tier, bank_group, ds, hd = scheduler.schedule(params, importance, tier, bank_group,
-                                                  present, max_swaps)
+                                                  present, max_swaps, budget)
     return np.asarray(tier[0]), np.asarray(bank_group[0]), int(ds[0]), int(hd[0])
 
 
@@ -91,3 +92,18 @@ def test_migrated_tokens_counts_every_changed_unit():
     expected = np.zeros((3, 3), int)
     expected[HBM, DDR], expected[DDR, HBM], expected[SSD, DDR], expected[HBM, SSD] = 4, 3, 2, 4
     np.testing.assert_array_equal(migrated, expected)
+
+
+def test_the_swap_budget_is_in_tokens_whatever_the_page_size():
+    # 8 tokens per phase per step: at page 1 eight pages every step; at page 16 one page
+    # every second step, starting with the request's second decode step; at page 3 the
+    # allowance completes a page at steps 0, 1, 2 (8 // 3 = 2, then 16 // 3 = 5: 3 more).
+    steps = np.arange(96)
+    for page in (1, 2, 3, 16, 64):
+        pages = np.asarray(scheduler.pages_allowed(8, jnp.asarray(steps), page))
+        assert pages.min() >= 0
+        # The moved volume over 96 steps is the budget's, to within one page.
+        assert abs(int(pages.sum()) * page - 8 * 96) < page
+    np.testing.assert_array_equal(scheduler.pages_allowed(8, jnp.arange(4), 16), [0, 1, 0, 1])
+    np.testing.assert_array_equal(scheduler.pages_allowed(8, jnp.arange(3), 3), [2, 3, 3])
+    np.testing.assert_array_equal(scheduler.pages_allowed(0, jnp.arange(3), 1), [0, 0, 0])

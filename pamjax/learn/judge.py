@@ -194,7 +194,7 @@ def slo_throughput(setup: TrainSetup, params_by_name: dict, *, dataset: str, see
                                net if uses_net else None)
         for i, (name, b, _) in enumerate(runs):
             mi, si = index_config(m, i), index_config(states, i)
-            tpot = study.request_tpot_s(si, padded_workload(setup, workload))
+            tpot = _request_tpot_s(si, padded_workload(setup, workload))
             real = np.cumsum(mi.idle_s, dtype=np.float64) == 0  # before the first idle jump
             elapsed = float(np.sum(mi.step_time_s[real], dtype=np.float64))
             concurrency = np.asarray(mi.decode_requests) + np.asarray(mi.prefill_requests)
@@ -215,3 +215,29 @@ def slo_throughput(setup: TrainSetup, params_by_name: dict, *, dataset: str, see
     return out
 
 
+
+
+def _request_tpot_s(state, workload: Workload) -> np.ndarray:
+    """TPOT (s) of every request with at least two output tokens at the end of a run from
+    an empty system: (finish - first token) / (output - 1) for finished requests, (end -
+    first token) / (generated - 1) for running ones.
+
+    Args:
+      state: final EngineState of one configuration (host arrays).
+      workload: the workload it ran.
+
+    Returns:
+      f64 [n] seconds per output token after the first: finished requests, then running
+      ones.
+    """
+    now = float(state.clock_whole) + float(state.clock_frac)
+    first = np.asarray(state.req_first_token_s, np.float64)
+    finish = np.asarray(state.req_finish_s, np.float64)
+    out = np.asarray(workload.output_tokens)
+    done = np.isfinite(finish) & (out > 1)
+    tpot = [(finish[done] - first[done]) / (out[done] - 1)]
+    slots = np.asarray(state.slot_request)
+    generated = np.asarray(state.slot_generated)
+    live = (slots >= 0) & (generated >= 2)
+    tpot.append((now - first[slots[live]]) / (generated[live] - 1))
+    return np.concatenate(tpot)

@@ -167,10 +167,12 @@ def soft_knobs(knobs: KnobParams) -> SoftKnobs:
                      swap_budget=jnp.exp(knobs.log_budget))
 
 
-def knobs_to_params(params, knobs: KnobParams, max_swaps: int):
-    """Hard knobs for the exact engine: SimParams with x, y, lambda and an integer budget."""
+def knobs_to_params(params, knobs: KnobParams, max_swaps: int, page_size: int = 1):
+    """Hard knobs for the exact engine: SimParams with x, y, lambda and an integer budget
+    in tokens (at most the ``max_swaps`` pages of ``page_size`` tokens the engine can swap
+    per phase)."""
     soft = soft_knobs(knobs)
-    budget = jnp.clip(jnp.round(soft.swap_budget), 0, max_swaps).astype(jnp.int32)
+    budget = jnp.clip(jnp.round(soft.swap_budget), 0, max_swaps * page_size).astype(jnp.int32)
     return params.replace(target_x=jnp.exp(soft.log_x).astype(jnp.float32),
                           target_y=jnp.exp(soft.log_y).astype(jnp.float32),
                           ema_lambda=soft.ema_lambda.astype(jnp.float32), swap_budget=budget)

@@ -297,7 +297,8 @@ def _decode_step(config, params, knobs, seed, temperature, score_fn, net_params,
     target = soft_counts_placement(key, present, carry["count_hbm"], carry["count_ssd"],
                                    temperature, config.bisection_iters)
     needed = 0.5 * jnp.sum(jnp.abs(target - q_prev), axis=(1, 2))  # [R] units to move
-    moves = 4.0 * knobs.swap_budget
+    # Two phases a step, each swapping budget / page pages (two units move per swap).
+    moves = 4.0 * knobs.swap_budget / page
     p = config.budget_sharpness
     beta = (1.0 + (needed / jnp.maximum(moves, _EPS)) ** p) ** (-1.0 / p)
     q_new = q_prev + beta[:, None, None] * (target - q_prev)
@@ -312,7 +313,15 @@ def _decode_step(config, params, knobs, seed, temperature, score_fn, net_params,
         * config.bank_group_imbalance,
         tier_requests=jnp.sum(_soft_any(attends, 1), 0),
         tier_holders=jnp.sum(_soft_any(holds, 1), 0),
-        tier_active_bank_groups=jnp.sum(jnp.minimum(sel_units, params.bank_groups_per_device), 0),
+        tier_active_bank_groups=jnp.sum(jnp.minimum(sel_units, params.bank_groups_per_device),
+                                        0),
+        # PAMattention sends one partial per request and tier: the chunk count is unused.
+        tier_active_chunks=jnp.sum(_soft_any(attends, 1), 0),
+        tier_topk_candidates=jnp.sum(jnp.minimum(
+            jnp.einsum("rut,ru->rt", q_prev, tok),
+            jnp.maximum(jnp.ceil(params.select_fraction * jnp.sum(tok, -1)), 1.0)[:, None]),
+            0),
+        tier_decode_writes=jnp.array([r, 0.0, 0.0], jnp.float32),  # new tokens go to HBM
         prefill_tokens=jnp.float32(0.0),
         prefill_pairs=jnp.float32(0.0),
         prefill_tier_tokens=jnp.zeros(NUM_TIERS, jnp.float32),

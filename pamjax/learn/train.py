@@ -395,7 +395,8 @@ def run_study(setup: TrainSetup, *, family: str, seed: int, out_dir: str,
 
     policies = {"pam_rule": params, "grid_best": grid_best}
     if "knobs" in learned:
-        policies["learned_knobs"] = policy.knobs_to_params(params, learned["knobs"], MAX_SWAPS)
+        policies["learned_knobs"] = policy.knobs_to_params(params, learned["knobs"], MAX_SWAPS,
+                                                            setup.page_size)
     heldout = heldout_episodes(setup, seed, eval_trace)
     per_workload = judge_heldout(setup, params, policies, learned, heldout)
     names = list(next(iter(per_workload.values())))

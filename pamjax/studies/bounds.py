@@ -21,8 +21,12 @@ Notation (units in brackets):
   assumption-free); ``beta`` achievable HBM bytes/s per GPU = peak x ``bandwidth_fraction``
   (default the streaming efficiency, 0.85).
 * ``F`` FC FLOPs per token and ``W`` weight bytes streamed per decode iteration (models.py);
-  ``r_i`` tier i's effective PIM attention rate [bytes/s] (hardware.py: min of its internal
-  bandwidth and compute cap); ``C_i`` tier i's KV capacity [tokens] (systems.py).
+  ``r_i`` tier i's effective PIM attention rate [KV bytes/s], derived here from the
+  published organisation, timings and compute caps (:func:`pim_tier_rates`, its own short
+  formula, not hardware.py's: a test compares the two): ``devices x min(internal / passes,
+  cap / g)`` with ``g`` query heads per KV head (FLOPs per KV byte) and ``passes`` the
+  reads of each KV byte a PU buffer of ``B`` bytes needs, ``ceil(g / max(1, B / 2d))``;
+  ``C_i`` tier i's KV capacity [tokens] (systems.py).
 
 Lower bounds on the time of one decode iteration (one token for each of ``b`` requests):
 
@@ -31,8 +35,12 @@ Lower bounds on the time of one decode iteration (one token for each of ``b`` re
   per micro-batch that passes its stage. With ``m`` micro-batches a GPU reads ``m`` times,
   and since a micro-batch visits the ``pp`` stages in order the iteration spans at least
   ``pp`` stage passes, so it takes at least ``max(m, pp) W / (t pp beta) >= W / (t beta)``
-  (the same holds for pipelines that interleave iterations). Compute and weight reads of
-  the FC kernels overlap at best: the FC stage takes at least the larger of the two.
+  (the same holds for pipelines that interleave iterations). A mixture of experts reads
+  only the experts a micro-batch's tokens reach, ``W(b / m)``
+  (Model.streamed_weight_bytes_for_batch, uniform routing); W is concave in the tokens,
+  so ``max(m, pp) W(b / m) / (t pp beta) >= W(b / pp) / (t beta)`` for every m, the bound
+  used. Compute and weight reads of the FC kernels overlap at best: the FC stage takes at
+  least the larger of the two.
 * Attention in PIM: the tiers work in parallel, and a tier reads its attended KV plus the
   labels of every token it holds, at ``r_i`` at best (an unbalanced bank group is only
   slower). For any set Q of enabled tiers at most ``C_out = sum of C_i outside Q`` tokens
@@ -41,12 +49,18 @@ Lower bounds on the time of one decode iteration (one token for each of ``b`` re
   the ideal placement (every tier finishing together); Q = {i} is what capacity forces onto
   tier i alone.
 * Attention on the GPUs (vLLM-offload): KV in GPU HBM is read at ``G beta`` in a roofline
-  with the attention FLOPs ``4 L Hq D S / (G phi)``; offloaded KV crosses the tier's link
-  and the GPUs' PCIe, at ``min(link_i, G pcie)``, before the GPUs can use it (fetch, then
-  compute). The sum is smallest when KV fills the fastest tiers first.
+  with the attention FLOPs ``4 L Hq D S / (G phi)``; offloaded KV crosses its tier's device
+  links and the GPUs' PCIe, which DDR and SSD share, before the GPUs can use it (fetch,
+  then compute): at least the busiest of those links' bytes over its rate. Filling the
+  fastest tiers first minimises it.
 * Migration: a workload that moves ``mu`` tokens between tiers per decode token needs
   ``b mu k slowdown / rho`` with ``rho`` the slower link of the fastest pair of enabled
   tiers (PAM_SPEC §5 [D]); migration overlaps attention at best.
+
+* Offered load (open-loop arrivals, traces): a run whose requests arrive over ``span``
+  seconds and ask for ``O`` output tokens in all lasts at least ``span``, so it serves at
+  most ``O / span`` tokens/s (resource ``arrivals``): a system that keeps up with its trace
+  is bound by the trace, not by the hardware.
 
 Composition. Each layer's attention waits for its Q/K/V projections and the output
 projection waits for attention (PAM_SPEC §3), and neither PAM nor the baselines interleave
@@ -74,11 +88,10 @@ TPOT is at least ``T_iter`` at the running batch, so the batch must satisfy
 ``b' <= min(batch, capacity, SLO)``.
 
 Left out, on purpose (they are the engine's slack against the bound): link and collective
-latencies, kernel launch overhead, NVLink all-reduces and pipeline hand-offs, Q and
-partial-result traffic, bank-group imbalance, page-granular selection, non-ideal placement,
-migration the workload does not declare, prefill weight streaming and KV writes (below 6% of
-prefill FLOP time at a full prefill token budget on the preset), and prefill steps stalling
-decode.
+latencies, kernel launch overhead, all-reduces and pipeline hand-offs (decode and prefill),
+Q, partial-result and top-k traffic, decode KV writes, bank-group imbalance, page-granular
+selection, non-ideal placement, migration the workload does not declare, prefill weight
+streaming and KV writes, and prefill steps stalling decode.
 """
 
 from __future__ import annotations
@@ -102,13 +115,14 @@ LABEL_FRACTION_OF_KEY = 1.0 / 8.0
 """Selection-label bytes per key byte (Double Sparsity, PAM_SPEC §5 [D])."""
 
 RESOURCES = ("gpu_compute", "gpu_hbm", "pcie", "pim_hbm", "pim_ddr", "pim_ssd", "pim_tiers",
-             "migration")
+             "migration", "arrivals")
 """Resource names of ``Bound.per_resource``, in tie-break order for the binding resource.
 
 gpu_compute: FC (and GPU attention) FLOPs plus amortised prefill FLOPs; gpu_hbm: weights plus
 GPU-read KV; pcie: offloaded KV fetched to the GPUs; pim_<tier>: the KV work capacity forces
 onto that tier alone; pim_tiers: all enabled PIM tiers sharing the attention work (ideal
-placement, capacity-aware); migration: declared tier-to-tier moves.
+placement, capacity-aware); migration: declared tier-to-tier moves; arrivals: the output
+tokens per second a trace or an open-loop arrival process offers.
 """
 
 _EXHAUSTIVE = 1 << 12  # batches searched one by one; above, a geometric grid
@@ -158,6 +172,40 @@ class ClaimCheck(NamedTuple):
     binding_resource: str
 
 
+def pim_tier_rates(platform: Platform, model: Model) -> np.ndarray:
+    """Effective PIM attention rate of each tier, KV bytes/s, f64 [3] (TIER_NAMES order).
+
+    Derived here, independently of hardware.py's methods, from the published figures: a
+    DRAM bank streams a full row of ``row`` bytes in ``max(tRAS + tRP, tRCD + ceil(row /
+    column) tCCD_L + tRP, tRC)`` command-clock cycles (clock = pin rate / transfers per
+    clock) and every bank of the device streams at once; an SSD reads ``dies x page``
+    bytes per tR on each channel, at most the channel bus. A PU buffer holds
+    ``max(1, buffer // (2 head_dim))`` FP16 query vectors, so serving the ``g = Hq / Hkv``
+    query heads of a KV head reads each KV byte ``ceil(g / held)`` times, and the compute
+    cap (the power-limited figure, or the PUs' raw peak if lower) does ``g`` FLOPs per KV
+    byte. Rate = devices x min(internal / passes, cap / g).
+    """
+    g = model.q_heads // model.kv_heads
+    rates = []
+    for tier in platform.tiers:
+        d = tier.device
+        if hasattr(d, "row_bytes"):
+            banks = (d.channels * d.pseudo_channels * d.ranks * d.chips_per_rank
+                     * d.bank_groups * d.banks_per_group)
+            cycles = max(d.tRAS + d.tRP, d.tRCD + math.ceil(d.row_bytes / d.column_bytes)
+                         * d.tCCD_L + d.tRP, d.tRC)
+            internal = banks * d.row_bytes * (d.pin_gbps / d.transfers_per_clock) * 1e9 / cycles
+            peak = banks * d.pu_lanes * 2 * d.pu_clock_ghz * 1e9
+        else:
+            internal = d.channels * min(d.dies_per_channel * d.page_bytes / (d.tR_us * 1e-6),
+                                        d.channel_mts * 1e6 * d.channel_bus_bits / 8)
+            peak = d.pu_count * d.pu_lanes * 2 * d.pu_clock_ghz * 1e9
+        passes = math.ceil(g / max(1, d.pu_buffer_bytes // (2 * model.head_dim)))
+        cap = min(d.compute_cap_gflops * 1e9, peak)
+        rates.append(tier.num_devices * min(internal / passes, cap / g))
+    return np.array(rates)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Setup:
     """Everything the closed forms need, in SI units (bytes, s, FLOP)."""
@@ -168,11 +216,13 @@ class _Setup:
     tiers: tuple[int, ...]  # enabled tier indices, TIER_NAMES order
     capacity: np.ndarray  # [3] KV tokens per tier (0 where disabled)
     pim_rate: np.ndarray  # [3] effective PIM attention bytes/s per tier
-    fetch_rate: np.ndarray  # [3] bytes/s a GPU-side reader gets from each tier
+    link_rate: np.ndarray  # [3] bytes/s of each tier's device links (HBM: all GPUs' HBM)
+    pcie_rate: float  # bytes/s of the GPUs' PCIe links together
     kv: float  # bytes per token
     select: float  # attended fraction f
     label: float  # label bytes per held token / kv (lam)
-    weights_s: float  # W / (t beta)
+    weight_rate: float  # t beta: the rate one copy of the weights is streamed at, bytes/s
+    stages: int  # pp
     fc_s_per_token: float  # F / (G phi)
     attn_s_per_token: float  # attention FLOPs per attended token / (G phi)
     prefill_s: float  # P(p) / (G phi), per request
@@ -219,11 +269,8 @@ def _setup(system, model, *, mean_prompt, mean_output, mean_context=None, platfo
     links = np.array([t.link_total_gbps * 1e9 for t in platform.tiers])
     gpu_flops = gpu.num_gpus * gpu.peak_tflops * 1e12 * compute_fraction
     gpu_mem = gpu.hbm_tbps * 1e12 * bandwidth_fraction
-    # A GPU-side reader gets its own HBM at every GPU's bandwidth; offloaded tiers come over
-    # their link and then the GPUs' PCIe, whichever is slower.
-    fetch_rate = np.minimum(links, gpu.num_gpus * gpu.pcie_gbps * 1e9)
-    fetch_rate[0] = gpu.num_gpus * gpu_mem
     pairs = [min(links[i], links[j]) for i, j in itertools.combinations(tiers, 2)]
+    links[0] = gpu.num_gpus * gpu_mem  # a GPU-side reader gets HBM at every GPU's rate
     migration = 0.0
     if pairs and migrated_tokens_per_decode_token > 0:
         migration = migrated_tokens_per_decode_token * kv * system.migration_slowdown \
@@ -232,11 +279,11 @@ def _setup(system, model, *, mean_prompt, mean_output, mean_context=None, platfo
     return _Setup(
         system=system, model=model, on_pim=system.attention_on_pim, tiers=tiers,
         capacity=capacity,
-        pim_rate=np.array([t.effective_gbps * 1e9 for t in platform.tiers]),
-        fetch_rate=fetch_rate, kv=kv,
+        pim_rate=pim_tier_rates(platform, model), link_rate=links,
+        pcie_rate=gpu.num_gpus * gpu.pcie_gbps * 1e9, kv=kv,
         select=access.select_fraction if sparse else 1.0,
         label=model.key_bytes_per_token * label_fraction_of_key / kv if sparse else 0.0,
-        weights_s=model.streamed_weight_bytes / (gpu.tensor_parallel * gpu_mem),
+        weight_rate=gpu.tensor_parallel * gpu_mem, stages=gpu.pipeline_parallel,
         fc_s_per_token=model.fc_flops_per_token / gpu_flops,
         attn_s_per_token=model.attention_flops(1.0) / gpu_flops,
         prefill_s=model.prefill_flops(mean_prompt) / gpu_flops,
@@ -255,7 +302,11 @@ def _iteration_terms(s: _Setup, b: np.ndarray) -> dict[str, np.ndarray]:
     held = b * s.mean_context
     attended = s.select * held
     zero = np.zeros_like(held)
-    terms = {"fc_compute": b * s.fc_s_per_token, "weights": np.full_like(held, s.weights_s),
+    # The weights an iteration of b tokens streams at least (module docstring): W(b / pp),
+    # every weight for a dense model.
+    weights = s.model.streamed_weight_bytes_for_batch(b / s.stages) / s.weight_rate
+    terms = {"fc_compute": b * s.fc_s_per_token, "weights": np.broadcast_to(weights,
+                                                                               held.shape),
              "migration": b * s.migration_s_per_token}
     if s.on_pim:
         slowest = zero
@@ -271,21 +322,24 @@ def _iteration_terms(s: _Setup, b: np.ndarray) -> dict[str, np.ndarray]:
         terms["pim_tiers"] = slowest
         terms.update(attn_flops=zero, kv_hbm=zero, fetch=zero)
         return terms
-    # GPU attention: fill the fastest tiers first, held tokens and attended tokens alike
-    # (prices per byte are fixed per tier, so greedy filling minimises the serial sum).
-    order = sorted(s.tiers, key=lambda i: -s.fetch_rate[i])
+    # GPU attention: fill the fastest tiers first (HBM, then the host-side tiers, DDR
+    # before SSD), held tokens and attended tokens alike: the HBM part is read in place and
+    # the rest fetched over the busiest of the links it crosses.
+    fetched = {}
     held_before = attended_before = zero
-    kv_hbm = fetch = zero
-    for rank, i in enumerate(order):
-        last = rank == len(order) - 1
+    for rank, i in enumerate(s.tiers):
+        last = rank == len(s.tiers) - 1
         n = held - held_before if last else np.clip(held - held_before, 0.0, s.capacity[i])
         a = np.clip(attended - attended_before, 0.0, n)
-        time = s.kv * (a + s.label * n) / s.fetch_rate[i]
-        if i == 0:
-            kv_hbm = kv_hbm + time
-        else:
-            fetch = fetch + time
+        fetched[i] = s.kv * (a + s.label * n)
         held_before, attended_before = held_before + n, attended_before + a
+    kv_hbm = fetched.get(0, zero) / s.link_rate[0]
+    host = [i for i in s.tiers if i != 0]
+    fetch = zero
+    if host:
+        fetch = sum(fetched[i] for i in host) / s.pcie_rate
+        for i in host:
+            fetch = np.maximum(fetch, fetched[i] / s.link_rate[i])
     terms.update(attn_flops=attended * s.attn_s_per_token, kv_hbm=kv_hbm, fetch=fetch,
                  pim_tiers=zero)
     return terms
@@ -572,31 +626,42 @@ def bounds_table(systems: Iterable, model, workload, slo_ms: float | None = None
 
 
 def run_bound(system, model, *, prompts, outputs, concurrency: int, prefill: bool = True,
-              platform: Platform | None = None, **kwargs) -> Bound:
+              platform: Platform | None = None, mean_context: float | None = None,
+              offered_tokens_per_s: float | None = None, **kwargs) -> Bound:
     """Upper bound on the throughput of one simulated run, from the requests it served.
 
     A run that prefilled the requests with lengths ``prompts``/``outputs`` and never had more
     than ``concurrency`` of them running cannot beat this, whatever their mix:
 
-    * decode: a step with ``b' <= concurrency`` requests holds at least one output token per
-      request beyond its prompt, so its mean context is at least ``1 +`` the mean of the
-      ``b'`` smallest prompts; the bound is the best ``b'`` at that context (capacity and
-      SLO play no part: the run's own concurrency already obeyed them).
+    * decode: with ``mean_context`` (a run that measured the mean context of its decoding
+      requests, e.g. a steady-state window), the best ``b' <= concurrency`` at that context
+      (a step's time is convex in its requests' context, so the mean context under-states
+      the mean step time); without it, a step with ``b' <= concurrency`` requests holds at
+      least one output token per request beyond its prompt, so its mean context is at
+      least ``1 +`` the mean of the ``b'`` smallest prompts, and the bound is the best
+      ``b'`` at that context. Capacity and SLO play no part: the run's own concurrency
+      obeyed them.
     * whole run (``prefill=True``): at most ``sum(outputs)`` tokens come from
       ``len(prompts)`` prefills costing at least ``P(mean prompt)`` each (P is convex), so
       the prefill share per output token is at least the steady state's at the mean lengths.
+    * offered load: a run fed by arrivals cannot serve more than they offer
+      (``offered_tokens_per_s``, resource ``arrivals``).
 
     Args:
       system, model: names or objects.
       prompts, outputs: int [n] lengths of the requests the run admitted, tokens (n >= 1).
       concurrency: the run's largest number of requests running at once (>= 1).
       prefill: bound whole-run throughput (True) or decode-only throughput (False).
-      platform: hardware (default the preset); **kwargs: further :func:`throughput_curve`
-        arguments (access, compute_fraction, ...).
+      platform: hardware (default the preset).
+      mean_context: measured mean context of the decoding requests, tokens, or None.
+      offered_tokens_per_s: output tokens the arrivals offer per second (total output
+        tokens / the span of the arrivals), or None for a closed loop.
+      **kwargs: further :func:`throughput_curve` arguments (access, compute_fraction, ...).
 
     Returns:
-      Bound at the best batch ``b' <= concurrency`` (``batch_limit`` = "run",
-      ``capacity_batch`` from the mean lengths, ``slo_batch`` None).
+      Bound at the best batch ``b' <= concurrency`` (``batch_limit`` = "run", or
+      "arrivals" when the offered load binds; ``capacity_batch`` from the mean lengths,
+      ``slo_batch`` None).
     """
     prompts = np.asarray(prompts, np.float64)
     outputs = np.asarray(outputs, np.float64)
@@ -605,8 +670,14 @@ def run_bound(system, model, *, prompts, outputs, concurrency: int, prefill: boo
                           "admitted requests' prompt and output lengths (n >= 1)")
     if not isinstance(concurrency, (int, np.integer)) or concurrency < 1:
         raise ConfigError("concurrency", concurrency, "must be an integer >= 1")
-    batches = np.arange(1, min(int(concurrency), prompts.size) + 1, dtype=np.float64)
-    context = 1.0 + np.cumsum(np.sort(prompts))[:batches.size] / batches
+    if offered_tokens_per_s is not None and not offered_tokens_per_s > 0:
+        raise ConfigError("offered_tokens_per_s", offered_tokens_per_s, "must be > 0")
+    if mean_context is None:
+        batches = np.arange(1, min(int(concurrency), prompts.size) + 1, dtype=np.float64)
+        context = 1.0 + np.cumsum(np.sort(prompts))[:batches.size] / batches
+    else:
+        batches = np.arange(1, int(concurrency) + 1, dtype=np.float64)
+        context = np.full(batches.shape, float(mean_context))
     stats = dict(mean_prompt=float(prompts.mean()), mean_output=float(outputs.mean()),
                  platform=platform, prefill=prefill, **kwargs)
     rates = throughput_curve(system, model, batches, mean_context=context, **stats)
@@ -615,13 +686,73 @@ def run_bound(system, model, *, prompts, outputs, concurrency: int, prefill: boo
     b = batches[best:best + 1]
     per_resource = {key: float(1.0 / time[0]) if time[0] > 0 else math.inf
                     for key, time in _resource_times(s, b, _iteration_terms(s, b)).items()}
+    tokens_per_s, limit = float(rates[best]), "run"
+    if offered_tokens_per_s is not None:
+        per_resource["arrivals"] = float(offered_tokens_per_s)
+        if offered_tokens_per_s < tokens_per_s:
+            tokens_per_s, limit = float(offered_tokens_per_s), "arrivals"
     binding = min(per_resource, key=lambda key: (per_resource[key], RESOURCES.index(key)))
-    return Bound(system=s.system.name, model=s.model.name, tokens_per_s=float(rates[best]),
+    return Bound(system=s.system.name, model=s.model.name, tokens_per_s=tokens_per_s,
                  binding_resource=binding,
                  per_resource={k: per_resource[k] for k in RESOURCES if k in per_resource},
-                 batch=int(b[0]), max_batch=int(concurrency), batch_limit="run",
+                 batch=int(b[0]), max_batch=int(concurrency), batch_limit=limit,
                  capacity_batch=_capacity_batch(s), slo_batch=None,
                  iteration_s=float(_iteration_s(_iteration_terms(s, b))[0]))
+
+
+def window_bound(system, model, *, prefilled_prompts, decode_tokens: int, concurrency: int,
+                 mean_context: float, platform: Platform | None = None,
+                 mean_output: float = 1.0, **kwargs) -> Bound:
+    """Upper bound on a measured window's throughput (every token over the window's time).
+
+    The window produced ``decode_tokens`` by decode iterations, each at least T_iter(b') /
+    b' at its mean context for the best ``b' <= concurrency`` (:func:`run_bound` with
+    ``prefill=False``), and prefilled ``prefilled_prompts`` (one first token each), each at
+    least ``P(p) / (G phi)`` on the GPUs the decode iterations also need, in series with
+    them (prefill priority). So its tokens per second are at most (decode tokens + prompts)
+    / (their sum of those times): exact per prompt, with no assumption about how the
+    window's prefills relate to its outputs.
+
+    Args:
+      system, model: names or objects.
+      prefilled_prompts: int [k] prompt lengths of the requests prefilled in the window.
+      decode_tokens: tokens decode iterations produced in the window (>= 1).
+      concurrency: the window's largest number of requests running at once.
+      mean_context: the decoding requests' mean context in the window, tokens.
+      platform: hardware; mean_output: unused by the decode part (>= 1);
+      **kwargs: further :func:`throughput_curve` arguments.
+
+    Returns:
+      Bound (``batch_limit`` "run"): the decode part's binding resource, or
+      ``gpu_compute`` when the prefills alone would take longer than the decode tokens.
+    """
+    prompts = np.asarray(prefilled_prompts, np.float64)
+    if decode_tokens < 1:
+        raise ConfigError("decode_tokens", decode_tokens, "must be >= 1")
+    decode = run_bound(system, model, prompts=np.ones(1), outputs=np.full(1, mean_output),
+                       concurrency=concurrency, prefill=False, platform=platform,
+                       mean_context=mean_context, **kwargs)
+    s = _setup(system, model, mean_prompt=1.0, mean_output=max(mean_output, 1.0),
+               mean_context=mean_context, platform=platform, **kwargs)
+    seconds_per_flop = s.fc_s_per_token / s.model.fc_flops_per_token  # 1 / (G phi)
+    prefill_s = seconds_per_flop * sum(s.model.prefill_flops(float(n)) for n in prompts)
+    decode_s = decode_tokens / decode.tokens_per_s
+    tokens = decode_tokens + prompts.size
+    per_resource = {key: tokens / (decode_tokens / rate) if rate < math.inf else math.inf
+                    for key, rate in decode.per_resource.items()}
+    compute = decode_tokens / decode.per_resource.get("gpu_compute", math.inf) + prefill_s
+    per_resource["gpu_compute"] = tokens / compute if compute > 0 else math.inf
+    binding = min(per_resource, key=lambda key: (per_resource[key], RESOURCES.index(key)))
+    return dataclasses.replace(decode, tokens_per_s=tokens / (decode_s + prefill_s),
+                               binding_resource=binding, per_resource=per_resource)
+
+
+def offered_load(workload) -> float | None:
+    """Output tokens per second a workload's arrivals offer: all its output tokens over
+    the span from the first arrival to the last (None when they all arrive at once: a
+    closed loop or an offline queue offers whatever the system can take)."""
+    span = float(workload.arrival_s[-1] - workload.arrival_s[0])
+    return float(np.sum(workload.output_tokens)) / span if span > 0 else None
 
 
 def bound_columns(system, model, tokens_per_s: float, *, prompts, outputs, concurrency: int,

@@ -1,26 +1,28 @@
 """The PAM study reproduced: online, offline, energy, ablation and scaling (PAM_SPEC §7-8).
 
 Each study writes ``DIR/<study>.csv`` (columns exactly as listed in STUDY_COLUMNS) and
-``DIR/<study>.png``. ``quick`` shortens the simulated horizon (steps), never the grid.
+``DIR/<study>.png``. ``quick`` shortens the measuring window and the warm-up, never the grid.
+Every point is a closed loop at steady state (study.py): requests in flight at their
+stationary contexts from the first step, refilled as they finish, measured over a window
+after a warm-up; throughput counts every output token of the window (prefill amortised).
 
 Study setups ([D] where the publication gives no number):
 
-* online: 3 models x ShareGPT/WildChat/HumanEval x SLO 100/150/200 ms x 5 systems; batch
-  grid BATCH_GRID searched by one vmapped sweep per dataset (all models and systems
-  together); an offline queue keeps the batch full (study.py documents the SLO metric).
+* online: 3 models x ShareGPT/WildChat/HumanEval x SLO 100/150/200 ms x 5 systems; the batch
+  grid BATCH_GRID is searched by one vmapped sweep per dataset (all models and systems
+  together) and extended by doubling while a system still meets the loosest SLO
+  (study.slo_sweep, up to study.MAX_SEARCH_BATCH).
 * offline: LLaMA3-70B at batch 256/512/1024 and OPT-175B at 16/32/64 on arxiv-sum and
-  write-doc; the whole batch may be prefilled at once (no prefill token budget); the
-  throughput is the decode throughput at that batch (decode tokens over the time of the
-  steps that only decode), since with 4K-token prompts a short horizon is otherwise mostly
-  prefill. Scaling reports the same quantity.
-* energy: LLaMA3-70B and OPT-175B; online = WildChat at each system's largest batch under
+  write-doc; refills are prefilled at once (no prefill token budget: a batch job).
+* energy: LLaMA3-70B and OPT-175B; online = WildChat at each system's best batch under
   150 ms; offline = arxiv-sum at the middle offline batch. Joules per output token by
-  component.
+  component, static power included.
 * ablation: LLaMA3-70B on arxiv-sum at batch 32 and 512 (512 overflows HBM, so placement
-  and scheduling matter); attention time summed over the horizon, speedup = LS-PIM's
-  attention time / the variant's.
+  and scheduling matter); attention time over the window (migration sharing its links
+  included) and throughput, each relative to LS-PIM.
 * scaling: LLaMA3-70B on write-doc, a batch of 1024 requests, (TP, PP) over 4-32 GPUs, with
-  every tier's device count scaled by GPUs / 8 (the PAM node has 8 GPUs).
+  every tier's device count scaled by GPUs / 8 (the PAM node has 8 GPUs); past 8 GPUs a
+  tensor-parallel group spans nodes and all-reduces over RDMA.
 """
 
 from __future__ import annotations
@@ -33,7 +35,13 @@ from pamjax.errors import UnknownNameError
 from pamjax.hardware import get_platform
 from pamjax.studies import plots
 from pamjax.studies.report import write_csv
-from pamjax.studies.study import BOUND_COLUMNS, peak_under_slo, run_sweep
+from pamjax.studies.study import (
+    BOUND_COLUMNS,
+    MAX_SEARCH_BATCH,
+    peak_under_slo,
+    run_sweep,
+    slo_sweep,
+)
 from pamjax.systems import MAIN_SYSTEMS, Knobs
 from pamjax.types import ENERGY_COMPONENTS
 
@@ -53,36 +61,35 @@ ENERGY_MODELS = ("llama3-70b", "opt-175b")
 
 BOUND = list(BOUND_COLUMNS)
 STUDY_COLUMNS = {
-    "online": ["model", "dataset", "slo_ms", "system", "max_batch",
-               "throughput_tokens_per_s", "oom", *BOUND],
-    "offline": ["model", "dataset", "batch", "system", "throughput_tokens_per_s", "oom",
-                *BOUND],
-    "energy": ["model", "dataset", "mode", "system", "energy_j_per_token", "gpu_compute",
-               "gpu_memory", "pim_attention", "reduction", "transfer", "migration",
-               "throughput_tokens_per_s", *BOUND],
+    "online": ["model", "dataset", "slo_ms", "system", "max_batch", "search_limited", "batch",
+               "throughput_tokens_per_s", "tpot_p99_ms", "mean_context_tokens", "oom",
+               *BOUND],
+    "offline": ["model", "dataset", "batch", "system", "throughput_tokens_per_s",
+                "mean_batch", "mean_context_tokens", "tpot_p99_ms", "oom", *BOUND],
+    "energy": ["model", "dataset", "mode", "system", "energy_j_per_token",
+               *ENERGY_COMPONENTS, "throughput_tokens_per_s", *BOUND],
     "ablation": ["model", "dataset", "batch", "variant", "attention_time_s",
-                 "speedup_vs_ls_pim", "throughput_tokens_per_s", *BOUND],
+                 "speedup_vs_ls_pim", "throughput_tokens_per_s", "throughput_vs_ls_pim",
+                 "migrated_token_fraction_per_step", *BOUND],
     "scaling": ["model", "dataset", "tp", "pp", "system", "throughput_tokens_per_s", *BOUND],
 }
-"""Every study's throughput sits beside its physical bound (pamjax.studies.bounds.run_bound, via
-study.run_sweep): whole-run for online rows, decode-only where the study reports decode
-throughput (offline, offline energy, ablation, scaling)."""
+"""Every study's throughput sits beside its physical bound (pamjax.studies.bounds.run_bound,
+via study.run_sweep), whole-window throughput (prefill amortised) throughout."""
 
 OFFLINE_KNOBS = Knobs(prefill_token_budget=10**9)
 
 
-def _steps(quick: bool, full: int, short: int) -> int:
-    return short if quick else full
+def _window(quick: bool) -> dict:
+    """Measuring window and warm-up of every point (study.run_sweep), in engine steps."""
+    return {"steps": 64, "warmup": 16} if quick else {"steps": 256, "warmup": 32}
 
 
-def _with_bound(row: dict, sweep_row: dict, decode: bool) -> dict:
-    """``row`` plus the throughput and bound columns of ``sweep_row`` (decode-only or whole
-    run); a point that did not fit gets throughput 0 and no bound."""
-    prefix = "decode_" if decode else ""
+def _with_bound(row: dict, sweep_row: dict) -> dict:
+    """``row`` plus the throughput and bound columns of ``sweep_row``; a point that did not
+    fit gets throughput 0 and no bound."""
     fits = not sweep_row["oom"]
-    row["throughput_tokens_per_s"] = sweep_row[f"{prefix}throughput_tokens_per_s"] \
-        if fits else 0.0
-    row.update({c: sweep_row[f"{prefix}{c}"] if fits else None for c in BOUND})
+    row["throughput_tokens_per_s"] = sweep_row["throughput_tokens_per_s"] if fits else 0.0
+    row.update({c: sweep_row[c] if fits else None for c in BOUND})
     return row
 
 
@@ -90,39 +97,46 @@ def online(quick: bool, progress: bool) -> list[dict]:
     """Online study rows: peak throughput and max batch under each SLO (module docstring).
 
     Args:
-      quick: shorter horizons (same grid); progress: progress lines on stderr.
+      quick: shorter windows (same grid); progress: progress lines on stderr.
     """
     rows = []
     for dataset in ONLINE_DATASETS:
-        sweep = run_sweep(MAIN_SYSTEMS, list(MODELS3), dataset, BATCH_GRID,
-                          steps=_steps(quick, 256, 64), progress=progress)
+        sweep = slo_sweep(MAIN_SYSTEMS, list(MODELS3), dataset, BATCH_GRID, SLOS_MS,
+                          progress=progress, **_window(quick))
         for model in MODELS3:
             mine = [r for r in sweep if r["model"] == model]
             for slo in SLOS_MS:
                 for system, best in peak_under_slo(mine, slo).items():
-                    rows.append({"model": model, "dataset": dataset, "slo_ms": slo,
-                                 "system": system, "max_batch": best["max_batch"],
-                                 "throughput_tokens_per_s": best["throughput_tokens_per_s"],
-                                 "oom": best["max_batch"] == 0 and best["oom"],
-                                 **{c: best[c] if best["max_batch"] else None
-                                    for c in BOUND}})
+                    met = best["max_batch"] > 0
+                    rows.append({
+                        "model": model, "dataset": dataset, "slo_ms": slo, "system": system,
+                        "max_batch": best["max_batch"],
+                        "search_limited": best["max_batch"] == MAX_SEARCH_BATCH,
+                        "batch": best["batch"] if met else None,
+                        "throughput_tokens_per_s": best["throughput_tokens_per_s"],
+                        "tpot_p99_ms": best["tpot_p99_ms"] if met else None,
+                        "mean_context_tokens": best["mean_context_tokens"] if met else None,
+                        "oom": not met and best["oom"],
+                        **{c: best[c] if met else None for c in BOUND}})
     return rows
 
 
 def offline(quick: bool, progress: bool) -> list[dict]:
-    """Offline study rows: decode throughput at fixed batches, 4K-token prompts.
+    """Offline study rows: steady-state throughput at fixed batches.
 
     Args:
-      quick: shorter horizons (same grid); progress: progress lines on stderr.
+      quick: shorter windows (same grid); progress: progress lines on stderr.
     """
     rows = []
     for model, batches in OFFLINE.items():
         for dataset in OFFLINE_DATASETS:
-            sweep = run_sweep(MAIN_SYSTEMS, model, dataset, batches,
-                              steps=_steps(quick, 192, 48), knobs=OFFLINE_KNOBS,
-                              progress=progress)
+            sweep = run_sweep(MAIN_SYSTEMS, model, dataset, batches, knobs=OFFLINE_KNOBS,
+                              progress=progress, **_window(quick))
             rows += [_with_bound({"model": model, "dataset": dataset, "batch": r["batch"],
-                                  "system": r["system"], "oom": r["oom"]}, r, decode=True)
+                                  "system": r["system"], "oom": r["oom"],
+                                  "mean_batch": r["mean_batch"],
+                                  "mean_context_tokens": r["mean_context_tokens"],
+                                  "tpot_p99_ms": r["tpot_p99_ms"]}, r)
                      for r in sweep]
     return rows
 
@@ -131,48 +145,49 @@ def energy(quick: bool, progress: bool) -> list[dict]:
     """Energy study rows: joules per output token by component, online and offline.
 
     Args:
-      quick: shorter horizons (same grid); progress: progress lines on stderr.
+      quick: shorter windows (same grid); progress: progress lines on stderr.
     """
     rows = []
-    components = ENERGY_COMPONENTS
     for model in ENERGY_MODELS:
-        sweep = run_sweep(MAIN_SYSTEMS, model, "wildchat", BATCH_GRID,
-                          steps=_steps(quick, 256, 64), progress=progress)
-        picked = peak_under_slo(sweep, 150.0).values()
-        batch = OFFLINE[model][1]
-        picked = list(picked) + run_sweep(MAIN_SYSTEMS, model, "arxiv-sum", [batch],
-                                          steps=_steps(quick, 192, 48), knobs=OFFLINE_KNOBS,
-                                          progress=progress)
+        sweep = slo_sweep(MAIN_SYSTEMS, [model], "wildchat", BATCH_GRID, [150.0],
+                          progress=progress, **_window(quick))
+        picked = list(peak_under_slo(sweep, 150.0).values())
+        picked += run_sweep(MAIN_SYSTEMS, model, "arxiv-sum", [OFFLINE[model][1]],
+                            knobs=OFFLINE_KNOBS, progress=progress, **_window(quick))
         for r in picked:
             online_row = "max_batch" in r
             fits = not r["oom"] and (not online_row or r["max_batch"] > 0)
             row = {"model": model, "dataset": "wildchat" if online_row else "arxiv-sum",
                    "mode": "online" if online_row else "offline", "system": r["system"],
                    "energy_j_per_token": r["energy_j_per_token"] if fits else None}
-            row.update({c: r[f"energy_{c}"] if fits else None for c in components})
-            if online_row:
-                row.update(throughput_tokens_per_s=r["throughput_tokens_per_s"],
-                           **{c: r[c] if fits else None for c in BOUND})
-                rows.append(row)
-            else:
-                rows.append(_with_bound(row, r, decode=True))
+            row.update({c: r[f"energy_{c}"] if fits else None for c in ENERGY_COMPONENTS})
+            rows.append(_with_bound(row, dict(r, oom=not fits)))
     return rows
 
 
 def ablation(quick: bool, progress: bool) -> list[dict]:
-    """Ablation rows: attention time of PAM without each component vs LS-PIM.
+    """Ablation rows: attention time and throughput of PAM without each component, relative
+    to LS-PIM.
 
     Args:
-      quick: shorter horizons (same grid); progress: progress lines on stderr.
+      quick: shorter windows (same grid); progress: progress lines on stderr.
     """
     sweep = run_sweep(ABLATION_VARIANTS, "llama3-70b", "arxiv-sum", ABLATION_BATCHES,
-                      steps=_steps(quick, 192, 48), knobs=OFFLINE_KNOBS, progress=progress)
-    base = {r["batch"]: r["attention_time_s"] for r in sweep if r["system"] == "ls-pim"}
-    return [_with_bound({"model": "llama3-70b", "dataset": "arxiv-sum", "batch": r["batch"],
-                         "variant": r["system"], "attention_time_s": r["attention_time_s"],
-                         "speedup_vs_ls_pim": base[r["batch"]] / r["attention_time_s"]
-                         if r["attention_time_s"] > 0 else None}, r, decode=True)
-            for r in sweep]
+                      knobs=OFFLINE_KNOBS, progress=progress, **_window(quick))
+    base = {r["batch"]: r for r in sweep if r["system"] == "ls-pim"}
+
+    def ratio(a, b):
+        return a / b if b and a is not None else None
+
+    return [_with_bound({
+        "model": "llama3-70b", "dataset": "arxiv-sum", "batch": r["batch"],
+        "variant": r["system"], "attention_time_s": r["attention_time_s"],
+        "speedup_vs_ls_pim": ratio(base[r["batch"]]["attention_time_s"],
+                                   r["attention_time_s"]),
+        "throughput_vs_ls_pim": ratio(r["throughput_tokens_per_s"],
+                                      base[r["batch"]]["throughput_tokens_per_s"]),
+        "migrated_token_fraction_per_step": r["migrated_token_fraction_per_step"]}, r)
+        for r in sweep]
 
 
 def scaled_platform(tp: int, pp: int):
@@ -186,20 +201,19 @@ def scaled_platform(tp: int, pp: int):
 
 
 def scaling(quick: bool, progress: bool) -> list[dict]:
-    """Scaling rows: decode throughput over (TP, PP) with hardware scaled to the GPUs.
+    """Scaling rows: throughput over (TP, PP) with hardware scaled to the GPUs.
 
     Args:
-      quick: shorter horizons (same grid); progress: progress lines on stderr.
+      quick: shorter windows (same grid); progress: progress lines on stderr.
     """
     platforms = {f"{tp}x{pp}": scaled_platform(tp, pp) for tp, pp in SCALING_CONFIGS}
     sweep = run_sweep(SCALING_SYSTEMS, "llama3-70b", "write-doc", [1024], platforms=platforms,
-                      requests_per_slot=1, steps=_steps(quick, 192, 48), knobs=OFFLINE_KNOBS,
-                      progress=progress)
+                      knobs=OFFLINE_KNOBS, progress=progress, **_window(quick))
     rows = []
     for r in sweep:
         tp, pp = (int(v) for v in r["platform"].split("x"))
         rows.append(_with_bound({"model": "llama3-70b", "dataset": "write-doc", "tp": tp,
-                                 "pp": pp, "system": r["system"]}, r, decode=True))
+                                 "pp": pp, "system": r["system"]}, r))
     return rows
 
 
@@ -221,8 +235,8 @@ def _plot(study: str, rows: list[dict], path: pathlib.Path) -> None:
              "Peak throughput under the TPOT p99 SLO (OOM: no batch fits)", log=True)
     elif study == "offline":
         bars(lambda r: r["dataset"], lambda r: f"{r['model']}\nbatch {r['batch']}", "system",
-             "throughput_tokens_per_s", "decode tokens/s (log)",
-             "Offline decode throughput at fixed batch (OOM: out of memory)", log=True)
+             "throughput_tokens_per_s", "tokens/s (log)",
+             "Offline steady-state throughput at fixed batch (OOM: out of memory)", log=True)
     elif study == "energy":
         bars(lambda r: r["mode"], lambda r: f"{r['model']}\n{r['dataset']}", "system",
              "energy_j_per_token", "J / output token", "Energy per output token")
@@ -233,7 +247,7 @@ def _plot(study: str, rows: list[dict], path: pathlib.Path) -> None:
     else:
         bars(lambda r: f"{r['model']}, {r['dataset']}, 1024 requests",
              lambda r: f"TP{r['tp']} PP{r['pp']}\n{r['tp'] * r['pp']} GPUs", "system",
-             "throughput_tokens_per_s", "decode tokens/s",
+             "throughput_tokens_per_s", "tokens/s",
              "Scaling with hardware in proportion to the GPUs")
 
 

@@ -6,15 +6,14 @@ simulated and how:
 
 * **Configurations.** A simulated configuration is (hardware overrides, system, batch,
   seed); the SLO axis does not change a simulation, so every simulated configuration gives
-  one row per SLO (``meets_slo`` = fits and ``tpot_p99_ms <= slo_ms``). A synthetic workload
-  is ``max_requests`` requests (default ``2 x`` the largest batch) of the dataset drawn with
-  the configuration's seed, all waiting at t = 0 (an offline queue, as in study.run_sweep); a
-  trace gives the lengths of its first ``max_requests`` requests, also all queued at t = 0
-  (as ``pamjax compare --trace``: the batch must be able to fill for ``oom``/``meets_slo``
-  to mean anything), and the seed then only seeds the access model. Every configuration
-  runs ``steps`` engine steps, and its row has the columns of study.run_sweep (same
-  definitions: TPOT over finished and running requests, ``oom`` when the batch never ran
-  full, ...).
+  one row per SLO (``meets_slo`` = fits and ``tpot_p99_ms <= slo_ms``). Every configuration
+  is a closed loop at steady state, as in study.run_sweep: its batch of in-flight requests
+  and the refills are drawn (workload.steady_state, with the configuration's seed) from a
+  population: ``max_requests`` requests of the dataset (default study.POOL_REQUESTS) or
+  the lengths of a trace's first ``max_requests`` requests. It runs study.WARMUP_STEPS
+  steps, then the ``steps`` of its measuring window, and its row has the columns of
+  study.run_sweep (same definitions: TPOT in the window, ``oom`` when the in-flight
+  requests do not fit, ...).
 * **Grouping and compilation.** As in study.run_sweep, batch sizes within a factor of 8
   share one compiled program (study.slot_classes). Inside a class, configurations run in
   chunks of the same shape, the last one padded with copies of a real configuration (whose
@@ -104,11 +103,11 @@ from pamjax.errors import ConfigError, UnknownNameError
 from pamjax.hardware import Platform, get_platform
 from pamjax.models import Model, get_model
 from pamjax.progress import Progress
-from pamjax.simulation import choose_page_size, index_config, make_config, run_batch
+from pamjax.simulation import choose_page_size, index_config, make_config
 from pamjax.studies import study
 from pamjax.systems import Knobs, System, get_system, make_params, max_bank_groups
 from pamjax.traces import load_trace
-from pamjax.workload import DATASETS, Workload, synthetic
+from pamjax.workload import DATASETS, Workload, steady_state, synthetic
 
 KEY_COLUMNS = ("system", "overrides", "batch", "seed", "slo_ms")
 """Columns identifying a row, in sort order."""
@@ -236,14 +235,17 @@ def make_spec(*, model, workload, trace, max_requests, systems, batches, slo_ms,
 
 
 def _workloads(spec: SweepSpec) -> dict[int, Workload]:
-    """Host workload per seed (one trace for every seed)."""
+    """The request population per seed (one trace for every seed)."""
     if spec.trace:
         trace = load_trace(spec.trace, max_requests=spec.max_requests)
-        queued = Workload(np.zeros(trace.num_requests), trace.prompt_tokens,
-                          trace.output_tokens, name=trace.name)
-        return {seed: queued for seed in spec.seeds}
-    n = spec.max_requests or 2 * max(spec.batches)
+        return {seed: trace for seed in spec.seeds}
+    n = spec.max_requests or study.POOL_REQUESTS
     return {seed: synthetic(spec.workload, n, seed=seed) for seed in spec.seeds}
+
+
+def _steady(pools: dict, seed: int, batch: int, requests: int) -> Workload:
+    """The steady-state workload of one configuration (workload.steady_state)."""
+    return steady_state(pools[seed], batch, requests, seed=seed)
 
 
 def _columns(row: dict) -> list[str]:
@@ -356,11 +358,12 @@ def run(spec: SweepSpec, out_dir, *, resume: bool = False, chunk_size: int = 64,
     workloads = _workloads(spec)
     widest = max(workloads.values(), key=lambda w: w.max_context)
     page = choose_page_size(max(spec.batches), widest.max_context)
+    run_steps = study.WARMUP_STEPS + spec.steps
     platforms = {o: (spec.platform or get_platform()).with_overrides(parse_override(o))
                  for o in spec.overrides}
     bank_groups = max(max_bank_groups(p) for p in platforms.values())
     devices = jax.devices()  # of every process, in the same order on every process
-    classes, total = _plan(spec, done, widest, page, bank_groups, chunk_size)
+    classes, total = _plan(spec, done, workloads, page, bank_groups, chunk_size, run_steps)
 
     chunks = run_now = 0
     with Progress(total, desc="sweep", unit="config", enabled=progress and writer,
@@ -425,8 +428,8 @@ def _agree_on_done(done_rows: list[dict], error: ConfigError | None) -> set[tupl
     return {tuple(key) for key in message["done"]}
 
 
-def _plan(spec: SweepSpec, done: set, widest: Workload, page: int, bank_groups: int,
-          chunk_size: int) -> tuple[list, int]:
+def _plan(spec: SweepSpec, done: set, pools: dict, page: int, bank_groups: int,
+          chunk_size: int, run_steps: int) -> tuple[list, int]:
     """The chunks still to run: ([(EngineConfig, width, [(chunk, its configurations not
     done)])] per slot class, configurations in all).
 
@@ -439,6 +442,11 @@ def _plan(spec: SweepSpec, done: set, widest: Workload, page: int, bank_groups: 
         configs = [(o, s, b, seed) for o in spec.overrides for s in spec.systems
                    for b in group for seed in spec.seeds]
         total += len(configs)
+        # One request count per class (the stacked workloads share their shape).
+        requests = max(study.steady_requests(pool, group[-1], run_steps)
+                       for pool in pools.values())
+        widest = max((_steady(pools, seed, group[-1], requests) for seed in spec.seeds),
+                     key=lambda w: w.max_context)
         config = make_config(widest, group[-1], page_size=page, padded_bank_groups=bank_groups)
         units = config.num_slots * config.units_per_slot
         width = min(chunk_size, len(configs), max(1, study.UNIT_BUDGET // units))
@@ -501,15 +509,16 @@ def _run_chunk(spec, config, configs, width, devices, platforms, workloads, page
     params = [make_params(custom.get(s, s), spec.model, platforms[o], max_batch=b,
                           page_size=page, knobs=spec.knobs) for o, s, b, _ in configs]
     seeds = [seed for *_, seed in configs]
-    dev = [workloads[seed] for seed in seeds]
-    state, metrics = run_batch(config, params, dev, spec.steps, seeds=seeds, width=width,
-                               devices=devices)
+    dev = [_steady(workloads, seed, b, config.num_requests) for _, _, b, seed in configs]
+    opened, final, metrics = study.run_steady(config, params, dev, spec.steps,
+                                              study.WARMUP_STEPS, seeds, width=width,
+                                              devices=devices)
     name = pathlib.Path(spec.trace).name if spec.trace else spec.workload
     rows = []
     for i, (o, s, b, seed) in enumerate(configs):
         point = study.SweepPoint(custom.get(s, s), b, spec.model, platforms[o], o)
-        row = study.point_row(point, index_config(metrics, i), index_config(state, i), dev[i],
-                              page)
+        row = study.point_row(point, index_config(metrics, i), index_config(opened, i),
+                              index_config(final, i), dev[i], page)
         base = {"system": s, "overrides": o, "batch": b, "seed": seed, "model": row["model"],
                 "workload": name}
         rows.append([{**row, **base, "slo_ms": slo,
