@@ -17,6 +17,7 @@ import numpy as np
 
 from pamjax.errors import ConfigError
 from pamjax.learn import goodput
+from pamjax.progress import Progress
 
 METHODS = ("cma_es", "random_search")
 CMA_STD = 0.15  # CMA-ES initial step, in units of the box's width
@@ -44,7 +45,7 @@ def to_unit(setup, vectors) -> np.ndarray:
 
 
 def search(setup: goodput.GoodputSetup, method: str, start, workloads, budget: int,
-           seed: int) -> dict:
+           seed: int, progress: bool = False) -> dict:
     """Run one black-box method for ``budget`` exact evaluations.
 
     Args:
@@ -54,6 +55,7 @@ def search(setup: goodput.GoodputSetup, method: str, start, workloads, budget: i
       workloads: [(Workload, access seed)] training workloads, one per generation in turn.
       budget: exact rollouts to spend (rounded up to whole generations).
       seed: PRNG seed of the search.
+      progress: a progress bar over generations on stderr.
 
     Returns:
       {"best": knob vector [K] of the best evaluation, "best_goodput": its training goodput,
@@ -86,6 +88,7 @@ def search(setup: goodput.GoodputSetup, method: str, start, workloads, budget: i
     state = es.init(sub, mean, params)
     ask, tell = jax.jit(es.ask), jax.jit(es.tell)
     best, best_value, spent, trace, g = None, -np.inf, 0, [], 0
+    bar = Progress(-(-budget // pop), desc=method, unit="gen", enabled=progress)
     while spent < budget:
         key, k_ask, k_tell = jax.random.split(key, 3)
         population, state = ask(k_ask, state, params)
@@ -97,6 +100,8 @@ def search(setup: goodput.GoodputSetup, method: str, start, workloads, budget: i
         if values[i] > best_value:
             best, best_value = vectors[i], float(values[i])
         trace.append((spent, best.copy()))
+        bar.update(status=f"best {best_value:.0f} tok/s")
         # evosax minimises.
         state, _ = tell(k_tell, population, -jnp.asarray(values, jnp.float32), state, params)
+    bar.close()
     return {"best": best, "best_goodput": best_value, "trace": trace, "evaluations": spent}

@@ -291,7 +291,8 @@ def judge(setup: StudySetup, policies: dict, heldout: dict) -> dict:
 def rank_correlation(setup: StudySetup, params, policies: dict, heldout: dict, seed: int):
     """Spearman rank correlation of relaxed (at tau_end) and exact goodput over random
     policies of the black-box box plus ``policies``, on the first held-out workload; and
-    the relative gaps (relaxed - exact) / exact of throughput and TPOT p99 there."""
+    the relative gaps (relaxed - exact) / exact of throughput and TPOT p99 there. A
+    correlation is None where either side ranks nothing (all values equal)."""
     g = setup.goodput
     rng = np.random.default_rng(seed)
     vectors = np.concatenate([blackbox.to_knobs(setup.goodput,
@@ -303,9 +304,11 @@ def rank_correlation(setup: StudySetup, params, policies: dict, heldout: dict, s
     episode = loop_episode(setup, workload, pool, access)
     relax = [relaxed_terms(setup, params, v, episode, setup.tau_end) for v in vectors]
 
-    def rho(key):
-        return float(stats.spearmanr([r[key] for r in relax],
-                                     [e[key] for e in exact]).statistic)
+    def rho(key):  # None where either side is constant (no ranking to compare)
+        a, b = [r[key] for r in relax], [e[key] for e in exact]
+        if np.ptp(a) == 0 or np.ptp(b) == 0:
+            return None
+        return float(stats.spearmanr(a, b).statistic)
 
     def gap(key):
         return float(np.mean([(r[key] - e[key]) / e[key] for r, e in zip(relax, exact)
@@ -320,7 +323,8 @@ def rank_correlation(setup: StudySetup, params, policies: dict, heldout: dict, s
 
 def run_seed(setup: StudySetup, seed: int, eval_trace: str | None, progress: bool,
              methods=blackbox.METHODS) -> dict:
-    """The study for one training seed (see the module docstring)."""
+    """The study for one training seed (see the module docstring); ``methods`` = () runs
+    no black-box search (then no black_box_best: evosax is not needed)."""
     g = setup.goodput
     params = goodput.rule_params(g)
     exact_train, episodes = training_data(setup, seed)
@@ -342,22 +346,25 @@ def run_seed(setup: StudySetup, seed: int, eval_trace: str | None, progress: boo
 
     grid_best, grid_evals = grid_search(setup, rule, exact_train[0])
     bb_budget = int(np.ceil(setup.budget_factor * learned_evals))
-    searches = {m: blackbox.search(g, m, rule, exact_train, bb_budget, seed)
+    searches = {m: blackbox.search(g, m, rule, exact_train, bb_budget, seed, progress)
                 for m in methods}
-    bb_name = max(searches, key=lambda m: searches[m]["best_goodput"])
-    policies = {"pam_rule": rule, "learned": learned, "grid_best": grid_best,
-                "black_box_best": searches[bb_name]["best"],
-                **{m: s["best"] for m, s in searches.items()}}
+    policies = {"pam_rule": rule, "learned": learned, "grid_best": grid_best}
+    bb_name = max(searches, key=lambda m: searches[m]["best_goodput"]) if searches else None
+    if searches:
+        policies["black_box_best"] = searches[bb_name]["best"]
+        policies.update({m: s["best"] for m, s in searches.items()})
     per_workload = judge(setup, policies, heldout)
     curves = sample_efficiency(setup, rule_evals, per_relaxed, iterates, marks, learned_evals,
                                learned, searches, curve_workload)
-    corr = rank_correlation(setup, params, {k: policies[k] for k in POLICIES}, heldout, seed)
+    corr = rank_correlation(setup, params, {k: policies[k] for k in POLICIES
+                                            if k in policies}, heldout, seed)
     return {"seed": seed, "rule_batch": batch, "black_box_method": bb_name,
             "knobs": {k: dict(zip(goodput.KNOB_NAMES, map(float, v)))
                       for k, v in policies.items()},
             "heldout": {w: {p: r for p, r in rows.items()} for w, rows in per_workload.items()},
             "evaluations": {"learned": learned_evals, "grid": grid_evals,
-                            "black_box": bb_budget, "rule_batch_search": rule_evals,
+                            "black_box": bb_budget if searches else 0,
+                            "rule_batch_search": rule_evals,
                             **{m: s["evaluations"] for m, s in searches.items()}},
             "relaxed_rollout_in_exact_rollouts": per_relaxed,
             "exact_rollout_s": exact_s, "relaxed_rollout_with_gradient_s": relaxed_s,
@@ -398,12 +405,16 @@ def run_study(setup: StudySetup, *, seeds: int = 3, eval_trace: str | None = Non
               progress: bool = False, methods=blackbox.METHODS) -> dict:
     """The whole study over training seeds 0..seeds-1; the JSON of ``pamjax train-policy``.
 
+    ``methods``: the black-box methods to run (blackbox.METHODS; () for none, e.g. without
+    evosax: black_box_best is then absent).
+
     Returns:
       dict with heldout_goodput_tokens_per_s {pam_rule, learned, grid_best, black_box_best}
       (mean over seeds of each seed's mean over its held-out workloads), heldout_goodput_ci95
       (t interval over seeds), heldout_by_workload (mean over seeds), evaluations {learned,
       grid, black_box} (mean over seeds, exact-rollout equivalents), seeds,
-      relaxation_rank_correlation (goodput; mean over seeds), relaxation (per seed),
+      relaxation_rank_correlation (goodput; mean over the seeds where it is defined, else
+      None), relaxation (per seed),
       sample_efficiency (per seed), per_seed, setup and wall_seconds.
     """
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
@@ -411,10 +422,11 @@ def run_study(setup: StudySetup, *, seeds: int = 3, eval_trace: str | None = Non
     start = time.perf_counter()
     runs = [run_seed(setup, s, eval_trace, progress, methods) for s in range(seeds)]
     names = list(runs[0]["heldout"])
+    judged = [p for p in POLICIES if p in runs[0]["heldout"][names[0]]]
     per_seed = {p: [float(np.mean([r["heldout"][w][p]["goodput_tokens_per_s"]
-                                   for w in names])) for r in runs] for p in POLICIES}
+                                   for w in names])) for r in runs] for p in judged}
     by_workload = {w: {p: float(np.mean([r["heldout"][w][p]["goodput_tokens_per_s"]
-                                         for r in runs])) for p in POLICIES} for w in names}
+                                         for r in runs])) for p in judged} for w in names}
     rule = np.asarray(per_seed["pam_rule"])
     return {
         "objective": f"exact-engine goodput: output tokens/s of the steady-state window when "
@@ -430,14 +442,19 @@ def run_study(setup: StudySetup, *, seeds: int = 3, eval_trace: str | None = Non
         "evaluation_unit": "exact-rollout equivalents (one policy x one workload x "
                            "(warmup + window) steps)",
         "seeds": list(range(seeds)),
-        "relaxation_rank_correlation": float(np.mean([r["relaxation"]["goodput"]
-                                                      for r in runs])),
+        "relaxation_rank_correlation": _mean_or_none([r["relaxation"]["goodput"]
+                                                      for r in runs]),
         "relaxation": [r["relaxation"] for r in runs],
         "sample_efficiency": [r["sample_efficiency"] for r in runs],
         "per_seed": runs,
         "setup": _jsonable(dataclasses.asdict(setup)),
         "wall_seconds": time.perf_counter() - start,
     }
+
+
+def _mean_or_none(values):
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
 
 
 def _jsonable(value):

@@ -145,7 +145,8 @@ def refill_prefill_s(params, episode: LoopEpisode, shares):
 def loop_terms(config: LoopConfig, params, policy: LoopKnobs, episode: LoopEpisode,
                temperature, score_fn=None, net_params=None) -> dict:
     """The relaxed loop's quantities (all f32 []): goodput_tokens_per_s, throughput
-    (before the SLO factor), tpot_p99_ms (estimate), batch (continuous), slo_factor."""
+    (before the SLO factor), tpot_p99_ms (estimate), batch (continuous), slo_factor, tokens
+    (decoded and refill tokens of the episode), refills_per_step (lambda)."""
     cfg = config.relax
     r = cfg.batch
     soft = soft_knobs(policy.knobs)
@@ -171,7 +172,8 @@ def loop_terms(config: LoopConfig, params, policy: LoopKnobs, episode: LoopEpiso
     width = config.slo_softness * config.slo_ms * temperature / config.tau_end
     factor = jax.nn.sigmoid((config.slo_ms - p99_ms) / width)
     return {"goodput_tokens_per_s": throughput * factor, "throughput_tokens_per_s": throughput,
-            "tpot_p99_ms": p99_ms, "batch": batch, "slo_factor": factor}
+            "tpot_p99_ms": p99_ms, "batch": batch, "slo_factor": factor, "tokens": tokens,
+            "refills_per_step": refills}
 
 
 def relaxed_goodput(config: LoopConfig, params, policy: LoopKnobs, episode: LoopEpisode,
