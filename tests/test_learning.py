@@ -25,7 +25,6 @@ from pamjax.learn import (
     judge,
     policy,
     relaxed,
-    relaxed_loop,
     train,
 )
 from pamjax.simulation import index_config
@@ -192,38 +191,36 @@ def test_goodput_is_throughput_when_the_slo_holds_else_zero(tiny_data):
     assert loose[1]["tpot_p99_ms"] > loose[0]["tpot_p99_ms"]
 
 
-@pytest.fixture(scope="module")
-def loop_terms(tiny_data):
-    """Jitted (relaxed loop terms, gradient of throughput) of a knob vector on an episode at
-    a temperature: one compile for the loop tests."""
-    config = STUDY.loop_config()
-    params = goodput.rule_params(TINY)
-
-    def terms(v, episode, tau):
-        out = relaxed_loop.loop_terms(config, params, relaxed_loop.vector_to_knobs(v),
-                                      episode, tau)
-        return out["throughput_tokens_per_s"], out
-
-    fn = jax.jit(jax.value_and_grad(terms, has_aux=True))
-    return lambda v, e, tau: fn(jnp.asarray(v, jnp.float32), e, jnp.float32(tau))
+def _terms(vector, episode, tau):
+    """Relaxed loop terms through the study's cached jitted function (one compile, shared
+    with the study test)."""
+    return goodput_study.relaxed_terms(STUDY, goodput.rule_params(TINY), vector, episode, tau)
 
 
-def test_relaxed_goodput_gradient_matches_finite_differences(tiny_data, loop_terms):
-    episode = index_config(tiny_data[1], 0)
+def test_relaxed_goodput_gradient_matches_finite_differences(tiny_data):
+    episodes = jax.tree.map(lambda x: x[:1], tiny_data[1])
+    episode = index_config(episodes, 0)
     start = goodput.rule_vector(TINY, 3.0)
     start[1] = np.log(0.5)  # y where the SSD share matters
-    grad = np.asarray(loop_terms(start, episode, 0.5)[1])
+    # The gradient the training step follows (the study's cached step).
+    optimizer, step = goodput_study.train_step(STUDY)
+    theta = jnp.asarray(start)
+    value, grad = step(goodput.rule_params(TINY), theta, optimizer.init(theta), episodes,
+                       jnp.float32(0.5))[2:]
+    grad = np.asarray(grad)
+    assert float(value) == pytest.approx(_terms(start, episode, 0.5)["goodput_tokens_per_s"],
+                                         rel=1e-5)
     assert np.all(np.isfinite(grad)) and abs(grad[4]) > 1.0, grad
     h = 0.02
     for i in (1, 4):
         e = np.zeros(5, np.float32)
         e[i] = h
-        fd = (float(loop_terms(start + e, episode, 0.5)[0][0])
-              - float(loop_terms(start - e, episode, 0.5)[0][0])) / (2 * h)
+        fd = (_terms(start + e, episode, 0.5)["goodput_tokens_per_s"]
+              - _terms(start - e, episode, 0.5)["goodput_tokens_per_s"]) / (2 * h)
         assert fd == pytest.approx(grad[i], rel=0.1, abs=0.5), (i, fd, grad)
 
 
-def test_relaxed_loop_counts_members_while_they_live(tiny_data, loop_terms):
+def test_relaxed_loop_counts_members_while_they_live(tiny_data):
     episode = index_config(tiny_data[1], 0)
     steps, r = STUDY.relax_steps, TINY.max_batch
     # Request 1 finishes after its first step, the others outlive the episode.
@@ -232,13 +229,12 @@ def test_relaxed_loop_counts_members_while_they_live(tiny_data, loop_terms):
     tau_b = STUDY.loop_config().batch_temperature  # at tau_end
     member = 1.0 / (1.0 + np.exp(-(2.5 - np.arange(r) - 0.5) / tau_b))
     alive = np.array([steps, 1, steps, steps])
-    out = {k: float(v) for k, v in loop_terms(vector, short, STUDY.tau_end)[0][1].items()}
+    out = _terms(vector, short, STUDY.tau_end)
     refills = member.sum() / float(episode.mean_output)
     assert out["refills_per_step"] == pytest.approx(refills, rel=1e-5)
     assert out["tokens"] == pytest.approx((member * alive).sum() + refills * steps, rel=1e-5)
-    longer = loop_terms(vector, short.replace(remaining=jnp.full(r, 50, jnp.int32)),
-                        STUDY.tau_end)[0][1]
-    assert float(longer["tokens"]) > out["tokens"]
+    longer = _terms(vector, short.replace(remaining=jnp.full(r, 50, jnp.int32)), STUDY.tau_end)
+    assert longer["tokens"] > out["tokens"]
 
 
 def test_black_box_search_spends_its_budget_and_keeps_the_best(monkeypatch):
@@ -269,6 +265,7 @@ def test_black_box_search_spends_its_budget_and_keeps_the_best(monkeypatch):
 def test_study_reports_exact_engine_goodput_and_budgets():
     pytest.importorskip("evosax")
     result = goodput_study.run_study(STUDY, seeds=1)
+    assert set(result["heldout_by_workload"]) == {"arxiv-sum", "write-doc"}
     run, = result["per_seed"]
     for key in ("heldout_goodput_tokens_per_s", "heldout_goodput_ci95"):
         assert set(result[key]) == set(goodput_study.POLICIES)

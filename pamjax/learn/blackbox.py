@@ -44,6 +44,28 @@ def to_unit(setup, vectors) -> np.ndarray:
     return np.clip((np.asarray(vectors, np.float64) - lo) / (hi - lo), 0.0, 1.0)
 
 
+_STRATEGIES: dict = {}
+
+
+def _strategy(method: str, pop: int):
+    """(evosax strategy, its params, jitted ask, jitted tell) of a method and population
+    size, cached so that every search of that shape shares one compile."""
+    if (method, pop) not in _STRATEGIES:
+        from evosax.algorithms import CMA_ES, RandomSearch
+
+        dims = len(goodput.KNOB_NAMES)
+        dummy = jnp.zeros(dims, jnp.float32)
+        if method == "cma_es":
+            es = CMA_ES(population_size=pop, solution=dummy)
+            params = es.default_params.replace(std_init=CMA_STD)
+        else:
+            es = RandomSearch(population_size=pop, solution=dummy,
+                              sampling_fn=lambda k: jax.random.uniform(k, (dims,)))
+            params = es.default_params
+        _STRATEGIES[method, pop] = (es, params, jax.jit(es.ask), jax.jit(es.tell))
+    return _STRATEGIES[method, pop]
+
+
 def search(setup: goodput.GoodputSetup, method: str, start, workloads, budget: int,
            seed: int, progress: bool = False) -> dict:
     """Run one black-box method for ``budget`` exact evaluations.
@@ -69,24 +91,15 @@ def search(setup: goodput.GoodputSetup, method: str, start, workloads, budget: i
         raise ConfigError("method", method, f"must be one of {METHODS}")
     if not isinstance(budget, int) or budget < 1:
         raise ConfigError("budget", budget, "must be an integer >= 1")
-    from evosax.algorithms import CMA_ES, RandomSearch
-
     pop = setup.width
-    dims = len(goodput.KNOB_NAMES)
-    dummy = jnp.zeros(dims, jnp.float32)
+    es, params, ask, tell = _strategy(method, pop)
     if method == "cma_es":
-        es = CMA_ES(population_size=pop, solution=dummy)
-        params = es.default_params.replace(std_init=CMA_STD)
         mean = jnp.asarray(to_unit(setup, np.asarray(start)[None])[0], jnp.float32)
     else:
-        es = RandomSearch(population_size=pop, solution=dummy,
-                          sampling_fn=lambda k: jax.random.uniform(k, (dims,)))
-        params = es.default_params
-        mean = jnp.full(dims, 0.5, jnp.float32)
+        mean = jnp.full(len(goodput.KNOB_NAMES), 0.5, jnp.float32)
     key = jax.random.PRNGKey(seed)
     key, sub = jax.random.split(key)
     state = es.init(sub, mean, params)
-    ask, tell = jax.jit(es.ask), jax.jit(es.tell)
     best, best_value, spent, trace, g = None, -np.inf, 0, [], 0
     bar = Progress(-(-budget // pop), desc=method, unit="gen", enabled=progress)
     while spent < budget:

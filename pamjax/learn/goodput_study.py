@@ -153,11 +153,12 @@ def training_data(setup: StudySetup, seed: int):
 
 
 def heldout_data(setup: StudySetup, seed: int, trace: str | None) -> dict:
-    """{name: (Workload, access seed, pool)} of a seed's held-out workloads."""
+    """{name: (Workload, access seed, pool)} of a seed's held-out workloads: pools and
+    draws seeded 1 + seed and 101 + seed (disjoint from training's); names do not depend on
+    the seed, so results aggregate over seeds by name."""
     g = setup.goodput
-    pools = {f"{g.dataset}/seed{1 + seed}": goodput.dataset_pool(g, g.dataset, 1 + seed),
-             f"{setup.heldout_dataset}/seed{1 + seed}":
-             goodput.dataset_pool(g, setup.heldout_dataset, 1 + seed)}
+    pools = {g.dataset: goodput.dataset_pool(g, g.dataset, 1 + seed),
+             setup.heldout_dataset: goodput.dataset_pool(g, setup.heldout_dataset, 1 + seed)}
     if trace:
         pools[f"trace/{pathlib.Path(trace).name}"] = goodput.clipped_pool(
             g, load_trace(trace, max_requests=goodput.POOL_SIZE))
@@ -179,7 +180,8 @@ _STEPS: dict = {}
 
 def train_step(setup: StudySetup):
     """(optimizer, jitted step(params, theta, opt_state, episodes [E], tau) -> (theta,
-    opt_state, mean relaxed goodput)); one compile per setup."""
+    opt_state, mean relaxed goodput, its gradient at the input theta)); one compile per
+    setup."""
     schedule = optax.cosine_decay_schedule(setup.learning_rate, setup.iterations, alpha=0.1)
     optimizer = optax.chain(optax.clip_by_global_norm(setup.clip_norm), optax.adam(schedule))
     if setup not in _STEPS:
@@ -193,7 +195,8 @@ def train_step(setup: StudySetup):
         def step(params, theta, opt_state, episodes, tau):
             value, grads = jax.value_and_grad(loss)(theta, params, episodes, tau)
             updates, opt_state = optimizer.update(grads, opt_state, theta)
-            return optax.apply_updates(theta, updates), opt_state, -100.0 * value
+            return (optax.apply_updates(theta, updates), opt_state, -100.0 * value,
+                    -100.0 * grads)
 
         _STEPS[setup] = jax.jit(step)
     return optimizer, _STEPS[setup]
@@ -226,8 +229,8 @@ def train(setup: StudySetup, params, start, episodes, progress: bool = False):
             idx = (np.arange(setup.episodes) + i * setup.episodes) % count
             batch = jax.tree.map(lambda x, idx=idx: x[idx], episodes)
             t0 = time.perf_counter()
-            theta, opt_state, value = step(params, theta, opt_state, batch,
-                                           jnp.float32(temperature_at(setup, i)))
+            theta, opt_state, value, _ = step(params, theta, opt_state, batch,
+                                              jnp.float32(temperature_at(setup, i)))
             value = float(value)
             walls.append(time.perf_counter() - t0)
             iterates.append(np.asarray(theta))
