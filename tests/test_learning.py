@@ -191,7 +191,8 @@ def test_relaxed_goodput_gradient_matches_finite_differences(tiny_data):
     # The gradient the training step follows (the study's cached step).
     optimizer, step = goodput_study.train_step(STUDY)
     theta = jnp.asarray(start)
-    value, grad = step(params, theta, optimizer.init(theta), episodes, jnp.float32(0.5))[2:]
+    value, grad = step(params, theta, optimizer.init(theta), episodes, jnp.float32(0.5),
+                       jnp.float32(1.0))[2:]
     grad = np.asarray(grad)
     assert float(value) == pytest.approx(
         _terms(start, episode, 0.5, params)["goodput_tokens_per_s"], rel=1e-5)

@@ -7,7 +7,8 @@ For each training seed:
    dataset, the same of ``heldout_dataset`` and, when given, the trace.
 2. **PAM rule.** PAM's own knobs; its batch is the SLO search's answer over ``rule_batches``
    on the first training workload (as studies/study.py picks a batch), costing
-   len(rule_batches) exact rollouts.
+   len(rule_batches) exact rollouts. Their TPOT p99 also calibrates the relaxation's TPOT
+   level (:func:`tpot_calibration`, the median exact / relaxed ratio; no extra rollouts).
 3. **Learned (gradient).** Adam on the relaxed loop (learn/relaxed_loop.py) from the rule's
    point, ``episodes`` training episodes vmapped per iteration, temperature annealed
    geometrically; ``checkpoints`` iterates are then judged in the exact engine on the
@@ -179,21 +180,22 @@ _STEPS: dict = {}
 
 
 def train_step(setup: StudySetup):
-    """(optimizer, jitted step(params, theta, opt_state, episodes [E], tau) -> (theta,
-    opt_state, mean relaxed goodput, its gradient at the input theta)); one compile per
-    setup."""
+    """(optimizer, jitted step(params, theta, opt_state, episodes [E], tau, tpot_scale) ->
+    (theta, opt_state, mean relaxed goodput, its gradient at the input theta)); one compile
+    per setup."""
     schedule = optax.cosine_decay_schedule(setup.learning_rate, setup.iterations, alpha=0.1)
     optimizer = optax.chain(optax.clip_by_global_norm(setup.clip_norm), optax.adam(schedule))
     if setup not in _STEPS:
         config = setup.loop_config()
 
-        def loss(theta, params, episodes, tau):
+        def loss(theta, params, episodes, tau, scale):
             values = jax.vmap(lambda e: relaxed_loop.relaxed_goodput(
-                config, params, relaxed_loop.vector_to_knobs(theta), e, tau))(episodes)
+                config, params, relaxed_loop.vector_to_knobs(theta), e, tau,
+                tpot_scale=scale))(episodes)
             return -jnp.mean(values) / 100.0  # tokens/s in hundreds: O(1) gradients
 
-        def step(params, theta, opt_state, episodes, tau):
-            value, grads = jax.value_and_grad(loss)(theta, params, episodes, tau)
+        def step(params, theta, opt_state, episodes, tau, scale):
+            value, grads = jax.value_and_grad(loss)(theta, params, episodes, tau, scale)
             updates, opt_state = optimizer.update(grads, opt_state, theta)
             return (optax.apply_updates(theta, updates), opt_state, -100.0 * value,
                     -100.0 * grads)
@@ -205,20 +207,24 @@ def train_step(setup: StudySetup):
 _VALUES: dict = {}
 
 
-def relaxed_terms(setup: StudySetup, params, vector, episode, tau) -> dict:
+def relaxed_terms(setup: StudySetup, params, vector, episode, tau,
+                  tpot_scale: float = 1.0) -> dict:
     """Relaxed loop terms (relaxed_loop.loop_terms) of one policy on one episode, floats."""
     if setup not in _VALUES:
         config = setup.loop_config()
-        _VALUES[setup] = jax.jit(lambda p, v, e, t: relaxed_loop.loop_terms(
-            config, p, relaxed_loop.vector_to_knobs(v), e, t))
-    out = _VALUES[setup](params, jnp.asarray(vector, jnp.float32), episode, jnp.float32(tau))
+        _VALUES[setup] = jax.jit(lambda p, v, e, t, c: relaxed_loop.loop_terms(
+            config, p, relaxed_loop.vector_to_knobs(v), e, t, tpot_scale=c))
+    out = _VALUES[setup](params, jnp.asarray(vector, jnp.float32), episode, jnp.float32(tau),
+                         jnp.float32(tpot_scale))
     return {k: float(v) for k, v in out.items()}
 
 
-def train(setup: StudySetup, params, start, episodes, progress: bool = False):
+def train(setup: StudySetup, params, start, episodes, progress: bool = False,
+          tpot_scale: float = 1.0):
     """Adam from knob vector ``start`` on the stacked LoopEpisodes (batches of
-    setup.episodes taken in turn). Returns (iterates [I + 1, K], relaxed goodput per
-    iteration [I], wall seconds per iteration after the first)."""
+    setup.episodes taken in turn), the relaxed TPOT scaled by ``tpot_scale``. Returns
+    (iterates [I + 1, K], relaxed goodput per iteration [I], wall seconds per iteration
+    after the first)."""
     optimizer, step = train_step(setup)
     theta = jnp.asarray(start, jnp.float32)
     opt_state = optimizer.init(theta)
@@ -230,7 +236,8 @@ def train(setup: StudySetup, params, start, episodes, progress: bool = False):
             batch = jax.tree.map(lambda x, idx=idx: x[idx], episodes)
             t0 = time.perf_counter()
             theta, opt_state, value, _ = step(params, theta, opt_state, batch,
-                                              jnp.float32(temperature_at(setup, i)))
+                                              jnp.float32(temperature_at(setup, i)),
+                                              jnp.float32(tpot_scale))
             value = float(value)
             walls.append(time.perf_counter() - t0)
             iterates.append(np.asarray(theta))
@@ -259,14 +266,26 @@ def exact_rollout_seconds(setup: StudySetup, workload) -> float:
     return (time.perf_counter() - t0) / g.width
 
 
-def rule_batch(setup: StudySetup, workload) -> tuple[float, int]:
+def rule_batch(setup: StudySetup, workload, access: int) -> tuple[float, int, list]:
     """(the rule's batch: the highest-goodput batch of rule_batches meeting the SLO on
-    ``workload``, or the smallest; exact rollouts spent)."""
+    ``workload``, or the smallest; exact rollouts spent; their rows)."""
     g = setup.goodput
     vectors = np.stack([goodput.rule_vector(g, b) for b in setup.rule_batches])
-    values = goodput.goodput(g, vectors, [workload])
+    rows = goodput.evaluate(g, goodput.knob_params(g, vectors, goodput.max_budget_tokens(g)),
+                            workload, access)
+    values = np.array([r["goodput_tokens_per_s"] for r in rows])
     best = int(np.argmax(values)) if values.max() > 0 else 0
-    return float(setup.rule_batches[best]), len(setup.rule_batches)
+    return float(setup.rule_batches[best]), len(setup.rule_batches), rows
+
+
+def tpot_calibration(setup: StudySetup, params, rows, episode) -> float:
+    """Median over the rule's batch search of exact TPOT p99 / relaxed TPOT p99 (at
+    tau_end, uncalibrated) on the same training workload: the relaxation's TPOT level
+    corrected by exact rollouts already spent (no new ones)."""
+    ratios = [r["tpot_p99_ms"] / relaxed_terms(setup, params, goodput.rule_vector(
+                  setup.goodput, b), episode, setup.tau_end)["tpot_p99_ms"]
+              for b, r in zip(setup.rule_batches, rows) if np.isfinite(r["tpot_p99_ms"])]
+    return float(np.median(ratios)) if ratios else 1.0
 
 
 def grid_search(setup: StudySetup, start, workload):
@@ -291,9 +310,11 @@ def judge(setup: StudySetup, policies: dict, heldout: dict) -> dict:
             for w, (wl, s, _) in heldout.items()}
 
 
-def rank_correlation(setup: StudySetup, params, policies: dict, heldout: dict, seed: int):
-    """Spearman rank correlation of relaxed (at tau_end) and exact goodput over random
-    policies of the black-box box plus ``policies``, on the first held-out workload; and
+def rank_correlation(setup: StudySetup, params, policies: dict, heldout: dict, seed: int,
+                     tpot_scale: float = 1.0):
+    """Spearman rank correlation of relaxed (at tau_end, TPOT scaled by ``tpot_scale``) and
+    exact goodput over random policies of the black-box box plus ``policies``, on the first
+    held-out workload; and
     the relative gaps (relaxed - exact) / exact of throughput and TPOT p99 there. A
     correlation is None where either side ranks nothing (all values equal)."""
     g = setup.goodput
@@ -305,7 +326,8 @@ def rank_correlation(setup: StudySetup, params, policies: dict, heldout: dict, s
     exact = goodput.evaluate(g, goodput.knob_params(g, vectors, goodput.max_budget_tokens(g)),
                              workload, access)
     episode = loop_episode(setup, workload, pool, access)
-    relax = [relaxed_terms(setup, params, v, episode, setup.tau_end) for v in vectors]
+    relax = [relaxed_terms(setup, params, v, episode, setup.tau_end, tpot_scale)
+             for v in vectors]
 
     def rho(key):  # None where either side is constant (no ranking to compare)
         a, b = [r[key] for r in relax], [e[key] for e in exact]
@@ -334,11 +356,12 @@ def run_seed(setup: StudySetup, seed: int, eval_trace: str | None, progress: boo
     heldout = heldout_data(setup, seed, eval_trace)
     curve_workload = [next(iter(heldout.values()))[:2]]
 
-    batch, rule_evals = rule_batch(setup, exact_train[0])
+    batch, rule_evals, rule_rows = rule_batch(setup, *exact_train[0])
     rule = goodput.rule_vector(g, batch)
     exact_s = exact_rollout_seconds(setup, exact_train[0])
+    scale = tpot_calibration(setup, params, rule_rows, jax.tree.map(lambda x: x[0], episodes))
 
-    iterates, relaxed_curve, walls = train(setup, params, rule, episodes, progress)
+    iterates, relaxed_curve, walls = train(setup, params, rule, episodes, progress, scale)
     relaxed_s = float(np.median(walls)) / setup.episodes
     per_relaxed = relaxed_s / exact_s  # exact-rollout equivalents of one relaxed rollout
     marks = checkpoint_indices(setup)
@@ -360,8 +383,9 @@ def run_seed(setup: StudySetup, seed: int, eval_trace: str | None, progress: boo
     curves = sample_efficiency(setup, rule_evals, per_relaxed, iterates, marks, learned_evals,
                                learned, searches, curve_workload)
     corr = rank_correlation(setup, params, {k: policies[k] for k in POLICIES
-                                            if k in policies}, heldout, seed)
+                                            if k in policies}, heldout, seed, scale)
     return {"seed": seed, "rule_batch": batch, "black_box_method": bb_name,
+            "tpot_calibration": scale,
             "knobs": {k: dict(zip(goodput.KNOB_NAMES, map(float, v)))
                       for k, v in policies.items()},
             "heldout": {w: {p: r for p, r in rows.items()} for w, rows in per_workload.items()},

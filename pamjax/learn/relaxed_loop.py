@@ -143,10 +143,15 @@ def refill_prefill_s(params, episode: LoopEpisode, shares):
 
 
 def loop_terms(config: LoopConfig, params, policy: LoopKnobs, episode: LoopEpisode,
-               temperature, score_fn=None, net_params=None) -> dict:
+               temperature, score_fn=None, net_params=None, tpot_scale=1.0) -> dict:
     """The relaxed loop's quantities (all f32 []): goodput_tokens_per_s, throughput
     (before the SLO factor), tpot_p99_ms (estimate), batch (continuous), slo_factor, tokens
-    (decoded and refill tokens of the episode), refills_per_step (lambda)."""
+    (decoded and refill tokens of the episode), refills_per_step (lambda).
+
+    ``tpot_scale`` (f32 [], may be traced) multiplies the TPOT p99 estimate before the SLO
+    penalty: a calibration against exact measurements the caller already has
+    (learn/goodput_study.py fits it on the rule's batch search); 1 = uncalibrated.
+    """
     cfg = config.relax
     r = cfg.batch
     soft = soft_knobs(policy.knobs)
@@ -168,7 +173,8 @@ def loop_terms(config: LoopConfig, params, policy: LoopKnobs, episode: LoopEpiso
     step_s = cost.time_s + refills * t_p
     tokens = jnp.sum(weights) + refills * cfg.steps
     throughput = tokens / jnp.sum(step_s)
-    p99_ms = 1e3 * (jnp.mean(step_s) + Z_P99 * t_p * jnp.sqrt(refills / config.window))
+    p99_ms = 1e3 * tpot_scale * (jnp.mean(step_s)
+                                 + Z_P99 * t_p * jnp.sqrt(refills / config.window))
     width = config.slo_softness * config.slo_ms * temperature / config.tau_end
     factor = jax.nn.sigmoid((config.slo_ms - p99_ms) / width)
     return {"goodput_tokens_per_s": throughput * factor, "throughput_tokens_per_s": throughput,
@@ -177,7 +183,7 @@ def loop_terms(config: LoopConfig, params, policy: LoopKnobs, episode: LoopEpiso
 
 
 def relaxed_goodput(config: LoopConfig, params, policy: LoopKnobs, episode: LoopEpisode,
-                    temperature, score_fn=None, net_params=None):
+                    temperature, score_fn=None, net_params=None, tpot_scale=1.0):
     """Relaxed SLO goodput of one episode, tokens/s (f32 [])."""
     return loop_terms(config, params, policy, episode, temperature, score_fn,
-                      net_params)["goodput_tokens_per_s"]
+                      net_params, tpot_scale)["goodput_tokens_per_s"]
