@@ -29,7 +29,7 @@ EXAMPLES = {
              "--batches 64,128,256 --slo-ms 100,150 --seeds 0,1 --override ddr.num_devices=80 "
              "--out sweep-out",
     "bench": "pamjax bench --quick --json bench.json",
-    "train-policy": "pamjax train-policy --quick --json learned.json",
+    "train-policy": "pamjax train-policy --quick --seeds 3 --json learned.json",
     "bounds": "pamjax bounds --model opt-175b --workload sharegpt --slo-ms 150 "
               "--claim pam/vllm-offload=2.2",
 }
@@ -959,36 +959,37 @@ def _print_huge_runs(out: dict) -> None:
 
 
 def cmd_train_policy(args) -> int:
-    """`pamjax train-policy`: train, grid-search and judge placement policies
-    (pamjax.learn.train); prints the held-out table, optionally writes the result JSON."""
-    from pamjax.learn import train
-
-    setup = train.setup_for(quick=args.quick, model=args.model)
+    """`pamjax train-policy`: learned scheduling on SLO goodput (pamjax.learn.goodput_study):
+    the PAM rule, the gradient through the relaxed loop, the grid and black-box search,
+    all judged by the exact engine; prints the held-out table, optionally writes JSON."""
+    from pamjax.learn import goodput_study
     from pamjax.provenance import command_record, describe_model
 
-    result = train.run_study(setup, family=args.family, seed=args.seed, out_dir=args.out,
-                             eval_trace=args.eval_trace, progress=not args.quiet)
+    try:
+        import evosax  # noqa: F401  (the black-box baselines)
+    except ImportError:
+        print("pamjax train-policy: error: the black-box baselines need evosax: "
+              "pip install 'pamjax[learn]'", file=sys.stderr)
+        return 2
+    setup = goodput_study.QUICK if args.quick else goodput_study.FULL
+    result = goodput_study.run_study(setup, seeds=args.seeds, eval_trace=args.eval_trace,
+                                     progress=not args.quiet)
     result["quick"] = args.quick
-    prov = command_record(args.argv, model=describe_model(args.model), seed=args.seed,
-                          family=args.family, quick=args.quick,
-                          setup="pamjax/learn/train.py setup_for(quick, model)")
-    # The CSVs run_study writes (pamjax/learn/train.py), when it wrote them.
-    _write_sidecars([p for p in (pathlib.Path(args.out) / name for name in
-                                 ("grid.csv", "training_curve.csv")) if p.is_file()], prov)
-    slo = result["slo_throughput_tokens_per_s"]
-    slo_columns = [f"@{s}" for s in next(iter(slo.values()))]
-    rows = []
-    for name, ms in result["heldout_step_time_ms"].items():
-        # "learned" is the family chosen on training episodes.
-        mine = slo.get(f"learned_{result['learned_family']}" if name == "learned" else name)
-        rows.append({"policy": name, "step ms": ms,
-                     **({f"@{s}": v for s, v in mine.items()} if mine else {})})
-    print("held-out mean decode-step time (exact engine), ms; SLO throughput tokens/s")
-    print(format_table(rows, ["policy", "step ms", *slo_columns]))
-    ev = result["simulator_evaluations"]
-    print(f"simulator evaluations: gradient {ev['gradient']} (relaxed), grid {ev['grid']} "
-          "(exact); relaxation gap "
-          + ", ".join(f"{k} {v:+.1%}" for k, v in result["relaxation_gap"].items()))
+    prov = command_record(args.argv, model=describe_model(setup.goodput.model),
+                          seeds=args.seeds, quick=args.quick,
+                          setup="pamjax/learn/goodput_study.py QUICK or FULL")
+    mean, ci = result["heldout_goodput_tokens_per_s"], result["heldout_goodput_ci95"]
+    ev = result["evaluations"]
+    budget = {"learned": ev["learned"], "grid_best": ev["grid"],
+              "black_box_best": ev["black_box"], "pam_rule": ev["rule_batch_search"]}
+    print(f"held-out goodput (exact engine, TPOT p99 <= {setup.goodput.slo_ms:g} ms), "
+          f"mean and 95% interval over {args.seeds} seed(s)")
+    print(format_table([{"policy": p, "tokens/s": v, "ci95 lo": ci[p][0], "ci95 hi": ci[p][1],
+                         "evaluations": budget[p]} for p, v in mean.items()],
+                       ["policy", "tokens/s", "ci95 lo", "ci95 hi", "evaluations"]))
+    print(f"learned / rule {result['learned_over_rule']:.3f}; relaxation rank correlation "
+          f"(goodput, Spearman) {result['relaxation_rank_correlation']:.2f}; "
+          f"{result['wall_seconds']:.0f} s")
     if args.json:
         _write_json(args.json, {**result, "provenance": prov})
     return 0
@@ -1255,23 +1256,17 @@ def _add_bench(sub) -> None:
 
 
 def _add_train_policy(sub) -> None:
-    from pamjax.models import MODELS
-
-    p = _command(sub, "train-policy", "learn a KV scheduling policy by gradient through the "
-                 "relaxed simulator, judged in the exact engine against PAM's rule and a grid "
-                 "search", cmd_train_policy)
-    p.add_argument("--quick", action="store_true", help="a short training run (under 10 "
-                   "minutes on a 2-core CPU)")
-    p.add_argument("--family", default="both", choices=["knobs", "net", "both"],
-                   help="PAM's knobs by gradient, a flax token-scoring network, or both")
-    p.add_argument("--model", default="opt-175b", choices=sorted(MODELS), metavar="M",
-                   help=f"one of: {', '.join(MODELS)} (default opt-175b: its KV spills "
-                        "out of HBM on long contexts, so placement matters)")
+    p = _command(sub, "train-policy", "learn PAM's scheduling knobs (x:y, lambda, swap "
+                 "budget, batch) for SLO goodput by gradient through the relaxed serving "
+                 "loop, against the rule, a grid and black-box search (CMA-ES, random "
+                 "search; evosax) at 10x the budget, all judged by the exact engine",
+                 cmd_train_policy)
+    p.add_argument("--quick", action="store_true", help="the QUICK setup (about 15 minutes "
+                   "on a 2-core CPU at 3 seeds)")
     p.add_argument("--eval-trace", metavar="PATH",
                    help="also evaluate on this trace CSV (held out)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="pamjax-out", help="output folder (checkpoints, training "
-                   "curve and grid CSVs)")
+    p.add_argument("--seeds", type=_positive_int, default=3,
+                   help="training seeds (default 3)")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     _add_quiet(p)
 

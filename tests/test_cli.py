@@ -284,40 +284,43 @@ def test_sweep_prints_the_largest_batch_per_slo(tmp_path, capsys):
 
 
 def test_train_policy_prints_its_table_and_writes_json(tmp_path, capsys, monkeypatch):
-    from pamjax.learn import train
+    pytest.importorskip("evosax")
+    from pamjax.learn import goodput_study
 
     # The study itself is tested in test_learning.py; this checks what the command prints.
     calls = []
+    policies = ("pam_rule", "learned", "grid_best", "black_box_best")
 
     def fake_study(setup, **kwargs):
         calls.append((setup, kwargs))
-        return {"learned_family": "net", "heldout_step_time_ms": {
-                    "pam_rule": 43.36, "grid_best": 44.42, "learned_knobs": 41.28,
-                    "learned_net": 41.73, "learned": 41.73},
-                "slo_throughput_tokens_per_s": {
-                    name: {"100ms": 0.0, "150ms": tps, "200ms": tps + 1.0}
-                    for name, tps in (("pam_rule", 201.8), ("grid_best", 193.4),
-                                      ("learned_knobs", 200.6), ("learned_net", 203.7))},
-                "simulator_evaluations": {"gradient": 120, "grid": 30},
-                "relaxation_gap": {"knobs": 0.014, "net": 0.015, "pam_rule": 0.033}}
+        return {"heldout_goodput_tokens_per_s": dict(zip(policies, (400.0, 431.5, 410.0,
+                                                                    425.25))),
+                "heldout_goodput_ci95": {p: [1.0, 2.0] for p in policies},
+                "evaluations": {"learned": 34.5, "grid": 24.0, "black_box": 345.0,
+                                "rule_batch_search": 8.0},
+                "learned_over_rule": 1.079, "relaxation_rank_correlation": 0.61,
+                "wall_seconds": 12.0, "seeds": [0, 1]}
 
-    monkeypatch.setattr(train, "run_study", fake_study)
+    monkeypatch.setattr(goodput_study, "run_study", fake_study)
     path = tmp_path / "learned.json"
-    assert main(["train-policy", "--quick", "--model", "llama3-8b", "--seed", "3", "--out",
-                 str(tmp_path), "--json", str(path), "--quiet"]) == 0
+    assert main(["train-policy", "--quick", "--seeds", "2", "--json", str(path),
+                 "--quiet"]) == 0
     (setup, kwargs), = calls
-    assert setup == train.setup_for(quick=True, model="llama3-8b")
-    assert kwargs == dict(family="both", seed=3, out_dir=str(tmp_path), eval_trace=None,
-                          progress=False)
+    assert setup == goodput_study.QUICK
+    assert kwargs == dict(seeds=2, eval_trace=None, progress=False)
     lines = capsys.readouterr().out.splitlines()
-    table = {line.split()[0]: line.split()[1:] for line in lines[3:8]}
-    assert lines[1].split() == ["policy", "step", "ms", "@100ms", "@150ms", "@200ms"]
-    assert table["learned"] == ["41.73", "0", "203.7", "204.7"]  # the chosen family's SLO row
-    assert table["pam_rule"] == ["43.36", "0", "201.8", "202.8"]
-    assert "gradient 120 (relaxed), grid 30 (exact)" in lines[-2]
-    assert "knobs +1.4%" in lines[-2] and lines[-1] == f"wrote {path}"
+    assert "TPOT p99 <= 100 ms" in lines[0] and "over 2 seed(s)" in lines[0]
+    table = {line.split()[0]: line.split()[1:] for line in lines[3:7]}
+    assert table["learned"] == ["431.5", "1", "2", "34.5"]
+    assert table["black_box_best"] == ["425.2", "1", "2", "345"]
+    assert "learned / rule 1.079" in lines[-2] and "0.61" in lines[-2]
+    assert lines[-1] == f"wrote {path}"
     written = json.loads(path.read_text())
-    assert written["quick"] is True and written["heldout_step_time_ms"]["learned"] == 41.73
+    assert written["quick"] is True and written["evaluations"]["black_box"] == 345.0
+    assert "provenance" in written
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train-policy", "--seeds", "0"])
+    assert exit_info.value.code == 2
 
 
 def test_bench_prints_every_section_and_writes_json(tmp_path, capsys, monkeypatch):

@@ -18,10 +18,16 @@ import numpy as np
 import pytest
 
 from pamjax.errors import ConfigError, UnknownNameError
-from pamjax.learn import judge, policy, relaxed, train
+from pamjax.learn import (
+    blackbox,
+    goodput,
+    goodput_study,
+    judge,
+    policy,
+    relaxed,
+    train,
+)
 from pamjax.simulation import index_config
-from pamjax.systems import make_params
-from pamjax.workload import Workload
 
 SETUP = dataclasses.replace(
     train.QUICK, batch=4, steps=3, max_context=2048, episodes=2, episode_pool=2,
@@ -39,25 +45,6 @@ def params():
 def episodes():
     return train.make_episodes(SETUP, "arxiv-sum", [train.TRAIN_SEED_BASE,
                                                     train.TRAIN_SEED_BASE + 1])
-
-
-def test_gradient_matches_finite_differences(params, episodes):
-    # A point inside the interesting region (the rule's x is saturated at 1e12).
-    start = jnp.asarray([np.log(1e8), np.log(1e5), 0.4, np.log(4.0)], jnp.float32)
-    optimizer, step = train.make_train_step(SETUP, params, "knobs")
-
-    def loss_and_grad(vec):
-        knobs = policy.KnobParams(*vec)
-        _, _, loss, grads = step(knobs, optimizer.init(knobs), episodes, jnp.float32(0.5))
-        return float(loss), np.asarray(jax.tree.leaves(grads))
-
-    _, grad = loss_and_grad(start)
-    assert np.all(np.isfinite(grad)) and np.abs(grad).max() > 1e-3, grad
-    h = 0.02
-    for i in range(4):
-        e = jnp.zeros(4).at[i].set(h)
-        fd = (loss_and_grad(start + e)[0] - loss_and_grad(start - e)[0]) / (2 * h)
-        assert fd == pytest.approx(grad[i], rel=0.1, abs=2e-3), (i, fd, grad)
 
 
 def test_relaxation_gap_shrinks_with_temperature(params, episodes):
@@ -137,83 +124,6 @@ def test_net_hook_ranks_units_at_admission(params, episodes):
     assert np.all((strong_state.unit_tier[0] >= 0) == (rule_state.unit_tier[1] >= 0))
 
 
-def test_reported_numbers_are_exact_engine_numbers(params, tmp_path, monkeypatch):
-    # Count the episodes the training steps are fed, apart from the relaxed evaluations of
-    # the relaxation gap (which go through the same cached step).
-    fed, evaluating = {"train": 0, "gap": 0}, [False]
-    make_train_step, relaxed_value = train.make_train_step, train.relaxed_value
-
-    def counting_make_train_step(*args):
-        optimizer, step = make_train_step(*args)
-
-        def counted(theta, opt_state, episodes, temperature):
-            fed["gap" if evaluating[0] else "train"] += int(episodes.context.shape[0])
-            return step(theta, opt_state, episodes, temperature)
-
-        return optimizer, counted
-
-    def flagged_relaxed_value(*args):
-        evaluating[0] = True
-        try:
-            return relaxed_value(*args)
-        finally:
-            evaluating[0] = False
-
-    monkeypatch.setattr(train, "make_train_step", counting_make_train_step)
-    monkeypatch.setattr(train, "relaxed_value", flagged_relaxed_value)
-    result = train.run_study(SETUP, family="knobs", seed=0, out_dir=str(tmp_path),
-                             params=params)
-    assert fed["train"] > 0 and fed["gap"] > 0
-    theta = train.load_checkpoint(tmp_path / "policy_knobs.msgpack",
-                                  policy.knobs_from_params(params))
-    learned = policy.knobs_to_params(params, theta, train.MAX_SWAPS)
-    measured = []
-    for name in result["heldout_by_workload"]:
-        dataset, seed = name.split("/seed")
-        episode = index_config(train.make_episodes(SETUP, dataset, [int(seed)]), 0)
-        measured.append(judge.exact_decode_ms(SETUP, [learned, params], episode))
-    measured = np.mean(measured, axis=0)
-    reported = result["heldout_step_time_ms"]
-    assert reported["learned"] == reported["learned_knobs"]
-    assert reported["learned"] == pytest.approx(measured[0], rel=1e-6)
-    assert reported["pam_rule"] == pytest.approx(measured[1], rel=1e-6)
-    assert result["simulator_evaluations"] == dict(
-        result["simulator_evaluations"], gradient=fed["train"], grid=2 * SETUP.grid_episodes)
-    assert set(result["slo_throughput_tokens_per_s"]) == {"pam_rule", "grid_best",
-                                                          "learned_knobs"}
-    assert (tmp_path / "training_curve.csv").read_text().count("\n") == SETUP.iterations + 1
-
-
-def test_slo_search_rebuilds_the_rule_per_batch(params):
-    rule = judge.params_at_batch(SETUP, params, 2, rule=True)
-    own = make_params("pam", SETUP.model, max_batch=2, page_size=SETUP.page_size)
-    assert (float(rule.target_x), float(rule.target_y)) == (float(own.target_x),
-                                                            float(own.target_y))
-    np.testing.assert_array_equal(rule.capacity_units, params.capacity_units)  # override kept
-    knobs = params.replace(target_x=jnp.float32(3.0), target_y=jnp.float32(2.0))
-    kept = judge.params_at_batch(SETUP, knobs, 2, rule=False)
-    assert (float(kept.target_x), float(kept.target_y), int(kept.max_batch)) == (3.0, 2.0, 2)
-    with pytest.raises(ConfigError, match="params.target_x"):
-        judge.params_at_batch(SETUP, knobs, 2, rule=True)
-
-
-def test_slo_throughput_stops_at_the_last_real_request(params, monkeypatch):
-    # Three short requests finish well within the run; the engine then jumps its clock to
-    # the padding's arrival (NEVER_S) and serves the padding, which must not count.
-    short = Workload(np.zeros(3), np.full(3, 40), np.full(3, 3), name="short")
-    monkeypatch.setattr(judge, "synthetic", lambda *args, **kwargs: short)
-    result = judge.slo_throughput(SETUP, {"grid_best": params}, dataset="arxiv-sum", seed=5)
-    row = result["grid_best"]["rows"][-1]
-    p = judge.params_at_batch(SETUP, params, row["batch"], rule=False)
-    chunks = -(-SETUP.slo_steps // (SETUP.steps + 1))
-    state, m = judge._run_exact(SETUP, [p], short, 5, chunks)
-    assert np.sum(m.idle_s) > 0.5 * judge.NEVER_S  # the padding was reached
-    finish = np.asarray(state.req_finish_s[0, :3], np.float64)
-    assert np.all(np.isfinite(finish))
-    # Everyone starts at t = 0, so the run ends with the last real request.
-    assert row["throughput_tokens_per_s"] == pytest.approx(9 / finish.max(), rel=1e-5)
-
-
 def test_bad_input_names_field_and_value():
     with pytest.raises(UnknownNameError, match="policy family"):
         policy.check_family("bandit")
@@ -223,3 +133,146 @@ def test_bad_input_names_field_and_value():
         dataclasses.replace(SETUP, tau_end=-1.0)
     with pytest.raises(ConfigError, match="relax.steps"):
         relaxed.RelaxConfig(batch=4, units_per_request=8, page_size=16, steps=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# SLO goodput of the serving loop (learn/goodput.py, relaxed_loop.py, blackbox.py,
+# goodput_study.py) on a tiny steady state: 4 slots, 512-token contexts, 2 + 4 steps.
+# ---------------------------------------------------------------------------------------------
+
+TINY = goodput.GoodputSetup(max_batch=4, max_context=512, warmup=2, window=4, width=4,
+                            slo_ms=1e4)
+STUDY = dataclasses.replace(
+    goodput_study.QUICK, goodput=TINY, relax_steps=3, episodes=1, train_workloads=2,
+    iterations=3, checkpoints=2, rule_batches=(2, 4), grid_log10_x=(12.0,),
+    grid_log10_y=(5.0,), grid_batches=(2, 4), budget_factor=2, rank_policies=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_data():
+    exact, episodes = goodput_study.training_data(STUDY, 0)
+    return exact, episodes
+
+
+def test_goodput_is_throughput_when_the_slo_holds_else_zero(tiny_data):
+    exact, _ = tiny_data
+    workload, access = exact[0]
+    vectors = np.stack([goodput.rule_vector(TINY, b) for b in (2, 4)])
+    params = goodput.knob_params(TINY, vectors, goodput.max_budget_tokens(TINY))
+    assert [int(p.max_batch) for p in params] == [2, 4]
+    loose = goodput.evaluate(TINY, params, workload, access)
+    tight = goodput.evaluate(dataclasses.replace(TINY, slo_ms=1e-3), params, workload, access)
+    for row, strict in zip(loose, tight):
+        assert row["meets_slo"] and not row["oom"]
+        assert row["goodput_tokens_per_s"] == row["throughput_tokens_per_s"] > 0
+        assert strict["goodput_tokens_per_s"] == 0.0 and not strict["meets_slo"]
+        assert strict["throughput_tokens_per_s"] == row["throughput_tokens_per_s"]
+    # Twice the batch serves more tokens per second, at a longer TPOT.
+    assert loose[1]["throughput_tokens_per_s"] > loose[0]["throughput_tokens_per_s"]
+    assert loose[1]["tpot_p99_ms"] > loose[0]["tpot_p99_ms"]
+
+
+def _terms(vector, episode, tau, params=None):
+    """Relaxed loop terms through the study's cached jitted function (one compile, shared
+    with the study test)."""
+    params = goodput.rule_params(TINY) if params is None else params
+    return goodput_study.relaxed_terms(STUDY, params, vector, episode, tau)
+
+
+def test_relaxed_goodput_gradient_matches_finite_differences(tiny_data):
+    episodes = jax.tree.map(lambda x: x[:1], tiny_data[1])
+    episode = index_config(episodes, 0)
+    # A point inside the interesting region: the rule's x (1e12) saturates the HBM share.
+    start = goodput.rule_vector(TINY, 3.0)
+    start[:4] = [np.log(1e2), np.log(0.5), 0.4, np.log(64.0)]
+    # HBM shrunk to 20 units so that KV spills and placement matters.
+    params = goodput.rule_params(TINY).replace(
+        capacity_units=jnp.asarray([20, 10**6, 10**7], jnp.int32))
+    # The gradient the training step follows (the study's cached step).
+    optimizer, step = goodput_study.train_step(STUDY)
+    theta = jnp.asarray(start)
+    value, grad = step(params, theta, optimizer.init(theta), episodes, jnp.float32(0.5),
+                       jnp.float32(1.0))[2:]
+    grad = np.asarray(grad)
+    assert float(value) == pytest.approx(
+        _terms(start, episode, 0.5, params)["goodput_tokens_per_s"], rel=1e-5)
+    assert np.all(np.isfinite(grad)) and abs(grad[4]) > 1.0 and abs(grad[0]) > 0.01, grad
+    h = 0.02
+    for i in range(5):  # x, y, lambda, swap budget, batch
+        e = np.zeros(5, np.float32)
+        e[i] = h
+        fd = (_terms(start + e, episode, 0.5, params)["goodput_tokens_per_s"]
+              - _terms(start - e, episode, 0.5, params)["goodput_tokens_per_s"]) / (2 * h)
+        assert fd == pytest.approx(grad[i], rel=0.05, abs=1e-3), (i, fd, grad)
+
+
+def test_relaxed_loop_counts_members_while_they_live(tiny_data):
+    episode = index_config(tiny_data[1], 0)
+    steps, r = STUDY.relax_steps, TINY.max_batch
+    # Request 1 finishes after its first step, the others outlive the episode.
+    short = episode.replace(remaining=jnp.asarray([50, 1, 50, 50], jnp.int32))
+    vector = goodput.rule_vector(TINY, 2.5)
+    tau_b = STUDY.loop_config().batch_temperature  # at tau_end
+    member = 1.0 / (1.0 + np.exp(-(2.5 - np.arange(r) - 0.5) / tau_b))
+    alive = np.array([steps, 1, steps, steps])
+    out = _terms(vector, short, STUDY.tau_end)
+    refills = member.sum() / float(episode.mean_output)
+    assert out["refills_per_step"] == pytest.approx(refills, rel=1e-5)
+    assert out["tokens"] == pytest.approx((member * alive).sum() + refills * steps, rel=1e-5)
+    longer = _terms(vector, short.replace(remaining=jnp.full(r, 50, jnp.int32)), STUDY.tau_end)
+    assert longer["tokens"] > out["tokens"]
+
+
+def test_black_box_search_spends_its_budget_and_keeps_the_best(monkeypatch):
+    pytest.importorskip("evosax")
+    target = blackbox.to_knobs(TINY, np.full((1, 5), 0.3))[0]
+    lo, hi = blackbox.box(TINY)
+    calls = []
+
+    def fake_goodput(setup, vectors, workloads):  # a smooth bowl, no engine
+        calls.append(len(vectors))
+        return -np.sum(((np.asarray(vectors) - target) / (hi - lo)) ** 2, axis=1)
+
+    monkeypatch.setattr(goodput, "goodput", fake_goodput)
+    start = blackbox.to_knobs(TINY, np.full((1, 5), 0.7))[0]
+    for method in blackbox.METHODS:
+        calls.clear()
+        out = blackbox.search(TINY, method, start, [None], 30, seed=0)
+        assert out["evaluations"] == 32 == sum(calls) and set(calls) == {TINY.width}
+        assert out["best_goodput"] == pytest.approx(fake_goodput(TINY, out["best"][None],
+                                                                 None)[0])
+        spent = [s for s, _ in out["trace"]]
+        assert spent == list(range(4, 33, 4))
+        assert out["best_goodput"] > fake_goodput(TINY, start[None], None)[0]
+    with pytest.raises(ConfigError, match="method"):
+        blackbox.search(TINY, "bayes", start, [None], 4, seed=0)
+
+
+def test_study_reports_exact_engine_goodput_and_budgets():
+    pytest.importorskip("evosax")
+    result = goodput_study.run_study(STUDY, seeds=1)
+    assert set(result["heldout_by_workload"]) == {"arxiv-sum", "write-doc"}
+    run, = result["per_seed"]
+    for key in ("heldout_goodput_tokens_per_s", "heldout_goodput_ci95"):
+        assert set(result[key]) == set(goodput_study.POLICIES)
+    rho = result["relaxation_rank_correlation"]
+    assert result["seeds"] == [0] and (rho is None or -1.0 <= rho <= 1.0)
+    # Every reported number is the exact engine's: re-run the reported knobs.
+    heldout = goodput_study.heldout_data(STUDY, 0, None)
+    vectors = np.stack([list(run["knobs"][p].values()) for p in goodput_study.POLICIES])
+    params = goodput.knob_params(TINY, vectors, goodput.max_budget_tokens(TINY))
+    measured = np.mean([[r["goodput_tokens_per_s"] for r in goodput.evaluate(TINY, params, w, s)]
+                        for w, s, _ in heldout.values()], axis=0)
+    reported = [result["heldout_goodput_tokens_per_s"][p] for p in goodput_study.POLICIES]
+    np.testing.assert_allclose(reported, measured, rtol=1e-9)
+    ev = run["evaluations"]
+    ratio = run["relaxed_rollout_in_exact_rollouts"]
+    marks = len(goodput_study.checkpoint_indices(STUDY))
+    assert ev["learned"] == pytest.approx(2 + STUDY.iterations * STUDY.episodes * ratio + marks)
+    assert ev["black_box"] == int(np.ceil(STUDY.budget_factor * ev["learned"]))
+    for method in blackbox.METHODS:
+        assert ev["black_box"] <= ev[method] < ev["black_box"] + TINY.width
+    assert ev["grid"] == 2
+    curve = run["sample_efficiency"]
+    assert set(curve) == {"learned", *blackbox.METHODS}
+    assert curve["learned"][-1][0] == pytest.approx(ev["learned"])

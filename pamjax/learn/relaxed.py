@@ -225,8 +225,12 @@ def expected_migration(q_prev, q_new, tokens):
 
 
 def episode_state(config: RelaxConfig, params, knobs: SoftKnobs, episode: Episode,
-                  temperature, score_fn=None, net_params=None):
+                  temperature, score_fn=None, net_params=None, weight=None):
     """State at the start of decoding: prefill placement and the FCFS tier grants.
+
+    ``weight`` f32 [R] in [0, 1] (default all 1) is each request's soft membership of the
+    batch (learn/relaxed_loop.py): its tier demand and unit count are scaled by it, so a
+    request outside the batch takes no capacity.
 
     Returns a dict carry for :func:`rollout` (latent, importance, q, context, count_hbm,
     count_ssd).
@@ -248,8 +252,9 @@ def episode_state(config: RelaxConfig, params, knobs: SoftKnobs, episode: Episod
                                  jnp.zeros(mass.shape + (NUM_TIERS,)), present, page)
         key = corrected_key(mass, score_fn(net_params, features), present)
     target = soft_target(key, present, knobs.log_x, knobs.log_y, temperature)
-    demand = jnp.sum(target, axis=1)  # [R, T] units each request asks of each tier
-    n_units = present.sum(-1).astype(jnp.float32)
+    weight = jnp.ones(r, jnp.float32) if weight is None else weight
+    demand = jnp.sum(target, axis=1) * weight[:, None]  # [R, T] units asked of each tier
+    n_units = present.sum(-1).astype(jnp.float32) * weight
     free = params.capacity_units.astype(jnp.float32)
     count_hbm, _, count_ssd = prompt_tier_counts(demand[:, 0], demand[:, 2], n_units, free)
     q = soft_counts_placement(key, present, count_hbm, count_ssd, temperature,
@@ -258,7 +263,11 @@ def episode_state(config: RelaxConfig, params, knobs: SoftKnobs, episode: Episod
                 count_ssd=count_ssd)
 
 
-def _decode_step(config, params, knobs, seed, temperature, score_fn, net_params, carry, k):
+def _decode_step(config, params, knobs, seed, temperature, score_fn, net_params, carry, xs):
+    """One relaxed decode step; ``xs`` = (step number k, weight f32 [R]: how much of each
+    request decodes in this step, 1 in a fixed batch; relaxed_loop's soft batch and
+    lifetime). Returns (carry, StepCost)."""
+    k, w = xs
     r, u, page = config.batch, config.units_per_request, config.page_size
     rows = jnp.arange(r, dtype=jnp.int32)
     units = jnp.arange(u, dtype=jnp.int32)
@@ -282,13 +291,15 @@ def _decode_step(config, params, knobs, seed, temperature, score_fn, net_params,
     importance = jnp.where(present, lam * mass + (1.0 - lam) * carry["importance"], 0.0)
 
     # --- cost of the step: placement before scheduling (as the exact engine counts it) ----
-    tok = tokens.astype(jnp.float32)
+    # Every per-request count is weighted by the request's share of the step (w).
+    tok = tokens.astype(jnp.float32) * w[:, None]
     sel = jnp.where(selected, tok, 0.0)
     tier_tokens = jnp.einsum("rut,ru->t", q_prev, tok)
     tier_selected = jnp.einsum("rut,ru->t", q_prev, sel)
     holds = q_prev * present[..., None]
     attends = q_prev * selected[..., None]
     sel_units = attends.sum(1)  # [R, T]
+    w_col = w[:, None]
 
     # --- scheduling ---------------------------------------------------------------------
     key = importance if score_fn is None else corrected_key(importance, score_fn(
@@ -305,35 +316,36 @@ def _decode_step(config, params, knobs, seed, temperature, score_fn, net_params,
     migrated = expected_migration(q_prev, q_new, tok)
 
     counts = StepCounts(
-        decode_requests=jnp.float32(r),
-        decode_context=jnp.sum(context).astype(jnp.float32),
+        decode_requests=jnp.sum(w),
+        decode_context=jnp.sum(w * context.astype(jnp.float32)),
         tier_tokens=tier_tokens,
         tier_selected=tier_selected,
         tier_busiest_bank_group=tier_selected / params.bank_groups_per_device
         * config.bank_group_imbalance,
-        tier_requests=jnp.sum(_soft_any(attends, 1), 0),
-        tier_holders=jnp.sum(_soft_any(holds, 1), 0),
-        tier_active_bank_groups=jnp.sum(jnp.minimum(sel_units, params.bank_groups_per_device),
-                                        0),
+        tier_requests=jnp.sum(w_col * _soft_any(attends, 1), 0),
+        tier_holders=jnp.sum(w_col * _soft_any(holds, 1), 0),
+        tier_active_bank_groups=jnp.sum(w_col * jnp.minimum(
+            sel_units, params.bank_groups_per_device), 0),
         # PAMattention sends one partial per request and tier: the chunk count is unused.
-        tier_active_chunks=jnp.sum(_soft_any(attends, 1), 0),
-        tier_topk_candidates=jnp.sum(jnp.minimum(
-            jnp.einsum("rut,ru->rt", q_prev, tok),
-            jnp.maximum(jnp.ceil(params.select_fraction * jnp.sum(tok, -1)), 1.0)[:, None]),
+        tier_active_chunks=jnp.sum(w_col * _soft_any(attends, 1), 0),
+        tier_topk_candidates=jnp.sum(w_col * jnp.minimum(
+            jnp.einsum("rut,ru->rt", q_prev, tokens.astype(jnp.float32)),
+            jnp.maximum(jnp.ceil(params.select_fraction * jnp.sum(tokens, -1)), 1.0)[:, None]),
             0),
-        tier_decode_writes=jnp.array([r, 0.0, 0.0], jnp.float32),  # new tokens go to HBM
+        # New tokens go to HBM.
+        tier_decode_writes=jnp.stack([jnp.sum(w), jnp.float32(0.0), jnp.float32(0.0)]),
         prefill_tokens=jnp.float32(0.0),
         prefill_pairs=jnp.float32(0.0),
         prefill_tier_tokens=jnp.zeros(NUM_TIERS, jnp.float32),
         migrated_tokens=migrated,
         sparse=(params.select_fraction < 1.0).astype(jnp.float32),
     )
-    in_use = _soft_any(holds.reshape(-1, NUM_TIERS), 0)
+    in_use = _soft_any((holds * w[:, None, None]).reshape(-1, NUM_TIERS), 0)
     cost = step_cost(params, counts, smooth_max=functools.partial(smooth_max,
                                                                    temperature=temperature),
                      tier_in_use=in_use)
     carry = dict(carry, latent=latent, importance=importance, q=q_new, context=context)
-    return carry, cost.time_s
+    return carry, cost
 
 
 def rollout(config: RelaxConfig, params, knobs: SoftKnobs, episode: Episode, temperature,
@@ -359,8 +371,9 @@ def rollout(config: RelaxConfig, params, knobs: SoftKnobs, episode: Episode, tem
     body = functools.partial(_decode_step, config, params, knobs, episode.seed, temperature,
                              score_fn, net_params)
     # Step numbers as the exact engine sees them when all requests are admitted at step 0.
-    _, step_time_s = lax.scan(jax.checkpoint(body), carry, jnp.arange(1, config.steps + 1))
-    return step_time_s
+    xs = (jnp.arange(1, config.steps + 1), jnp.ones((config.steps, config.batch), jnp.float32))
+    _, cost = lax.scan(jax.checkpoint(body), carry, xs)
+    return cost.time_s
 
 
 def objective_ms(config, params, knobs, episode, temperature, score_fn=None,

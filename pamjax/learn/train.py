@@ -1,29 +1,21 @@
-"""Training placement policies through the relaxation; the learned-policy study.
+"""Training placement policies through the fixed-batch relaxation (learn/relaxed.py).
 
-Pipeline of :func:`run_study` (behind ``pamjax train-policy``):
+The tools below train a policy family (PAM's knobs, or the UnitScorer network) on the mean
+decode-step time of a fixed batch of requests caught mid-stream, and compare with an
+exact-engine (x, y) grid. The study behind ``pamjax train-policy`` optimises SLO goodput of
+the whole serving loop instead (learn/goodput_study.py); it shares the relaxation's
+placement and cost model with this module.
 
 1. **Episodes.** A workload episode is R requests decoding together, each caught mid-stream:
    context = prompt + a uniform fraction of its output, drawn from a synthetic dataset with a
-   seed (:func:`make_episodes`). Training uses ``train_dataset`` with seeds from
-   ``TRAIN_SEED_BASE``; held-out evaluation uses other seeds, another dataset and, when
-   given, a trace.
+   seed (:func:`make_episodes`).
 2. **Training** (:func:`train`): Adam with global-norm gradient clipping and a cosine
    learning-rate schedule (optax); every iteration vmaps the relaxed objective over a batch
    of episodes (workloads and access-model seeds) in one jitted step; the relaxation
    temperature is annealed geometrically from ``tau_start`` to ``tau_end`` (it is an
    argument of the step, so annealing does not recompile).
 3. **Grid search** baseline (:func:`grid_search`): the exact engine over a log-spaced (x, y)
-   grid on the same training episodes, vmapped; the best point goes to held-out evaluation.
-4. **Judging** (learn/judge.py): every number reported for a policy is the exact engine's
-   mean decode-step time with hard decisions (all requests admitted at step 0, then
-   ``steps`` decode steps), and its SLO throughput comes from the exact engine under
-   continuous batching (TPOT and the peak under an SLO as in studies/study.py).
-
-Why OPT-175B on arxiv-sum at batch 64 (the default): 350 GB of weights leave ~3.6K 16-token
-units (57K tokens) of HBM for KV while 64 requests of 1.4K-8K tokens hold ~280K, so KV
-spills to DDR-PIM and the step's attention time is set by what sits there: placement is
-what moves the step time. With short dialogue contexts the KV fits HBM and every policy
-ties.
+   grid on training episodes, vmapped (learn/judge.py).
 """
 
 from __future__ import annotations
@@ -31,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import pathlib
-import time
 
 import chex
 import jax
@@ -42,17 +33,14 @@ from flax import serialization
 
 from pamjax.errors import ConfigError, UnknownNameError
 from pamjax.learn import policy, relaxed
-from pamjax.learn.judge import exact_decode_ms, slo_throughput
+from pamjax.learn.judge import exact_decode_ms
 from pamjax.progress import Progress
 from pamjax.simulation import index_config
-from pamjax.studies import report
 from pamjax.systems import make_params
-from pamjax.traces import load_trace
 from pamjax.types import EngineConfig
 from pamjax.workload import DATASETS, Workload, synthetic
 
 TRAIN_SEED_BASE = 1000  # training episodes use seeds TRAIN_SEED_BASE + i
-HELDOUT_SEED_BASE = 1  # held-out episodes use seeds 1, 2, ... (disjoint from training)
 MAX_SWAPS = EngineConfig(num_slots=1, units_per_slot=1).max_swaps  # the engine's static bound
 
 
@@ -179,13 +167,6 @@ def make_episodes(setup: TrainSetup, dataset: str, seeds) -> relaxed.Episode:
                             setup.max_context) for s in seeds]
     return relaxed.Episode(context=jnp.asarray(np.stack(ctx)),
                            seed=jnp.asarray(np.asarray(seeds, np.uint32)))
-
-
-def trace_episode(setup: TrainSetup, path: str, max_requests: int = 400) -> relaxed.Episode:
-    """One episode from the first ``max_requests`` requests of a trace (seed 0)."""
-    workload = load_trace(path, max_requests=max_requests)
-    ctx = episode_contexts(workload, setup.batch, 0, setup.max_context)
-    return relaxed.Episode(context=jnp.asarray(ctx[None]), seed=jnp.asarray([0], jnp.uint32))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,162 +325,3 @@ def grid_search(setup: TrainSetup, params, episodes):
                                      for b in setup.grid_log10_y], scores)]
     best = int(np.argmin(scores))
     return points[best], table, len(points) * int(episodes.context.shape[0])
-
-
-# ---------------------------------------------------------------------------------------------
-# The study: train, grid-search, judge
-# ---------------------------------------------------------------------------------------------
-
-def setup_for(*, quick: bool, model: str) -> TrainSetup:
-    """QUICK (a few minutes on two CPU cores) or FULL, for ``model``."""
-    return dataclasses.replace(QUICK if quick else FULL, model=model)
-
-
-def run_study(setup: TrainSetup, *, family: str, seed: int, out_dir: str,
-              eval_trace: str | None = None, progress: bool = False, params=None) -> dict:
-    """The whole study for one setup (see the module docstring); writes the checkpoints
-    ``policy_<family>.msgpack``, ``training_curve.csv`` and ``grid.csv`` to ``out_dir``.
-
-    Args:
-      setup: TrainSetup.
-      family: "knobs", "net" or "both".
-      seed: seed of the run (episodes, initialisation).
-      out_dir: folder for checkpoints and CSVs.
-      eval_trace: optional trace for one more held-out episode (its first 400 requests).
-      progress: progress bars on stderr.
-      params: SimParams to use instead of :func:`base_params` (e.g. a smaller HBM); its
-        x:y:1 targets must be PAM's at setup.batch, as the SLO search rebuilds them per
-        batch (judge.params_at_batch).
-
-    Returns:
-      dict with heldout_step_time_ms {pam_rule, learned, grid_best, learned_<family>...}
-      (every value an exact-engine measurement), heldout_by_workload, simulator_evaluations
-      {gradient, grid, ...}, relaxation_gap (relative, relaxed at tau_end vs exact, per
-      policy), slo_throughput_tokens_per_s, the final knobs, wall_seconds and the setup.
-
-    Raises:
-      UnknownNameError: unknown family; ConfigError: bad seed.
-    """
-    policy.check_family(family)
-    if not isinstance(seed, int) or seed < 0:
-        raise ConfigError("seed", seed, "must be an integer >= 0")
-    start = time.perf_counter()
-    out = pathlib.Path(out_dir)
-    params = base_params(setup) if params is None else params
-    learned, gradient_evals = train_families(setup, params, family, seed, out, progress)
-
-    grid_seeds = TRAIN_SEED_BASE + 97 * seed + np.arange(setup.grid_episodes)
-    grid_best, grid_table, grid_evals = grid_search(
-        setup, params, make_episodes(setup, setup.train_dataset, grid_seeds))
-    report.write_csv(out / "grid.csv", grid_table, ["log10_x", "log10_y", "train_step_ms"])
-
-    policies = {"pam_rule": params, "grid_best": grid_best}
-    if "knobs" in learned:
-        policies["learned_knobs"] = policy.knobs_to_params(params, learned["knobs"], MAX_SWAPS,
-                                                            setup.page_size)
-    heldout = heldout_episodes(setup, seed, eval_trace)
-    per_workload = judge_heldout(setup, params, policies, learned, heldout)
-    names = list(next(iter(per_workload.values())))
-    heldout_ms = {k: float(np.mean([w[k] for w in per_workload.values()])) for k in names}
-    chosen = choose_learned(setup, params, policies, learned,
-                            make_episodes(setup, setup.train_dataset, grid_seeds[:1]))
-    heldout_ms["learned"] = heldout_ms[f"learned_{chosen}"]
-    gap = relaxation_gap(setup, params, learned, heldout, per_workload)
-
-    slo_params = {**policies, **({"learned_net": params} if "net" in learned else {})}
-    slo = slo_throughput(setup, slo_params, dataset=setup.train_dataset,
-                         seed=HELDOUT_SEED_BASE + seed + 2,
-                         rule_names=("pam_rule", "learned_net"), net_names=("learned_net",),
-                         net=learned.get("net"))
-    return {
-        "setup": {k: (list(v) if isinstance(v, tuple) else v)
-                  for k, v in dataclasses.asdict(setup).items()},
-        "family": family, "seed": seed, "learned_family": chosen,
-        "heldout_step_time_ms": heldout_ms,
-        "heldout_by_workload": per_workload,
-        "simulator_evaluations": {"gradient": gradient_evals, "grid": grid_evals,
-                                  "gradient_unit": "relaxed episode rollouts with gradient",
-                                  "grid_unit": "exact-engine episode rollouts",
-                                  "slo_search": len(slo_params) * len(setup.slo_batches)},
-        "relaxation_gap": gap,
-        "slo_throughput_tokens_per_s": {k: {s: v for s, v in d.items() if s != "rows"}
-                                        for k, d in slo.items()},
-        "knobs": {name: {"target_x": float(p.target_x), "target_y": float(p.target_y),
-                         "ema_lambda": float(p.ema_lambda), "swap_budget": int(p.swap_budget)}
-                  for name, p in policies.items()},
-        "wall_seconds": time.perf_counter() - start,
-    }
-
-
-def train_families(setup: TrainSetup, params, family: str, seed: int, out: pathlib.Path,
-                   progress: bool) -> tuple[dict, int]:
-    """Train ``family`` ("both": knobs, then net); save each checkpoint and the training
-    curve under ``out``. Returns ({family: theta}, relaxed rollouts with gradient)."""
-    learned, history, evaluations = {}, [], 0
-    for fam in ("knobs", "net") if family == "both" else (family,):
-        theta, hist, evals = train(setup, fam, seed=seed, progress=progress, params=params)
-        save_checkpoint(out / f"policy_{fam}.msgpack", theta)
-        learned[fam] = theta
-        history += hist
-        evaluations += evals
-    report.write_csv(out / "training_curve.csv", history,
-                     ["family", "iteration", "temperature", "relaxed_step_ms"])
-    return learned, evaluations
-
-
-def heldout_episodes(setup: TrainSetup, seed: int, eval_trace: str | None) -> dict:
-    """Held-out episodes by name: another seed of the training dataset, another dataset
-    and, when given, the trace (one episode each)."""
-    heldout = {f"{setup.train_dataset}/seed{HELDOUT_SEED_BASE + seed}": make_episodes(
-                   setup, setup.train_dataset, [HELDOUT_SEED_BASE + seed]),
-               f"write-doc/seed{HELDOUT_SEED_BASE + seed + 1}": make_episodes(
-                   setup, "write-doc", [HELDOUT_SEED_BASE + seed + 1])}
-    if eval_trace:
-        heldout[f"trace/{pathlib.Path(eval_trace).name}"] = trace_episode(setup, eval_trace)
-    return heldout
-
-
-def judge_heldout(setup: TrainSetup, params, policies: dict, learned: dict,
-                  heldout: dict) -> dict[str, dict[str, float]]:
-    """Exact mean decode-step time (ms) of every policy on every held-out episode:
-    {episode name: {policy: ms}}; the knob policies vmapped together, the network apart
-    (it needs the engine's scoring hook)."""
-    per_workload = {}
-    for name, episodes in heldout.items():
-        episode = index_config(episodes, 0)
-        times = dict(zip(policies, exact_decode_ms(setup, list(policies.values()), episode)))
-        if "net" in learned:
-            times["learned_net"] = float(exact_decode_ms(setup, [params], episode,
-                                                         net=learned["net"])[0])
-        per_workload[name] = {k: float(v) for k, v in times.items()}
-    return per_workload
-
-
-def choose_learned(setup: TrainSetup, params, policies: dict, learned: dict,
-                   train_episodes) -> str:
-    """The learned family that is "the" learned policy: the faster in the exact engine on
-    the first training episode (never chosen on held-out ones)."""
-    episode = index_config(train_episodes, 0)
-    train_ms = {}
-    if "knobs" in learned:
-        train_ms["knobs"] = float(exact_decode_ms(setup, [policies["learned_knobs"]],
-                                                  episode)[0])
-    if "net" in learned:
-        train_ms["net"] = float(exact_decode_ms(setup, [params], episode,
-                                                net=learned["net"])[0])
-    return min(train_ms, key=train_ms.get)
-
-
-def relaxation_gap(setup: TrainSetup, params, learned: dict, heldout: dict,
-                   per_workload: dict) -> dict[str, float]:
-    """Mean relative gap (relaxed at tau_end - exact) / exact on the held-out episodes, per
-    learned family and for the PAM rule."""
-    def gap(family, theta, exact_name):
-        relaxed_ms = [relaxed_value(setup, params, family, theta, index_config(episodes, 0),
-                                    setup.tau_end) for episodes in heldout.values()]
-        exact = [w[exact_name] for w in per_workload.values()]
-        return float(np.mean([(r - e) / e for r, e in zip(relaxed_ms, exact)]))
-
-    gaps = {fam: gap(fam, theta, f"learned_{fam}") for fam, theta in learned.items()}
-    gaps["pam_rule"] = gap("knobs", policy.knobs_from_params(params), "pam_rule")
-    return gaps
