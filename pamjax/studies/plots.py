@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import pathlib
+import textwrap
 
 import numpy as np
 
@@ -213,7 +214,7 @@ def throughput_vs_batch(path, rows: list[dict], *, slo_ms, title: str,
 def _say(ax, text: str) -> None:
     """Write ``text`` across the middle of an axes (a panel with nothing to draw)."""
     ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", fontsize=9,
-            wrap=True, bbox={"facecolor": "white", "edgecolor": "grey", "alpha": 0.9})
+            bbox={"facecolor": "white", "edgecolor": "grey", "alpha": 0.9})
 
 
 def regimes_vs_batch(path, panels: dict[str, tuple[list[dict], dict]], *, slo_ms: float,
@@ -222,8 +223,8 @@ def regimes_vs_batch(path, panels: dict[str, tuple[list[dict], dict]], *, slo_ms
     limit marked: what `pamjax run` draws.
 
     A filled marker meets the TPOT SLO, a hollow one misses it, an x at the bottom did not
-    fit (OOM); a star marks each system's peak under the SLO, labelled with its
-    throughput and batch. Linear throughput axis (few-percent gaps stay visible), batch on
+    fit (OOM); a star marks each system's peak under the SLO, whose throughput and batch
+    the panel's legend gives. Linear throughput axis (few-percent gaps stay visible), batch on
     a log2 axis with the grid's batches as ticks.
 
     Args:
@@ -231,7 +232,8 @@ def regimes_vs_batch(path, panels: dict[str, tuple[list[dict], dict]], *, slo_ms
       panels: {panel title: (study.run_sweep rows, study.peak_under_slo of them)}.
       slo_ms: the TPOT p99 SLO, ms.
       title: figure title.
-      notes: {panel title: text} written under the panel (e.g. where PAM pays off).
+      notes: {panel title: text} written under the panel's title (e.g. whether PAM pays
+        off there).
 
     Returns:
       The path written.
@@ -242,6 +244,7 @@ def regimes_vs_batch(path, panels: dict[str, tuple[list[dict], dict]], *, slo_ms
     colours = {s: f"C{i % 10}" for i, s in enumerate(systems)}
     for ax, (panel, (rows, best)) in zip(axes[0], panels.items()):
         top = max([r["throughput_tokens_per_s"] for r in rows if not r["oom"]], default=0.0)
+        keys = []  # per panel: each system's peak under the SLO, as value labels
         for system in dict.fromkeys(r["system"] for r in rows):
             mine = sorted((r for r in rows if r["system"] == system), key=lambda r: r["batch"])
             fit = [r for r in mine if not r["oom"]]
@@ -253,13 +256,19 @@ def regimes_vs_batch(path, panels: dict[str, tuple[list[dict], dict]], *, slo_ms
                 ax.plot(r["batch"], r["throughput_tokens_per_s"], "o", color=colour, ms=5,
                         mfc=colour if meets else "white")
             oom = [r["batch"] for r in mine if r["oom"]]
-            ax.plot(oom, [0.0] * len(oom), "x", color=colour, ms=7, clip_on=False)
+            if oom:  # (an empty unclipped line would claim the figure's corner in the layout)
+                ax.plot(oom, [0.0] * len(oom), "x", color=colour, ms=7, clip_on=False)
             peak = best.get(system, {})
+            text = f"{system}: no batch meets the SLO"
             if peak.get("max_batch"):
                 x, y = peak["peak_batch"], peak["throughput_tokens_per_s"]
                 ax.plot(x, y, "*", color=colour, ms=13, mec="k", mew=0.5, zorder=5)
-                ax.annotate(f"{short(y)} @ {x}", (x, y), textcoords="offset points",
-                            xytext=(6, 4), fontsize=7, color=colour)
+                text = f"{system}: {short(y)} at batch {x}"
+                if peak["max_batch"] != x or peak.get("at_grid_edge"):
+                    text += (f"; meets it up to {'>=' if peak.get('at_grid_edge') else ''}"
+                             f"{peak['max_batch']}")
+            keys.append(plt.Line2D([], [], color=colour, marker="*", ms=9, mec="k", mew=0.5,
+                                   label=text))
         batches = sorted({r["batch"] for r in rows})
         ax.set_xscale("log", base=2)
         ax.set_xticks(batches, [str(b) for b in batches])
@@ -268,21 +277,21 @@ def regimes_vs_batch(path, panels: dict[str, tuple[list[dict], dict]], *, slo_ms
         ax.set_ylabel("output tokens / s")
         ax.set_ylim(0, (top or 1.0) * 1.18)
         ax.grid(alpha=0.3)
-        ax.set_title(panel, fontsize=9)
-        if not top:
+        note = (notes or {}).get(panel)
+        ax.set_title(panel + (f"\n{textwrap.fill(note, 80)}" if note else ""), fontsize=8)
+        if top:
+            ax.legend(handles=keys, loc="upper left", fontsize=7, title_fontsize=7,
+                      title="peak under the SLO (output tokens / s)")
+        else:
             _say(ax, "no batch fits: every point is out of KV memory (OOM)")
-        if notes and notes.get(panel):
-            ax.text(0.0, -0.16, notes[panel], transform=ax.transAxes, fontsize=7,
-                    va="top", wrap=True)
-    handles = [plt.Line2D([], [], color=colours[s], marker="o", label=s) for s in systems]
-    handles += [plt.Line2D([], [], color="grey", marker="o", ls="", label=f"meets {slo_ms:g} ms"),
+    handles = [plt.Line2D([], [], color="grey", marker="o", ls="", label=f"meets {slo_ms:g} ms"),
                 plt.Line2D([], [], color="grey", marker="o", mfc="white", ls="",
                            label="misses the SLO"),
                 plt.Line2D([], [], color="grey", marker="x", ls="", label="OOM"),
                 plt.Line2D([], [], color="grey", marker="*", mec="k", ms=11, ls="",
                            label="peak under the SLO")]
-    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 5),
-               fontsize=8, frameon=False)
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8,
+               frameon=False)
     return _save(plt, fig, title, path)
 
 
