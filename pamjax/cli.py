@@ -1053,19 +1053,43 @@ def _numbers(kind, minimum):
 
 
 def cmd_reproduce(args) -> int:
-    """`pamjax reproduce`: one study of the PAM evaluation, or all of them."""
+    """`pamjax reproduce`: one study of the PAM evaluation, or all of them, on the preset
+    or a --hardware file, with --knob overrides on top of each study's knobs; the studies'
+    models and systems are their own, so --model-file and --system-file are refused."""
     import time
 
+    from pamjax import config_files
+    from pamjax.hardware import get_platform
     from pamjax.provenance import command_record, describe_platform
     from pamjax.studies.reproduce import reproduce
 
+    own_models = ("models (qwen2.5-32b, llama3-70b, opt-175b; see "
+                  "pamjax/studies/reproduce.py); run compare or sweep with --model-file")
+    own_systems = ("systems (the five main ones, the ablation's variants); run compare or "
+                   "sweep with --system-file")
+    for option, value, what in (("--model-file", args.model_file, own_models),
+                                ("--system-file", args.system_file, own_systems)):
+        if value:
+            raise ConfigError(option, value[0] if isinstance(value, list) else value,
+                              f"reproduce runs the study's own {what}")
+    platform = config_files.load_platform_file(args.hardware) if args.hardware else None
+    for text in config_files.platform_warnings(platform or get_platform()):
+        _warn(text)
+    # Only the knobs named on the command line override a study's own (the offline
+    # studies' prefill budget stays unless --knob sets it).
+    knobs = config_files.knobs_from_assignments(args.knob)
+    overrides = {item.partition("=")[0].strip(): None for item in args.knob or ()}
+    overrides = {name: getattr(knobs, name) for name in overrides}
     start = time.perf_counter()
-    written = reproduce(args.study, args.out, quick=args.quick, progress=not args.quiet)
+    written = reproduce(args.study, args.out, quick=args.quick, progress=not args.quiet,
+                        platform=platform, knob_overrides=overrides)
     for name, path in written.items():
         prov = command_record(args.argv, study=name, quick=args.quick,
-                              platform=describe_platform(None),
+                              platform=describe_platform(platform, args.hardware),
+                              knob_overrides=overrides,
                               setup="models, workloads, systems, knobs and hardware scaling "
-                                    "as pamjax/studies/reproduce.py sets them (its docstring)")
+                                    "as pamjax/studies/reproduce.py sets them (its docstring), "
+                                    "knob_overrides on top of its knobs")
         meta, = _write_sidecars([path], prov)
         print(f"{name}: {path}, {meta.name} and {path.with_suffix('.png').name}")
     print(f"done in {time.perf_counter() - start:.0f} s")
@@ -1400,6 +1424,9 @@ def _add_reproduce(sub) -> None:
                    help="shorter simulated horizons (same grid)")
     p.add_argument("--out", default="pamjax-out", help="output folder")
     _add_quiet(p)
+    # The shared options, so that every simulating command takes them; --model-file and
+    # --system-file are refused with the reason (the studies fix their models and systems).
+    _add_simulation_options(p)
 
 
 def _add_sweep(sub) -> None:
