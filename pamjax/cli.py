@@ -653,6 +653,7 @@ def _write_compare(args, rows, best, prov, *, model: str, workload: str) -> None
                                             for s, r in best.items()})},
         baseline=first, notes={s: f"batch {r['peak_batch']}" for s, r in best.items()
                                if r["max_batch"]},
+        missing_label={s: "OOM" if r["oom"] else "none" for s, r in best.items()},
         title=f"{model} on {workload}, TPOT p99 SLO {args.slo_ms:g} ms")
     plots.throughput_vs_batch(out / "compare_batches.png", rows, slo_ms=args.slo_ms,
                               title=f"{model} on {workload}")

@@ -386,6 +386,7 @@ def test_an_all_oom_compare_exits_0_with_a_plot_that_says_so(tmp_path, capsys, m
     assert (tmp_path / "compare_batches.png").stat().st_size > 0
     assert (tmp_path / "compare.png").stat().st_size > 0
     assert any("no batch fits" in text for text in said)
+    assert any("no system meets the SLO" in text for text in said)
 
 
 @pytest.mark.parametrize("command", [

@@ -42,6 +42,12 @@ def _figure(plt, rows: int, cols: int, size):
     return plt.subplots(rows, cols, squeeze=False, figsize=size, layout="constrained")
 
 
+def _say(ax, text: str) -> None:
+    """Write ``text`` across the middle of an axes (a panel with nothing to draw)."""
+    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", fontsize=9,
+            bbox={"facecolor": "white", "edgecolor": "grey", "alpha": 0.9})
+
+
 def grouped_bars(path, panels: dict[str, tuple[list[str], dict[str, list]]], *, ylabel,
                  title: str, missing_label: str = "OOM", log: bool = False) -> pathlib.Path:
     """Grouped bar charts, one panel per entry of ``panels`` stacked vertically, every bar
@@ -111,7 +117,7 @@ def _bar_panel(ax, groups, series, colours, missing_label, log, ylabel) -> None:
 
 def system_bars(path, panels: dict[str, tuple[str, dict[str, float | None]]], *,
                 title: str, baseline: str | None = None, notes: dict | None = None,
-                missing_label: str = "none") -> pathlib.Path:
+                missing_label: str | dict = "none") -> pathlib.Path:
     """One bar per system in each panel (side by side), linear axes, labelled bars.
 
     Args:
@@ -121,7 +127,8 @@ def system_bars(path, panels: dict[str, tuple[str, dict[str, float | None]]], *,
       baseline: a system whose value is 1.0x: the first panel's labels add each bar's
         ratio to it.
       notes: {system: text} written under the first panel's labels (e.g. the batch).
-      missing_label: text where a value is None.
+      missing_label: text where a value is None, or {system: text} ("none" for others).
+        A panel with no value at all says so across its middle.
 
     Returns:
       The path written.
@@ -145,8 +152,12 @@ def system_bars(path, panels: dict[str, tuple[str, dict[str, float | None]]], *,
         ax.bar_label(drawn, labels=labels, fontsize=7, padding=2)
         for i, v in enumerate(values.values()):
             if v is None:
-                ax.text(i, 0.02, missing_label, ha="center", va="bottom", fontsize=7,
+                text = missing_label.get(systems[i], "none") \
+                    if isinstance(missing_label, dict) else missing_label
+                ax.text(i, 0.02, text, ha="center", va="bottom", fontsize=7,
                         transform=ax.get_xaxis_transform())
+        if not shown:
+            _say(ax, "no system meets the SLO at any batch")
         top = max([v for _, v in shown], default=1.0)
         ax.set_ylim(0, top * (1.35 if p == 0 and (base or notes) else 1.15))
         ax.set_xticks(range(len(systems)))
@@ -197,6 +208,7 @@ def throughput_vs_batch(path, rows: list[dict], *, slo_ms, title: str,
     for ax, label in ((left, "output tokens / s"), (right, "TPOT p99 (ms)")):
         ax.set_xscale("log", base=2)
         ax.set_xticks(batches, [str(b) for b in batches])  # the grid's batches, as numbers
+        ax.set_xlim(batches[0] / 1.25, batches[-1] * 1.25)  # also when nothing is drawn
         ax.minorticks_off()
         ax.set_xlabel("batch (max concurrent requests)")
         ax.set_ylabel(label)
@@ -209,12 +221,6 @@ def throughput_vs_batch(path, rows: list[dict], *, slo_ms, title: str,
     fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 6),
                fontsize=8, frameon=False)
     return _save(plt, fig, title, path)
-
-
-def _say(ax, text: str) -> None:
-    """Write ``text`` across the middle of an axes (a panel with nothing to draw)."""
-    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", fontsize=9,
-            bbox={"facecolor": "white", "edgecolor": "grey", "alpha": 0.9})
 
 
 def regimes_vs_batch(path, panels: dict[str, tuple[list[dict], dict]], *, slo_ms: float,
@@ -272,6 +278,7 @@ def regimes_vs_batch(path, panels: dict[str, tuple[list[dict], dict]], *, slo_ms
         batches = sorted({r["batch"] for r in rows})
         ax.set_xscale("log", base=2)
         ax.set_xticks(batches, [str(b) for b in batches])
+        ax.set_xlim(batches[0] / 1.25, batches[-1] * 1.25)
         ax.minorticks_off()
         ax.set_xlabel("batch (concurrent requests)")
         ax.set_ylabel("output tokens / s")
