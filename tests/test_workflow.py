@@ -421,9 +421,10 @@ def test_check_batches_judges_the_steady_states_kv_need():
                                                              * fits["attacc"])])
 
 
-def _best(tokens_per_s: dict, binding: dict) -> dict:
+def _best(tokens_per_s: dict, binding: dict, hbm_share=None) -> dict:
     return {s: {"system": s, "max_batch": 64 if t else 0, "peak_batch": 64 if t else 0,
-                "throughput_tokens_per_s": t, "binding_resource": binding.get(s)}
+                "throughput_tokens_per_s": t, "binding_resource": binding.get(s),
+                **({"hbm_token_share": hbm_share[s]} if hbm_share else {})}
             for s, t in tokens_per_s.items()}
 
 
@@ -434,10 +435,12 @@ def test_runs_findings_come_from_the_numbers():
             {"system": "l-pim", "batch": 256, "oom": False, "tpot_p99_ms": 400.0}]
     fits = {"attacc": 123, "l-pim": 9999, "pam": 9999}
     pays = _findings(_best({"attacc": 900.0, "l-pim": 1000.0, "pam": 2000.0},
-                           {"attacc": "pim_hbm", "l-pim": "pim_tiers", "pam": "gpu_compute"}),
+                           {"attacc": "pim_hbm", "l-pim": "pim_tiers", "pam": "gpu_compute"},
+                           {"attacc": 1.0, "l-pim": 1.0, "pam": 0.7}),
                      rows, fits)
     assert pays[0].startswith("pam pays off: 2.00x the best baseline (l-pim")
     assert "binding at the peak: attacc pim_hbm, l-pim pim_tiers, pam gpu_compute" in pays
+    assert "pam keeps 30% of its KV tokens outside HBM (DDR/SSD-PIM), l-pim 0%" in pays
     assert "attacc: batch 256 out of KV memory (its tiers hold ~123 requests on average)" \
         in pays
     assert "l-pim: batch 256 misses the SLO (TPOT p99 400 ms)" in pays

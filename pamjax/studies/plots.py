@@ -270,9 +270,10 @@ def regimes_vs_batch(path, panels: dict[str, tuple[list[dict], dict]], *, slo_ms
                 x, y = peak["peak_batch"], peak["throughput_tokens_per_s"]
                 ax.plot(x, y, "*", color=colour, ms=13, mec="k", mew=0.5, zorder=5)
                 text = f"{system}: {short(y)} at batch {x}"
-                if peak["max_batch"] != x or peak.get("at_grid_edge"):
-                    text += (f"; meets it up to {'>=' if peak.get('at_grid_edge') else ''}"
-                             f"{peak['max_batch']}")
+                if peak.get("at_grid_edge"):
+                    text += "; meets it to the grid's end"
+                elif peak["max_batch"] != x:
+                    text += f"; meets it up to {peak['max_batch']}"
             keys.append(plt.Line2D([], [], color=colour, marker="*", ms=9, mec="k", mew=0.5,
                                    label=text))
         batches = sorted({r["batch"] for r in rows})
