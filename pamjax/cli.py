@@ -1079,8 +1079,8 @@ def cmd_reproduce(args) -> int:
     # Only the knobs named on the command line override a study's own (the offline
     # studies' prefill budget stays unless --knob sets it).
     knobs = config_files.knobs_from_assignments(args.knob)
-    overrides = {item.partition("=")[0].strip(): None for item in args.knob or ()}
-    overrides = {name: getattr(knobs, name) for name in overrides}
+    named = dict.fromkeys(item.partition("=")[0].strip() for item in args.knob or ())
+    overrides = {name: getattr(knobs, name) for name in named}
     start = time.perf_counter()
     written = reproduce(args.study, args.out, quick=args.quick, progress=not args.quiet,
                         platform=platform, knob_overrides=overrides)
