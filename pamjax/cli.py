@@ -1425,7 +1425,9 @@ def _add_reproduce(sub) -> None:
     from pamjax.studies.reproduce import STUDIES
 
     p = _command(sub, "reproduce", "reproduce the PAM study: online, offline, energy, "
-                 "ablation, scaling or all", cmd_reproduce)
+                 "ablation, scaling or all (on a --hardware file and with --knob overrides "
+                 "if given; the studies fix their own models and systems, so --model-file "
+                 "and --system-file are refused)", cmd_reproduce)
     p.add_argument("study", choices=[*STUDIES, "all"], metavar="STUDY",
                    help=f"one of: {', '.join(STUDIES)}, all")
     p.add_argument("--quick", action="store_true",
