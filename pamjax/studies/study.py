@@ -218,7 +218,9 @@ def inflight_kv_tokens(pool: Workload) -> float:
     """
     weight = pool.output_tokens.astype(np.float64) - 1.0
     need = pool.prompt_tokens.astype(np.float64) + pool.output_tokens - 1.0
-    return float(np.sum(weight * need) / max(np.sum(weight), 1.0))
+    if not weight.sum() > 0:  # only 1-token outputs (steady_state refuses such a pool)
+        return float(need.mean())
+    return float(np.sum(weight * need) / np.sum(weight))
 
 
 def kv_fit_batch(system, model, pool: Workload, platform: Platform | None = None) -> int:
