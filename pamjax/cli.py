@@ -568,6 +568,7 @@ def cmd_compare(args) -> int:
         workload = args.workload
         source = {"name": workload, "source": "synthetic", "arrivals": "all at t=0",
                   "requests": f"2 x the largest batch ({2 * max(args.batches)})"}
+    fits = _check_batches(setup, workload, args.batches, args.seed)
     rows = study.run_sweep(setup.systems, setup.model, workload, args.batches,
                            steps=args.steps, seed=args.seed, platform=setup.platform,
                            knobs=setup.knobs, progress=not args.quiet)
@@ -582,8 +583,25 @@ def cmd_compare(args) -> int:
                        _compare_columns()))
     print("max batch: the largest batch meeting the SLO; every other column comes from the "
           "peak batch (the highest throughput meeting it)")
+    for system in best:
+        oom = [str(r["batch"]) for r in rows if r["system"] == system and r["oom"]]
+        if oom:
+            print(f"OOM: {system} at batch {','.join(oom)}: the in-flight requests' KV "
+                  f"exceeds its tiers (they hold ~{fits[system]:,} requests on average)")
     _write_compare(args, rows, best, prov, model=_name(setup.model), workload=name)
     return 0
+
+
+def _check_batches(setup: _Setup, workload, batches, seed: int) -> dict:
+    """study.check_batches on the population run_sweep will draw from: refuse a batch no
+    system can hold, or above the stated maximum, before compiling anything."""
+    from pamjax.studies import study
+    from pamjax.workload import synthetic
+
+    pool = synthetic(workload, study.POOL_REQUESTS, seed=seed) if isinstance(workload, str) \
+        else workload
+    return study.check_batches(setup.systems, setup.model, pool, batches,
+                               platform=setup.platform)
 
 
 def _compare_row(system: str, row: dict) -> dict:
@@ -635,6 +653,7 @@ def _write_compare(args, rows, best, prov, *, model: str, workload: str) -> None
                                             for s, r in best.items()})},
         baseline=first, notes={s: f"batch {r['peak_batch']}" for s, r in best.items()
                                if r["max_batch"]},
+        missing_label={s: "OOM" if r["oom"] else "none" for s, r in best.items()},
         title=f"{model} on {workload}, TPOT p99 SLO {args.slo_ms:g} ms")
     plots.throughput_vs_batch(out / "compare_batches.png", rows, slo_ms=args.slo_ms,
                               title=f"{model} on {workload}")
@@ -792,6 +811,7 @@ def cmd_sweep(args) -> int:
             for warning in platform_warnings((setup.platform or get_platform())
                                              .with_overrides(sweep.parse_override(text))):
                 _warn(f"--override {text}: {warning}")
+    _check_sweep_batches(spec, setup)
     report = sweep.run(spec, args.out, resume=args.resume, chunk_size=args.chunk_size,
                        progress=not args.quiet)
     if jax.process_index() != 0:
@@ -815,6 +835,30 @@ def cmd_sweep(args) -> int:
                                     workload=name):
         print(f"wrote {path}")
     return 0
+
+
+def _check_sweep_batches(spec, setup: _Setup) -> None:
+    """study.check_batches for a sweep: a batch is refused only when it is refused on every
+    hardware design point (an override may add capacity), judged on the first seed's
+    population."""
+    from pamjax.hardware import get_platform
+    from pamjax.studies import study, sweep
+    from pamjax.traces import load_trace
+    from pamjax.workload import synthetic
+
+    pool = load_trace(spec.trace, max_requests=spec.max_requests) if spec.trace else \
+        synthetic(spec.workload, spec.max_requests or study.POOL_REQUESTS, seed=spec.seeds[0])
+    refusals = []
+    for text in spec.overrides:
+        platform = (setup.platform or get_platform()).with_overrides(
+            sweep.parse_override(text)) if text else setup.platform
+        try:
+            study.check_batches(setup.systems, setup.model, pool, spec.batches,
+                                platform=platform)
+            return
+        except ConfigError as err:
+            refusals.append(err)
+    raise refusals[0]
 
 
 def _write_sweep_extras(spec, csv_path: pathlib.Path, prov: dict, *, model: str,
@@ -1011,33 +1055,214 @@ def _numbers(kind, minimum):
 
 
 def cmd_reproduce(args) -> int:
-    """`pamjax reproduce`: one study of the PAM evaluation, or all of them."""
+    """`pamjax reproduce`: one study of the PAM evaluation, or all of them, on the preset
+    or a --hardware file, with --knob overrides on top of each study's knobs; the studies'
+    models and systems are their own, so --model-file and --system-file are refused."""
     import time
 
+    from pamjax import config_files
+    from pamjax.hardware import get_platform
     from pamjax.provenance import command_record, describe_platform
     from pamjax.studies.reproduce import reproduce
 
+    own_models = ("models (qwen2.5-32b, llama3-70b, opt-175b; see "
+                  "pamjax/studies/reproduce.py); run compare or sweep with --model-file")
+    own_systems = ("systems (the five main ones, the ablation's variants); run compare or "
+                   "sweep with --system-file")
+    for option, value, what in (("--model-file", args.model_file, own_models),
+                                ("--system-file", args.system_file, own_systems)):
+        if value:
+            raise ConfigError(option, value[0] if isinstance(value, list) else value,
+                              f"reproduce runs the study's own {what}")
+    platform = config_files.load_platform_file(args.hardware) if args.hardware else None
+    for text in config_files.platform_warnings(platform or get_platform()):
+        _warn(text)
+    # Only the knobs named on the command line override a study's own (the offline
+    # studies' prefill budget stays unless --knob sets it).
+    knobs = config_files.knobs_from_assignments(args.knob)
+    named = dict.fromkeys(item.partition("=")[0].strip() for item in args.knob or ())
+    overrides = {name: getattr(knobs, name) for name in named}
     start = time.perf_counter()
-    written = reproduce(args.study, args.out, quick=args.quick, progress=not args.quiet)
+    written = reproduce(args.study, args.out, quick=args.quick, progress=not args.quiet,
+                        platform=platform, knob_overrides=overrides)
     for name, path in written.items():
         prov = command_record(args.argv, study=name, quick=args.quick,
-                              platform=describe_platform(None),
+                              platform=describe_platform(platform, args.hardware),
+                              knob_overrides=overrides,
                               setup="models, workloads, systems, knobs and hardware scaling "
-                                    "as pamjax/studies/reproduce.py sets them (its docstring)")
+                                    "as pamjax/studies/reproduce.py sets them (its docstring), "
+                                    "knob_overrides on top of its knobs")
         meta, = _write_sidecars([path], prov)
         print(f"{name}: {path}, {meta.name} and {path.with_suffix('.png').name}")
     print(f"done in {time.perf_counter() - start:.0f} s")
     return 0
 
 
-def cmd_run(args) -> int:
-    """`pamjax run`: the main job, `compare` with the README's fixed setup."""
-    from pamjax.systems import MAIN_SYSTEMS
+@dataclasses.dataclass(frozen=True)
+class Regime:
+    """One regime of the main job: a name, a synthetic dataset and the batch grid."""
 
-    args.model, args.workload, args.trace, args.max_requests = "llama3-70b", "sharegpt", None, None
-    args.slo_ms, args.systems = 150.0, list(MAIN_SYSTEMS)
-    args.hardware = args.model_file = args.knob = args.system_file = None
-    return cmd_compare(args)
+    name: str
+    workload: str
+    batches: tuple
+    what: str
+
+
+RUN_MODEL = "llama3-70b"
+RUN_SLO_MS = 150.0
+RUN_REGIMES = (
+    Regime("chat", "sharegpt", (64, 256, 1024), "short prompts and answers"),
+    Regime("long context", "write-doc", (64, 256, 1024), "long generated documents"),
+)
+"""`pamjax run`'s fixed setup: LLaMA3-70B, TPOT p99 SLO 150 ms, the five main systems."""
+
+RUN_WINDOW = {"steps": 64, "warmup": 16}
+"""`run`'s measuring window and warm-up per point (engine steps; --steps sets the window)."""
+
+PAYOFF = 0.05
+"""`run` says PAM pays off in a regime when it serves more than 1 + PAYOFF times the best
+baseline's peak throughput under the SLO, and that it loses below 1 - PAYOFF."""
+
+RESOURCE_WORDS = {
+    "gpu_compute": "GPU compute (FC layers)", "gpu_hbm": "GPU HBM bandwidth (weights, "
+    "KV read by the GPUs)", "pcie": "PCIe (offloaded KV)", "pim_hbm": "HBM-PIM alone",
+    "pim_ddr": "DDR-PIM alone", "pim_ssd": "SSD-PIM alone",
+    "pim_tiers": "the PIM tiers' attention bandwidth", "migration": "migration",
+    "arrivals": "the arrivals"}
+
+
+def _run_columns() -> list[str]:
+    return [*_compare_columns(), "pam / this"]
+
+
+def _findings(best: dict, rows: list[dict], fits: dict, focus: str = "pam") -> list[str]:
+    """What one regime's numbers say about ``focus`` (PAM): whether it pays off against
+    the best baseline, which resource binds each system, and which batches did not fit
+    or missed the SLO. Every statement is computed from ``best`` (study.peak_under_slo),
+    ``rows`` (study.run_sweep) and ``fits`` (study.check_batches)."""
+    lines = []
+    mine = best.get(focus, {})
+    others = {s: r for s, r in best.items() if s != focus}
+    rival = max(others, key=lambda s: others[s]["throughput_tokens_per_s"], default=None)
+    ours, theirs = mine.get("throughput_tokens_per_s", 0.0), \
+        (others[rival]["throughput_tokens_per_s"] if rival else 0.0)
+    if not mine.get("max_batch"):
+        lines.append(f"{focus} meets the SLO at no batch of the grid")
+    elif not theirs:
+        lines.append(f"{focus} pays off: it alone meets the SLO")
+    else:
+        ratio = ours / theirs
+        verdict = ("pays off" if ratio > 1 + PAYOFF else "loses" if ratio < 1 - PAYOFF
+                   else f"does not pay off (within {PAYOFF:.0%})")
+        lines.append(f"{focus} {verdict}: {ratio:.2f}x the best baseline ({rival}, "
+                     f"{_short(theirs)} tok/s at batch {others[rival]['peak_batch']}) under "
+                     f"the SLO")
+    if mine.get("max_batch") and theirs:
+        # Where each keeps its KV at its peak: PAM's tiering shows here.
+        outside = {s: 1.0 - best[s]["hbm_token_share"] for s in (focus, rival)
+                   if "hbm_token_share" in best[s]}
+        if len(outside) == 2 and abs(outside[focus] - outside[rival]) >= PAYOFF:
+            lines.append(f"{focus} keeps {outside[focus]:.0%} of its KV tokens outside HBM "
+                         f"(DDR/SSD-PIM), {rival} {outside[rival]:.0%}")
+    bound = {s: r["binding_resource"] for s, r in best.items() if r.get("binding_resource")}
+    if bound and len(set(bound.values())) == 1:
+        resource = next(iter(bound.values()))
+        lines.append(f"every system's bound at its peak is {resource} "
+                     f"({RESOURCE_WORDS.get(resource, resource)})"
+                     + (": the KV tiers cannot change it" if resource == "gpu_compute"
+                        else ""))
+    elif bound:
+        lines.append("binding at the peak: " + ", ".join(
+            f"{s} {b}" for s, b in bound.items()))
+    for system in best:
+        points = [r for r in rows if r["system"] == system]
+        oom = [r["batch"] for r in points if r["oom"]]
+        slow = [r["batch"] for r in points if not r["oom"] and not
+                (r["tpot_p99_ms"] is not None and r["tpot_p99_ms"] <= RUN_SLO_MS)]
+        if oom:
+            lines.append(f"{system}: batch {', '.join(map(str, oom))} out of KV memory (its "
+                         f"tiers hold ~{fits[system]:,} requests on average)")
+        if slow:
+            tpot = ", ".join(f"{r['tpot_p99_ms']:.0f}" for r in points if r["batch"] in slow)
+            lines.append(f"{system}: batch {', '.join(map(str, slow))} misses the SLO "
+                         f"(TPOT p99 {tpot} ms)")
+    return lines
+
+
+def _short(value: float) -> str:
+    from pamjax.studies.plots import short
+
+    return short(value)
+
+
+def cmd_run(args) -> int:
+    """`pamjax run`: the main job, two regimes side by side (RUN_REGIMES): for each, every
+    main system's peak steady-state throughput under the SLO, its TPOT, bound and binding
+    resource, and what the numbers say about PAM; run.json, run_sweep.csv and run.png."""
+    from pamjax.studies import plots, study
+    from pamjax.studies.report import write_csv
+    from pamjax.systems import MAIN_SYSTEMS
+    from pamjax.workload import synthetic
+
+    systems = list(MAIN_SYSTEMS)
+    setup = _Setup(RUN_MODEL, None, None, None, None, systems, {})
+    window = dict(RUN_WINDOW, steps=args.steps or RUN_WINDOW["steps"])
+    results = {}
+    for regime in RUN_REGIMES:
+        pool = synthetic(regime.workload, study.POOL_REQUESTS, seed=args.seed)
+        fits = study.check_batches(systems, RUN_MODEL, pool, regime.batches)
+        rows = study.run_sweep(systems, RUN_MODEL, regime.workload, regime.batches,
+                               seed=args.seed, progress=not args.quiet, **window)
+        best = study.peak_under_slo(rows, RUN_SLO_MS)
+        results[regime.name] = {
+            "regime": regime, "rows": rows, "best": best, "fits": fits,
+            "kv_tokens_per_request": study.inflight_kv_tokens(pool),
+            "mean_prompt": pool.mean_prompt, "mean_output": pool.mean_output,
+            "findings": _findings(best, rows, fits)}
+    prov = _provenance(args, setup, seed=args.seed, workload={
+        "regimes": {name: {"name": r["regime"].workload, "source": "synthetic",
+                           "batches": list(r["regime"].batches)}
+                    for name, r in results.items()},
+        "arrivals": "closed loop at steady state"})
+    print(f"{RUN_MODEL}, TPOT p99 SLO {RUN_SLO_MS:g} ms, {len(systems)} systems, two "
+          f"regimes; steady state: {window['warmup']} warm-up + {window['steps']} measured "
+          f"steps per point, page size {results[RUN_REGIMES[0].name]['rows'][0]['page_size']}"
+          f"/{results[RUN_REGIMES[-1].name]['rows'][0]['page_size']} tokens")
+    print(_setup_line(prov))
+    for name, r in results.items():
+        regime, best = r["regime"], r["best"]
+        print(f"\n== {name}: {regime.workload}, batches "
+              f"{','.join(map(str, regime.batches))} ({regime.what}: mean prompt "
+              f"{r['mean_prompt']:,.0f}, output {r['mean_output']:,.0f} tokens; an "
+              f"in-flight request holds ~{r['kv_tokens_per_request']:,.0f} KV tokens)")
+        ours = best["pam"]["throughput_tokens_per_s"]
+        table = [dict(_compare_row(s, b), **{"pam / this": ours / b["throughput_tokens_per_s"]
+                                              if b["throughput_tokens_per_s"] else "-"})
+                 for s, b in best.items()]
+        print(format_table(table, _run_columns()))
+        for line in r["findings"]:
+            print(f"  - {line}")
+    print("\nmax batch: the largest batch meeting the SLO; every other column comes from the "
+          "peak batch (the highest throughput meeting it); bound: the physical upper bound "
+          "at that batch and its binding resource (pamjax bounds)")
+    out = pathlib.Path(args.out)
+    every = [dict(row, regime=name) for name, r in results.items() for row in r["rows"]]
+    print(f"wrote {write_csv(out / 'run_sweep.csv', every, list(every[0]), provenance=prov)}")
+    _write_json(args.json or out / "run.json", {
+        "model": RUN_MODEL, "slo_ms": RUN_SLO_MS, "seed": args.seed, **window,
+        "regimes": {name: {"workload": r["regime"].workload,
+                           "batches": list(r["regime"].batches), "best": r["best"],
+                           "kv_fit_batch": r["fits"], "findings": r["findings"],
+                           "sweep": r["rows"]} for name, r in results.items()},
+        "provenance": prov})
+    figure = plots.regimes_vs_batch(
+        out / "run.png", {f"{name}: {r['regime'].workload}": (r["rows"], r["best"])
+                          for name, r in results.items()},
+        slo_ms=RUN_SLO_MS, notes={f"{name}: {r['regime'].workload}": r["findings"][0]
+                                  for name, r in results.items()},
+        title=f"{RUN_MODEL}, steady state, TPOT p99 SLO {RUN_SLO_MS:g} ms")
+    print(f"wrote {figure}")
+    return 0
 
 
 DEFAULT_BATCHES = [16, 32, 64, 128, 256, 512, 1024, 2048]
@@ -1159,9 +1384,14 @@ def _add_search_args(p) -> None:
 
 
 def _add_run(sub) -> None:
-    p = _command(sub, "run", "the main job: five systems, llama3-70b, sharegpt, 150 ms SLO",
-                 cmd_run)
-    _add_search_args(p)
+    p = _command(sub, "run", "the main job: five systems, llama3-70b, 150 ms TPOT SLO, a "
+                 "chat and a long-context regime side by side", cmd_run)
+    p.add_argument("--steps", type=_positive_int,
+                   help=f"measured steps per point (default {RUN_WINDOW['steps']})")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="pamjax-out", help="output folder")
+    p.add_argument("--json", metavar="PATH", help="summary JSON (default OUT/run.json)")
+    _add_quiet(p)
 
 
 def _add_compare(sub) -> None:
@@ -1196,13 +1426,18 @@ def _add_reproduce(sub) -> None:
     from pamjax.studies.reproduce import STUDIES
 
     p = _command(sub, "reproduce", "reproduce the PAM study: online, offline, energy, "
-                 "ablation, scaling or all", cmd_reproduce)
+                 "ablation, scaling or all (on a --hardware file and with --knob overrides "
+                 "if given; the studies fix their own models and systems, so --model-file "
+                 "and --system-file are refused)", cmd_reproduce)
     p.add_argument("study", choices=[*STUDIES, "all"], metavar="STUDY",
                    help=f"one of: {', '.join(STUDIES)}, all")
     p.add_argument("--quick", action="store_true",
                    help="shorter simulated horizons (same grid)")
     p.add_argument("--out", default="pamjax-out", help="output folder")
     _add_quiet(p)
+    # The shared options, so that every simulating command takes them; --model-file and
+    # --system-file are refused with the reason (the studies fix their models and systems).
+    _add_simulation_options(p)
 
 
 def _add_sweep(sub) -> None:

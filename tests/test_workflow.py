@@ -356,3 +356,177 @@ def test_commands_with_fixed_setups_record_their_command(tmp_path, capsys, monke
     assert meta["provenance"]["command"] == ["pamjax", "reproduce", "ablation", "--quick",
                                              "--out", str(tmp_path)]
     assert meta["provenance"]["pamjax_version"] == pamjax.__version__
+
+
+# --- Issue 17: the main job's two regimes, OOM and absurd sizes, reproduce's options ---
+
+
+def _oom_rows(systems, model, workload, batches, **kwargs):
+    """What study.run_sweep returns when no point fits (engine.resume rejected them)."""
+    return [{"platform": "pam-dgx-h100", "model": model, "system": s, "batch": b,
+             "throughput_tokens_per_s": 0.0, "tpot_p99_ms": float("nan"), "oom": True,
+             "mean_batch": 0.0, "mean_context_tokens": 0.0, "page_size": 1,
+             "bound_tokens_per_s": None,
+             "binding_resource": None, "efficiency": None}
+            for s in systems for b in sorted(set(batches))]
+
+
+def test_an_all_oom_compare_exits_0_with_a_plot_that_says_so(tmp_path, capsys, monkeypatch):
+    from pamjax.studies import study
+
+    said = []
+    real_say = plots._say
+    monkeypatch.setattr(plots, "_say", lambda ax, text: (said.append(text),
+                                                        real_say(ax, text)))
+    monkeypatch.setattr(study, "run_sweep", _oom_rows)
+    rc, stdout, stderr = run_cli(["compare", "--systems", "pam,attacc", "--batches", "2,4",
+                                  "--quiet", "--out", tmp_path], capsys)
+    assert rc == 0 and "Traceback" not in stderr
+    assert "OOM: pam at batch 2,4" in stdout and "OOM: attacc at batch 2,4" in stdout
+    assert (tmp_path / "compare_batches.png").stat().st_size > 0
+    assert (tmp_path / "compare.png").stat().st_size > 0
+    assert any("no batch fits" in text for text in said)
+    assert any("no system meets the SLO" in text for text in said)
+
+
+@pytest.mark.parametrize("command", [
+    ["compare", "--systems", "pam", "--batches", "3000000", "--slo-ms", "100"],
+    ["sweep", "--systems", "pam,ls-pim", "--batches", "64,3000000"],
+    ["compare", "--model", "llama3-8b", "--systems", "pam", "--batches", "20000"]])
+def test_absurd_batches_are_refused_before_simulating(command, tmp_path, capsys):
+    import time
+
+    start = time.perf_counter()
+    rc, stdout, stderr = run_cli([*command, "--out", tmp_path], capsys)
+    assert rc == 2 and stdout == ""
+    assert len(stderr.strip().splitlines()) == 1 and "--batches" in stderr
+    assert ("cannot fit" in stderr) != ("above the largest batch simulated" in stderr)
+    assert time.perf_counter() - start < 60  # no compilation, no simulation
+    assert not any(tmp_path.iterdir())
+
+
+def test_check_batches_judges_the_steady_states_kv_need():
+    from pamjax.studies import study
+
+    pool = synthetic("write-doc", 512, seed=0)
+    fits = study.check_batches(["attacc", "pam"], "llama3-70b", pool, [64])
+    # AttAcc holds KV in HBM only, PAM in every tier: it holds far more requests.
+    assert 0 < fits["attacc"] < fits["pam"]
+    need = study.inflight_kv_tokens(pool)
+    assert need > float(np.mean(pool.prompt_tokens + pool.output_tokens))  # length-biased
+    with pytest.raises(ConfigError, match="cannot fit"):
+        study.check_batches(["attacc"], "llama3-70b", pool,
+                            [int(study.FIT_MARGIN * fits["attacc"]) + 1])
+    study.check_batches(["attacc"], "llama3-70b", pool, [int(study.FIT_MARGIN
+                                                             * fits["attacc"])])
+
+
+def _best(tokens_per_s: dict, binding: dict, hbm_share=None) -> dict:
+    return {s: {"system": s, "max_batch": 64 if t else 0, "peak_batch": 64 if t else 0,
+                "throughput_tokens_per_s": t, "binding_resource": binding.get(s),
+                **({"hbm_token_share": hbm_share[s]} if hbm_share else {})}
+            for s, t in tokens_per_s.items()}
+
+
+def test_runs_findings_come_from_the_numbers():
+    from pamjax.cli import _findings
+
+    rows = [{"system": "attacc", "batch": 256, "oom": True, "tpot_p99_ms": None},
+            {"system": "l-pim", "batch": 256, "oom": False, "tpot_p99_ms": 400.0}]
+    fits = {"attacc": 123, "l-pim": 9999, "pam": 9999}
+    pays = _findings(_best({"attacc": 900.0, "l-pim": 1000.0, "pam": 2000.0},
+                           {"attacc": "pim_hbm", "l-pim": "pim_tiers", "pam": "gpu_compute"},
+                           {"attacc": 1.0, "l-pim": 1.0, "pam": 0.7}),
+                     rows, fits)
+    assert pays[0].startswith("pam pays off: 2.00x the best baseline (l-pim")
+    assert "binding at the peak: attacc pim_hbm, l-pim pim_tiers, pam gpu_compute" in pays
+    assert "pam keeps 30% of its KV tokens outside HBM (DDR/SSD-PIM), l-pim 0%" in pays
+    assert "attacc: batch 256 out of KV memory (its tiers hold ~123 requests on average)" \
+        in pays
+    assert "l-pim: batch 256 misses the SLO (TPOT p99 400 ms)" in pays
+    even = _findings(_best({"ls-pim": 1000.0, "pam": 1010.0},
+                           {"ls-pim": "gpu_compute", "pam": "gpu_compute"}), [], fits)
+    assert even[0].startswith("pam does not pay off (within 5%): 1.01x")
+    assert even[1].startswith("every system's bound at its peak is gpu_compute")
+    loses = _findings(_best({"ls-pim": 1000.0, "pam": 800.0}, {}), [], fits)
+    assert loses[0].startswith("pam loses: 0.80x")
+
+
+def _regime_rows(systems, model, workload, batches, **kwargs):
+    """Sweep rows of a fake regime: on write-doc PAM serves twice the others' tokens/s and
+    AttAcc runs out of KV at batch 4; on sharegpt every system is alike."""
+    rows = []
+    for s in systems:
+        for b in sorted(set(batches)):
+            gain = 2.0 if workload == "write-doc" and s == "pam" else 1.0
+            oom = workload == "write-doc" and s == "attacc" and b == 4
+            rows.append({
+                "platform": "pam-dgx-h100", "model": model, "system": s, "batch": b,
+                "throughput_tokens_per_s": 0.0 if oom else 100.0 * b * gain,
+                "tpot_p99_ms": 10.0 * b, "oom": oom, "mean_batch": float(b),
+                "mean_context_tokens": 500.0, "page_size": 1, "energy_j_per_token": 0.5,
+                **{f"{t}_{k}_share": 1.0 if t == "hbm" else 0.0 for t in ("hbm", "ddr", "ssd")
+                   for k in ("token", "attention")},
+                "bound_tokens_per_s": 1e4, "efficiency": 0.01 * b * gain,
+                "binding_resource": "gpu_compute" if gain == 1.0 else "pim_tiers"})
+    return rows
+
+
+def test_run_shows_both_regimes_side_by_side(tmp_path, capsys, monkeypatch):
+    from pamjax import cli
+    from pamjax.studies import study
+    from pamjax.systems import MAIN_SYSTEMS
+
+    # The sweeps are faked (study.run_sweep is tested in test_sweep.py and test_physics.py);
+    # this checks what `run` makes of two regimes: tables, findings, files.
+    monkeypatch.setattr(study, "run_sweep", _regime_rows)
+    monkeypatch.setattr(cli, "RUN_REGIMES", (
+        cli.Regime("chat", "sharegpt", (2, 4), "short contexts"),
+        cli.Regime("long context", "write-doc", (2, 4), "long contexts")))
+    rc, stdout, _ = run_cli(["run", "--quiet", "--out", tmp_path], capsys)
+    assert rc == 0
+    assert "== chat: sharegpt" in stdout and "== long context: write-doc" in stdout
+    chat, long = stdout.split("== long context")
+    assert "pam does not pay off (within 5%): 1.00x the best baseline" in chat
+    assert "every system's bound at its peak is gpu_compute" in chat
+    assert "pam pays off: 2.00x the best baseline" in long
+    assert "attacc: batch 4 out of KV memory" in long and "pam / this" in stdout
+    summary = json.loads((tmp_path / "run.json").read_text())
+    assert list(summary["regimes"]) == ["chat", "long context"]
+    for regime in summary["regimes"].values():
+        assert set(regime["best"]) == set(MAIN_SYSTEMS)
+        assert regime["findings"][0] in stdout
+    rows = read_csv(tmp_path / "run_sweep.csv")
+    assert [r["regime"] for r in rows] == ["chat"] * 10 + ["long context"] * 10
+    assert (tmp_path / "run.png").stat().st_size > 0
+
+
+def test_reproduce_takes_hardware_and_knobs_and_refuses_the_rest(tmp_path, capsys,
+                                                                 monkeypatch):
+    from pamjax.studies import reproduce
+
+    seen = []
+
+    def fake(systems, model, workload, batches, **kwargs):
+        seen.append(kwargs)
+        return _oom_rows(systems, model, workload, batches)
+
+    monkeypatch.setattr(reproduce, "run_sweep", fake)
+    hardware = ROOT / "examples" / "hardware" / "pam-80-dimms.toml"
+    rc, stdout, _ = run_cli(["reproduce", "offline", "--quick", "--quiet", "--hardware",
+                             hardware, "--knob", "target_rule=throughput", "--out",
+                             tmp_path], capsys)
+    assert rc == 0 and "offline.meta.json" in stdout
+    assert seen and all(k["platform"].ddr.num_devices == 80 for k in seen)
+    # The override sits on top of the offline study's own knobs (no prefill budget).
+    assert all(k["knobs"].target_rule == "throughput" for k in seen)
+    assert all(k["knobs"].prefill_token_budget == reproduce.OFFLINE_KNOBS.prefill_token_budget
+               for k in seen)
+    prov = json.loads((tmp_path / "offline.meta.json").read_text())["provenance"]
+    assert prov["platform"]["source"] == str(hardware)
+    assert prov["knob_overrides"] == {"target_rule": "throughput"}
+    for option, path in (("--model-file", MODEL_FILE), ("--system-file", SYSTEM_FILE)):
+        rc, stdout, stderr = run_cli(["reproduce", "online", option, path, "--out",
+                                      tmp_path / "x"], capsys)
+        assert rc == 2 and stdout == "" and len(stderr.strip().splitlines()) == 1
+        assert "reproduce runs the study's own" in stderr

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import pathlib
+import textwrap
 
 import numpy as np
 
@@ -39,6 +40,12 @@ def _figure(plt, rows: int, cols: int, size):
     """A figure laid out by matplotlib's constrained layout (titles and outside legends
     get their own room)."""
     return plt.subplots(rows, cols, squeeze=False, figsize=size, layout="constrained")
+
+
+def _say(ax, text: str) -> None:
+    """Write ``text`` across the middle of an axes (a panel with nothing to draw)."""
+    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", fontsize=9,
+            bbox={"facecolor": "white", "edgecolor": "grey", "alpha": 0.9})
 
 
 def grouped_bars(path, panels: dict[str, tuple[list[str], dict[str, list]]], *, ylabel,
@@ -110,7 +117,7 @@ def _bar_panel(ax, groups, series, colours, missing_label, log, ylabel) -> None:
 
 def system_bars(path, panels: dict[str, tuple[str, dict[str, float | None]]], *,
                 title: str, baseline: str | None = None, notes: dict | None = None,
-                missing_label: str = "none") -> pathlib.Path:
+                missing_label: str | dict = "none") -> pathlib.Path:
     """One bar per system in each panel (side by side), linear axes, labelled bars.
 
     Args:
@@ -120,7 +127,8 @@ def system_bars(path, panels: dict[str, tuple[str, dict[str, float | None]]], *,
       baseline: a system whose value is 1.0x: the first panel's labels add each bar's
         ratio to it.
       notes: {system: text} written under the first panel's labels (e.g. the batch).
-      missing_label: text where a value is None.
+      missing_label: text where a value is None, or {system: text} ("none" for others).
+        A panel with no value at all says so across its middle.
 
     Returns:
       The path written.
@@ -144,8 +152,12 @@ def system_bars(path, panels: dict[str, tuple[str, dict[str, float | None]]], *,
         ax.bar_label(drawn, labels=labels, fontsize=7, padding=2)
         for i, v in enumerate(values.values()):
             if v is None:
-                ax.text(i, 0.02, missing_label, ha="center", va="bottom", fontsize=7,
+                text = missing_label.get(systems[i], "none") \
+                    if isinstance(missing_label, dict) else missing_label
+                ax.text(i, 0.02, text, ha="center", va="bottom", fontsize=7,
                         transform=ax.get_xaxis_transform())
+        if not shown:
+            _say(ax, "no system meets the SLO at any batch")
         top = max([v for _, v in shown], default=1.0)
         ax.set_ylim(0, top * (1.35 if p == 0 and (base or notes) else 1.15))
         ax.set_xticks(range(len(systems)))
@@ -196,14 +208,98 @@ def throughput_vs_batch(path, rows: list[dict], *, slo_ms, title: str,
     for ax, label in ((left, "output tokens / s"), (right, "TPOT p99 (ms)")):
         ax.set_xscale("log", base=2)
         ax.set_xticks(batches, [str(b) for b in batches])  # the grid's batches, as numbers
+        ax.set_xlim(batches[0] / 1.25, batches[-1] * 1.25)  # also when nothing is drawn
         ax.minorticks_off()
         ax.set_xlabel("batch (max concurrent requests)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     left.set_ylim(bottom=0)
+    if not any(not r["oom"] for r in rows):
+        for ax in (left, right):
+            _say(ax, "no batch fits: every point is out of KV memory (OOM)")
     handles, labels = right.get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 6),
                fontsize=8, frameon=False)
+    return _save(plt, fig, title, path)
+
+
+def regimes_vs_batch(path, panels: dict[str, tuple[list[dict], dict]], *, slo_ms: float,
+                     title: str, notes: dict[str, str] | None = None) -> pathlib.Path:
+    """Throughput against batch, one panel per regime, one line per system, the SLO's
+    limit marked: what `pamjax run` draws.
+
+    A filled marker meets the TPOT SLO, a hollow one misses it, an x at the bottom did not
+    fit (OOM); a star marks each system's peak under the SLO, whose throughput and batch
+    the panel's legend gives. Linear throughput axis (few-percent gaps stay visible), batch on
+    a log2 axis with the grid's batches as ticks.
+
+    Args:
+      path: the PNG to write.
+      panels: {panel title: (study.run_sweep rows, study.peak_under_slo of them)}.
+      slo_ms: the TPOT p99 SLO, ms.
+      title: figure title.
+      notes: {panel title: text} written under the panel's title (e.g. whether PAM pays
+        off there).
+
+    Returns:
+      The path written.
+    """
+    plt = _pyplot()
+    fig, axes = _figure(plt, 1, len(panels), (6.2 * len(panels), 5.2))
+    systems = list(dict.fromkeys(r["system"] for rows, _ in panels.values() for r in rows))
+    colours = {s: f"C{i % 10}" for i, s in enumerate(systems)}
+    for ax, (panel, (rows, best)) in zip(axes[0], panels.items()):
+        top = max([r["throughput_tokens_per_s"] for r in rows if not r["oom"]], default=0.0)
+        keys = []  # per panel: each system's peak under the SLO, as value labels
+        for system in dict.fromkeys(r["system"] for r in rows):
+            mine = sorted((r for r in rows if r["system"] == system), key=lambda r: r["batch"])
+            fit = [r for r in mine if not r["oom"]]
+            colour = colours[system]
+            ax.plot([r["batch"] for r in fit], [r["throughput_tokens_per_s"] for r in fit],
+                    color=colour, lw=1.2)
+            for r in fit:
+                meets = r["tpot_p99_ms"] is not None and r["tpot_p99_ms"] <= slo_ms
+                ax.plot(r["batch"], r["throughput_tokens_per_s"], "o", color=colour, ms=5,
+                        mfc=colour if meets else "white")
+            oom = [r["batch"] for r in mine if r["oom"]]
+            if oom:  # (an empty unclipped line would claim the figure's corner in the layout)
+                ax.plot(oom, [0.0] * len(oom), "x", color=colour, ms=7, clip_on=False)
+            peak = best.get(system, {})
+            text = f"{system}: no batch meets the SLO"
+            if peak.get("max_batch"):
+                x, y = peak["peak_batch"], peak["throughput_tokens_per_s"]
+                ax.plot(x, y, "*", color=colour, ms=13, mec="k", mew=0.5, zorder=5)
+                text = f"{system}: {short(y)} at batch {x}"
+                if peak.get("at_grid_edge"):
+                    text += "; meets it to the grid's end"
+                elif peak["max_batch"] != x:
+                    text += f"; meets it up to {peak['max_batch']}"
+            keys.append(plt.Line2D([], [], color=colour, marker="*", ms=9, mec="k", mew=0.5,
+                                   label=text))
+        batches = sorted({r["batch"] for r in rows})
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(batches, [str(b) for b in batches])
+        ax.set_xlim(batches[0] / 1.25, batches[-1] * 1.25)
+        ax.minorticks_off()
+        ax.set_xlabel("batch (concurrent requests)")
+        ax.set_ylabel("output tokens / s")
+        ax.set_ylim(0, (top or 1.0) * 1.18)
+        ax.grid(alpha=0.3)
+        note = (notes or {}).get(panel)
+        ax.set_title(panel + (f"\n{textwrap.fill(note, 80)}" if note else ""), fontsize=8)
+        if top:
+            ax.legend(handles=keys, loc="upper left", fontsize=7, title_fontsize=7,
+                      title="peak under the SLO (output tokens / s)")
+        else:
+            _say(ax, "no batch fits: every point is out of KV memory (OOM)")
+    handles = [plt.Line2D([], [], color="grey", marker="o", ls="", label=f"meets {slo_ms:g} ms"),
+                plt.Line2D([], [], color="grey", marker="o", mfc="white", ls="",
+                           label="misses the SLO"),
+                plt.Line2D([], [], color="grey", marker="x", ls="", label="OOM"),
+                plt.Line2D([], [], color="grey", marker="*", mec="k", ms=11, ls="",
+                           label="peak under the SLO")]
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8,
+               frameon=False)
     return _save(plt, fig, title, path)
 
 

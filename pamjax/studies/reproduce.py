@@ -27,12 +27,13 @@ Study setups ([D] where the publication gives no number):
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import sys
 import time
 
 from pamjax.errors import UnknownNameError
-from pamjax.hardware import get_platform
+from pamjax.hardware import Platform, get_platform
 from pamjax.studies import plots
 from pamjax.studies.report import write_csv
 from pamjax.studies.study import (
@@ -79,6 +80,12 @@ via study.run_sweep), whole-window throughput (prefill amortised) throughout."""
 OFFLINE_KNOBS = Knobs(prefill_token_budget=10**9)
 
 
+def _knobs(base: Knobs | None, overrides: dict | None) -> Knobs | None:
+    """A study's knobs (None = the defaults) with the caller's overrides on top (`pamjax
+    reproduce --knob`): an override replaces the study's own value."""
+    return dataclasses.replace(base or Knobs(), **overrides) if overrides else base
+
+
 def _window(quick: bool) -> dict:
     """Measuring window and warm-up of every point (study.run_sweep), in engine steps."""
     return {"steps": 64, "warmup": 16} if quick else {"steps": 256, "warmup": 32}
@@ -93,15 +100,19 @@ def _with_bound(row: dict, sweep_row: dict) -> dict:
     return row
 
 
-def online(quick: bool, progress: bool) -> list[dict]:
+def online(quick: bool, progress: bool, *, platform: Platform | None = None,
+           knob_overrides: dict | None = None) -> list[dict]:
     """Online study rows: peak throughput and max batch under each SLO (module docstring).
 
     Args:
       quick: shorter windows (same grid); progress: progress lines on stderr.
+      platform: the hardware (None = the preset); knob_overrides: Knobs fields set on top
+        of the study's knobs.
     """
     rows = []
     for dataset in ONLINE_DATASETS:
         sweep = slo_sweep(MAIN_SYSTEMS, list(MODELS3), dataset, BATCH_GRID, SLOS_MS,
+                          platform=platform, knobs=_knobs(None, knob_overrides),
                           progress=progress, **_window(quick))
         for model in MODELS3:
             mine = [r for r in sweep if r["model"] == model]
@@ -121,17 +132,21 @@ def online(quick: bool, progress: bool) -> list[dict]:
     return rows
 
 
-def offline(quick: bool, progress: bool) -> list[dict]:
+def offline(quick: bool, progress: bool, *, platform: Platform | None = None,
+            knob_overrides: dict | None = None) -> list[dict]:
     """Offline study rows: steady-state throughput at fixed batches.
 
     Args:
       quick: shorter windows (same grid); progress: progress lines on stderr.
+      platform: the hardware (None = the preset); knob_overrides: Knobs fields set on top
+        of the study's knobs.
     """
     rows = []
     for model, batches in OFFLINE.items():
         for dataset in OFFLINE_DATASETS:
-            sweep = run_sweep(MAIN_SYSTEMS, model, dataset, batches, knobs=OFFLINE_KNOBS,
-                              progress=progress, **_window(quick))
+            sweep = run_sweep(MAIN_SYSTEMS, model, dataset, batches, platform=platform,
+                              knobs=_knobs(OFFLINE_KNOBS, knob_overrides), progress=progress,
+                              **_window(quick))
             rows += [_with_bound({"model": model, "dataset": dataset, "batch": r["batch"],
                                   "system": r["system"], "oom": r["oom"],
                                   "mean_batch": r["mean_batch"],
@@ -141,19 +156,24 @@ def offline(quick: bool, progress: bool) -> list[dict]:
     return rows
 
 
-def energy(quick: bool, progress: bool) -> list[dict]:
+def energy(quick: bool, progress: bool, *, platform: Platform | None = None,
+           knob_overrides: dict | None = None) -> list[dict]:
     """Energy study rows: joules per output token by component, online and offline.
 
     Args:
       quick: shorter windows (same grid); progress: progress lines on stderr.
+      platform: the hardware (None = the preset); knob_overrides: Knobs fields set on top
+        of the study's knobs.
     """
     rows = []
     for model in ENERGY_MODELS:
         sweep = slo_sweep(MAIN_SYSTEMS, [model], "wildchat", BATCH_GRID, [150.0],
+                          platform=platform, knobs=_knobs(None, knob_overrides),
                           progress=progress, **_window(quick))
         picked = list(peak_under_slo(sweep, 150.0).values())
         picked += run_sweep(MAIN_SYSTEMS, model, "arxiv-sum", [OFFLINE[model][1]],
-                            knobs=OFFLINE_KNOBS, progress=progress, **_window(quick))
+                            platform=platform, knobs=_knobs(OFFLINE_KNOBS, knob_overrides),
+                            progress=progress, **_window(quick))
         for r in picked:
             online_row = "max_batch" in r
             fits = not r["oom"] and (not online_row or r["max_batch"] > 0)
@@ -165,15 +185,19 @@ def energy(quick: bool, progress: bool) -> list[dict]:
     return rows
 
 
-def ablation(quick: bool, progress: bool) -> list[dict]:
+def ablation(quick: bool, progress: bool, *, platform: Platform | None = None,
+             knob_overrides: dict | None = None) -> list[dict]:
     """Ablation rows: attention time and throughput of PAM without each component, relative
     to LS-PIM.
 
     Args:
       quick: shorter windows (same grid); progress: progress lines on stderr.
+      platform: the hardware (None = the preset); knob_overrides: Knobs fields set on top
+        of the study's knobs.
     """
     sweep = run_sweep(ABLATION_VARIANTS, "llama3-70b", "arxiv-sum", ABLATION_BATCHES,
-                      knobs=OFFLINE_KNOBS, progress=progress, **_window(quick))
+                      platform=platform, knobs=_knobs(OFFLINE_KNOBS, knob_overrides),
+                      progress=progress, **_window(quick))
     base = {r["batch"]: r for r in sweep if r["system"] == "ls-pim"}
 
     def ratio(a, b):
@@ -190,25 +214,32 @@ def ablation(quick: bool, progress: bool) -> list[dict]:
         for r in sweep]
 
 
-def scaled_platform(tp: int, pp: int):
-    """The PAM node's hardware in proportion to ``tp x pp`` GPUs (8 GPUs = one node): every
-    tier's device count scaled by GPUs / 8 (at least 1), GPUs split TP x PP."""
-    base = get_platform()
+def scaled_platform(tp: int, pp: int, base: Platform | None = None):
+    """A node's hardware in proportion to ``tp x pp`` GPUs: every tier's device count of
+    ``base`` (default the PAM node, 8 GPUs) scaled by GPUs / base GPUs (at least 1), GPUs
+    split TP x PP."""
+    base = base or get_platform()
     gpus = tp * pp
-    overrides = {f"{t.name}.num_devices": max(1, round(t.num_devices * gpus / 8))
+    overrides = {f"{t.name}.num_devices": max(1, round(t.num_devices * gpus
+                                                       / base.gpu.num_gpus))
                  for t in base.tiers}
     return base.with_parallelism(tp, pp).with_overrides(overrides)
 
 
-def scaling(quick: bool, progress: bool) -> list[dict]:
+def scaling(quick: bool, progress: bool, *, platform: Platform | None = None,
+            knob_overrides: dict | None = None) -> list[dict]:
     """Scaling rows: throughput over (TP, PP) with hardware scaled to the GPUs.
 
     Args:
       quick: shorter windows (same grid); progress: progress lines on stderr.
+      platform: the hardware (None = the preset); knob_overrides: Knobs fields set on top
+        of the study's knobs.
     """
-    platforms = {f"{tp}x{pp}": scaled_platform(tp, pp) for tp, pp in SCALING_CONFIGS}
+    platforms = {f"{tp}x{pp}": scaled_platform(tp, pp, platform)
+                 for tp, pp in SCALING_CONFIGS}
     sweep = run_sweep(SCALING_SYSTEMS, "llama3-70b", "write-doc", [1024], platforms=platforms,
-                      knobs=OFFLINE_KNOBS, progress=progress, **_window(quick))
+                      knobs=_knobs(OFFLINE_KNOBS, knob_overrides), progress=progress,
+                      **_window(quick))
     rows = []
     for r in sweep:
         tp, pp = (int(v) for v in r["platform"].split("x"))
@@ -251,13 +282,17 @@ def _plot(study: str, rows: list[dict], path: pathlib.Path) -> None:
              "Scaling with hardware in proportion to the GPUs")
 
 
-def reproduce(study: str, out_dir, *, quick: bool = False, progress: bool = True
+def reproduce(study: str, out_dir, *, quick: bool = False, progress: bool = True,
+              platform: Platform | None = None, knob_overrides: dict | None = None
               ) -> dict[str, pathlib.Path]:
     """Run one study (or ``all``) and write its CSV and PNG.
 
     Args:
       study: a name of STUDIES or "all"; out_dir: output folder.
       quick: shorter simulated horizons (same grid); progress: progress on stderr.
+      platform: the hardware every study runs on (None = the PAM DGX-H100 preset; the
+        scaling study scales it); knob_overrides: Knobs fields set on top of each study's
+        own knobs (e.g. {"target_rule": "throughput"}).
 
     Returns:
       {study: path of its CSV} (the PNG sits beside it).
@@ -275,7 +310,8 @@ def reproduce(study: str, out_dir, *, quick: bool = False, progress: bool = True
         start = time.perf_counter()
         if progress:
             print(f"[{name}] running{' (quick)' if quick else ''}...", file=sys.stderr)
-        rows = globals()[name](quick, progress)
+        rows = globals()[name](quick, progress, platform=platform,
+                               knob_overrides=knob_overrides)
         written[name] = write_csv(out / f"{name}.csv", rows, STUDY_COLUMNS[name])
         _plot(name, rows, out / f"{name}.png")
         if progress:

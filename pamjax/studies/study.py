@@ -53,7 +53,7 @@ from pamjax.locality import AccessModel
 from pamjax.models import Model
 from pamjax.simulation import choose_page_size, index_config, make_config, run_batch
 from pamjax.studies.bounds import run_bound, window_bound
-from pamjax.systems import Knobs, System, make_params, max_bank_groups
+from pamjax.systems import Knobs, System, kv_capacity_tokens, make_params, max_bank_groups
 from pamjax.types import ENERGY_COMPONENTS, STATUS_FINISHED, STATUS_REJECTED
 from pamjax.workload import Workload, steady_state, synthetic
 
@@ -207,6 +207,75 @@ def slo_sweep(systems, models, workload, batches, slo_ms, *,
                          workload, [top], **kwargs)
         rows += [r for r in more if (r["model"], r["system"]) in still]
     return rows
+
+
+def inflight_kv_tokens(pool: Workload) -> float:
+    """Mean KV tokens an in-flight request of ``pool``'s steady state reserves.
+
+    engine.resume reserves a request's whole KV (prompt + output - 1 tokens), and
+    workload.steady_state draws in-flight requests with weight output - 1 (length-biased),
+    so this is the weighted mean of prompt + output - 1 under those weights.
+    """
+    weight = pool.output_tokens.astype(np.float64) - 1.0
+    need = pool.prompt_tokens.astype(np.float64) + pool.output_tokens - 1.0
+    if not weight.sum() > 0:  # only 1-token outputs (steady_state refuses such a pool)
+        return float(need.mean())
+    return float(np.sum(weight * need) / np.sum(weight))
+
+
+def kv_fit_batch(system, model, pool: Workload, platform: Platform | None = None) -> int:
+    """Most in-flight requests of ``pool``'s steady state that ``system``'s KV tiers hold
+    on average (capacity in tokens over :func:`inflight_kv_tokens`).
+
+    A batch above it fits only if its draw is shorter than average; a batch far above it
+    cannot fit (:func:`check_batches`). Raises CapacityError when the weights do not fit.
+    """
+    return int(kv_capacity_tokens(system, model, platform) // inflight_kv_tokens(pool))
+
+
+FIT_MARGIN = 2.0
+""":func:`check_batches` refuses a batch above this many times the largest
+:func:`kv_fit_batch` of the systems: its in-flight KV exceeds every system's tiers unless
+the draw averages under 1 / FIT_MARGIN of the mean need (batches between 1 and FIT_MARGIN
+times it are simulated, and engine.resume decides)."""
+
+
+def check_batches(systems, model, pool: Workload, batches, *, platform: Platform | None = None,
+                  max_batch: int = MAX_SEARCH_BATCH, field: str = "--batches") -> dict:
+    """Refuse, before anything is simulated, batches that cannot fit or are too large to run.
+
+    Args:
+      systems: names or System objects; model: name or Model; pool: the population the
+        steady state draws from (run_sweep's pool: ``synthetic(name, POOL_REQUESTS,
+        seed=seed)`` for a dataset name); batches: batch sizes; platform: hardware.
+      max_batch: the largest batch simulated at all (a stated maximum).
+      field: the option named in the error.
+
+    Returns:
+      {system name: :func:`kv_fit_batch`}.
+
+    Raises:
+      ConfigError: a batch above ``max_batch``, or above FIT_MARGIN x the largest
+        kv_fit_batch (the message gives the KV need, the capacity and the largest batch
+        worth simulating).
+    """
+    fits = {_system_name(s): kv_fit_batch(s, model, pool, platform) for s in systems}
+    top = max(int(b) for b in batches)
+    most = max(fits.values())
+    if top > FIT_MARGIN * most:
+        holder = max(fits, key=fits.get)
+        need = inflight_kv_tokens(pool)
+        raise ConfigError(field, top, (
+            f"cannot fit: at steady state a request of {pool.name} holds ~{need:,.0f} KV "
+            f"tokens, so {top:,} in flight need ~{top * need:.3g} tokens, while the "
+            f"largest KV capacity among the systems ({holder}, "
+            f"{_model_name(model)}) is {most * need:.3g} tokens, ~{most:,} requests; give "
+            f"batches up to {int(FIT_MARGIN * most):,}"))
+    if top > max_batch:
+        raise ConfigError(field, top, f"above the largest batch simulated, {max_batch:,} "
+                          f"(study.MAX_SEARCH_BATCH); the systems' KV holds ~{most:,} "
+                          f"requests of {pool.name}")
+    return fits
 
 
 def steady_requests(pool: Workload, batch: int, steps: int) -> int:
