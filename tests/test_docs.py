@@ -15,10 +15,12 @@ drifts from the code in a way a machine can see:
   (per tier and per device preset);
 * the model, dataset, PIM-rate and system tables match the presets row by row, and every
   system of ``systems.SYSTEMS`` is in both system tables;
+* section 11's equations, transcribed here (``_documented_step``), give costs.step_cost's
+  time, attention time and energy per component on a step where every count is non-zero;
 * every SimParams, StepCounts and EngineConfig field, energy component and bound resource
   is mentioned (in backticks, a count also as ``name[t]``), and the steady-state columns exist in studies/study.py.
 
-Nothing here runs a simulation; the whole file takes a few seconds.
+Nothing here runs a simulation; the whole file takes seconds.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import pathlib
 import re
 from decimal import Decimal
 
+import numpy as np
 import pytest
 
 from pamjax import hardware, locality, models, systems, types, workload
@@ -301,3 +304,144 @@ def test_resolver_refuses_a_wrong_path():
         resolve("platform.gpu.no_such_field")
     assert not matches("0.7", 0.76) and matches("0.7", 0.7) and matches("8212", 8211.74)
     assert math.isclose(resolve("systems.calibrate_targets.max_ratio"), 1e12)
+
+
+# ------------------------------------------------------------------------------------------
+# Section 11 of docs/model.md, transcribed: costs.step_cost must compute these equations.
+# Change the two together.
+# ------------------------------------------------------------------------------------------
+
+LABEL = 1.0 / 16.0  # LABEL_FRACTION_OF_KV
+PARTIAL_BYTES, TOPK_BYTES = 4.0, 8.0
+
+
+def _documented_path_times(p, tier_bytes, moved_bytes):
+    """Section 11.3, link time."""
+    moved = moved_bytes * p.migration_slowdown
+    own = (tier_bytes + moved.sum(1) + moved.sum(0)) / p.link_rate
+    behind = p.behind_pcie
+    crosses = behind[:, None] != behind[None, :]
+    pcie = (np.sum(behind * tier_bytes) + np.sum(np.where(crosses, moved, 0.0))) \
+        / (p.num_gpus * p.pcie_rate)
+    return np.maximum(own, behind * pcie)
+
+
+def _documented_step(p, c):
+    """(step time s, attention s, energy pJ per component) by docs/model.md section 11."""
+    kv, L, Hq, D = p.kv_bytes_per_token, p.layers, p.q_heads, p.head_dim
+    t, pp, b, sparse = p.tp, p.pp, c["decode_requests"], c["sparse"]
+    on_pim = bool(p.attention_on_pim)
+    no_moves = np.zeros((3, 3))
+
+    def allreduce_s(n):
+        return 2 * (t - 1) / t * n * p.hidden * 2 / p.collective_rate \
+            + 2 * (t - 1) * p.collective_latency
+
+    def streamed(n):
+        return p.streamed_weight_bytes - p.routed_weight_bytes * (1 - p.expert_route_fraction) ** n
+
+    # 11.2 FC layers.
+    micro = b / pp
+    roofline = max(p.fc_flops_per_token * micro / pp / (t * p.gpu_flops),
+                   streamed(micro) / pp / (t * p.gpu_mem_rate))
+    per_micro = roofline + L / pp * (2 * allreduce_s(micro) + p.kernel_overhead)
+    handoff = micro * p.hidden * 2 / p.nvlink_rate + p.gpu_link_latency
+    fc_time = pp * per_micro + (pp - 1) * handoff
+
+    # 11.3 attention in PIM.
+    n_dev = p.num_devices
+    selected_bytes = c["tier_selected"] * kv
+    label_bytes = sparse * c["tier_tokens"] * kv * LABEL
+    busiest = c["tier_busiest_bank_group"] * kv / n_dev \
+        + label_bytes / (n_dev * p.bank_groups_per_device)
+    compute = np.maximum(busiest / p.bank_group_rate,
+                         (selected_bytes + label_bytes) / n_dev / p.device_rate)
+    write_bytes = c["tier_decode_writes"] * kv * (1 + sparse * LABEL)
+    moved = c["migrated_tokens"] * kv
+    device_io = (write_bytes + moved.sum(0) + moved.sum(1)) / (n_dev * p.device_internal_rate)
+    q_bytes = c["tier_holders"] * L * Hq * D * 2
+    partial = L * Hq * (D + 2) * PARTIAL_BYTES
+    partials_out = (c["tier_requests"] if p.use_pamattention else c["tier_active_chunks"]) \
+        * partial
+    topk_bytes = sparse * c["tier_topk_candidates"] * L * p.kv_heads * TOPK_BYTES
+    path = _documented_path_times(p, q_bytes + partials_out + topk_bytes + write_bytes, moved)
+    round_trips = (2 + 2 * sparse) * L * p.link_latency * (c["tier_holders"] > 0)
+    pim_attention_s = np.max(round_trips + compute + device_io + path)
+
+    # 11.4 attention on the GPUs.
+    host_side = np.array([0.0, 1.0, 1.0])
+    gpu_attn_flops = 4 * L * Hq * D * c["tier_selected"].sum()
+    gpu_part = max(selected_bytes[0] / (p.num_gpus * p.gpu_mem_rate),
+                   gpu_attn_flops / (p.num_gpus * p.gpu_flops))
+    fetch = _documented_path_times(p, host_side * (selected_bytes + write_bytes), no_moves)
+    attention = pim_attention_s if on_pim else gpu_part + max(fetch[1], fetch[2])
+
+    # 11.5 prefill, 11.6 step time.
+    n = c["prefill_tokens"]
+    prefill_flops = p.fc_flops_per_token * n + 4 * L * Hq * D * c["prefill_pairs"]
+    prefill_bytes = c["prefill_tier_tokens"] * kv * (1 + sparse * LABEL)
+    prefill_time = max(prefill_flops / (p.num_gpus * p.gpu_flops),
+                       streamed(n) / (t * p.gpu_mem_rate)) \
+        + L / pp * 2 * allreduce_s(n) \
+        + _documented_path_times(p, prefill_bytes, no_moves).max() + L * p.kernel_overhead
+    step_time = prefill_time + fc_time + attention
+
+    # 11.7 energy.
+    g = Hq / p.kv_heads
+    link_pj = np.array([p.nvlink_pj, p.pcie_pj, p.pcie_pj])
+    pim = 1.0 if on_pim else 0.0
+    allreduce_bytes = 2 * L * 2 * (t - 1) / t * p.hidden * 2 * (b + n)
+    energy = {
+        "gpu_compute": p.gpu_pj_per_flop * (p.fc_flops_per_token * b + prefill_flops
+                                             + (1 - pim) * gpu_attn_flops),
+        "gpu_memory": 8 * p.gpu_hbm_read_pj * (pp * streamed(b / pp) + streamed(n)
+                                               + (1 - pim) * selected_bytes[0]),
+        "pim_attention": pim * 8 * np.sum((selected_bytes + label_bytes) * p.pim_read_pj
+                                          * (p.read_passes + p.pim_pu_factor * g)),
+        "reduction": pim * 8 * p.bank_group_read_pj
+        * np.sum(c["tier_active_bank_groups"] * partial),
+        "transfer": 8 * (pim * np.sum((q_bytes + partials_out + topk_bytes) * link_pj)
+                         + (1 - pim) * np.sum(host_side * selected_bytes * p.host_read_pj)
+                         + np.sum((write_bytes + prefill_bytes) * (link_pj + p.pim_read_pj))
+                         + p.nvlink_pj * allreduce_bytes),
+        "migration": 8 * np.sum(moved * (p.pim_read_pj[:, None] + p.pim_read_pj[None, :]
+                                         + np.maximum(link_pj[:, None], link_pj[None, :]))),
+        "static": p.static_power_w * step_time * 1e12,
+    }
+    return step_time, attention, np.array([energy[k] for k in types.ENERGY_COMPONENTS])
+
+
+_COUNTS = dict(
+    decode_requests=64.0, decode_context=64 * 3000.0,
+    tier_tokens=[1e5, 6e4, 3e4], tier_selected=[2e4, 3e3, 1e3],
+    tier_busiest_bank_group=[200.0, 900.0, 150.0], tier_requests=[64.0, 40.0, 20.0],
+    tier_holders=[64.0, 60.0, 30.0], tier_active_bank_groups=[3000.0, 150.0, 100.0],
+    tier_active_chunks=[300.0, 100.0, 60.0], tier_topk_candidates=[2e4, 1e4, 5e3],
+    tier_decode_writes=[60.0, 3.0, 1.0], prefill_tokens=3000.0,
+    prefill_pairs=3000 * 3001 / 2.0, prefill_tier_tokens=[2000.0, 800.0, 200.0],
+    migrated_tokens=[[0.0, 100.0, 0.0], [50.0, 0.0, 10.0], [0.0, 20.0, 0.0]])
+
+
+@pytest.mark.parametrize("system, model", [
+    ("pam", "llama3-70b"), ("pam-no-pamattention", "llama3-70b"), ("ls-pim", "opt-175b"),
+    ("vllm-offload", "llama3-70b")])
+def test_cost_model_is_the_documented_equations(system, model):
+    """A step with every count non-zero (prefill, decode, writes, moves between all tier
+    pairs) costs what section 11's equations say, in float64."""
+    import jax
+    import jax.numpy as jnp
+
+    from pamjax.costs import step_cost
+
+    params = systems.make_params(system, model, max_batch=64,
+                                 knobs=systems.Knobs(target_x=4.0, target_y=2.0))
+    with jax.enable_x64(True):
+        p = jax.tree.map(lambda v: np.asarray(v, np.float64)
+                         if np.asarray(v).dtype.kind == "f" else np.asarray(v), params)
+        c = {k: np.asarray(v, np.float64) for k, v in _COUNTS.items()}
+        c["sparse"] = np.float64(float(p.select_fraction) < 1.0)
+        cost = step_cost(p, StepCounts(**{k: jnp.asarray(v) for k, v in c.items()}))
+        time, attention, energy = _documented_step(p, c)
+        np.testing.assert_allclose(float(cost.time_s), time, rtol=1e-9)
+        np.testing.assert_allclose(float(cost.attention_s), attention, rtol=1e-9)
+        np.testing.assert_allclose(np.asarray(cost.energy_pj), energy, rtol=1e-9)
