@@ -433,8 +433,10 @@ def test_cost_model_is_the_documented_equations(system, model):
 
     from pamjax.costs import step_cost
 
+    # Explicit targets under the throughput rule: no x:y calibration to wait for.
     params = systems.make_params(system, model, max_batch=64,
-                                 knobs=systems.Knobs(target_x=4.0, target_y=2.0))
+                                 knobs=systems.Knobs(target_x=4.0, target_y=2.0,
+                                                     target_rule="throughput"))
     with jax.enable_x64(True):
         p = jax.tree.map(lambda v: np.asarray(v, np.float64)
                          if np.asarray(v).dtype.kind == "f" else np.asarray(v), params)
