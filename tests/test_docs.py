@@ -6,7 +6,8 @@ drifts from the code in a way a machine can see:
 * every table with a ``code`` and a ``default`` column: the code cell (in backticks) names
   where the value lives and the default cell must equal it, rounded to the digits shown.
   A code path starts with ``platform`` (the preset ``hardware.get_platform()``), ``access``
-  (``locality.AccessModel()``), ``knobs`` (``systems.Knobs()``) or a module of pamjax
+  (``locality.AccessModel()``), ``knobs`` (``systems.Knobs()``), ``energy``
+  (``hardware.Energy()``) or a module of pamjax
   (``pamjax.X`` or ``pamjax.studies.X``); then ``.name`` (an attribute, or a function's
   parameter, meaning its default), ``[key]`` (a dictionary entry) and ``()`` (a call without
   arguments). A default cell is a number, ``True``/``False``/``None``, or a string in
@@ -17,6 +18,8 @@ drifts from the code in a way a machine can see:
   system of ``systems.SYSTEMS`` is in both system tables;
 * section 11's equations, transcribed here (``_documented_step``), give costs.step_cost's
   time, attention time and energy per component on a step where every count is non-zero;
+* every backticked dotted name starting with a pamjax module, a preset root or a main class
+  (``engine.resume``, ``Platform.path_gbps``) exists;
 * every SimParams, StepCounts and EngineConfig field, energy component and bound resource
   is mentioned (in backticks, a count also as ``name[t]``), and the steady-state columns exist in studies/study.py.
 
@@ -91,6 +94,8 @@ def resolve(path: str):
         obj = locality.AccessModel()
     elif name == "knobs":
         obj = systems.Knobs()
+    elif name == "energy":
+        obj = hardware.Energy()
     else:
         try:
             obj = importlib.import_module(f"pamjax.{name}")
@@ -114,6 +119,32 @@ def resolve(path: str):
             raise AssertionError(f"{path}: nothing called {attr!r}")
         rest = rest[seg.end():]
     return obj
+
+
+_CLASSES = {"Gpu": hardware.Gpu, "Platform": hardware.Platform, "Tier": hardware.Tier,
+            "System": systems.System, "Knobs": systems.Knobs, "Model": models.Model}
+
+
+def test_every_code_reference_exists():
+    """Every backticked dotted name that starts with a pamjax module, a preset root or a
+    class of _CLASSES names something that exists (a renamed function breaks this)."""
+    skip_roots = {"jax", "lax", "config"}
+    missing = []
+    for ref in sorted(set(re.findall(r"`([A-Za-z_]\w*(?:\.\w+)+)`", TEXT))):
+        root, *rest = ref.split(".")
+        if root in skip_roots or ref.endswith((".py", ".json")):
+            continue
+        if root in _CLASSES:
+            cls = _CLASSES[root]
+            fields = {f.name for f in dataclasses.fields(cls)}
+            if not (hasattr(cls, rest[0]) or rest[0] in fields) or len(rest) > 1:
+                missing.append(ref)
+            continue
+        try:
+            resolve(ref)
+        except (AssertionError, ModuleNotFoundError, KeyError, AttributeError):
+            missing.append(ref)
+    assert not missing, f"docs/model.md names what the code does not have: {missing}"
 
 
 def matches(cell: str, value) -> bool:
