@@ -6,7 +6,7 @@ Definitions:
 * TPOT of a request = (finish - first token) / (output tokens - 1), for requests with more
   than one output token; the per-output-token latency SLO is met when the p99 TPOT over
   finished requests is within it.
-* Throughput = output tokens produced / simulated seconds (first arrival to last step end).
+* Throughput = output tokens produced / simulated seconds (t = 0 to the last step's end).
 * Energy per token = all energy / output tokens, split by component (types.ENERGY_COMPONENTS).
 * Tier token share = step-time-weighted mean of the KV held per tier; tier attention-time
   share = each tier's summed attention time over the sum for all tiers.

@@ -189,7 +189,8 @@ def calibrate_targets(params: SimParams, access: AccessModel, *, context: int, b
     top-k scores over each tier's real path, decode writes, per-layer round trips) gives its
     attention time. The split with the smallest attention time (the slowest tier's, which
     equalises the tiers it uses) sets x and y as its importance ratios. A tier the best
-    split leaves empty gets no share: x (and y when DDR is empty too) is ``max_ratio``.
+    split leaves empty gets no share: when the SSD is empty x is ``max_ratio`` and y is
+    ``max_ratio x IS_DDR / IS_HBM`` (0 when DDR is empty too).
     Capacity is ignored here: placement spills downwards at run time when a tier is full.
 
     Args:
@@ -197,7 +198,8 @@ def calibrate_targets(params: SimParams, access: AccessModel, *, context: int, b
       access: AccessModel (the reference request's importance and selection).
       context: tokens of the reference request; batch: requests per step.
       seed: access-model draw; grid: candidate split points per tier.
-      max_ratio: x (and y) when the best split leaves the SSD (and DDR) no token.
+      max_ratio: x when the best split leaves the SSD no token (y is then max_ratio x
+        IS_DDR / IS_HBM).
 
     Returns:
       (x, y) floats.

@@ -131,7 +131,7 @@ class SimParams:
       (bank groups, or SSD channels, per device), device_rate (effective PIM attention KV
       bytes/s per device: min(internal / passes, compute cap / g), hardware.py),
       bank_group_rate (one bank group's own KV bytes/s), device_internal_rate (bytes/s one
-      device reads or writes at full rows, for migration and KV writes), read_passes (reads
+      device reads or writes at the tier's kv_run_bytes, for migration and KV writes), read_passes (reads
       of each KV byte per query group), num_devices, link_rate (bytes/s of the tier's device
       interfaces together, per direction), behind_pcie (1 when the tier's path crosses the
       GPUs' PCIe), link_latency (s), pim_read_pj and host_read_pj (pJ/bit).
