@@ -341,6 +341,10 @@ class Study:
       width: configurations per compiled call; page_size: tokens per KV unit (None: from
         ``width`` x the largest batch and the unit budget, fixed for the whole study).
       chunk_steps: steps per compiled call of the rollout.
+
+    The metric reads the first one or two systems; further systems are simulated alongside
+    (their figures are in Evaluation.throughput and .energy), so one evaluation serves
+    several comparisons that share a system.
     """
 
     model: Model | str
@@ -364,9 +368,9 @@ class Study:
         if (self.batch is None) == (self.slo_ms is None):
             raise ConfigError("batch", self.batch, "give exactly one of batch and slo_ms")
         need = 1 if self.metric == "throughput" else 2
-        if len(self.systems) != need:
+        if len(self.systems) < need:
             raise ConfigError("systems", [_name(s) for s in self.systems],
-                              f"metric {self.metric!r} compares {need} system(s)")
+                              f"metric {self.metric!r} needs {need} system(s)")
         for field in ("steps", "warmup", "width", "chunk_steps"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -688,3 +692,165 @@ def tornado(path, result: dict, *, title: str, label: str, top: int = 20):
         axes[0][1].set_xlabel("Sobol index (share of the metric's variance)", fontsize=8)
         axes[0][1].legend(fontsize=8)
     return _save(plt, fig, title, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# What would it take: one assumption at a time, where does a claimed ratio become attainable
+# ---------------------------------------------------------------------------------------------
+
+BOUND_GRID = 33
+"""Values per side of the nominal at which the closed-form ceiling is evaluated."""
+
+
+def search_interval(p: Parameter) -> tuple[float, float]:
+    """Where the what-would-it-take search looks: the documented range widened by its own
+    width on each side (a factor high/low on a log scale), within the field's limits."""
+    if p.log:
+        factor = p.high / p.low
+        lo, hi = p.low / factor, p.high * factor
+    else:
+        width = p.high - p.low
+        lo, hi = p.low - width, p.high + width
+    lo, hi = max(lo, p.limits[0]), min(hi, p.limits[1])
+    if p.integer:
+        lo, hi = math.ceil(lo), math.floor(hi)
+    return float(lo), float(hi)
+
+
+def distance(p: Parameter, value: float) -> float:
+    """How far ``value`` lies from the nominal, in units of the documented range on that
+    side (1 = at low or high; a one-sided range is measured by its whole width)."""
+    side = (p.high - p.nominal) if value >= p.nominal else (p.nominal - p.low)
+    side = side if side > 0 else (p.high - p.low)
+    if p.log:
+        hi, lo = (max(p.high, p.nominal), p.nominal) if value >= p.nominal else \
+            (p.nominal, min(p.low, p.nominal))
+        side = math.log(hi / lo) if hi > lo else math.log(p.high / p.low)
+        return abs(math.log(value / p.nominal)) / side
+    return abs(value - p.nominal) / side
+
+
+def _between(p: Parameter, a: float, b: float, t) -> np.ndarray:
+    """Points a fraction ``t`` of the way from a to b (geometrically for a log scale)."""
+    t = np.asarray(t, np.float64)
+    v = a * (b / a) ** t if p.log and a > 0 and b > 0 else a + t * (b - a)
+    return np.round(v) if p.integer else v
+
+
+def _ceilings(study: Study, p: Parameter, values, b_reference: float, claim) -> np.ndarray:
+    """The closed-form ratio ceiling (bounds.ratio_ceiling) at each value of ``p``."""
+    from pamjax.studies import bounds
+
+    mean_prompt, mean_output = study.pool.mean_prompt, study.pool.mean_output
+    out = []
+    for v in values:
+        platform, access, _, system = configure(study.base, {p.name: v}, claim[0])
+        out.append(bounds.ratio_ceiling(
+            system, b_tokens_per_s=b_reference, model=study.model, mean_prompt=mean_prompt,
+            mean_output=mean_output, batch=study.batch, slo_ms=study.slo_ms,
+            platform=platform, access=access))
+    return np.array(out)
+
+
+def _bound_stage(study, parameters, ratio, b_reference, claim) -> list[dict]:
+    """Per (parameter, side): the value nearest the nominal whose ceiling reaches ``ratio``
+    (None: not within the search interval), and the search end of that side."""
+    legs = []
+    for p in parameters:
+        lo, hi = search_interval(p)
+        for end in (lo, hi):
+            if end == p.nominal:
+                continue
+            grid = _between(p, p.nominal, end, np.linspace(0.0, 1.0, BOUND_GRID))
+            ok = _ceilings(study, p, grid, b_reference, claim) >= ratio
+            legs.append({"parameter": p, "end": float(end),
+                         "bound_value": float(grid[np.argmax(ok)]) if ok.any() else None})
+    return legs
+
+
+def what_would_it_take(study: Study, ratio: float, parameters: Sequence[Parameter] = PARAMETERS,
+                       *, iterations: int = 4, progress: bool = False) -> dict:
+    """For each assumption alone: the value at which A/B = ``ratio`` becomes attainable.
+
+    1. Simulate A and B at the nominal (B's throughput is the claim's reference).
+    2. Bound: along each side of each parameter's :func:`search_interval`, the value
+       nearest the nominal at which A's closed-form bound over B's nominal throughput
+       reaches ``ratio`` (a necessary condition; bounds.ratio_ceiling).
+    3. Simulation: for each side the bound leaves open, A and B are simulated at the
+       search end; where the simulated ratio reaches ``ratio`` there, a bisection between
+       the nominal and that end (``iterations`` halvings, every side's midpoint in one
+       vmapped evaluation per iteration; log-scale midpoints for log parameters) finds
+       the value nearest the nominal known to reach it (assuming one crossing).
+
+    Returns:
+      {"ratio", "nominal_ratio", "reference_tokens_per_s", "rows": one per (parameter,
+      side) with a value, ranked by :func:`distance` (name, nominal, low, high, side,
+      bound_value, value, simulated_ratio, distance, inside), "none_within_range",
+      "evaluations", "simulations", "compiled_calls", "wall_seconds"}.
+    """
+    start = time.perf_counter()
+    if study.metric != "ratio":
+        raise ConfigError("metric", study.metric, "what-would-it-take needs the ratio metric")
+    if not (math.isfinite(ratio) and ratio > 0):
+        raise ConfigError("ratio", ratio, "must be a finite number > 0")
+    totals = {"evaluations": 0, "simulations": 0, "compiled_calls": 0}
+
+    def run_(values, label):
+        ev = evaluate(study, values, progress=label if progress else None)
+        totals["evaluations"] += len(values)
+        totals["simulations"] += ev.simulations
+        totals["compiled_calls"] += ev.compiled_calls
+        return ev
+
+    nominal = run_([{}], "nominal")
+    b_ref = float(nominal.throughput[0, 1])
+    if not b_ref > 0:
+        raise PamjaxError(f"{_name(study.systems[1])} serves nothing at the nominal setup: "
+                          "no reference for the claim")
+    legs = [leg for leg in _bound_stage(study, parameters, ratio, b_ref, study.systems)
+            if leg["bound_value"] is not None]
+    ends = run_([{leg["parameter"].name: leg["end"]} for leg in legs], "search ends")
+    for leg, r in zip(legs, ends.metric):
+        leg.update(lo=leg["parameter"].nominal, hi=leg["end"], hi_ratio=float(r),
+                   open=bool(r >= ratio) and nominal.metric[0] < ratio)
+    _bisect(legs, ratio, iterations, run_)
+    rows = [_leg_row(leg) for leg in legs]
+    rows.sort(key=lambda r: (r["value"] is None, r["distance"] if r["value"] is not None
+                             else math.inf))
+    return {"ratio": ratio, "nominal_ratio": float(nominal.metric[0]),
+            "reference_tokens_per_s": b_ref, "rows": rows,
+            "none_within_range": not any(r["inside"] for r in rows),
+            **totals, "wall_seconds": time.perf_counter() - start}
+
+
+def _bisect(legs: list[dict], ratio: float, iterations: int, run_) -> None:
+    """Halve every open leg's [lo, hi] ``iterations`` times (lo below the ratio, hi at or
+    above it), all legs' midpoints in one evaluation per iteration."""
+    for it in range(iterations):
+        active = [leg for leg in legs if leg["open"]]
+        mids = []
+        for leg in active:
+            p = leg["parameter"]
+            mids.append(float(_between(p, leg["lo"], leg["hi"], 0.5)))
+        active = [(leg, m) for leg, m in zip(active, mids) if m not in (leg["lo"], leg["hi"])]
+        if not active:
+            return
+        ev = run_([{leg["parameter"].name: m} for leg, m in active],
+                  f"bisection {it + 1}/{iterations}")
+        for (leg, m), r in zip(active, ev.metric):
+            if r >= ratio:
+                leg["hi"], leg["hi_ratio"] = m, float(r)
+            else:
+                leg["lo"] = m
+
+
+def _leg_row(leg: dict) -> dict:
+    p = leg["parameter"]
+    value = leg["hi"] if leg["open"] else None
+    return {"name": p.name, "unit": p.unit, "nominal": p.nominal, "low": p.low,
+            "high": p.high, "side": "up" if leg["end"] > p.nominal else "down",
+            "bound_value": leg["bound_value"], "search_end": leg["end"], "value": value,
+            "simulated_ratio": leg["hi_ratio"] if value is not None else None,
+            "ratio_at_search_end": leg.get("hi_ratio") if value is None else None,
+            "distance": distance(p, value) if value is not None else None,
+            "inside": value is not None and p.low <= value <= p.high}
