@@ -833,8 +833,9 @@ def cmd_sensitivity(args) -> int:
     workload = load_trace(args.trace, max_requests=args.max_requests) if args.trace \
         else args.workload
     study = _sensitivity_study(args, setup, workload, setup.systems, args.metric)
-    result = sensitivity.run(study, method=args.method, samples=args.samples, seed=args.seed,
-                             progress=not args.quiet)
+    parameters = sensitivity.get_parameters(args.parameters)
+    result = sensitivity.run(study, parameters, method=args.method, samples=args.samples,
+                             seed=args.seed, progress=not args.quiet)
     name = workload if isinstance(workload, str) else workload.name
     label = sensitivity.metric_label(study)
     prov = _provenance(args, setup, seed=args.seed, workload={
@@ -1412,6 +1413,18 @@ def _add_bounds(sub) -> None:
     _add_simulation_options(p)
 
 
+def _names(text: str) -> list[str]:
+    from pamjax.studies.sensitivity import PARAMETERS_BY_NAME
+
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [n for n in names if n not in PARAMETERS_BY_NAME]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown parameter {unknown[0] if unknown else text!r}; choose from "
+            f"{', '.join(PARAMETERS_BY_NAME)}")
+    return names
+
+
 def _add_sensitivity(sub) -> None:
     from pamjax.studies.sensitivity import METHODS, METRICS
 
@@ -1432,6 +1445,9 @@ def _add_sensitivity(sub) -> None:
     p.add_argument("--method", choices=METHODS, default="morris")
     p.add_argument("--samples", type=_positive_int, default=4,
                    help="Morris trajectories, or Sobol base samples (default 4)")
+    p.add_argument("--parameters", type=_names, metavar="NAME,...",
+                   help="only these [D] parameters (default all; e.g. Sobol on the few a "
+                        "Morris screening ranked first)")
     p.add_argument("--steps", type=_positive_int, default=32,
                    help="steps of the measuring window per point (default 32)")
     p.add_argument("--warmup", type=_positive_int, default=16,

@@ -162,3 +162,27 @@ def test_sensitivity_without_salib_says_how_to_install(monkeypatch, capsys):
 def test_what_would_it_take_needs_a_claim(capsys):
     assert main(["bounds", "--model", "llama3-8b", "--what-would-it-take"]) == 2
     assert "--claim" in capsys.readouterr().err
+
+
+def test_sensitivity_command_writes_tornado_and_json(tiny, tmp_path, capsys):
+    pytest.importorskip("SALib")
+    # The fixture's setup, so the compiled program is reused.
+    rc = main(["sensitivity", "--model", "llama3-8b", "--workload", "sharegpt", "--batch", "4",
+               "--systems", "pam,ls-pim", "--steps", "4", "--warmup", "4", "--width", "3",
+               "--samples", "2", "--parameters", "knobs.naive_run_tokens,gpu.stream_efficiency",
+               "--out", str(tmp_path), "--quiet"])
+    assert rc == 0
+    import json
+
+    data = json.loads((tmp_path / "sensitivity.json").read_text())
+    assert {"parameters", "metric", "nominal_value", "evaluations", "compiled_calls",
+            "wall_seconds", "provenance"} <= set(data)
+    rows = {r["name"]: r for r in data["parameters"]}
+    for r in rows.values():
+        assert {"name", "nominal", "low", "high", "mu_star", "sigma"} <= set(r)
+    assert rows["knobs.naive_run_tokens"]["mu_star"] == 0.0
+    assert rows["gpu.stream_efficiency"]["mu_star"] > 0
+    assert data["evaluations"] == 2 * 3 + 1 and data["compiled_calls"] >= 1
+    assert data["nominal_value"] == pytest.approx(tiny[2].metric[0])
+    assert (tmp_path / "sensitivity.png").stat().st_size > 0
+    assert "mu*" in capsys.readouterr().out

@@ -469,7 +469,7 @@ def evaluate(study: Study, values: Sequence[Mapping[str, float]], *,
                     configs[key] = (len(configs), params, point)
                 where[i, j, k] = configs[key][0]
     rows, calls = _simulate(study, list(configs.values()), page, progress)
-    thr = np.array([[r["throughput_tokens_per_s"] if not r["oom"] else 0.0 for r in rows]])[0]
+    thr = np.array([r["throughput_tokens_per_s"] if not r["oom"] else 0.0 for r in rows])
     tpot = np.array([r["tpot_p99_ms"] for r in rows])
     energy = np.array([r["energy_j_per_token"] if not r["oom"] else np.nan for r in rows])
     meets = thr > 0 if study.slo_ms is None else (thr > 0) & (tpot <= study.slo_ms)
