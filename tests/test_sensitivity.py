@@ -25,7 +25,7 @@ def test_every_parameter_has_a_documented_range_that_configures():
         assert p.reason and p.unit and p.kind in sens.KINDS, p.name
         lo, hi = sens.search_interval(p)
         assert lo <= p.low and hi >= p.high
-        for value in (p.low, p.high):
+        for value in (p.low, p.high, lo, hi):
             sens.configure(base, {p.name: value}, "pam")  # valid as an override
     assert "`access.persistence`" in sens.parameter_table_markdown()
 

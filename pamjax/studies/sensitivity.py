@@ -137,7 +137,7 @@ PARAMETERS: tuple[Parameter, ...] = (
        "without", log=True, limits=(0.01, 1000)),
     _p("gpu.activation_reserve", "platform", 0.10, 0.05, 0.20, "fraction of HBM",
        "vLLM's gpu_memory_utilization 0.8-0.95 leaves 5-20% of HBM outside the KV cache",
-       limits=(0.0, 0.9)),
+       limits=(0.01, 0.9)),
     # Tier links and layouts ----------------------------------------------------------------
     _p("hbm.link_latency_us", "platform", 0.5, 0.2, 1.0, "us",
        "an on-package HBM-PIM command round trip: sub-microsecond", log=True,
@@ -181,14 +181,14 @@ PARAMETERS: tuple[Parameter, ...] = (
        "H100 at ~700 W and ~700 dense TFLOPS is ~1 pJ/FLOP board-level; 0.3 is the core "
        "arithmetic alone", log=True, limits=(0.01, 100)),
     _p("energy.gpu_idle_w", "platform", 75.0, 50.0, 100.0, "W per GPU",
-       "H100 SXM idle board power: ~50-100 W (nvidia-smi readings)", limits=(0, 700)),
+       "H100 SXM idle board power: ~50-100 W (nvidia-smi readings)", limits=(1, 700)),
     _p("energy.dimm_idle_w", "platform", 3.0, 1.5, 5.0, "W per DIMM",
-       "DDR4 RDIMM idle/self-refresh: ~1.5-5 W", limits=(0, 50)),
+       "DDR4 RDIMM idle/self-refresh: ~1.5-5 W", limits=(0.1, 50)),
     _p("energy.ssd_idle_w", "platform", 5.0, 3.0, 8.0, "W per SSD",
-       "enterprise NVMe idle: ~3-8 W (datasheets)", limits=(0, 50)),
+       "enterprise NVMe idle: ~3-8 W (datasheets)", limits=(0.1, 50)),
     _p("energy.node_other_w", "platform", 1000.0, 500.0, 2000.0, "W per node",
        "DGX-class CPUs, NICs, fans and PSU loss at idle: ~0.5-2 kW", log=True,
-       limits=(0, 10000)),
+       limits=(1, 10000)),
     # Access model (PAM_SPEC §5: persistence and spread of attention) -----------------------
     _p("access.sigma", "access", 2.5, 1.5, 3.5, "logit",
        "spread of log-importance: 1.5 puts ~75%, 3.5 ~97% of the mass on the top 1/8 "
