@@ -114,9 +114,9 @@ def test_bisection_finds_the_crossing_nearest_the_nominal():
     p = sens.Parameter("x", "knobs", 10.0, 5.0, 20.0, "-", "test")
     q = sens.Parameter("y", "knobs", 10.0, 5.0, 20.0, "-", "test", log=True)
     truth = {"x": lambda v: v / 10.0, "y": lambda v: v / 10.0}  # ratio 1.5 at 15
-    legs = [{"parameter": p, "lo": 10.0, "hi": 40.0, "end": 40.0, "open": True, "bound_value": 12.0,
+    legs = [{"parameter": p, "lo": 10.0, "hi": 40.0, "end": 40.0, "open": True, "bound_value": 12.0, "ceiling": 9.0,
              "hi_ratio": 4.0},
-            {"parameter": q, "lo": 10.0, "hi": 80.0, "end": 80.0, "open": True, "bound_value": 12.0,
+            {"parameter": q, "lo": 10.0, "hi": 80.0, "end": 80.0, "open": True, "bound_value": 12.0, "ceiling": 9.0,
              "hi_ratio": 8.0}]
     calls = []
 

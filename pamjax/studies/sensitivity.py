@@ -452,6 +452,9 @@ def evaluate(study: Study, values: Sequence[Mapping[str, float]], *,
       Evaluation.
     """
     start, compiles = time.perf_counter(), _COMPILES[0]
+    if not values:
+        empty = np.zeros((0, len(study.systems)))
+        return Evaluation(np.zeros(0), empty, empty, 0, 0, 0, 0.0)
     batches = study.batches
     page = study.page_size or choose_page_size(study.width * max(batches),
                                                study.pool.max_context, UNIT_BUDGET)
@@ -501,6 +504,8 @@ def _simulate(study: Study, configs: list, page: int, progress: str | None):
                    enabled=progress is not None)
     for group in slot_classes(study.batches):
         mine = [c for c in configs if c[2].batch in group]
+        if not mine:
+            continue
         requests = steady_requests(study.pool, group[-1], study.warmup + study.steps)
         work = {b: steady_state(study.pool, b, requests, seed=study.seed) for b in group}
         config = make_config(max(work.values(), key=lambda w: w.max_context), group[-1],
@@ -762,8 +767,9 @@ def _bound_stage(study, parameters, ratio, b_reference, claim) -> list[dict]:
             if end == p.nominal:
                 continue
             grid = _between(p, p.nominal, end, np.linspace(0.0, 1.0, BOUND_GRID))
-            ok = _ceilings(study, p, grid, b_reference, claim) >= ratio
-            legs.append({"parameter": p, "end": float(end),
+            ceiling = _ceilings(study, p, grid, b_reference, claim)
+            ok = ceiling >= ratio
+            legs.append({"parameter": p, "end": float(end), "ceiling": float(ceiling.max()),
                          "bound_value": float(grid[np.argmax(ok)]) if ok.any() else None})
     return legs
 
@@ -784,8 +790,11 @@ def what_would_it_take(study: Study, ratio: float, parameters: Sequence[Paramete
 
     Returns:
       {"ratio", "nominal_ratio", "reference_tokens_per_s", "rows": one per (parameter,
-      side) with a value, ranked by :func:`distance` (name, nominal, low, high, side,
-      bound_value, value, simulated_ratio, distance, inside), "none_within_range",
+      side of each parameter, those with a value first, ranked by :func:`distance` (name,
+      nominal, low, high, side, bound_value (None: the bound rules the ratio out on that
+      side), bound_ceiling_max (the largest ceiling on that side), search_end, value (None:
+      not reached), simulated_ratio, ratio_at_search_end, distance, inside),
+      "none_within_range",
       "evaluations", "simulations", "compiled_calls", "wall_seconds"}.
     """
     start = time.perf_counter()
@@ -807,12 +816,14 @@ def what_would_it_take(study: Study, ratio: float, parameters: Sequence[Paramete
     if not b_ref > 0:
         raise PamjaxError(f"{_name(study.systems[1])} serves nothing at the nominal setup: "
                           "no reference for the claim")
-    legs = [leg for leg in _bound_stage(study, parameters, ratio, b_ref, study.systems)
-            if leg["bound_value"] is not None]
-    ends = run_([{leg["parameter"].name: leg["end"]} for leg in legs], "search ends")
-    for leg, r in zip(legs, ends.metric):
-        leg.update(lo=leg["parameter"].nominal, hi=leg["end"], hi_ratio=float(r),
-                   open=bool(r >= ratio) and nominal.metric[0] < ratio)
+    legs = _bound_stage(study, parameters, ratio, b_ref, study.systems)
+    for leg in legs:
+        leg.update(lo=leg["parameter"].nominal, hi=leg["end"], hi_ratio=None, open=False)
+    legal = [leg for leg in legs if leg["bound_value"] is not None]
+    if legal:  # the sides the bound leaves open: simulate their search ends
+        ends = run_([{leg["parameter"].name: leg["end"]} for leg in legal], "search ends")
+        for leg, r in zip(legal, ends.metric):
+            leg.update(hi_ratio=float(r), open=bool(r >= ratio) and nominal.metric[0] < ratio)
     _bisect(legs, ratio, iterations, run_)
     rows = [_leg_row(leg) for leg in legs]
     rows.sort(key=lambda r: (r["value"] is None, r["distance"] if r["value"] is not None
@@ -849,7 +860,8 @@ def _leg_row(leg: dict) -> dict:
     value = leg["hi"] if leg["open"] else None
     return {"name": p.name, "unit": p.unit, "nominal": p.nominal, "low": p.low,
             "high": p.high, "side": "up" if leg["end"] > p.nominal else "down",
-            "bound_value": leg["bound_value"], "search_end": leg["end"], "value": value,
+            "bound_value": leg["bound_value"], "bound_ceiling_max": leg["ceiling"],
+            "search_end": leg["end"], "value": value,
             "simulated_ratio": leg["hi_ratio"] if value is not None else None,
             "ratio_at_search_end": leg.get("hi_ratio") if value is None else None,
             "distance": distance(p, value) if value is not None else None,
