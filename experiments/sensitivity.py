@@ -20,8 +20,10 @@ import numpy as np
 from pamjax.provenance import record
 from pamjax.studies import sensitivity as sens
 
-SETUPS = {"short": ("llama3-70b", "sharegpt", 128), "long": ("llama3-70b", "write-doc", 64)}
-"""(model, workload, batch): reduced batches so that a screening fits a shared 2-core CPU."""
+SETUPS = {"short": ("llama3-70b", "sharegpt", 128), "long": ("llama3-70b", "write-doc", 64),
+          "offline": ("llama3-70b", "write-doc", 256)}
+"""(model, workload, batch): reduced batches so that a screening fits a shared 2-core CPU;
+``offline`` is the publication's smallest offline batch for LLaMA3-70B (KV spills HBM)."""
 PAGE = 16
 """Tokens per KV unit, fixed for every point of a setup (coarser than token granularity,
 for speed; the same for every configuration compared)."""
