@@ -804,11 +804,13 @@ def _what_would_it_take(args, setup: _Setup, workload) -> dict:
         "range": f"{r['low']:g}-{r['high']:g}", "bound max": r["bound_ceiling_max"],
         "bound value": "-" if r["bound_value"] is None else r["bound_value"],
         "value": "not reached" if r["value"] is None else r["value"],
-        "ratio": "-" if r["simulated_ratio"] is None else r["simulated_ratio"],
+        "ratio": r["simulated_ratio"] if r["simulated_ratio"] is not None else
+        ("-" if r["ratio_at_search_end"] is None else f"{r['ratio_at_search_end']:.4g} at end"),
         "distance": "-" if r["distance"] is None else r["distance"],
         "inside": "yes" if r["inside"] else "no"} for r in result["rows"]], WWIT_COLUMNS))
     print("  bound max: the largest ratio A's closed-form bound allows over B's nominal "
-          "throughput on that side of the search interval")
+          "throughput on that side of the search interval; ratio: simulated at the value "
+          "(or at the search end when not reached)")
     if result["none_within_range"]:
         print("  none within range: no single assumption inside its documented range makes "
               "the claim attainable")
