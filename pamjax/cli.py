@@ -32,6 +32,8 @@ EXAMPLES = {
     "train-policy": "pamjax train-policy --quick --seeds 3 --json learned.json",
     "bounds": "pamjax bounds --model opt-175b --workload sharegpt --slo-ms 150 "
               "--claim pam/vllm-offload=2.2",
+    "sensitivity": "pamjax sensitivity --model llama3-70b --workload sharegpt --batch 512 "
+                   "--systems pam,ls-pim --method morris --samples 4 --out sens-out",
 }
 
 
@@ -721,6 +723,8 @@ def cmd_bounds(args) -> int:
 
     setup = _resolve(args, default_systems=list(SYSTEMS))
     model = setup.model
+    if args.what_would_it_take and not args.claim:
+        raise ConfigError("--what-would-it-take", True, "needs --claim A/B=RATIO")
     workload = load_trace(args.trace, max_requests=args.max_requests) if args.trace \
         else args.workload
     mean_prompt, mean_output = bounds.workload_means(workload)
@@ -772,8 +776,113 @@ def cmd_bounds(args) -> int:
                             "attainable": verdict.attainable,
                             "binding_resource": verdict.binding_resource,
                             "explanation": verdict.explanation}
+    if args.what_would_it_take:
+        payload["what_would_it_take"] = _what_would_it_take(args, setup, workload)
     if args.json:
         _write_json(args.json, payload)
+    return 0
+
+
+def _sensitivity_study(args, setup: _Setup, workload, systems, metric: str):
+    """The studies.sensitivity.Study of `sensitivity` and `bounds --what-would-it-take`:
+    --batch N, else the peak under --slo-ms over --batches."""
+    from pamjax.studies import sensitivity
+
+    if not isinstance(workload, str):
+        workload = _queued(workload)
+    fixed = {"batch": args.batch} if args.batch else \
+        {"slo_ms": args.slo_ms, "slo_batches": tuple(args.batches)}
+    return sensitivity.make_study(setup.model, workload, systems, platform=setup.platform,
+                                  knobs=setup.knobs, seed=args.seed, metric=metric,
+                                  steps=args.steps, warmup=getattr(args, "warmup", 16),
+                                  width=getattr(args, "width", 32), **fixed)
+
+
+WWIT_COLUMNS = ["parameter", "side", "nominal", "range", "bound max", "bound value", "value",
+                "ratio", "distance", "inside"]
+
+
+def _what_would_it_take(args, setup: _Setup, workload) -> dict:
+    """`bounds --claim A/B=R --what-would-it-take`: the table and its JSON entry."""
+    from pamjax.studies import sensitivity
+
+    a, b, ratio = args.claim
+    if not (args.batch or args.slo_ms):
+        raise ConfigError("--what-would-it-take", True, "needs --batch N or --slo-ms X (the "
+                          "setup the claim is simulated at)")
+    study = _sensitivity_study(args, setup, workload, (a, b), "ratio")
+    result = sensitivity.what_would_it_take(study, ratio, iterations=args.iterations,
+                                            progress=not args.quiet)
+    print(f"what would it take for {a}/{b} = {ratio:g} (simulated now: "
+          f"{result['nominal_ratio']:.3g}; {result['simulations']} simulations, "
+          f"{result['compiled_calls']} compiled calls, {result['wall_seconds']:.0f} s):")
+    if result["nominal_ratio"] >= ratio:
+        print(f"  the simulated ratio already reaches {ratio:g} at the nominal")
+    print(format_table([{
+        "parameter": r["name"], "side": r["side"], "nominal": r["nominal"],
+        "range": f"{r['low']:g}-{r['high']:g}", "bound max": r["bound_ceiling_max"],
+        "bound value": "-" if r["bound_value"] is None else r["bound_value"],
+        "value": "not reached" if r["value"] is None else r["value"],
+        "ratio": r["simulated_ratio"] if r["simulated_ratio"] is not None else
+        ("-" if r["ratio_at_search_end"] is None else f"{r['ratio_at_search_end']:.4g} at end"),
+        "distance": "-" if r["distance"] is None else r["distance"],
+        "inside": "yes" if r["inside"] else "no"} for r in result["rows"]], WWIT_COLUMNS))
+    print("  bound max: the largest ratio A's closed-form bound allows over B's nominal "
+          "throughput on that side of the search interval; ratio: simulated at the value "
+          "(or at the search end when not reached)")
+    if result["none_within_range"]:
+        print("  none within range: no single assumption inside its documented range makes "
+              "the claim attainable")
+    return result
+
+
+SENSITIVITY_COLUMNS = ["parameter", "nominal", "low", "high", "mu*", "sigma"]
+
+
+def cmd_sensitivity(args) -> int:
+    """`pamjax sensitivity`: Morris or Sobol indices of a comparison's metric over every
+    [D] assumption (pamjax.studies.sensitivity); table, tornado PNG, JSON."""
+    from pamjax.studies import sensitivity
+    from pamjax.traces import load_trace
+
+    setup = _resolve(args)
+    need = 1 if args.metric == "throughput" else 2
+    if len(setup.systems) != need:
+        raise ConfigError("--systems", ",".join(_name(s) for s in setup.systems),
+                          f"--metric {args.metric} takes exactly {need} system(s)")
+    if (args.batch is None) == (args.slo_ms is None):
+        raise ConfigError("--batch/--slo-ms", (args.batch, args.slo_ms),
+                          "give exactly one of --batch N and --slo-ms X")
+    sensitivity._salib()  # fail early, in one line, without SALib
+    workload = load_trace(args.trace, max_requests=args.max_requests) if args.trace \
+        else args.workload
+    study = _sensitivity_study(args, setup, workload, setup.systems, args.metric)
+    parameters = sensitivity.get_parameters(args.parameters)
+    result = sensitivity.run(study, parameters, method=args.method, samples=args.samples,
+                             seed=args.seed, progress=not args.quiet)
+    name = workload if isinstance(workload, str) else workload.name
+    label = sensitivity.metric_label(study)
+    prov = _provenance(args, setup, seed=args.seed, workload={
+        "name": name, "source": str(args.trace) if args.trace else "synthetic"})
+    print(f"{_name(setup.model)} on {name}: {label} = {result['nominal_value']:.4g} at the "
+          f"nominal; {args.method}, {result['evaluations']} evaluations, "
+          f"{result['simulations']} simulations, {result['compiled_calls']} compiled calls, "
+          f"{result['wall_seconds']:.0f} s")
+    print(_setup_line(prov))
+    sobol = args.method == "sobol"
+    print(format_table([{"parameter": r["name"], "nominal": r["nominal"], "low": r["low"],
+                         "high": r["high"], "mu*": r["mu_star"], "sigma": r["sigma"],
+                         **({"S1": r["S1"], "ST": r["ST"]} if sobol else {})}
+                        for r in result["parameters"]],
+                       SENSITIVITY_COLUMNS + (["S1", "ST"] if sobol else [])))
+    out = pathlib.Path(args.out)
+    png = sensitivity.tornado(out / "sensitivity.png", result, label=label,
+                              title=f"{_name(setup.model)} on {name}: what {label} hinges on")
+    print(f"wrote {png}")
+    payload = {**result, "provenance": prov, "label": label,
+               "systems": [_name(s) for s in setup.systems], "model": _name(setup.model),
+               "workload": name, "batch": args.batch, "slo_ms": args.slo_ms}
+    _write_json(args.json or out / "sensitivity.json", payload)
     return 0
 
 
@@ -1275,7 +1384,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for add_command in (_add_simulate, _add_run, _add_compare, _add_presets, _add_reproduce,
                         _add_sweep, _add_bench, _add_train_policy, _add_bounds,
-                        _add_attention_demo):
+                        _add_sensitivity, _add_attention_demo):
         add_command(sub)
     return parser
 
@@ -1527,8 +1636,62 @@ def _add_bounds(sub) -> None:
                    help="batch sizes searched when simulating B for --claim")
     p.add_argument("--steps", type=_positive_int, default=96,
                    help="simulated steps per batch when simulating B (default 96)")
+    p.add_argument("--what-would-it-take", action="store_true",
+                   help="with --claim: for each [D] assumption alone, the value at which the "
+                        "claimed ratio becomes attainable (bound, then simulation by vmapped "
+                        "bisection), ranked by distance from the nominal")
+    p.add_argument("--iterations", type=_positive_int, default=4,
+                   help="bisection halvings for --what-would-it-take (default 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="write the bounds (and verdict) as JSON")
+    _add_quiet(p)
+    _add_simulation_options(p)
+
+
+def _names(text: str) -> list[str]:
+    from pamjax.studies.sensitivity import PARAMETERS_BY_NAME
+
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [n for n in names if n not in PARAMETERS_BY_NAME]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown parameter {unknown[0] if unknown else text!r}; choose from "
+            f"{', '.join(PARAMETERS_BY_NAME)}")
+    return names
+
+
+def _add_sensitivity(sub) -> None:
+    from pamjax.studies.sensitivity import METHODS, METRICS
+
+    p = _command(sub, "sensitivity", "which [D] assumptions a comparison hinges on: Morris "
+                 "or Sobol indices over their documented ranges, vmapped (needs SALib)",
+                 cmd_sensitivity)
+    _add_model_and_source(p, trace_help="take request lengths from a trace CSV",
+                          requests_help="requests read from --trace")
+    p.add_argument("--systems", type=_systems, required=True,
+                   help="A,B (A alone for --metric throughput)")
+    p.add_argument("--batch", type=_positive_int, help="fixed batch (requests in flight)")
+    p.add_argument("--slo-ms", type=_positive_float,
+                   help="instead of --batch: each system's peak under this TPOT SLO, ms")
+    p.add_argument("--batches", type=_batches, default=[64, 128, 256, 512, 1024],
+                   help="batch grid of the --slo-ms search")
+    p.add_argument("--metric", choices=METRICS, default="ratio",
+                   help="ratio: A/B tokens/s (default); energy: A/B J/token; throughput: A")
+    p.add_argument("--method", choices=METHODS, default="morris")
+    p.add_argument("--samples", type=_positive_int, default=4,
+                   help="Morris trajectories, or Sobol base samples (default 4)")
+    p.add_argument("--parameters", type=_names, metavar="NAME,...",
+                   help="only these [D] parameters (default all; e.g. Sobol on the few a "
+                        "Morris screening ranked first)")
+    p.add_argument("--steps", type=_positive_int, default=32,
+                   help="steps of the measuring window per point (default 32)")
+    p.add_argument("--warmup", type=_positive_int, default=16,
+                   help="steps before the window (default 16)")
+    p.add_argument("--width", type=_positive_int, default=32,
+                   help="configurations per compiled call (default 32; more on a GPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="pamjax-out", help="output folder (sensitivity.png)")
+    p.add_argument("--json", metavar="PATH", help="JSON (default OUT/sensitivity.json)")
     _add_quiet(p)
     _add_simulation_options(p)
 

@@ -231,6 +231,11 @@ def calibrate_targets(params: SimParams, access: AccessModel, *, context: int, b
     return float(is_h / is_s), float(is_d / is_s)
 
 
+# One jitted program for every calibration (a sensitivity study calibrates hundreds of
+# perturbed platforms; a fresh jax.jit per call would retrace and recompile each time).
+_split_step_cost = jax.jit(jax.vmap(step_cost, in_axes=(None, 0)))
+
+
 def _split_attention_s(params, held, attended, batch: float, topk: float) -> np.ndarray:
     """Attention time (s) of one decode step of ``batch`` identical requests for each split
     (held, attended: [K, T] tokens per request), by costs.step_cost in float64. Bank
@@ -258,7 +263,7 @@ def _split_attention_s(params, held, attended, batch: float, topk: float) -> np.
     with jax.enable_x64(True):
         p64 = jax.tree.map(lambda v: jnp.asarray(v, jnp.float64)
                            if jnp.asarray(v).dtype.kind == "f" else jnp.asarray(v), params)
-        cost = jax.jit(jax.vmap(step_cost, in_axes=(None, 0)))(p64, counts)
+        cost = _split_step_cost(p64, counts)
         return np.asarray(cost.attention_s, np.float64)
 
 

@@ -776,3 +776,23 @@ def bound_columns(system, model, tokens_per_s: float, *, prompts, outputs, concu
     return {f"{prefix}bound_tokens_per_s": b.tokens_per_s,
             f"{prefix}binding_resource": b.binding_resource,
             f"{prefix}efficiency": efficiency}
+
+
+def ratio_ceiling(system_a, *, b_tokens_per_s: float, model, mean_prompt: float,
+                  mean_output: float, **kwargs) -> float:
+    """The largest A/B throughput ratio physics leaves open: A's :func:`bound` over B's
+    throughput ``b_tokens_per_s`` (simulated or measured). A claimed ratio above it is
+    unattainable (:func:`check_claim`); studies.sensitivity's what-would-it-take search
+    asks where, as one assumption moves, this ceiling first reaches a claimed ratio.
+
+    Args:
+      system_a: a System or name; b_tokens_per_s: B's throughput, tokens/s (> 0).
+      model, mean_prompt, mean_output, **kwargs: as for :func:`bound`.
+
+    Returns:
+      A's bound / ``b_tokens_per_s``.
+    """
+    if not (math.isfinite(b_tokens_per_s) and b_tokens_per_s > 0):
+        raise ConfigError("b_tokens_per_s", b_tokens_per_s, "must be a finite number > 0")
+    a = bound(system_a, model, mean_prompt=mean_prompt, mean_output=mean_output, **kwargs)
+    return a.tokens_per_s / b_tokens_per_s
