@@ -61,6 +61,9 @@ from pamjax.systems import MAIN_SYSTEMS, make_params, max_bank_groups
 from pamjax.traces import default_azure_trace_path, load_trace
 from pamjax.workload import Workload, synthetic
 
+SECTIONS = ("pam", "azure", "reference", "scaling", "growth", "footprint", "huge")
+"""The benchmark's sections (run_bench ``sections``; `pamjax bench --sections`)."""
+
 TARGETS = {
     "engine_vs_reference_speedup_per_core": 50.0,  # one-core run where available
     "azure_conv_requests_per_s": 10_000.0,
@@ -391,13 +394,43 @@ def azure_replay(path, limit: int | None, system: str = "vllm-offload", max_batc
                         "summaries_equal": not differs, "differing_keys": differs}}
 
 
-def run_bench(*, quick: bool, progress: bool) -> dict:
+def pam_section(path, requests: int, quick: bool, whole_trace: bool, progress: bool) -> dict:
+    """PAM at speed (issue 15): trace replays at token granularity and 16-token pages (the
+    unit axis fitted per chunk, and once without fitting at pages for comparison), the
+    phase breakdown of one step, and with ``whole_trace`` the whole trace at both
+    granularities. ``path`` None: a synthetic ShareGPT workload at the conversation
+    trace's rate stands in."""
+    out = {"trace": str(path) if path else "synthetic sharegpt, 5.4 requests/s",
+           "requests": requests}
+    repeats = 1 if quick else 2
+    for label, page, fit in (("token", 1, True), ("page16", 16, True),
+                             ("page16_unfitted", 16, False)):
+        _log(progress, f"  PAM replay, {requests} requests, {label}")
+        out[label] = pam_replay(path, requests, page, fit_units=fit, repeats=repeats)
+        _log(progress, f"    {out[label]['requests_per_s']:.1f} requests/s, "
+                       f"{out[label]['ms_per_engine_step']:.2f} ms/step, "
+                       f"U sizes {out[label]['unit_sizes']}")
+    _log(progress, "  one step, phase by phase")
+    out["phases"] = step_phases(path, requests, 1, warm_steps=512 if quick else 2048,
+                                min_seconds=0.5 if quick else 1.0)
+    if whole_trace and path is not None:
+        for label, page in (("whole_token", 1), ("whole_page16", 16)):
+            _log(progress, f"  PAM replay, whole trace, {label}")
+            out[label] = pam_replay(path, None, page, repeats=1)
+    return out
+
+
+def run_bench(*, quick: bool, progress: bool, sections=None, whole_trace: bool = False,
+              pam_requests: int = 2000) -> dict:
     """Run the benchmark (module docstring); returns its figures (`pamjax bench` prints
     them and writes them as JSON).
 
     Args:
       quick: the small version (a few minutes on a 2-core CPU).
       progress: progress lines on stderr.
+      sections: the sections to run (SECTIONS; default all).
+      whole_trace: the PAM section also replays the whole trace (long).
+      pam_requests: requests of the PAM section's replays (first of the trace).
 
     Returns:
       dict: the headline figures (``azure_conv_requests_per_s``,
@@ -415,13 +448,53 @@ def run_bench(*, quick: bool, progress: bool) -> dict:
     # The trace replay first: a long loop of small device calls, it is the figure most
     # sensitive to the process's state (in one measurement it ran 1.5x slower after the
     # large vmapped calls of configs_scaling than in a fresh process).
+    sections = set(SECTIONS if sections is None else sections)
     trace = default_azure_trace_path()
-    out["azure"] = out["azure_conv_requests_per_s"] = None
-    if trace is not None and pathlib.Path(trace).is_file():
+    if trace is not None and not pathlib.Path(trace).is_file():
+        trace = None
+    out["azure"] = out["azure_conv_requests_per_s"] = out["pam"] = None
+    if "pam" in sections:
+        _log(progress, "PAM trace replay")
+        out["pam"] = pam_section(trace, pam_requests, quick, whole_trace, progress)
+    if trace is not None and "azure" in sections:
         _log(progress, "Azure conversation trace replay")
         out["azure"] = azure_replay(trace, None, compare_requests=2000 if quick else None)
         out["azure_conv_requests_per_s"] = out["azure"]["requests_per_s"]
 
+    if sections & {"reference", "scaling", "growth", "footprint", "huge"}:
+        _rest(out, quick, min_s, progress, sections)
+    out["wall_s"] = time.perf_counter() - start
+    return out
+
+
+def _rest(out: dict, quick: bool, min_s: float, progress: bool, sections) -> None:
+    """The engine sections of run_bench (reference, scaling, growth, footprint, huge)."""
+    if "reference" in sections:
+        _reference_section(out, quick, min_s, progress)
+    if "scaling" in sections:
+        _log(progress, "configurations per call")
+        out["configs_scaling"] = configs_scaling([1, 16, 256, 1024], 16 if quick else 64,
+                                                 min_s, progress)
+    if "growth" in sections:
+        _log(progress, "cost growth")
+        if quick:
+            out["cost_growth"] = cost_growth(8, [1024, 4096, 16384], 1024, [8, 32, 128], 4,
+                                             min_s / 2, progress)
+        else:
+            out["cost_growth"] = cost_growth(16, [1024, 4096, 16384, 65536], 2048,
+                                             [16, 64, 256, 1024], 4, min_s, progress)
+    if "footprint" in sections:
+        cases = [("batch 128 x 8K context", _queue(np.full(128, 8192), 1, "8K"), 128),
+                 *_huge_cases()]
+        footprint = bytes_per_tracked_token(cases)
+        out["bytes_per_tracked_token"] = footprint[0]["bytes_per_tracked_token"]
+        out["state_footprint"] = footprint
+    if "huge" in sections and not quick:
+        _log(progress, "huge runs")
+        out["huge_runs"] = huge_runs(progress)
+
+
+def _reference_section(out: dict, quick: bool, min_s: float, progress: bool) -> None:
     _log(progress, "engine vs reference")
     batch, steps = (32, 2) if quick else (128, 3)
     speed = engine_vs_reference(batch, steps, min_s, progress)
@@ -433,28 +506,6 @@ def run_bench(*, quick: bool, progress: bool) -> dict:
     out["engine_vs_reference_one_core"] = one
     out["engine_vs_reference_speedup_per_core"] = one["speedup"] if one else \
         speed["speedup_per_core"]
-
-    _log(progress, "configurations per call")
-    out["configs_scaling"] = configs_scaling([1, 16, 256, 1024], 16 if quick else 64, min_s,
-                                             progress)
-    _log(progress, "cost growth")
-    if quick:
-        out["cost_growth"] = cost_growth(8, [1024, 4096, 16384], 1024, [8, 32, 128], 4,
-                                         min_s / 2, progress)
-    else:
-        out["cost_growth"] = cost_growth(16, [1024, 4096, 16384, 65536], 2048,
-                                         [16, 64, 256, 1024], 4, min_s, progress)
-
-    cases = [("batch 128 x 8K context", _queue(np.full(128, 8192), 1, "8K"), 128),
-             *_huge_cases()]
-    footprint = bytes_per_tracked_token(cases)
-    out["bytes_per_tracked_token"] = footprint[0]["bytes_per_tracked_token"]
-    out["state_footprint"] = footprint
-    if not quick:
-        _log(progress, "huge runs")
-        out["huge_runs"] = huge_runs(progress)
-    out["wall_s"] = time.perf_counter() - start
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
