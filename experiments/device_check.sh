@@ -25,8 +25,8 @@ if [[ "$small" == 1 ]]; then
   log "CPU, reduced size (no install: the current Python environment)"
   export JAX_PLATFORMS=cpu
   tests=(tests/test_unit_sizing.py::test_fitted_run_equals_full_run)
-  bench=(--quick --sections pam --pam-requests 60)
-  vmapped=(--configs 8 --requests 60 --budget-s 20 --chunk 64)
+  bench=(--quick --sections pam --pam-requests 20)
+  vmapped=(--configs 8 --requests 40 --budget-s 20 --chunk 64)
 else
   log "installing pamjax with jax[cuda12]"
   python -m pip install -q -e ".[test]" "jax[cuda12]" 2>&1 | tail -3 | tee -a "$out/log.txt"

@@ -63,7 +63,7 @@ def main() -> None:
     steps, start = args.chunk, time.perf_counter()
     finished = 0
     while time.perf_counter() - start < args.budget_s:
-        state, metrics = engine.rollout_batch(config, params, state, dev, args.chunk)
+        state, _ = engine.rollout_batch(config, params, state, dev, args.chunk)
         steps += args.chunk
         finished = int(np.sum(np.asarray(state.req_status) == STATUS_FINISHED))
         if finished == args.configs * workload.num_requests:

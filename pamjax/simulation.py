@@ -191,17 +191,19 @@ def _run_chunk(config, params, state, workload, num_steps, recorded):
 class UnitSizer:
     """Runs :func:`run`'s chunks with the unit axis fitted to the requests they may hold.
 
-    A chunk's U is the next power of two (at least MIN_UNITS, at most the config's) of the
-    largest reservation among the running requests and the next ``lookahead`` requests in
+    A chunk's U is the next power of GROWTH (at least MIN_UNITS, at most the config's) of
+    the largest reservation among the running requests and the next ``lookahead`` requests in
     FCFS order (batching.units_ahead). The trajectory is engine.step's at the config's U
     (engine.relay_units): the steps read no column past a request's reservation. Should the
     FCFS pointer pass the look-ahead within the chunk (a request the bound did not cover may
     have been admitted, or rejected for want of columns), the chunk is rerun from its saved
-    start at the config's U and the look-ahead doubles. Power-of-two sizes keep the number
-    of compiled programs to a few (``sizes``).
+    start at the config's U and the look-ahead doubles. Sizes in powers of four keep the
+    number of compiled programs to a few (``sizes``; each compile costs ~10-30 s on a
+    2-core CPU, about what a few hundred steps at a too-large U cost).
     """
 
-    MIN_UNITS = 64
+    MIN_UNITS = 256
+    GROWTH = 4
 
     def __init__(self, workload: HostWorkload, config: EngineConfig):
         self.prompt = np.asarray(workload.prompt_tokens, np.int64)
@@ -215,7 +217,10 @@ class UnitSizer:
         need = batching.units_ahead(self.prompt, self.output, slot_request, next_request,
                                     self.lookahead, self.config.page_size)
         full = self.config.units_per_slot
-        return min(max(1 << (need - 1).bit_length(), self.MIN_UNITS), full)
+        units = self.MIN_UNITS
+        while units < need:
+            units *= self.GROWTH
+        return min(units, full)
 
     def run_chunk(self, params, state, workload, num_steps, recorded):
         """One chunk of engine steps (as _run_chunk), on a state of any U."""
