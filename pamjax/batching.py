@@ -16,6 +16,7 @@ Shapes: R slots, N requests, A = ``admit_window`` candidates, T tiers.
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from pamjax.types import (
@@ -32,6 +33,27 @@ def units_needed(tokens, page_size: int):
     """KV units (pages of ``page_size`` tokens) holding ``tokens`` tokens, rounded up; any
     integer array shape."""
     return (tokens + page_size - 1) // page_size
+
+
+def units_ahead(prompt_tokens, output_tokens, slot_request, next_request: int, lookahead: int,
+                page_size: int) -> int:
+    """Host-side bound on the KV units any slot may need while the FCFS pointer stays below
+    ``next_request + lookahead``: the largest reservation (prompt + output - 1 tokens, as
+    admission reserves) of the running requests and of the next ``lookahead`` requests.
+
+    Args:
+      prompt_tokens, output_tokens: numpy int [N] of the workload; slot_request: numpy int
+        [R] (-1 = free slot); next_request: the FCFS pointer; lookahead: requests ahead of
+        it that may be admitted; page_size: tokens per unit.
+
+    Returns:
+      int, units (>= 1).
+    """
+    ahead = slice(next_request, next_request + lookahead)
+    running = slot_request[slot_request >= 0]
+    tokens = np.concatenate([prompt_tokens[running] + output_tokens[running],
+                             prompt_tokens[ahead] + output_tokens[ahead]]) - 1
+    return max(int(units_needed(tokens, page_size).max(initial=1)), 1)
 
 
 def tier_capacity(params: SimParams):

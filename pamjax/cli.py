@@ -1008,17 +1008,25 @@ def _write_sweep_extras(spec, csv_path: pathlib.Path, prov: dict, *, model: str,
     return [csv_path, meta, figure]
 
 
+BENCH_SECTIONS = ("pam", "azure", "reference", "scaling", "growth", "footprint", "huge")
+"""pamjax.studies.bench.SECTIONS (not imported here: it loads JAX)."""
+
+
 def cmd_bench(args) -> int:
     """`pamjax bench`: the engine speed benchmark (pamjax.studies.bench); prints each
     figure beside its target, optionally writes them all as JSON."""
     from pamjax.studies.bench import run_bench
 
-    out = run_bench(quick=args.quick, progress=not args.quiet)
+    out = run_bench(quick=args.quick, progress=not args.quiet, sections=args.sections,
+                    whole_trace=args.whole_trace, pam_requests=args.pam_requests)
     print(f"jax {out['jax']} on {out['backend']}, {out['cores']} CPU core(s)"
           f"{' (no GPU used)' if out['backend'] == 'cpu' else ''}")
-    for section in (_print_azure, _print_reference, _print_scaling, _print_growth,
-                    _print_footprint, _print_huge_runs):
-        section(out)
+    printers = {"pam": _print_pam, "azure": _print_azure, "reference": _print_reference,
+                "scaling": _print_scaling, "growth": _print_growth,
+                "footprint": _print_footprint, "huge": _print_huge_runs}
+    for name, section in printers.items():
+        if args.sections is None or name in args.sections:
+            section(out)
     print(f"\nbenchmark wall time {out['wall_s']:.0f} s")
     if args.json:
         from pamjax.provenance import command_record
@@ -1026,6 +1034,28 @@ def cmd_bench(args) -> int:
         _write_json(args.json, {**out, "provenance": command_record(
             args.argv, quick=args.quick, setup="the cases of pamjax/studies/bench.py")})
     return 0
+
+
+def _print_pam(out: dict) -> None:
+    pam = out["pam"]
+    print(f"\nPAM (llama3-70b, batch <= 64, engine.step) on {pam['trace']}:")
+    rows = [{"case": label, "requests": r["requests"], "page": r["page_size"],
+             "fit U": r["fit_units"], "U sizes": " ".join(map(str, r["unit_sizes"])) or "-",
+             "req/s": r["requests_per_s"], "ms/step": r["ms_per_engine_step"],
+             "wall s": r["wall_s"], "first run s": r["wall_s_first"]}
+            for label, r in pam.items() if isinstance(r, dict) and "requests_per_s" in r]
+    print(format_table(rows, ["case", "requests", "page", "fit U", "U sizes", "req/s",
+                              "ms/step", "wall s", "first run s"]))
+    ph = pam["phases"]
+    print(f"  one step after {ph['after_steps']} steps ({ph['running']} running, longest "
+          f"context {ph['max_context']} tokens), memory bandwidth "
+          f"{ph['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s:")
+    for label in ("full", "fitted"):
+        f = ph[label]
+        phases = ", ".join(f"{k} {v['phase_ms']:.2f}" for k, v in f["phases"].items())
+        print(f"  U = {f['units_per_slot']}: {f['step_ms']:.2f} ms/step ({phases} ms); unit "
+              f"tables {f['unit_table_bytes'] / 2**20:.1f} MiB read + written = "
+              f"{f['bandwidth_ms']:.3f} ms at bandwidth ({f['times_bandwidth_limit']:.0f}x)")
 
 
 def _print_azure(out: dict) -> None:
@@ -1596,6 +1626,12 @@ def _add_bench(sub) -> None:
     p.add_argument("--quick", action="store_true", help="smaller cases (under 10 minutes "
                    "on a 2-core CPU)")
     p.add_argument("--json", metavar="PATH", help="write the figures as JSON")
+    p.add_argument("--sections", nargs="+", choices=BENCH_SECTIONS, default=None,
+                   help="run only these sections (default: all)")
+    p.add_argument("--whole-trace", action="store_true",
+                   help="PAM also replays the whole conversation trace (long)")
+    p.add_argument("--pam-requests", type=_positive_int, default=2000,
+                   metavar="N", help="requests of the PAM replays (default 2000)")
     _add_quiet(p)
 
 

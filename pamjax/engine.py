@@ -259,6 +259,38 @@ def resume(config: EngineConfig, params: SimParams, state: EngineState,
         req_status=status.at[refused].set(STATUS_REJECTED, mode="drop"))
 
 
+UNIT_FIELDS = {"unit_tier": NO_UNIT, "unit_bank_group": 0, "unit_latent": 0.0,
+               "unit_importance": 0.0, "unit_selected": False}
+"""The [R, U] fields of EngineState and the value of a column that holds no unit."""
+
+
+def relay_units(state: EngineState, units: int) -> EngineState:
+    """The state with its unit axis cut or padded to ``units`` columns.
+
+    The step's results do not depend on U beyond the units that exist (every [R, U] sum
+    and ranking is masked by presence, and a request's columns are its token positions), so
+    a state may run with U just large enough for the requests it can hold in the coming
+    steps (simulation.run sizes it per chunk). Cut columns must hold no unit; they may
+    hold a stale latent (a prompt's latents are drawn for every column), which no step reads
+    before it is redrawn identically when the unit opens. Padded columns hold no unit.
+
+    Args:
+      state: EngineState with [R, U0] unit tables.
+      units: the new U (>= 1).
+
+    Returns:
+      EngineState with [R, units] unit tables (the same arrays where U is unchanged).
+    """
+    def fit(name, table):
+        have = table.shape[-1]
+        if units <= have:
+            return table[:, :units]
+        fill = jnp.full((table.shape[0], units - have), UNIT_FIELDS[name], table.dtype)
+        return jnp.concatenate([table, fill], axis=-1)
+
+    return state.replace(**{name: fit(name, getattr(state, name)) for name in UNIT_FIELDS})
+
+
 def step_energy_pj(params: SimParams, cost, busy, idle_s):
     """A step's energy per component, pJ [C]: the cost model's when the step did work, plus
     the static power of an idle clock jump (shared with the event leap)."""

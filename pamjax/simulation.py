@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from pamjax import engine
+from pamjax import batching, engine
 from pamjax import leap as leap_lib
 from pamjax import metrics as metrics_lib
 from pamjax.errors import ConfigError
@@ -57,6 +57,8 @@ class SimResult:
       stats: the RunningStats the summary came from.
       engine: how it ran: ``"step"`` (engine.step), ``"leap"`` (the event leap) or
         ``"step, vmapped over C configurations"`` (:func:`run_many`).
+      unit_sizes: the unit-axis sizes U the chunks ran with (one compiled program each;
+        empty when the axis was not fitted, see :func:`run`).
     """
 
     summary: dict
@@ -65,6 +67,7 @@ class SimResult:
     config: EngineConfig
     stats: metrics_lib.RunningStats | None = None
     engine: str = "step"
+    unit_sizes: tuple = ()
 
 
 def choose_page_size(num_slots: int, max_context: int,
@@ -185,10 +188,66 @@ def _run_chunk(config, params, state, workload, num_steps, recorded):
     return state, chunk, done
 
 
+class UnitSizer:
+    """Runs :func:`run`'s chunks with the unit axis fitted to the requests they may hold.
+
+    A chunk's U is the next power of GROWTH (at least MIN_UNITS, at most the config's) of
+    the largest reservation among the running requests and the next ``lookahead`` requests in
+    FCFS order (batching.units_ahead). The trajectory is engine.step's at the config's U
+    (engine.relay_units): the steps read no column past a request's reservation. Should the
+    FCFS pointer pass the look-ahead within the chunk (a request the bound did not cover may
+    have been admitted, or rejected for want of columns), the chunk is rerun from its saved
+    start at the config's U and the look-ahead doubles. Sizes in powers of four keep the
+    number of compiled programs to a few (``sizes``; each compile costs ~10-30 s on a
+    2-core CPU, about what a few hundred steps at a too-large U cost).
+    """
+
+    MIN_UNITS = 256
+    GROWTH = 4
+
+    def __init__(self, workload: HostWorkload, config: EngineConfig):
+        self.prompt = np.asarray(workload.prompt_tokens, np.int64)
+        self.output = np.asarray(workload.output_tokens, np.int64)
+        self.config = config
+        self.lookahead = 2 * config.admit_window
+        self.sizes = set()
+
+    def units(self, slot_request, next_request: int) -> int:
+        """U for a chunk starting with these slots (numpy [R]) and FCFS pointer."""
+        need = batching.units_ahead(self.prompt, self.output, slot_request, next_request,
+                                    self.lookahead, self.config.page_size)
+        full = self.config.units_per_slot
+        units = self.MIN_UNITS
+        while units < need:
+            units *= self.GROWTH
+        return min(units, full)
+
+    def run_chunk(self, params, state, workload, num_steps, recorded):
+        """One chunk of engine steps (as _run_chunk), on a state of any U."""
+        slots, start = jax.device_get((state.slot_request, state.next_request))
+        units = self.units(np.asarray(slots), int(start))
+        result = self._chunk(units, params, state, workload, num_steps, recorded)
+        if units < self.config.units_per_slot and \
+                int(result[0].next_request) > int(start) + self.lookahead:
+            self.lookahead *= 2
+            result = self._chunk(self.config.units_per_slot, params, state, workload,
+                                 num_steps, recorded)
+        return result
+
+    def _chunk(self, units, params, state, workload, num_steps, recorded):
+        self.sizes.add(units)
+        config = dataclasses.replace(self.config, units_per_slot=units)
+        if recorded is not None:
+            recorded = recorded[:, :units]
+        # Copies: the chunk consumes (donates) its state, and a rerun needs the start.
+        start = jax.tree.map(jnp.copy, engine.relay_units(state, units))
+        return _run_chunk(config, params, start, workload, num_steps, recorded)
+
+
 def run(params: SimParams, workload: HostWorkload, config: EngineConfig, *, seed: int = 0,
         chunk_steps: int = 256, max_steps: int | None = None, recorded=None,
         progress: bool = False, timeline: bool | None = None,
-        leap_steps: int = 0) -> SimResult:
+        leap_steps: int = 0, fit_units: bool = False) -> SimResult:
     """Simulate one configuration until every request is finished or rejected.
 
     The host loop never waits on the chunk it has just dispatched: chunk k+1 is queued before
@@ -216,6 +275,12 @@ def run(params: SimParams, workload: HostWorkload, config: EngineConfig, *, seed
         nothing, as these systems do not read the access model). Its chunks hold up to
         ``max(chunk_steps, K)`` steps.
 
+      fit_units: run each chunk with the unit axis cut to what the requests it may hold
+        need (UnitSizer), off by default: the schedule is the same, but float32 sums over
+        the unit axis (selected_mass, importance) change in the last bit with its width,
+        and it did not pay in the measured cases (experiments/README.md "PAM at speed");
+        never with the leap or a learned placement.
+
     Returns:
       SimResult (with the leap, ``state`` is a leap.LeapState).
     """
@@ -234,6 +299,8 @@ def run(params: SimParams, workload: HostWorkload, config: EngineConfig, *, seed
     start = time.perf_counter()
     dev_workload = device_workload(workload)
     state = leap_lib.init_state(config) if leap_steps else engine.init_state(config, seed)
+    sizer = None if leap_steps or not fit_units or config.placement_score is not None \
+        else UnitSizer(workload, config)
     limit = max_steps or step_bound(workload)
     stats = metrics_lib.RunningStats()
     kept = []
@@ -247,6 +314,10 @@ def run(params: SimParams, workload: HostWorkload, config: EngineConfig, *, seed
         if leap_steps:
             state, chunk, rows, done = leap_lib.run_chunk(config, params, state, dev_workload,
                                                       chunk_steps, leap_steps, limit)
+        elif sizer is not None:
+            state, chunk, done = sizer.run_chunk(params, state, dev_workload, chunk_steps,
+                                                 recorded)
+            rows = chunk_steps
         else:
             state, chunk, done = _run_chunk(config, params, state, dev_workload, chunk_steps,
                                             recorded)
@@ -260,11 +331,14 @@ def run(params: SimParams, workload: HostWorkload, config: EngineConfig, *, seed
             keep = per_step * limit <= TIMELINE_AUTO_BYTES
     _fold(pending, stats, kept, keep, bar)
     bar.close()
+    if sizer is not None:
+        state = engine.relay_units(state, config.units_per_slot)
     state = jax.device_get(state)
     summary = metrics_lib.summarize_stats(workload, state, stats, time.perf_counter() - start)
     stacked = jax.tree.map(lambda *xs: np.concatenate(xs), *kept) if keep else None
     return SimResult(summary=summary, state=state, metrics=stacked, config=config, stats=stats,
-                     engine="leap" if leap_steps else "step")
+                     engine="leap" if leap_steps else "step",
+                     unit_sizes=tuple(sorted(sizer.sizes)) if sizer else ())
 
 
 def _fold(pending, stats, kept, keep: bool, bar: Progress) -> bool:

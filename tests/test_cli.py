@@ -356,7 +356,19 @@ def test_bench_prints_every_section_and_writes_json(tmp_path, capsys, monkeypatc
                              "tracked_units": 1048576, "state_bytes": 12582912,
                              "bytes_per_tracked_unit": 12.0, "bytes_per_tracked_token": 12.0}],
     }
-    monkeypatch.setattr(bench, "run_bench", lambda quick, progress: dict(fake, quick=quick))
+    pam_run = {"requests": 2000, "page_size": 1, "fit_units": True, "unit_sizes": [512, 1024],
+               "requests_per_s": 31.5, "ms_per_engine_step": 3.2, "wall_s": 63.0,
+               "wall_s_first": 80.0}
+    phase = {name: {"prefix_ms": 1.0, "phase_ms": 0.5} for name in bench.PHASES}
+    fake["pam"] = {"trace": "conv.csv", "requests": 2000, "token": pam_run,
+                   "phases": {"after_steps": 2048, "running": 20, "max_context": 900,
+                              "bandwidth_bytes_per_s": 1e10,
+                              **{k: {"units_per_slot": u, "phases": phase, "step_ms": 4.0,
+                                     "unit_table_bytes": 2**20, "bandwidth_ms": 0.1,
+                                     "times_bandwidth_limit": 40.0}
+                                 for k, u in (("full", 7979), ("fitted", 1024))}}}
+    monkeypatch.setattr(bench, "run_bench",
+                        lambda quick, progress, **kw: dict(fake, quick=quick))
     path = tmp_path / "bench.json"
     assert main(["bench", "--quick", "--quiet", "--json", str(path)]) == 0
     out = capsys.readouterr().out
@@ -364,7 +376,8 @@ def test_bench_prints_every_section_and_writes_json(tmp_path, capsys, monkeypatc
                  "speedup 85.4x", "1 core:", "same results over 3 steps: yes",
                  "configs_scaling", "vs_context: 1024: 2.00 ms",
                  "4096: 2.00 ms; log-log slope 0.57", "batch 128 x 8K context",
-                 "benchmark wall time 70 s"):
+                 "benchmark wall time 70 s", "512 1024", "U = 1024: 4.00 ms/step",
+                 "(40x)"):
         assert text in out, text
     assert "huge runs" not in out  # absent from quick runs
     assert json.loads(path.read_text())["cost_growth"]["vs_batch"]["loglog_slope"] == 0.58

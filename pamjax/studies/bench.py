@@ -39,6 +39,8 @@ figure.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -48,14 +50,19 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from pamjax import engine
+from pamjax import batching, engine, locality, placement, scheduler
+from pamjax.costs import step_cost
 from pamjax.reference import reference_init, reference_step
-from pamjax.simulation import device_workload, make_config, simulate, stack
+from pamjax.simulation import UnitSizer, device_workload, make_config, run, simulate, stack
 from pamjax.systems import MAIN_SYSTEMS, make_params, max_bank_groups
 from pamjax.traces import default_azure_trace_path, load_trace
 from pamjax.workload import Workload, synthetic
+
+SECTIONS = ("pam", "azure", "reference", "scaling", "growth", "footprint", "huge")
+"""The benchmark's sections (run_bench ``sections``; `pamjax bench --sections`)."""
 
 TARGETS = {
     "engine_vs_reference_speedup_per_core": 50.0,  # one-core run where available
@@ -387,13 +394,43 @@ def azure_replay(path, limit: int | None, system: str = "vllm-offload", max_batc
                         "summaries_equal": not differs, "differing_keys": differs}}
 
 
-def run_bench(*, quick: bool, progress: bool) -> dict:
+def pam_section(path, requests: int, quick: bool, whole_trace: bool, progress: bool) -> dict:
+    """PAM at speed (issue 15): trace replays at token granularity and 16-token pages (and once
+    with the unit axis fitted per chunk at pages, for comparison), the
+    phase breakdown of one step, and with ``whole_trace`` the whole trace at both
+    granularities. ``path`` None: a synthetic ShareGPT workload at the conversation
+    trace's rate stands in."""
+    out = {"trace": str(path) if path else "synthetic sharegpt, 5.4 requests/s",
+           "requests": requests}
+    repeats = 1 if quick else 2
+    for label, page, fit in (("token", 1, False), ("page16", 16, False),
+                             ("page16_fitted", 16, True)):
+        _log(progress, f"  PAM replay, {requests} requests, {label}")
+        out[label] = pam_replay(path, requests, page, fit_units=fit, repeats=repeats)
+        _log(progress, f"    {out[label]['requests_per_s']:.1f} requests/s, "
+                       f"{out[label]['ms_per_engine_step']:.2f} ms/step, "
+                       f"U sizes {out[label]['unit_sizes']}")
+    _log(progress, "  one step, phase by phase")
+    out["phases"] = step_phases(path, requests, 1, warm_steps=512 if quick else 2048,
+                                min_seconds=0.5 if quick else 1.0)
+    if whole_trace and path is not None:
+        for label, page in (("whole_token", 1), ("whole_page16", 16)):
+            _log(progress, f"  PAM replay, whole trace, {label}")
+            out[label] = pam_replay(path, None, page, repeats=1)
+    return out
+
+
+def run_bench(*, quick: bool, progress: bool, sections=None, whole_trace: bool = False,
+              pam_requests: int = 2000) -> dict:
     """Run the benchmark (module docstring); returns its figures (`pamjax bench` prints
     them and writes them as JSON).
 
     Args:
       quick: the small version (a few minutes on a 2-core CPU).
       progress: progress lines on stderr.
+      sections: the sections to run (SECTIONS; default all).
+      whole_trace: the PAM section also replays the whole trace (long).
+      pam_requests: requests of the PAM section's replays (first of the trace).
 
     Returns:
       dict: the headline figures (``azure_conv_requests_per_s``,
@@ -411,13 +448,53 @@ def run_bench(*, quick: bool, progress: bool) -> dict:
     # The trace replay first: a long loop of small device calls, it is the figure most
     # sensitive to the process's state (in one measurement it ran 1.5x slower after the
     # large vmapped calls of configs_scaling than in a fresh process).
+    sections = set(SECTIONS if sections is None else sections)
     trace = default_azure_trace_path()
-    out["azure"] = out["azure_conv_requests_per_s"] = None
-    if trace is not None and pathlib.Path(trace).is_file():
+    if trace is not None and not pathlib.Path(trace).is_file():
+        trace = None
+    out["azure"] = out["azure_conv_requests_per_s"] = out["pam"] = None
+    if "pam" in sections:
+        _log(progress, "PAM trace replay")
+        out["pam"] = pam_section(trace, pam_requests, quick, whole_trace, progress)
+    if trace is not None and "azure" in sections:
         _log(progress, "Azure conversation trace replay")
         out["azure"] = azure_replay(trace, None, compare_requests=2000 if quick else None)
         out["azure_conv_requests_per_s"] = out["azure"]["requests_per_s"]
 
+    if sections & {"reference", "scaling", "growth", "footprint", "huge"}:
+        _rest(out, quick, min_s, progress, sections)
+    out["wall_s"] = time.perf_counter() - start
+    return out
+
+
+def _rest(out: dict, quick: bool, min_s: float, progress: bool, sections) -> None:
+    """The engine sections of run_bench (reference, scaling, growth, footprint, huge)."""
+    if "reference" in sections:
+        _reference_section(out, quick, min_s, progress)
+    if "scaling" in sections:
+        _log(progress, "configurations per call")
+        out["configs_scaling"] = configs_scaling([1, 16, 256, 1024], 16 if quick else 64,
+                                                 min_s, progress)
+    if "growth" in sections:
+        _log(progress, "cost growth")
+        if quick:
+            out["cost_growth"] = cost_growth(8, [1024, 4096, 16384], 1024, [8, 32, 128], 4,
+                                             min_s / 2, progress)
+        else:
+            out["cost_growth"] = cost_growth(16, [1024, 4096, 16384, 65536], 2048,
+                                             [16, 64, 256, 1024], 4, min_s, progress)
+    if "footprint" in sections:
+        cases = [("batch 128 x 8K context", _queue(np.full(128, 8192), 1, "8K"), 128),
+                 *_huge_cases()]
+        footprint = bytes_per_tracked_token(cases)
+        out["bytes_per_tracked_token"] = footprint[0]["bytes_per_tracked_token"]
+        out["state_footprint"] = footprint
+    if "huge" in sections and not quick:
+        _log(progress, "huge runs")
+        out["huge_runs"] = huge_runs(progress)
+
+
+def _reference_section(out: dict, quick: bool, min_s: float, progress: bool) -> None:
     _log(progress, "engine vs reference")
     batch, steps = (32, 2) if quick else (128, 3)
     speed = engine_vs_reference(batch, steps, min_s, progress)
@@ -430,24 +507,167 @@ def run_bench(*, quick: bool, progress: bool) -> dict:
     out["engine_vs_reference_speedup_per_core"] = one["speedup"] if one else \
         speed["speedup_per_core"]
 
-    _log(progress, "configurations per call")
-    out["configs_scaling"] = configs_scaling([1, 16, 256, 1024], 16 if quick else 64, min_s,
-                                             progress)
-    _log(progress, "cost growth")
-    if quick:
-        out["cost_growth"] = cost_growth(8, [1024, 4096, 16384], 1024, [8, 32, 128], 4,
-                                         min_s / 2, progress)
-    else:
-        out["cost_growth"] = cost_growth(16, [1024, 4096, 16384, 65536], 2048,
-                                         [16, 64, 256, 1024], 4, min_s, progress)
 
-    cases = [("batch 128 x 8K context", _queue(np.full(128, 8192), 1, "8K"), 128),
-             *_huge_cases()]
-    footprint = bytes_per_tracked_token(cases)
-    out["bytes_per_tracked_token"] = footprint[0]["bytes_per_tracked_token"]
-    out["state_footprint"] = footprint
-    if not quick:
-        _log(progress, "huge runs")
-        out["huge_runs"] = huge_runs(progress)
-    out["wall_s"] = time.perf_counter() - start
+# ---------------------------------------------------------------------------------------------
+# PAM on a trace: replay speed and where one step's time goes
+# ---------------------------------------------------------------------------------------------
+
+PHASES = ("admission", "prefill_placement", "new_units", "attend", "attention_load",
+          "scheduling", "cost", "complete")
+"""The named phases of engine.step, in order (engine module docstring)."""
+
+
+def step_prefix(config, params, state, workload, upto: int):
+    """engine.step's phases 0..``upto`` (indices into PHASES), returning every intermediate
+    computed so far (so that nothing is dead code) and, after the last phase, what
+    engine.step returns. Mirrors engine.step line for line; tests/test_bench.py checks that
+    the whole prefix equals engine.step.
+    """
+    start = state
+    decoding = state.slot_request >= 0
+    capacity = batching.tier_capacity(params)
+    admission = batching.admit_fcfs(config, params, workload, state.slot_request,
+                                    state.next_request, state.clock_whole + state.clock_frac,
+                                    capacity)
+    out = (admission,)
+    if upto == 0:
+        return out
+    order = placement.mapping_order(config, params, state, admission, decoding)
+    prompts = placement.place_prompts(config, params, state, admission, capacity, order, None)
+    state = batching.start_requests(state, admission, prompts)
+    out += (state, order)
+    if upto == 1:
+        return out
+    token = batching.decode_token(config, state.slot_context, decoding)
+    tier_before = state.unit_tier
+    state = placement.place_new_units(config, params, state, token, capacity, order)
+    out += (state, token)
+    if upto == 2:
+        return out
+    state, attended = locality.attend(config, params, state, decoding, token, None)
+    out += (state, attended)
+    if upto == 3:
+        return out
+    activation, load = placement.attention_load(config, params, state, attended, token)
+    out += (activation, load)
+    if upto == 4:
+        return out
+    state = scheduler.schedule_step(config, params, state, attended, token.context)
+    moved, migrated = scheduler.migrated_tokens(tier_before, state.unit_tier, attended.tokens)
+    out += (state, moved, migrated)
+    if upto == 5:
+        return out
+    cost = step_cost(params, engine._step_counts(config, params, decoding, token, prompts,
+                                                 admission, attended, load, migrated))
+    out += (cost,)
+    if upto == 6:
+        return out
+    busy = jnp.any(decoding) | jnp.any(admission.admit)
+    end = batching.close_step(config, workload, start, admission, state.slot_request,
+                              state.slot_generated, decoding, busy, cost.time_s)
+    new_state = engine._next_state(state, end, token, attended, activation, start)
+    return new_state, engine._metrics(params, end, decoding, admission, new_state, cost, busy,
+                                      attended, moved, tier_before, token.context)
+
+
+def memory_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
+    """This machine's memory bandwidth, bytes/s: the best of ``repeats`` numpy copies of a
+    ``megabytes`` array (each byte read once and written once)."""
+    src = np.ones(megabytes << 18, np.float32)
+    dst = np.empty_like(src)
+    best = min(_timed(lambda: np.copyto(dst, src)) for _ in range(repeats))
+    return 2 * src.nbytes / best
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def unit_table_bytes(config) -> int:
+    """Bytes one step must at least read and write: every [R, U] unit table of the state
+    (engine.UNIT_FIELDS) read once and written once."""
+    shapes = jax.eval_shape(lambda: engine.init_state(config, 0))
+    return 2 * sum(getattr(shapes, name).size * getattr(shapes, name).dtype.itemsize
+                   for name in engine.UNIT_FIELDS)
+
+
+def _pam_case(path, limit: int | None, page_size: int, max_batch: int = 64):
+    """(workload, config, params) of PAM (LLaMA3-70B) on the trace's first ``limit``
+    requests; a synthetic conversation workload of ``limit`` requests when ``path`` is None."""
+    workload = load_trace(path, max_requests=limit) if path is not None else \
+        synthetic("sharegpt", limit or 2000, seed=0, rate_per_s=5.4)
+    config = make_config(workload, min(max_batch, workload.num_requests), page_size=page_size,
+                         padded_bank_groups=max_bank_groups())
+    params = make_params("pam", "llama3-70b", max_batch=max_batch, page_size=page_size)
+    return workload, config, params
+
+
+def pam_replay(path, limit: int | None, page_size: int, fit_units: bool = False,
+               repeats: int = 2) -> dict:
+    """PAM replaying a trace with engine.step (simulation.run, chunks of 256 steps): wall
+    seconds of a first run (which compiles every chunk program it needs) and of
+    ``repeats`` - 1 more runs (compiled programs reused), requests per wall second."""
+    workload, config, params = _pam_case(path, limit, page_size)
+    walls, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = run(params, workload, config, timeline=False, fit_units=fit_units)
+        walls.append(time.perf_counter() - start)
+    warm = float(np.median(walls[1:])) if repeats > 1 else walls[0]
+    s = result.summary
+    return {"system": "pam", "model": "llama3-70b", "requests": workload.num_requests,
+            "page_size": config.page_size, "units_per_slot": config.units_per_slot,
+            "fit_units": fit_units, "unit_sizes": list(result.unit_sizes),
+            "compiled_chunk_programs": max(len(result.unit_sizes), 1),
+            "wall_s_first": walls[0], "wall_s_runs": walls, "wall_s": warm,
+            "requests_per_s": workload.num_requests / warm,
+            "engine_steps": result.stats.steps, "busy_steps": s["steps"],
+            "ms_per_engine_step": warm / max(result.stats.steps, 1) * 1e3,
+            "requests_finished": s["requests_finished"],
+            "simulated_seconds": s["simulated_seconds"], "summary": s}
+
+
+def _mid_run_state(config, params, workload, steps: int):
+    """The engine state after ``steps`` steps (multiple of 256) from t = 0."""
+    dev = device_workload(workload)
+    state = engine.init_state(config, 0)
+    for _ in range(max(steps // 256, 1)):
+        state, _ = engine.rollout_jit(config, params, state, dev, 256)
+    return jax.device_get(state), dev
+
+
+def step_phases(path, limit: int | None, page_size: int, warm_steps: int = 2048,
+                min_seconds: float = 1.0, bandwidth: float | None = None) -> dict:
+    """Where one engine step's time goes, on PAM's state after ``warm_steps`` steps of the
+    trace: wall ms of engine.step's phases 0..k jitted together (step_prefix), each phase's
+    share as the difference of consecutive prefixes (XLA fuses across phase boundaries, so
+    a difference is an estimate, occasionally slightly negative), at the config's U and at
+    the U the run would use then (simulation.UnitSizer); beside them the bytes of the
+    unit tables a step must read and write and the time they take at ``bandwidth``."""
+    workload, config, params = _pam_case(path, limit, page_size)
+    state, dev = _mid_run_state(config, params, workload, warm_steps)
+    sizer = UnitSizer(workload, config)
+    fitted = sizer.units(np.asarray(state.slot_request), int(state.next_request))
+    bandwidth = bandwidth or memory_bandwidth()
+    out = {"requests": workload.num_requests, "page_size": config.page_size,
+           "after_steps": int(state.step), "running": int(np.sum(state.slot_request >= 0)),
+           "max_context": int(np.max(state.slot_context)), "bandwidth_bytes_per_s": bandwidth}
+    for label, units in (("full", config.units_per_slot), ("fitted", fitted)):
+        cfg = dataclasses.replace(config, units_per_slot=units)
+        st = jax.device_get(engine.relay_units(state, units))
+        rows, previous = {}, 0.0
+        for k, name in enumerate(PHASES):
+            fn = jax.jit(functools.partial(step_prefix, cfg, upto=k))
+            jax.block_until_ready(fn(params, st, dev))
+            ms = _repeat(lambda fn=fn, st=st: jax.block_until_ready(fn(params, st, dev)),
+                         min_seconds) * 1e3
+            rows[name] = {"prefix_ms": ms, "phase_ms": ms - previous}
+            previous = ms
+        touched = unit_table_bytes(cfg)
+        out[label] = {"units_per_slot": units, "phases": rows, "step_ms": previous,
+                      "unit_table_bytes": touched,
+                      "bandwidth_ms": touched / bandwidth * 1e3,
+                      "times_bandwidth_limit": previous / (touched / bandwidth * 1e3)}
     return out
