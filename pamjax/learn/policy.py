@@ -38,11 +38,11 @@ from flax import linen as nn
 from flax import struct
 
 from pamjax.errors import UnknownNameError
+from pamjax.types import NUM_TIERS
 
 FAMILIES = ("knobs", "net", "both")
 """Policy families ``train_policy_command`` accepts (``both`` trains each separately)."""
 
-NUM_TIERS = 3
 IMPORTANCE_FLOOR = 1e-8  # log(importance) of a unit never attended yet stays finite
 
 

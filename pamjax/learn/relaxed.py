@@ -61,8 +61,8 @@ from pamjax.costs import StepCounts, step_cost
 from pamjax.errors import ConfigError
 from pamjax.learn.policy import SoftKnobs, unit_features
 from pamjax.placement import corrected_key, prompt_tier_counts
+from pamjax.types import NUM_TIERS
 
-NUM_TIERS = 3
 _EPS = 1e-12
 _TINY = 1e-30  # floor of a share before its logarithm (a normal float32)
 
