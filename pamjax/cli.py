@@ -525,16 +525,21 @@ def _batches(text: str) -> list[int]:
     return values
 
 
+def _name_list(text: str, valid, what: str) -> list[str]:
+    """A comma-separated list of names from ``valid`` (an argparse type's body)."""
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [n for n in names if n not in valid]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown {what} {unknown[0] if unknown else text!r}; choose from "
+            f"{', '.join(valid)}")
+    return names
+
+
 def _systems(text: str) -> list[str]:
     from pamjax.systems import SYSTEMS
 
-    names = [v.strip() for v in text.split(",") if v.strip()]
-    unknown = [n for n in names if n not in SYSTEMS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"unknown system {unknown[0] if unknown else text!r}; choose from "
-            f"{', '.join(SYSTEMS)}")
-    return names
+    return _name_list(text, SYSTEMS, "system")
 
 
 def _compare_columns() -> list[str]:
@@ -1687,13 +1692,7 @@ def _add_bounds(sub) -> None:
 def _names(text: str) -> list[str]:
     from pamjax.studies.sensitivity import PARAMETERS_BY_NAME
 
-    names = [v.strip() for v in text.split(",") if v.strip()]
-    unknown = [n for n in names if n not in PARAMETERS_BY_NAME]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"unknown parameter {unknown[0] if unknown else text!r}; choose from "
-            f"{', '.join(PARAMETERS_BY_NAME)}")
-    return names
+    return _name_list(text, PARAMETERS_BY_NAME, "parameter")
 
 
 def _add_sensitivity(sub) -> None:

@@ -15,8 +15,6 @@ setup compiles the engine once per hook.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
 from pamjax.learn import policy, relaxed
@@ -24,13 +22,10 @@ from pamjax.simulation import run_batch
 from pamjax.types import EngineConfig
 from pamjax.workload import Workload
 
-if TYPE_CHECKING:  # annotations only: train imports this module
-    from pamjax.learn.train import TrainSetup
-
 EXACT_CHUNK = 4  # exact-engine configurations vmapped per call
 
 
-def episode_workload(setup: TrainSetup, episode: relaxed.Episode) -> Workload:
+def episode_workload(setup, episode: relaxed.Episode) -> Workload:
     """The exact-engine workload of one episode: R requests at t = 0, prompt = the episode's
     context, outputs long enough that nobody finishes within the steps."""
     ctx = np.asarray(episode.context)
@@ -41,7 +36,7 @@ NEVER_S = 1e9
 """Arrival time (s) of the padding requests of :func:`engine_config`'s fixed workload size."""
 
 
-def engine_config(setup: TrainSetup, padded_bank_groups: int, net: bool = False
+def engine_config(setup, padded_bank_groups: int, net: bool = False
                   ) -> EngineConfig:
     """The exact engine's static config for every run of a setup (episodes and SLO search).
 
@@ -62,7 +57,7 @@ def engine_config(setup: TrainSetup, padded_bank_groups: int, net: bool = False
                         placement_score=hook)
 
 
-def padded_workload(setup: TrainSetup, workload: Workload) -> Workload:
+def padded_workload(setup, workload: Workload) -> Workload:
     """``workload`` padded to setup.exact_requests with one-token requests arriving at
     NEVER_S (admitted only after the engine's idle clock jump to NEVER_S, i.e. once no real
     request is left to run)."""
@@ -73,7 +68,7 @@ def padded_workload(setup: TrainSetup, workload: Workload) -> Workload:
                     name=workload.name)
 
 
-def _run_exact(setup: TrainSetup, params_list, workload: Workload, seed: int, chunks: int,
+def _run_exact(setup, params_list, workload: Workload, seed: int, chunks: int,
                net=None):
     """Exact-engine runs of ``chunks`` x (steps + 1) steps of each SimParams on a workload.
 
@@ -95,7 +90,7 @@ def _run_exact(setup: TrainSetup, params_list, workload: Workload, seed: int, ch
                      width=EXACT_CHUNK)
 
 
-def exact_rollouts(setup: TrainSetup, params_list, episode, *, net=None):
+def exact_rollouts(setup, params_list, episode, *, net=None):
     """Exact engine on one episode: step 0 admits and prefills every request, steps 1..S
     decode. With ``net`` (UnitScorer parameters) the engine ranks units with the network
     through ``EngineConfig.placement_score``, at admission and in the online swaps.
@@ -108,7 +103,7 @@ def exact_rollouts(setup: TrainSetup, params_list, episode, *, net=None):
                       int(episode.seed), 1, net)
 
 
-def exact_decode_ms(setup: TrainSetup, params_list, episode, *, net=None) -> np.ndarray:
+def exact_decode_ms(setup, params_list, episode, *, net=None) -> np.ndarray:
     """Exact engine: mean decode-step time (ms) of each SimParams in ``params_list``, f64
     [P] (:func:`exact_rollouts`; the prefill step 0 is left out)."""
     _, metrics = exact_rollouts(setup, params_list, episode, net=net)
