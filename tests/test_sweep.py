@@ -73,6 +73,7 @@ def _job(argv_of, cache, processes: int = 2) -> list[tuple[int, str]]:
     folder); (exit status, output) per process."""
     port = _free_port()
     env = dict(os.environ, PAMJAX_CACHE_DIR=str(cache))
+    env.pop("PAMJAX_NO_CACHE", None)  # conftest turns the cache off; this job tests it
     env.pop("XLA_FLAGS", None)  # one CPU device per process
     procs = [subprocess.Popen(
         [sys.executable, "-m", "pamjax.cli", *argv_of(i), "--coordinator", f"127.0.0.1:{port}",
