@@ -129,7 +129,7 @@ class SimParams:
       recency_tokens, all f32 [].
     Tiers, [T]: capacity_units i32 (KV units the tier may hold); f32: bank_groups_per_device
       (bank groups, or SSD channels, per device), device_rate (effective PIM attention KV
-      bytes/s per device: min(internal / passes, compute cap / g), hardware.py),
+      bytes/s per device: min(internal / passes, compute cap x w / (2 g)), hardware.py),
       bank_group_rate (one bank group's own KV bytes/s), device_internal_rate (bytes/s one
       device reads or writes at the tier's kv_run_bytes, for migration and KV writes), read_passes (reads
       of each KV byte per query group), num_devices, link_rate (bytes/s of the tier's device
