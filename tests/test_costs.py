@@ -314,3 +314,8 @@ def test_pim_energy_counts_read_passes_and_gqa_arithmetic():
         kv = float(p.kv_bytes_per_token)
         want = 8 * 1000 * kv * 0.55 * (passes + 3.0 * g)
         assert float(cost(p, c).energy_pj[i]) == pytest.approx(want, rel=REL)
+    # An FP8 KV cache: 163,840 bytes per token (1 byte per element), each byte read 4 times
+    # and worth 2 g = 16 FLOPs of PU arithmetic.
+    fp8 = dataclasses.replace(get_model("llama3-70b"), kv_bytes_per_value=1)
+    want = 8 * 1000 * 163840 * 0.55 * (4 + 3.0 * 16)
+    assert float(cost(params_for("attacc", fp8), c).energy_pj[i]) == pytest.approx(want, rel=REL)
