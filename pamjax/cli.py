@@ -375,8 +375,8 @@ def cmd_presets(args) -> int:
           f"{platform.ssd.num_devices} SSDs x {e.ssd_idle_w:g} W, {gpu.nodes} node(s) x "
           f"{e.node_other_w:g} W")
     shown = list(MODELS.values())
-    print("\nPIM attention rate per device, KV GB/s = min(internal / passes, compute cap / g)"
-          " (g = query heads per KV head):")
+    print("\nPIM attention rate per device, KV GB/s = min(internal / passes, compute cap /"
+          " (2 g / w)) (g = query heads per KV head, w = KV bytes per value):")
     print(format_table([_pim_rates(platform, m) for m in shown],
                        ["model", "g", "hbm", "ddr", "ssd", "passes hbm/ddr/ssd"]))
     print("\nPAM's x:y:1 importance target per model, fixed at the reference point (requests "

@@ -48,9 +48,10 @@ the weights, two all-reduces per layer of the prompt activations (per pipeline s
 KV (and labels) written over each tier's path, kernel overhead.
 
 Energy (pJ): GPU FLOPs, GPU HBM reads, PIM reads (times the read passes) plus PU arithmetic
-(pim_pu_factor x read energy per FLOP per byte), reduction-unit traffic, every byte on a
-link, migration, and static power: the platform's idle power for the step's time and any
-idle clock jump (engine.py adds the idle part), so a slow system pays for its time.
+(pim_pu_factor x read energy per FLOP per byte, 2 g / w FLOPs per KV byte for g query heads
+per KV head and w bytes per element), reduction-unit traffic, every byte on a link,
+migration, and static power: the platform's idle power for the step's time and any idle
+clock jump (engine.py adds the idle part), so a slow system pays for its time.
 """
 
 from __future__ import annotations
@@ -313,9 +314,10 @@ def _energy(params, counts, time, on_pim, selected_bytes, label_bytes, write_byt
                     0.0)
     gpu_memory = BITS * params.gpu_hbm_read_pj * (
         weight_reads + jnp.where(on_pim, 0.0, selected_bytes[HBM]))
-    # PIM: each byte read once per pass over it, and the PUs do g FLOPs per KV byte
-    # (PAM_SPEC §2: PU arithmetic = pim_pu_factor x the read energy of the bytes processed).
-    flops_per_byte = params.q_heads / params.kv_heads
+    # PIM: each byte read once per pass over it, and the PUs do 2 g / w FLOPs per KV byte (a
+    # multiply-add per element per query head, w bytes per element: g for 16-bit KV; PAM_SPEC
+    # §2: PU arithmetic = pim_pu_factor x the read energy of the bytes processed).
+    flops_per_byte = 2.0 * params.q_heads / params.kv_heads / params.kv_bytes_per_value
     pim_attention = jnp.where(on_pim, BITS * jnp.sum(
         (selected_bytes + label_bytes) * params.pim_read_pj
         * (params.read_passes + params.pim_pu_factor * flops_per_byte)), 0.0)

@@ -21,12 +21,15 @@ Derivations (the tests write each one out by hand):
 * Internal rate = banks x per-bank rate (all banks stream in lock-step in PIM all-bank mode).
 * Arithmetic intensity depends on the model (PAM_SPEC §2, revised). A KV head serves
   ``g = q_heads / kv_heads`` query heads, and the score and value GEMVs do 2 FLOPs (one
-  multiply-add) per 2-byte element *per query head*: g FLOPs per KV byte (1 for MHA such as
-  OPT-175B, 8 for LLaMA3-70B). The PU's buffer holds ``floor(buffer / (head_dim x 2))``
-  query vectors (512 B: 2 heads at d = 128 in FP16; at least one head's worth is streamed
-  when less fits), so a KV byte is read ``passes = ceil(g / heads held)`` times:
-  effective PIM attention throughput, in KV bytes/s, = min(internal rate / passes, compute
-  cap / g) (:meth:`DramPimDevice.effective_gbps`). Selection labels are read the same way.
+  multiply-add) per K or V element *per query head*: ``2 g / w`` FLOPs per KV byte for
+  ``w = kv_bytes_per_value`` bytes per element (:func:`flops_per_kv_byte`; 16-bit KV: g, so
+  1 for MHA such as OPT-175B and 8 for LLaMA3-70B; FP8 KV: 2 g). The PU's buffer holds
+  ``floor(buffer / (head_dim x 2))`` query vectors (queries stay 16-bit; 512 B: 2 heads at
+  d = 128; at least one head's worth is streamed when less fits), so a KV byte is read
+  ``passes = ceil(g / heads held)`` times: effective PIM attention throughput, in KV
+  bytes/s, = min(internal rate / passes, compute cap / FLOPs per KV byte)
+  (:meth:`DramPimDevice.effective_gbps`). Selection labels are read the same way (a label
+  has the KV's width).
 * A bank group's own rate is the internal rate / passes / bank groups: under a device-wide
   (power) compute cap, a device's local-attention time is max(busiest bank group's bytes /
   its own rate, all its bytes / the device's effective rate) (PAM_SPEC §7, revised).
@@ -187,18 +190,19 @@ class DramPimDevice:
         return self.banks * self.pu_lanes * 2 * self.pu_clock_ghz
 
     def effective_gbps(self, run_bytes: float | None = None, *, gqa_group: int = 1,
-                       head_dim: int = 128) -> float:
+                       head_dim: int = 128, kv_bytes_per_value: int = 2) -> float:
         """Effective PIM attention throughput in KV GB/s (see the module docstring).
 
         Args:
           run_bytes: contiguous KV bytes per bank visit per chip; ``None`` = one full row.
-          gqa_group: query heads per KV head (FLOPs per KV byte), g.
+          gqa_group: query heads per KV head, g.
           head_dim: elements per head (sets how many query vectors the PU buffer holds).
+          kv_bytes_per_value: bytes per K or V element, w (2: 16-bit, 1: FP8).
 
         Returns:
-          min(internal rate / passes, min(compute cap, raw PU peak) / g), GB/s.
+          min(internal rate / passes, min(compute cap, raw PU peak) / (2 g / w)), GB/s.
         """
-        return _effective_gbps(self, run_bytes, gqa_group, head_dim)
+        return _effective_gbps(self, run_bytes, gqa_group, head_dim, kv_bytes_per_value)
 
     def bank_group_gbps(self, run_bytes: float | None = None, *, gqa_group: int = 1,
                         head_dim: int = 128) -> float:
@@ -274,10 +278,10 @@ class SsdPimDevice:
         return self.pu_count * self.pu_lanes * 2 * self.pu_clock_ghz
 
     def effective_gbps(self, run_bytes: float | None = None, *, gqa_group: int = 1,
-                       head_dim: int = 128) -> float:
+                       head_dim: int = 128, kv_bytes_per_value: int = 2) -> float:
         """Effective PIM attention throughput in KV GB/s, as for
         :meth:`DramPimDevice.effective_gbps` (``run_bytes``: useful bytes per page read)."""
-        return _effective_gbps(self, run_bytes, gqa_group, head_dim)
+        return _effective_gbps(self, run_bytes, gqa_group, head_dim, kv_bytes_per_value)
 
     def bank_group_gbps(self, run_bytes: float | None = None, *, gqa_group: int = 1,
                         head_dim: int = 128) -> float:
@@ -305,11 +309,31 @@ def query_passes(buffer_bytes: int, gqa_group: int, head_dim: int,
     return -(-gqa_group // held)
 
 
-def _effective_gbps(device, run_bytes, gqa_group: int, head_dim: int) -> float:
-    if not isinstance(gqa_group, int) or gqa_group < 1:
-        raise ConfigError("gqa_group", gqa_group, "must be an integer >= 1")
+def flops_per_kv_byte(gqa_group: int, kv_bytes_per_value: int = 2) -> float:
+    """PU FLOPs per KV byte read: a K or V element serves ``gqa_group`` query heads with one
+    multiply-add (2 FLOPs) each, and a byte holds ``1 / kv_bytes_per_value`` elements.
+
+    Args:
+      gqa_group: query heads per KV head, g (integer >= 1).
+      kv_bytes_per_value: bytes per K or V element, w (integer >= 1; 2 for 16-bit, 1 for FP8).
+
+    Returns:
+      2 g / w (g for a 16-bit KV cache, 2 g for FP8).
+
+    Raises:
+      ConfigError: either argument is not an integer >= 1.
+    """
+    for field, value in (("gqa_group", gqa_group), ("kv_bytes_per_value", kv_bytes_per_value)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(field, value, "must be an integer >= 1")
+    return 2 * gqa_group / kv_bytes_per_value
+
+
+def _effective_gbps(device, run_bytes, gqa_group: int, head_dim: int,
+                    kv_bytes_per_value: int) -> float:
+    intensity = flops_per_kv_byte(gqa_group, kv_bytes_per_value)
     passes = query_passes(device.pu_buffer_bytes, gqa_group, head_dim)
-    compute_bound = min(device.compute_cap_gflops, device.pu_peak_gflops) / gqa_group
+    compute_bound = min(device.compute_cap_gflops, device.pu_peak_gflops) / intensity
     return min(device.internal_gbps(run_bytes) / passes, compute_bound)
 
 
@@ -354,10 +378,13 @@ class Tier:
         """One device's effective PIM attention throughput at this tier's KV run, GB/s.
 
         Args:
-          model: anything with ``q_heads``, ``kv_heads`` and ``head_dim`` (a models.Model);
-            None = multi-head attention (g = 1) at d = 128.
+          model: anything with ``q_heads``, ``kv_heads``, ``head_dim`` and
+            ``kv_bytes_per_value`` (a models.Model); None = multi-head attention (g = 1) at
+            d = 128 with a 16-bit KV cache.
         """
-        return self.device.effective_gbps(self.kv_run_bytes, **_attention_shape(model))
+        kv_bytes = 2 if model is None else model.kv_bytes_per_value
+        return self.device.effective_gbps(self.kv_run_bytes, **_attention_shape(model),
+                                          kv_bytes_per_value=kv_bytes)
 
     def effective_gbps(self, model=None) -> float:
         """Effective PIM attention throughput of the whole tier, GB/s."""

@@ -129,7 +129,7 @@ class SimParams:
       recency_tokens, all f32 [].
     Tiers, [T]: capacity_units i32 (KV units the tier may hold); f32: bank_groups_per_device
       (bank groups, or SSD channels, per device), device_rate (effective PIM attention KV
-      bytes/s per device: min(internal / passes, compute cap / g), hardware.py),
+      bytes/s per device: min(internal / passes, compute cap x w / (2 g)), hardware.py),
       bank_group_rate (one bank group's own KV bytes/s), device_internal_rate (bytes/s one
       device reads or writes at the tier's kv_run_bytes, for migration and KV writes), read_passes (reads
       of each KV byte per query group), num_devices, link_rate (bytes/s of the tier's device
@@ -141,6 +141,7 @@ class SimParams:
       node, RDMA across nodes), pcie_rate (bytes/s per GPU, per direction),
       gpu_link_latency (s), kernel_overhead (s per layer).
     Model, f32 []: layers, q_heads, kv_heads, head_dim, hidden, kv_bytes_per_token,
+      kv_bytes_per_value (bytes per K or V element: 2 for 16-bit, 1 for FP8),
       fc_flops_per_token (active parameters only for MoE), streamed_weight_bytes (every
       weight, every expert), routed_weight_bytes (the routed experts' share of it, 0 when
       dense), expert_route_fraction (k / E: a token's share of a layer's routed experts).
@@ -202,6 +203,7 @@ class SimParams:
     head_dim: jnp.ndarray
     hidden: jnp.ndarray
     kv_bytes_per_token: jnp.ndarray
+    kv_bytes_per_value: jnp.ndarray
     fc_flops_per_token: jnp.ndarray
     streamed_weight_bytes: jnp.ndarray
     routed_weight_bytes: jnp.ndarray

@@ -24,6 +24,7 @@ Which simulated throughput is held against which bound, and why that is rigorous
 from __future__ import annotations
 
 import ast
+import dataclasses
 import inspect
 import math
 
@@ -473,12 +474,13 @@ def test_capacity_bound_is_the_attacc_oom_batch(sweeps):
                                        {"hbm.device.pu_buffer_bytes": 2048,
                                         "ssd.device.compute_cap_gflops": 400.0}])
 @pytest.mark.parametrize("model", ["llama3-8b", "qwen2.5-32b", "llama3-70b", "opt-175b"])
-def test_pim_rates_agree_with_the_hardware_model(model, overrides):
+@pytest.mark.parametrize("kv_bytes", [2, 1])
+def test_pim_rates_agree_with_the_hardware_model(model, overrides, kv_bytes):
     # Two derivations of every tier's effective PIM rate (bounds.py's short formula and
     # hardware.py's methods) must agree, on the presets and after changing a timing, a
-    # buffer or a cap: a drift in either shows here.
+    # buffer or a cap, for a 16-bit and an FP8 KV cache: a drift in either shows here.
     platform = get_platform(overrides=overrides)
-    m = get_model(model)
+    m = dataclasses.replace(get_model(model), kv_bytes_per_value=kv_bytes)
     ours = bounds.pim_tier_rates(platform, m)
     theirs = np.array([t.effective_gbps(m) * 1e9 for t in platform.tiers])
     np.testing.assert_allclose(ours, theirs, rtol=1e-12)
@@ -492,6 +494,12 @@ def test_pim_rates_follow_gqa_by_hand():
     ddr_internal = 128 * 1024 * 1.6e9 / 1072  # 128 banks, a 1 KB row in 1072 cycles
     np.testing.assert_allclose(rates, [40 * 200e9, 40 * ddr_internal / 8, 8 * 18e9 / 8],
                                rtol=1e-12)
+    # An FP8 KV cache (1 byte per element, 2 g = 16 FLOPs per KV byte) halves the compute
+    # bounds: HBM 1.6 TFLOPS / 16, SSD 18 GFLOPS / 16, and DDR's 204 GFLOPS / 16 = 12.75
+    # GB/s now binds before its 8 passes (24.45 GB/s).
+    fp8 = dataclasses.replace(get_model("llama3-70b"), kv_bytes_per_value=1)
+    np.testing.assert_allclose(bounds.pim_tier_rates(get_platform(), fp8),
+                               [40 * 100e9, 40 * 204e9 / 16, 8 * 18e9 / 16], rtol=1e-12)
 
 
 def test_the_offered_load_binds_a_run_that_keeps_up():

@@ -106,6 +106,20 @@ def test_prefill_pays_its_all_reduces_and_kv_writes():
 
 # ------------------------------------------------------------------------------ PIM devices
 
+def test_an_fp8_kv_cache_halves_the_compute_bound_device_rate():
+    # The SimParams rates systems.py builds: an FP8 KV cache does 2 g = 16 FLOPs per KV byte,
+    # so the compute-bound tiers (HBM 1.6 TFLOPS, SSD 18 GFLOPS, and DDR's 204 GFLOPS, now
+    # below its 8 passes) run at half their 16-bit compute bound; the bank groups' own rates
+    # (no cap) do not change.
+    base = get_model("llama3-70b")
+    fp8 = dataclasses.replace(base, name="llama3-70b-fp8kv", kv_bytes_per_value=1)
+    p16, p8 = params_for("attacc", base), params_for("attacc", fp8)
+    np.testing.assert_allclose(p16.device_rate, [2e11, 128 * 1024 * 1.6e9 / 1072 / 8, 18e9 / 8],
+                               rtol=REL)
+    np.testing.assert_allclose(p8.device_rate, [1e11, 204e9 / 16, 18e9 / 16], rtol=REL)
+    np.testing.assert_array_equal(p8.bank_group_rate, p16.bank_group_rate)
+
+
 def test_gqa_scales_compute_bound_pim_time_by_the_group():
     # Two models with the same KV bytes per token (8 KV heads of 128 over 80 layers) but
     # g = 1 (8 query heads) and g = 8 (64): HBM-PIM is compute bound, so the same attended
@@ -300,3 +314,8 @@ def test_pim_energy_counts_read_passes_and_gqa_arithmetic():
         kv = float(p.kv_bytes_per_token)
         want = 8 * 1000 * kv * 0.55 * (passes + 3.0 * g)
         assert float(cost(p, c).energy_pj[i]) == pytest.approx(want, rel=REL)
+    # An FP8 KV cache: 163,840 bytes per token (1 byte per element), each byte read 4 times
+    # and worth 2 g = 16 FLOPs of PU arithmetic.
+    fp8 = dataclasses.replace(get_model("llama3-70b"), kv_bytes_per_value=1)
+    want = 8 * 1000 * 163840 * 0.55 * (4 + 3.0 * 16)
+    assert float(cost(params_for("attacc", fp8), c).energy_pj[i]) == pytest.approx(want, rel=REL)

@@ -418,7 +418,7 @@ def _documented_step(p, c):
     step_time = prefill_time + fc_time + attention
 
     # 11.7 energy.
-    g = Hq / p.kv_heads
+    flops_per_kv_byte = 2 * Hq / p.kv_heads / p.kv_bytes_per_value
     link_pj = np.array([p.nvlink_pj, p.pcie_pj, p.pcie_pj])
     pim = 1.0 if on_pim else 0.0
     allreduce_bytes = 2 * L * 2 * (t - 1) / t * p.hidden * 2 * (b + n)
@@ -428,7 +428,7 @@ def _documented_step(p, c):
         "gpu_memory": 8 * p.gpu_hbm_read_pj * (pp * streamed(b / pp) + streamed(n)
                                                + (1 - pim) * selected_bytes[0]),
         "pim_attention": pim * 8 * np.sum((selected_bytes + label_bytes) * p.pim_read_pj
-                                          * (p.read_passes + p.pim_pu_factor * g)),
+                                          * (p.read_passes + p.pim_pu_factor * flops_per_kv_byte)),
         "reduction": pim * 8 * p.bank_group_read_pj
         * np.sum(c["tier_active_bank_groups"] * partial),
         "transfer": 8 * (pim * np.sum((q_bytes + partials_out + topk_bytes) * link_pj)
@@ -453,18 +453,20 @@ _COUNTS = dict(
     migrated_tokens=[[0.0, 100.0, 0.0], [50.0, 0.0, 10.0], [0.0, 20.0, 0.0]])
 
 
-@pytest.mark.parametrize("system, model", [
-    ("pam", "llama3-70b"), ("pam-no-pamattention", "llama3-70b"), ("ls-pim", "opt-175b"),
-    ("vllm-offload", "llama3-70b")])
-def test_cost_model_is_the_documented_equations(system, model):
+@pytest.mark.parametrize("system, model, kv_bytes", [
+    ("pam", "llama3-70b", 2), ("pam-no-pamattention", "llama3-70b", 2),
+    ("ls-pim", "opt-175b", 2), ("vllm-offload", "llama3-70b", 2), ("pam", "llama3-70b", 1)])
+def test_cost_model_is_the_documented_equations(system, model, kv_bytes):
     """A step with every count non-zero (prefill, decode, writes, moves between all tier
-    pairs) costs what section 11's equations say, in float64."""
+    pairs) costs what section 11's equations say, in float64, for a 16-bit and an FP8 KV
+    cache."""
     import jax
     import jax.numpy as jnp
 
     from pamjax.costs import step_cost
 
     # Explicit targets under the throughput rule: no x:y calibration to wait for.
+    model = dataclasses.replace(models.get_model(model), kv_bytes_per_value=kv_bytes)
     params = systems.make_params(system, model, max_batch=64,
                                  knobs=systems.Knobs(target_x=4.0, target_y=2.0,
                                                      target_rule="throughput"))

@@ -12,6 +12,7 @@ from pamjax.hardware import (
     DDR4_3200_PIM_DIMM,
     HBM3_PIM_STACK,
     SSD_PIM,
+    flops_per_kv_byte,
     get_platform,
     query_passes,
 )
@@ -90,6 +91,47 @@ def test_model_rates_per_tier():
     assert p.hbm.effective_gbps(llama) == pytest.approx(40 * 200.0)
     # The SSD controller's 18 GFLOPS cap over g = 8: 2.25 GB/s per SSD.
     assert p.ssd.device_effective_gbps(llama) == pytest.approx(18.0 / 8)
+
+
+def test_an_fp8_kv_cache_halves_the_compute_bound_rate():
+    # A K or V element serves g query heads with one multiply-add (2 FLOPs) each; an FP8
+    # byte is a whole element, a 16-bit byte half of one: 2 g / w FLOPs per KV byte.
+    assert flops_per_kv_byte(8, 2) == 8 and flops_per_kv_byte(8, 1) == 16
+    assert flops_per_kv_byte(1, 2) == 1 and flops_per_kv_byte(5, 1) == 10
+    with pytest.raises(ConfigError, match="gqa_group"):
+        flops_per_kv_byte(0, 2)
+    for width in (0, 1.0):
+        with pytest.raises(ConfigError, match="kv_bytes_per_value"):
+            flops_per_kv_byte(8, width)
+    p = get_platform()
+    llama = get_model("llama3-70b")
+    fp8 = dataclasses.replace(llama, name="llama3-70b-fp8kv", kv_bytes_per_value=1)
+    # HBM-PIM, g = 8, 4 passes over an internal 8212 GB/s (2053 GB/s): the 1.6 TFLOPS cap
+    # binds at 1600 / 8 = 200 GB/s for 16-bit KV and 1600 / 16 = 100 GB/s for FP8.
+    assert p.hbm.device_effective_gbps(llama) == pytest.approx(200.0)
+    assert p.hbm.device_effective_gbps(fp8) == pytest.approx(100.0)
+    assert p.hbm.effective_gbps(fp8) == pytest.approx(40 * 100.0)
+    # SSD: 18 GFLOPS / 16 = 1.125 GB/s per SSD (16-bit: 2.25).
+    assert p.ssd.device_effective_gbps(fp8) == pytest.approx(18.0 / 16)
+    # DDR: 16-bit KV is bound by 8 passes over 195.6 GB/s (24.45 < 204 / 8 = 25.5); FP8's
+    # compute bound 204 / 16 = 12.75 GB/s now binds first.
+    ddr_internal = 128 * 1024 * 1.6 / 1072
+    assert p.ddr.device_effective_gbps(llama) == pytest.approx(ddr_internal / 8)
+    assert p.ddr.device_effective_gbps(fp8) == pytest.approx(204.0 / 16)
+    # A bank group's own rate has no compute cap: the KV width does not change it.
+    assert p.hbm.bank_group_gbps(fp8) == p.hbm.bank_group_gbps(llama)
+
+
+def test_an_fp8_kv_cache_leaves_an_internal_bound_rate_alone():
+    # tCCD_L = 256 cycles: a 1 KB row of 32 columns takes 19 + 32 x 256 + 19 = 8230 cycles at
+    # 1.3 GHz, so 1024 banks stream 1024 x 1024 B / 6331 ns = 165.6 GB/s, 41.4 GB/s over 4
+    # passes: below both compute bounds (200, 100), the rate is the same for either width.
+    p = get_platform(overrides={"hbm.device.tCCD_L": 256})
+    llama = get_model("llama3-70b")
+    fp8 = dataclasses.replace(llama, kv_bytes_per_value=1)
+    internal = 1024 * 1024 / (8230 / 1.3)
+    assert p.hbm.device_effective_gbps(llama) == pytest.approx(internal / 4)
+    assert p.hbm.device_effective_gbps(fp8) == pytest.approx(internal / 4)
 
 
 def test_paths_and_static_power():

@@ -24,7 +24,8 @@ Notation (units in brackets):
   ``r_i`` tier i's effective PIM attention rate [KV bytes/s], derived here from the
   published organisation, timings and compute caps (:func:`pim_tier_rates`, its own short
   formula, not hardware.py's: a test compares the two): ``devices x min(internal / passes,
-  cap / g)`` with ``g`` query heads per KV head (FLOPs per KV byte) and ``passes`` the
+  cap w / (2 g))`` with ``g`` query heads per KV head, ``w`` bytes per K or V element
+  (``2 g / w`` FLOPs per KV byte: g for 16-bit KV, 2 g for FP8) and ``passes`` the
   reads of each KV byte a PU buffer of ``B`` bytes needs, ``ceil(g / max(1, B / 2d))``;
   ``C_i`` tier i's KV capacity [tokens] (systems.py).
 
@@ -181,11 +182,14 @@ def pim_tier_rates(platform: Platform, model: Model) -> np.ndarray:
     clock) and every bank of the device streams at once; an SSD reads ``dies x page``
     bytes per tR on each channel, at most the channel bus. A PU buffer holds
     ``max(1, buffer // (2 head_dim))`` FP16 query vectors, so serving the ``g = Hq / Hkv``
-    query heads of a KV head reads each KV byte ``ceil(g / held)`` times, and the compute
-    cap (the power-limited figure, or the PUs' raw peak if lower) does ``g`` FLOPs per KV
-    byte. Rate = devices x min(internal / passes, cap / g).
+    query heads of a KV head reads each KV byte ``ceil(g / held)`` times. Each K or V
+    element gets one multiply-add (2 FLOPs) per query head and a byte holds ``1 / w`` of
+    an element (``w = kv_bytes_per_value``), so the compute cap (the power-limited figure,
+    or the PUs' raw peak if lower) processes ``cap w / (2 g)`` KV bytes/s.
+    Rate = devices x min(internal / passes, cap w / (2 g)).
     """
     g = model.q_heads // model.kv_heads
+    w = model.kv_bytes_per_value
     rates = []
     for tier in platform.tiers:
         d = tier.device
@@ -202,7 +206,7 @@ def pim_tier_rates(platform: Platform, model: Model) -> np.ndarray:
             peak = d.pu_count * d.pu_lanes * 2 * d.pu_clock_ghz * 1e9
         passes = math.ceil(g / max(1, d.pu_buffer_bytes // (2 * model.head_dim)))
         cap = min(d.compute_cap_gflops * 1e9, peak)
-        rates.append(tier.num_devices * min(internal / passes, cap / g))
+        rates.append(tier.num_devices * min(internal / passes, cap * w / (2 * g)))
     return np.array(rates)
 
 
