@@ -32,6 +32,8 @@ import pathlib
 import sys
 import time
 
+import jax
+
 from pamjax.errors import UnknownNameError
 from pamjax.hardware import Platform, get_platform
 from pamjax.studies import plots
@@ -317,4 +319,8 @@ def reproduce(study: str, out_dir, *, quick: bool = False, progress: bool = True
         if progress:
             print(f"[{name}] wrote {written[name]} and {name}.png in "
                   f"{time.perf_counter() - start:.0f} s", file=sys.stderr)
+        # Each compiled CPU program keeps hundreds of memory mappings; dropping them between
+        # studies (at worst a recompile of a program a later study shares) keeps `all` far
+        # from the kernel's vm.max_map_count, past which XLA aborts the process mid-compile.
+        jax.clear_caches()
     return written
