@@ -14,7 +14,8 @@ For each training seed:
    geometrically; ``checkpoints`` iterates are then judged in the exact engine on the
    first training workload (one vmapped call) and the best kept. Its budget: the rule's
    batch search + the relaxed rollouts with their backward pass, each counted as its
-   measured wall time over an exact rollout's, + the checkpoint rollouts.
+   measured time (:func:`cost_clock`: CPU time on a CPU) over an exact rollout's, + the
+   checkpoint rollouts.
 4. **Grid**: the exact engine over a (x, y, batch) grid on the first training workload.
 5. **Black box** (learn/blackbox.py): CMA-ES and random search, each given ``budget_factor``
    x the learned budget (+ the rule's batch search, whose answer CMA-ES starts from).
@@ -223,27 +224,27 @@ def train(setup: StudySetup, params, start, episodes, progress: bool = False,
           tpot_scale: float = 1.0):
     """Adam from knob vector ``start`` on the stacked LoopEpisodes (batches of
     setup.episodes taken in turn), the relaxed TPOT scaled by ``tpot_scale``. Returns
-    (iterates [I + 1, K], relaxed goodput per iteration [I], wall seconds per iteration
-    after the first)."""
+    (iterates [I + 1, K], relaxed goodput per iteration [I], seconds per iteration after
+    the first, by :func:`cost_clock`)."""
     optimizer, step = train_step(setup)
     theta = jnp.asarray(start, jnp.float32)
     opt_state = optimizer.init(theta)
     count = int(episodes.context.shape[0])
-    iterates, values, walls = [np.asarray(theta)], [], []
+    iterates, values, costs = [np.asarray(theta)], [], []
     with Progress(setup.iterations, desc="train", unit="it", enabled=progress) as bar:
         for i in range(setup.iterations):
             idx = (np.arange(setup.episodes) + i * setup.episodes) % count
             batch = jax.tree.map(lambda x, idx=idx: x[idx], episodes)
-            t0 = time.perf_counter()
+            t0 = cost_clock()
             theta, opt_state, value, _ = step(params, theta, opt_state, batch,
                                               jnp.float32(temperature_at(setup, i)),
                                               jnp.float32(tpot_scale))
             value = float(value)
-            walls.append(time.perf_counter() - t0)
+            costs.append(cost_clock() - t0)
             iterates.append(np.asarray(theta))
             values.append(value)
             bar.update(status=f"relaxed goodput {value:.0f} tok/s")
-    return np.stack(iterates), values, walls[1:] or walls
+    return np.stack(iterates), values, costs[1:] or costs
 
 
 def checkpoint_indices(setup: StudySetup) -> np.ndarray:
@@ -255,15 +256,22 @@ def checkpoint_indices(setup: StudySetup) -> np.ndarray:
 # The study
 # ---------------------------------------------------------------------------------------------
 
+def cost_clock() -> float:
+    """The clock that prices rollouts against each other, seconds: the process's CPU time
+    (all threads) on a CPU backend, where other jobs on a shared machine would swing wall
+    time by 2-10x; wall time on an accelerator, where the host mostly waits for the device."""
+    return time.process_time() if jax.default_backend() == "cpu" else time.perf_counter()
+
+
 def exact_rollout_seconds(setup: StudySetup, workload) -> float:
-    """Measured wall seconds of one exact rollout (a full population call / its width; the
-    engine compiled already)."""
+    """Measured seconds (:func:`cost_clock`) of one exact rollout (a full population call /
+    its width; the engine compiled already)."""
     g = setup.goodput
     vectors = np.stack([goodput.rule_vector(g, b) for b in
                         np.linspace(2, g.max_batch, g.width).round()])
-    t0 = time.perf_counter()
+    t0 = cost_clock()
     goodput.goodput(g, vectors, [workload])
-    return (time.perf_counter() - t0) / g.width
+    return (cost_clock() - t0) / g.width
 
 
 def rule_batch(setup: StudySetup, workload, access: int) -> tuple[float, int, list]:
@@ -361,8 +369,8 @@ def run_seed(setup: StudySetup, seed: int, eval_trace: str | None, progress: boo
     exact_s = exact_rollout_seconds(setup, exact_train[0])
     scale = tpot_calibration(setup, params, rule_rows, jax.tree.map(lambda x: x[0], episodes))
 
-    iterates, relaxed_curve, walls = train(setup, params, rule, episodes, progress, scale)
-    relaxed_s = float(np.median(walls)) / setup.episodes
+    iterates, relaxed_curve, costs = train(setup, params, rule, episodes, progress, scale)
+    relaxed_s = float(np.median(costs)) / setup.episodes
     per_relaxed = relaxed_s / exact_s  # exact-rollout equivalents of one relaxed rollout
     marks = checkpoint_indices(setup)
     checked = goodput.goodput(g, iterates[marks], [exact_train[0]])
