@@ -196,6 +196,12 @@ def path_times(params: SimParams, tier_bytes, moved_bytes):
     return jnp.maximum(own_link, behind * pcie)
 
 
+def attention_flops_per_token(params: SimParams):
+    """FLOPs to attend one KV token for one query token, f32: a multiply-add (2 FLOPs) per
+    element of its K and of its V for every query head of every layer, 4 L Hq D."""
+    return 4.0 * params.layers * params.q_heads * params.head_dim
+
+
 def prefill_time_and_flops(params: SimParams, counts: StepCounts):
     """GPU time (s) and FLOPs of one step's prefill: FC and causal-attention FLOPs of the
     step's prompt tokens on all GPUs (roofline with one weight read per TP group), two
@@ -211,7 +217,7 @@ def prefill_time_and_flops(params: SimParams, counts: StepCounts):
     """
     n = counts.prefill_tokens
     flops = params.fc_flops_per_token * n \
-        + 4.0 * params.layers * params.q_heads * params.head_dim * counts.prefill_pairs
+        + attention_flops_per_token(params) * counts.prefill_pairs
     compute = flops / (params.num_gpus * params.gpu_flops)
     weights = streamed_weights(params, n) / (params.tp * params.gpu_mem_rate)
     # Each pipeline stage all-reduces every prompt token's activations twice per layer of
@@ -278,7 +284,7 @@ def step_cost(params: SimParams, counts: StepCounts, *, smooth_max=None,
 
     # --- attention on the GPUs (offloaded KV fetched over its path) ------------------------
     gpus = params.num_gpus
-    gpu_attn_flops = 4.0 * layers * heads * dim * jnp.sum(counts.tier_selected)
+    gpu_attn_flops = attention_flops_per_token(params) * jnp.sum(counts.tier_selected)
     hbm_read = selected_bytes[HBM] / (gpus * params.gpu_mem_rate)
     gpu_part = jnp.maximum(hbm_read, gpu_attn_flops / (gpus * params.gpu_flops))
     host_side = jnp.arange(NUM_TIERS) != HBM
@@ -314,10 +320,10 @@ def _energy(params, counts, time, on_pim, selected_bytes, label_bytes, write_byt
                     0.0)
     gpu_memory = BITS * params.gpu_hbm_read_pj * (
         weight_reads + jnp.where(on_pim, 0.0, selected_bytes[HBM]))
-    # PIM: each byte read once per pass over it, and the PUs do 2 g / w FLOPs per KV byte (a
-    # multiply-add per element per query head, w bytes per element: g for 16-bit KV; PAM_SPEC
-    # §2: PU arithmetic = pim_pu_factor x the read energy of the bytes processed).
-    flops_per_byte = 2.0 * params.q_heads / params.kv_heads / params.kv_bytes_per_value
+    # PIM: each byte read once per pass over it, and the PUs do a token's attention FLOPs
+    # over its KV bytes, 2 g / w FLOPs per KV byte (g for 16-bit KV, 2 g for FP8; PAM_SPEC §2:
+    # PU arithmetic = pim_pu_factor x the read energy of the bytes processed).
+    flops_per_byte = attention_flops_per_token(params) / params.kv_bytes_per_token
     pim_attention = jnp.where(on_pim, BITS * jnp.sum(
         (selected_bytes + label_bytes) * params.pim_read_pj
         * (params.read_passes + params.pim_pu_factor * flops_per_byte)), 0.0)

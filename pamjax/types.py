@@ -141,7 +141,6 @@ class SimParams:
       node, RDMA across nodes), pcie_rate (bytes/s per GPU, per direction),
       gpu_link_latency (s), kernel_overhead (s per layer).
     Model, f32 []: layers, q_heads, kv_heads, head_dim, hidden, kv_bytes_per_token,
-      kv_bytes_per_value (bytes per K or V element: 2 for 16-bit, 1 for FP8),
       fc_flops_per_token (active parameters only for MoE), streamed_weight_bytes (every
       weight, every expert), routed_weight_bytes (the routed experts' share of it, 0 when
       dense), expert_route_fraction (k / E: a token's share of a layer's routed experts).
@@ -203,7 +202,6 @@ class SimParams:
     head_dim: jnp.ndarray
     hidden: jnp.ndarray
     kv_bytes_per_token: jnp.ndarray
-    kv_bytes_per_value: jnp.ndarray
     fc_flops_per_token: jnp.ndarray
     streamed_weight_bytes: jnp.ndarray
     routed_weight_bytes: jnp.ndarray

@@ -418,7 +418,8 @@ def _documented_step(p, c):
     step_time = prefill_time + fc_time + attention
 
     # 11.7 energy.
-    flops_per_kv_byte = 2 * Hq / p.kv_heads / p.kv_bytes_per_value
+    w = p.kv_bytes_per_token / (2 * L * p.kv_heads * D)  # bytes per K or V value ("Counting")
+    flops_per_kv_byte = 2 * Hq / p.kv_heads / w
     link_pj = np.array([p.nvlink_pj, p.pcie_pj, p.pcie_pj])
     pim = 1.0 if on_pim else 0.0
     allreduce_bytes = 2 * L * 2 * (t - 1) / t * p.hidden * 2 * (b + n)
