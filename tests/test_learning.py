@@ -10,6 +10,7 @@ dominate the run time, so every relaxed evaluation goes through the one cached t
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import chex
 import jax
@@ -276,3 +277,17 @@ def test_study_reports_exact_engine_goodput_and_budgets():
     curve = run["sample_efficiency"]
     assert set(curve) == {"learned", *blackbox.METHODS}
     assert curve["learned"][-1][0] == pytest.approx(ev["learned"])
+
+
+def test_rollouts_are_priced_by_cpu_time_on_a_cpu():
+    # On a shared CPU the budget currency must not count time the process spends waiting
+    # (other jobs, I/O): a quarter-second sleep costs nothing by the cost clock, while a
+    # busy loop of the same length costs about that much.
+    assert jax.default_backend() == "cpu"
+    start = goodput_study.cost_clock()
+    time.sleep(0.25)
+    assert goodput_study.cost_clock() - start < 0.05
+    start, wall = goodput_study.cost_clock(), time.perf_counter()
+    while time.perf_counter() - wall < 0.25:
+        pass
+    assert goodput_study.cost_clock() - start > 0.1
