@@ -39,7 +39,6 @@ from pamjax.types import (
     ENERGY_COMPONENTS,
     NO_UNIT,
     NUM_TIERS,
-    SSD,
     STATUS_REJECTED,
     STATUS_RUNNING,
     DeviceWorkload,
@@ -97,9 +96,8 @@ def step(config: EngineConfig, params: SimParams, state: EngineState,
                                     state.next_request, state.clock_whole + state.clock_frac,
                                     capacity)
     order = placement.mapping_order(config, params, state, admission, decoding)
-    prompts = placement.place_prompts(config, params, state, admission, capacity, order,
-                                      recorded)
-    state = batching.start_requests(state, admission, prompts)
+    state, prefill_tier_tokens = admit_prompts(config, params, state, admission, capacity,
+                                               order, recorded)
 
     # 2. Place new units.
     token = batching.decode_token(config, state.slot_context, decoding)
@@ -114,11 +112,12 @@ def step(config: EngineConfig, params: SimParams, state: EngineState,
 
     # 5. Schedule.
     state = scheduler.schedule_step(config, params, state, attended, token.context)
-    moved, migrated = scheduler.migrated_tokens(tier_before, state.unit_tier, attended.tokens)
+    migration = scheduler.migration(tier_before, state.unit_tier, attended.tokens,
+                                    attended.present[:, 0] if config.skip_idle else None)
 
     # 6. Cost.
-    cost = step_cost(params, _step_counts(config, params, decoding, token, prompts, admission,
-                                          attended, load, migrated))
+    cost = step_cost(params, _step_counts(config, params, decoding, token, prefill_tier_tokens,
+                                          admission, attended, load, migration.tokens))
 
     # 7. Complete.
     busy = jnp.any(decoding) | jnp.any(admission.admit)
@@ -126,12 +125,31 @@ def step(config: EngineConfig, params: SimParams, state: EngineState,
                               state.slot_generated, decoding, busy, cost.time_s)
     new_state = _next_state(state, end, token, attended, activation, start)
     metrics = _metrics(params, end, decoding, admission, new_state, cost, busy, attended,
-                       moved, tier_before, token.context)
+                       migration, token.context)
     return new_state, metrics
 
 
-def _step_counts(config, params, decoding, token, prompts, admission, attended, load,
-                 migrated) -> StepCounts:
+def admit_prompts(config, params, state, admission, capacity, order, recorded):
+    """The admitted requests take their slots with their prompts' KV units
+    (placement.place_prompts, batching.start_requests).
+
+    Returns:
+      (EngineState, i32 [T] prompt tokens written to each tier). Most steps admit nobody;
+      with ``config.skip_idle`` the phase is then skipped (nothing would change).
+    """
+    def admit(state):
+        prompts = placement.place_prompts(config, params, state, admission, capacity, order,
+                                          recorded)
+        return batching.start_requests(state, admission, prompts), prompts.tier_tokens
+
+    if not config.skip_idle:
+        return admit(state)
+    return lax.cond(jnp.any(admission.admit), admit,
+                    lambda state: (state, jnp.zeros((NUM_TIERS,), jnp.int32)), state)
+
+
+def _step_counts(config, params, decoding, token, prefill_tier_tokens, admission, attended,
+                 load, migrated) -> StepCounts:
     """The counts costs.step_cost prices, from the step's phase records."""
     prefill_n = jnp.where(admission.admit, admission.prompt, 0).astype(jnp.float32)
     bank_group_tokens = load.bank_group_tokens.astype(jnp.float32)
@@ -150,7 +168,7 @@ def _step_counts(config, params, decoding, token, prompts, admission, attended, 
         tier_decode_writes=load.decode_writes.astype(jnp.float32),
         prefill_tokens=jnp.sum(prefill_n),
         prefill_pairs=jnp.sum(prefill_n * (prefill_n + 1.0) / 2.0),
-        prefill_tier_tokens=prompts.tier_tokens.astype(jnp.float32),
+        prefill_tier_tokens=prefill_tier_tokens.astype(jnp.float32),
         migrated_tokens=migrated.astype(jnp.float32),
         sparse=(params.select_fraction < 1.0).astype(jnp.float32),
     )
@@ -183,8 +201,8 @@ def _next_state(state: EngineState, end: batching.StepEnd, token: batching.Decod
 
 
 def _metrics(params, end: batching.StepEnd, decoding, admission: batching.Admission,
-             new_state: EngineState, cost, busy, attended: locality.Attention, moved,
-             tier_before, new_state_context) -> StepMetrics:
+             new_state: EngineState, cost, busy, attended: locality.Attention,
+             migration: scheduler.Migration, new_state_context) -> StepMetrics:
     """What the step reports (types.StepMetrics); an idle clock jump costs static energy."""
     selected = attended.selected
     return StepMetrics(
@@ -201,8 +219,8 @@ def _metrics(params, end: batching.StepEnd, decoding, admission: batching.Admiss
         persisted_units=attended.persisted_units.astype(jnp.int32),
         previously_selected_units=attended.previously_selected_units.astype(jnp.int32),
         selected_mass=attended.selected_mass,
-        migrated_units=integer_sum(moved, moved.size),
-        migrated_from_ssd=integer_sum(moved & (tier_before == SSD), moved.size),
+        migrated_units=migration.units,
+        migrated_from_ssd=migration.units_from_ssd,
         energy_pj=step_energy_pj(params, cost, busy, end.idle_s),
         rejected=jnp.sum(admission.rejected).astype(jnp.int32),
     )
@@ -298,6 +316,12 @@ def step_energy_pj(params: SimParams, cost, busy, idle_s):
     return energy.at[ENERGY_COMPONENTS.index("static")].add(static_energy_pj(params, idle_s))
 
 
+def vmapped(config: EngineConfig) -> EngineConfig:
+    """The config a vmapped step runs with: ``skip_idle`` off, since under vmap a switch or
+    cond on a batched value runs every branch; the results are the same."""
+    return dataclasses.replace(config, skip_idle=False)
+
+
 def rollout(config: EngineConfig, params: SimParams, state: EngineState,
             workload: DeviceWorkload, num_steps: int, recorded=None):
     """Run ``num_steps`` steps with ``lax.scan``.
@@ -329,6 +353,7 @@ def rollout_jit(config, params, state, workload, num_steps, recorded=None):
 @functools.partial(jax.jit, static_argnames=("config", "num_steps"), donate_argnums=(2,))
 def rollout_batch(config, params, state, workload, num_steps, recorded=None):
     """:func:`rollout` vmapped over a leading axis C of ``params`` and ``state`` (one
-    configuration each); returns (states [C, ...], StepMetrics [C, S, ...]). State donated."""
+    configuration each); returns (states [C, ...], StepMetrics [C, S, ...]). State donated.
+    Rows are not compacted (:func:`vmapped`)."""
     return jax.vmap(rollout, in_axes=(None, 0, 0, None, None, None))(
-        config, params, state, workload, num_steps, recorded)
+        vmapped(config), params, state, workload, num_steps, recorded)

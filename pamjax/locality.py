@@ -61,6 +61,7 @@ from pamjax._numerics import (
     threshold_bracket,
     unit_hash,
 )
+from pamjax.active_rows import on_active_rows
 from pamjax.errors import ConfigError, TraceFormatError
 
 
@@ -296,28 +297,44 @@ def attend(config, params, state, decoding, token, recorded):
     """
     n_units, page = config.units_per_slot, config.page_size
     unit_idx = jnp.arange(n_units, dtype=jnp.int32)
-    req = jnp.maximum(state.slot_request, 0)
-    dec2 = decoding[:, None]
-    tokens = jnp.where(dec2, unit_tokens(token.context, page, n_units), 0)
-    present = tokens > 0
-    evolved = evolve_latent(params, state.unit_latent, state.seed, req[:, None],
-                            unit_idx[None, :], state.step)
-    # A unit opened this step keeps its fresh draw; older ones drift.
-    fresh = unit_idx[None, :] == token.column[:, None]
-    latent = jnp.where(dec2 & present & ~fresh, evolved, state.unit_latent)
-    the_logits = unit_logits(config, params, latent, token.context, state.slot_generated,
-                             recorded)
-    mass = attention_mass(the_logits, tokens)
-    # Dense systems attend every unit: the selector's bisection is skipped for them.
-    selected = lax.cond(params.select_fraction >= 1.0, lambda: present,
-                        lambda: select(params, the_logits, tokens,
-                                       config.bisection_iters) & present)
-    importance = jnp.where(dec2, update_importance(params, state.unit_importance, mass,
-                                                   present), state.unit_importance)
+
+    def per_request(rows):
+        # Only row-wise work: on_active_rows may run it on the decoding rows alone.
+        latent, importance, request, context, column, generated, dec = rows
+        dec2 = dec[:, None]
+        tokens = jnp.where(dec2, unit_tokens(context, page, n_units), 0)
+        present = tokens > 0
+        evolved = evolve_latent(params, latent, state.seed, jnp.maximum(request, 0)[:, None],
+                                unit_idx[None, :], state.step)
+        # A unit opened this step keeps its fresh draw; older ones drift.
+        fresh = unit_idx[None, :] == column[:, None]
+        latent = jnp.where(dec2 & present & ~fresh, evolved, latent)
+        the_logits = unit_logits(config, params, latent, context, generated, recorded)
+        mass = attention_mass(the_logits, tokens)
+        # Dense systems attend every unit: the selector's bisection is skipped for them.
+        selected = lax.cond(params.select_fraction >= 1.0, lambda: present,
+                            lambda: select(params, the_logits, tokens,
+                                           config.bisection_iters) & present)
+        importance = jnp.where(dec2, update_importance(params, importance, mass, present),
+                               importance)
+        return latent, importance, tokens, present, mass, selected
+
+    rows = (state.unit_latent, state.unit_importance, state.slot_request, token.context,
+            token.column, state.slot_generated, decoding)
+    if config.skip_idle:
+        # A row that does not decode has no tokens: nothing present, attended or moved.
+        idle = jnp.zeros(state.unit_latent.shape, bool)
+        inactive = (state.unit_latent, state.unit_importance, idle.astype(jnp.int32), idle,
+                    idle.astype(jnp.float32), idle)
+        out = on_active_rows(decoding, per_request, rows, inactive)
+    else:
+        out = per_request(rows)
+    latent, importance, tokens, present, mass, selected = out
     attended = Attention(
         tokens=tokens, present=present, mass=mass, selected=selected,
         persisted_units=integer_sum(selected & state.unit_selected, selected.size),
-        previously_selected_units=integer_sum(state.unit_selected & dec2, selected.size),
+        previously_selected_units=integer_sum(state.unit_selected & decoding[:, None],
+                                              selected.size),
         selected_mass=jnp.sum(jnp.where(selected, mass, 0.0)))
     return state.replace(unit_latent=latent, unit_importance=importance), attended
 

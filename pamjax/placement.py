@@ -13,13 +13,13 @@ device produces, the activation window that the greedy mapping reads).
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import struct
 from jax import lax
 
 from pamjax import locality
 from pamjax._numerics import threshold_bracket, tier_sums, tier_units, top_count, unit_hash
+from pamjax.active_rows import on_active_rows
 from pamjax.types import (
     DDR,
     HBM,
@@ -396,11 +396,23 @@ def place_new_units(config, params, state, token, capacity, order):
 
     free = jnp.maximum(capacity - tier_units(unit_tier), 0)
     fastest_free = fastest_free_tier(opens, free)
-    hbm_key = jnp.where(unit_tier == HBM, state.unit_importance, jnp.inf)
-    lowest = jnp.min(hbm_key, axis=-1)
-    # argmin (first least unit) as two plain reductions: XLA:CPU's variadic argmin
-    # reduction is several times slower over [R, U].
-    victim = jnp.min(jnp.where(hbm_key == lowest[:, None], unit_idx[None, :], n_units), -1)
+
+    def least_important_hbm_unit(rows):
+        tier, importance = rows
+        hbm_key = jnp.where(tier == HBM, importance, jnp.inf)
+        lowest = jnp.min(hbm_key, axis=-1)
+        # argmin (first least unit) as two plain reductions: XLA:CPU's variadic argmin
+        # reduction is several times slower over [R, U].
+        return lowest, jnp.min(jnp.where(hbm_key == lowest[:, None], unit_idx[None, :],
+                                         n_units), -1)
+
+    tables = (unit_tier, state.unit_importance)
+    if config.skip_idle:
+        # Only a request that opens a unit may displace one; the others' victims go unused.
+        lowest, victim = on_active_rows(opens, least_important_hbm_unit, tables,
+                                        (jnp.full(r_slots, jnp.inf), jnp.full(r_slots, n_units)))
+    else:
+        lowest, victim = least_important_hbm_unit(tables)
     victim = jnp.minimum(victim, n_units - 1)
     has_victim = jnp.isfinite(lowest)
     needs_room = opens & (fastest_free != HBM)
@@ -473,47 +485,64 @@ def attention_load(config, params, state, attended, token):
     Returns:
       (activation i32 [W, T, G] with this step's selected units per bank group, AttentionLoad).
     """
-    r_slots, groups, page = config.num_slots, config.padded_bank_groups, config.page_size
-    n_units = config.units_per_slot
-    rows = jnp.arange(r_slots)
-    unit_tier, selected, tokens = state.unit_tier, attended.selected, attended.tokens
-    sel_tokens = jnp.where(selected, tokens, 0)
-    tier_i = jnp.clip(unit_tier.astype(jnp.int32), 0, NUM_TIERS - 1)
-    segment = tier_i * groups + state.unit_bank_group.astype(jnp.int32)
-    bg_tokens = jax.ops.segment_sum(sel_tokens.ravel(), segment.ravel(),
-                                    num_segments=NUM_TIERS * groups).reshape(NUM_TIERS, groups)
-    # Partials a request's attention produces per device: one per bank group holding its
-    # attended units (a [R, T x G] presence table; PAM_SPEC §4).
-    request_bg = jnp.zeros((r_slots, NUM_TIERS * groups), bool).at[rows[:, None], segment].max(
-        selected).reshape(r_slots, NUM_TIERS, groups)
-    # Tokens per request and tier: who holds KV where, and the top-k label candidates.
-    held = jnp.stack([jnp.sum(jnp.where(unit_tier == t, tokens, 0), -1)
-                      for t in range(NUM_TIERS)], -1)  # [R, T]
-    target = jnp.maximum(jnp.ceil(params.select_fraction * jnp.sum(held, -1)), 1.0)
-    candidates = jnp.sum(jnp.minimum(held.astype(jnp.float32), target[:, None]), 0)
-    chunks = lax.cond(params.use_pamattention,
-                      lambda: jnp.zeros((NUM_TIERS,), jnp.int32),
-                      lambda: _active_chunks(params, tier_i, selected, page))
-    decoding = jnp.any(attended.present, -1)
-    landed = unit_tier[rows, jnp.clip(token.unit, 0, n_units - 1)]
-    writes = jnp.stack([jnp.sum(decoding & (landed == t)) for t in range(NUM_TIERS)])
-    sel_units_bg = jax.ops.segment_sum(selected.ravel().astype(jnp.int32), segment.ravel(),
-                                       num_segments=NUM_TIERS * groups)
+    groups, page, n_units = config.padded_bank_groups, config.page_size, config.units_per_slot
+
+    def per_request(rows):
+        # Only row-wise work (every count is an integer, so summing the rows afterwards gives
+        # the same totals in any order): on_active_rows may run it on decoding rows alone.
+        unit_tier, bank_group, selected, tokens, unit = rows
+        r_rows = unit_tier.shape[0]
+        row = jnp.arange(r_rows)[:, None]
+        tier_i = jnp.clip(unit_tier.astype(jnp.int32), 0, NUM_TIERS - 1)
+        segment = tier_i * groups + bank_group.astype(jnp.int32)
+        bg_tokens = jnp.zeros((r_rows, NUM_TIERS * groups), jnp.int32).at[row, segment].add(
+            jnp.where(selected, tokens, 0))
+        bg_units = jnp.zeros((r_rows, NUM_TIERS * groups), jnp.int32).at[row, segment].add(
+            selected.astype(jnp.int32))
+        # Partials a request's attention produces per device: one per bank group holding its
+        # attended units (PAM_SPEC §4).
+        request_bg = (bg_units > 0).reshape(r_rows, NUM_TIERS, groups)
+        # Tokens per request and tier: who holds KV where, and the top-k label candidates.
+        held = jnp.stack([jnp.sum(jnp.where(unit_tier == t, tokens, 0), -1)
+                          for t in range(NUM_TIERS)], -1)
+        target = jnp.maximum(jnp.ceil(params.select_fraction * jnp.sum(held, -1)), 1.0)
+        candidates = jnp.minimum(held.astype(jnp.float32), target[:, None]).astype(jnp.int32)
+        chunks = lax.cond(params.use_pamattention,
+                          lambda: jnp.zeros((r_rows, NUM_TIERS), jnp.int32),
+                          lambda: _active_chunks(params, tier_i, selected, page))
+        decoding = jnp.any(tokens > 0, -1)
+        landed = jnp.take_along_axis(unit_tier, jnp.clip(unit, 0, n_units - 1)[:, None], -1)
+        writes = decoding[:, None] & (landed == jnp.arange(NUM_TIERS, dtype=jnp.int8))
+        return (bg_tokens, bg_units, held, request_bg.any(-1), request_bg.sum(-1), chunks,
+                candidates, writes.astype(jnp.int32))
+
+    rows = (state.unit_tier, state.unit_bank_group, attended.selected, attended.tokens,
+            token.unit)
+    if config.skip_idle:
+        # A request that does not decode attends nothing and writes nothing: zero counts.
+        r_slots = config.num_slots
+        wide = jnp.zeros((r_slots, NUM_TIERS * groups), jnp.int32)
+        narrow = jnp.zeros((r_slots, NUM_TIERS), jnp.int32)
+        inactive = (wide, wide, narrow, narrow.astype(bool), narrow, narrow, narrow, narrow)
+        counts = on_active_rows(attended.present[:, 0], per_request, rows, inactive)
+    else:
+        counts = per_request(rows)
+    bg_tokens, bg_units, held, requests, bank_groups, chunks, candidates, writes = counts
     activation = state.activation.at[state.step % config.window].set(
-        sel_units_bg.reshape(NUM_TIERS, groups))
+        jnp.sum(bg_units, 0).reshape(NUM_TIERS, groups))
     return activation, AttentionLoad(
-        bank_group_tokens=bg_tokens,
-        tier_tokens=tier_sums(unit_tier, tokens, unit_tier.size * page),
+        bank_group_tokens=jnp.sum(bg_tokens, 0).reshape(NUM_TIERS, groups),
+        tier_tokens=jnp.sum(held, 0),
         tier_holders=jnp.sum(held > 0, 0),
-        tier_requests=request_bg.any(-1).sum(0),
-        active_bank_groups=request_bg.sum((0, 2)),
-        active_chunks=chunks,
-        topk_candidates=candidates.astype(jnp.int32),
-        decode_writes=writes)
+        tier_requests=jnp.sum(requests, 0),
+        active_bank_groups=jnp.sum(bank_groups, 0),
+        active_chunks=jnp.sum(chunks, 0),
+        topk_candidates=jnp.sum(candidates, 0),
+        decode_writes=jnp.sum(writes, 0))
 
 
 def _active_chunks(params, tier_i, selected, page_size: int):
-    """FlashDecoding chunks with attended tokens, per tier, summed over requests, i32 [T].
+    """FlashDecoding chunks with attended tokens, per request and tier, i32 [R, T].
 
     A chunk is ``decode_split_tokens`` consecutive positions of a request. A unit counts
     for the chunk of its first token, plus the further chunks its page reaches when a page
@@ -529,6 +558,6 @@ def _active_chunks(params, tier_i, selected, page_size: int):
     ids = (jnp.arange(r_slots)[:, None] * n_units + chunk[None, :]) * NUM_TIERS + tier_i
     present = jnp.zeros((r_slots * n_units * NUM_TIERS,), bool).at[ids.ravel()].max(
         selected.ravel()).reshape(r_slots, n_units, NUM_TIERS)
-    spanned = jnp.stack([jnp.sum(jnp.where(selected & (tier_i == t), extra[None, :], 0))
-                         for t in range(NUM_TIERS)])
-    return jnp.sum(present, (0, 1)).astype(jnp.int32) + spanned.astype(jnp.int32)
+    spanned = jnp.stack([jnp.sum(jnp.where(selected & (tier_i == t), extra[None, :], 0), -1)
+                         for t in range(NUM_TIERS)], -1)
+    return jnp.sum(present, 1).astype(jnp.int32) + spanned.astype(jnp.int32)

@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import functools
 
-import jax
 import jax.numpy as jnp
+from flax import struct
 from jax import lax
 
+from pamjax.active_rows import on_active_rows
 from pamjax.placement import corrected_key
 from pamjax.types import DDR, HBM, NUM_TIERS, SSD
 
@@ -156,36 +157,77 @@ def schedule_step(config, params, state, attended, context):
     Returns:
       EngineState with ``unit_tier`` and ``unit_bank_group`` after the swaps.
     """
-    present, importance = attended.present, state.unit_importance
-
-    def run_scheduler(tier, bank_group):
+    def run_scheduler(rows):
+        # Only row-wise work: on_active_rows may run it on the decoding rows alone.
+        importance, tier, bank_group, present, selected, context, generated = rows
         rank_key = importance if config.placement_score is None else corrected_key(
-            importance, config.placement_score(params.policy, importance, attended.selected,
+            importance, config.placement_score(params.policy, importance, selected,
                                                context, tier, present), present)
-        budget = pages_allowed(params.swap_budget, state.slot_generated, config.page_size)
+        budget = pages_allowed(params.swap_budget, generated, config.page_size)
         return schedule(params, rank_key, tier, bank_group, present, config.max_swaps,
                         budget)[:2]
 
-    tier, bank_group = lax.cond(params.swap_budget > 0, run_scheduler,
+    def scheduled(tier, bank_group):
+        rows = (state.unit_importance, tier, bank_group, attended.present, attended.selected,
+                context, state.slot_generated)
+        if not config.skip_idle:
+            return run_scheduler(rows)
+        # A request that does not decode has no present unit, so it makes no swap; one that
+        # decodes has its first unit present.
+        return on_active_rows(attended.present[:, 0], run_scheduler, rows, (tier, bank_group))
+
+    tier, bank_group = lax.cond(params.swap_budget > 0, scheduled,
                                 lambda tier, bank_group: (tier, bank_group),
                                 state.unit_tier, state.unit_bank_group)
     return state.replace(unit_tier=tier, unit_bank_group=bank_group)
 
 
-def migrated_tokens(tier_before, tier_after, tokens):
-    """Units and tokens that changed tier in a step (swaps and HBM displacements).
+@struct.dataclass
+class Migration:
+    """What changed tier in a step (PAM's swaps and HBM displacements), all i32.
+
+    units []: units moved; units_from_ssd []: of them, units that left the SSD;
+    tokens [T, T]: tokens moved from tier i to tier j.
+    """
+
+    units: jnp.ndarray
+    units_from_ssd: jnp.ndarray
+    tokens: jnp.ndarray
+
+
+def migration(tier_before, tier_after, tokens, active=None) -> Migration:
+    """Units and tokens that changed tier in a step; a unit opened in the step (no tier
+    before) is not a migration.
 
     Args:
       tier_before, tier_after: i8 [R, U] tier tables at the start of the step's decode and
-        after scheduling; tokens: i32 [R, U] tokens per unit.
+        after scheduling; tokens: i32 [R, U] tokens per unit; active: None, or bool [R] the
+        only rows where a unit may have moved (the decoding requests), counted alone
+        (active_rows.on_active_rows; the counts are integers, so the totals are the same).
 
     Returns:
-      (moved bool [R, U], tokens moved from tier i to tier j, i32 [T, T]).
+      Migration.
     """
-    moved = (tier_before >= 0) & (tier_after != tier_before)
-    from_i = jnp.clip(tier_before.astype(jnp.int32), 0, NUM_TIERS - 1)
-    to_i = jnp.clip(tier_after.astype(jnp.int32), 0, NUM_TIERS - 1)
-    migrated = jax.ops.segment_sum(jnp.where(moved, tokens, 0).ravel(),
-                                   (from_i * NUM_TIERS + to_i).ravel(),
-                                   num_segments=NUM_TIERS * NUM_TIERS)
-    return moved, migrated.reshape(NUM_TIERS, NUM_TIERS)
+    def per_request(rows):
+        before, after, held = rows
+        r_rows = before.shape[0]
+        moved = (before >= 0) & (after != before)
+        from_i = jnp.clip(before.astype(jnp.int32), 0, NUM_TIERS - 1)
+        to_i = jnp.clip(after.astype(jnp.int32), 0, NUM_TIERS - 1)
+        pair_tokens = jnp.zeros((r_rows, NUM_TIERS * NUM_TIERS), jnp.int32).at[
+            jnp.arange(r_rows)[:, None], from_i * NUM_TIERS + to_i].add(
+            jnp.where(moved, held, 0))
+        return (jnp.sum(moved, -1, dtype=jnp.int32),
+                jnp.sum(moved & (before == SSD), -1, dtype=jnp.int32), pair_tokens)
+
+    rows = (tier_before, tier_after, tokens)
+    if active is None:
+        counts = per_request(rows)
+    else:
+        r_slots = tier_before.shape[0]
+        none = jnp.zeros(r_slots, jnp.int32)
+        counts = on_active_rows(active, per_request, rows,
+                                (none, none, jnp.zeros((r_slots, NUM_TIERS ** 2), jnp.int32)))
+    units, from_ssd, pair_tokens = counts
+    return Migration(units=jnp.sum(units), units_from_ssd=jnp.sum(from_ssd),
+                     tokens=jnp.sum(pair_tokens, 0).reshape(NUM_TIERS, NUM_TIERS))

@@ -442,7 +442,7 @@ def _rollout_per_config(config, params, state, workload, num_steps):
     global BATCH_TRACES
     BATCH_TRACES += 1  # runs once per trace, i.e. per compilation
     return jax.vmap(engine.rollout, in_axes=(None, 0, 0, 0, None))(
-        config, params, state, workload, num_steps)
+        engine.vmapped(config), params, state, workload, num_steps)
 
 
 rollout_per_config = jax.jit(_rollout_per_config, static_argnames=("config", "num_steps"),
@@ -594,7 +594,7 @@ def _run_chunk_many(config, params, state, workload, num_steps, recorded):
     one's count of finished or rejected requests (i32 [C]). A configuration that is done
     keeps stepping: engine.step then advances the step counter and reports zeros."""
     def one(p, s):
-        s, chunk = engine.rollout(config, p, s, workload, num_steps, recorded)
+        s, chunk = engine.rollout(engine.vmapped(config), p, s, workload, num_steps, recorded)
         status = s.req_status
         return s, chunk, jnp.sum((status == STATUS_FINISHED) | (status == STATUS_REJECTED),
                                  dtype=jnp.int32)

@@ -71,6 +71,11 @@ class EngineConfig:
         (placement.corrected_key) and admission ranks prompt units by log prefill mass + c
         (called with the prefill mass, nothing selected and unit_tier -1); c = 0 is the PAM
         rule exactly. Static, so it must hash stably.
+      skip_idle: leave out work that cannot change anything: the per-request phases
+        (access model, attention load, PAM's scheduler) run on the decoding rows only
+        (active_rows.py) and prompt placement only in steps that admit a request. The
+        results are the same bit for bit (tests/test_active_rows.py). Off under vmap, where
+        a switch or cond on a batched value runs every branch (engine.vmapped).
     """
 
     num_slots: int
@@ -84,6 +89,7 @@ class EngineConfig:
     bisection_iters: int = 20
     recorded_steps: int = 0
     placement_score: object = None
+    skip_idle: bool = True
 
     def __post_init__(self):
         if self.placement_score is not None and not callable(self.placement_score):
@@ -91,6 +97,11 @@ class EngineConfig:
                               "must be None or a callable")
         for f in dataclasses.fields(self):
             if f.name == "placement_score":
+                continue
+            if f.name == "skip_idle":
+                if not isinstance(self.skip_idle, bool):
+                    raise ConfigError("engine.skip_idle", self.skip_idle,
+                                      "must be True or False")
                 continue
             value = getattr(self, f.name)
             minimum = 0 if f.name == "recorded_steps" else 1

@@ -85,13 +85,16 @@ def test_migrated_tokens_counts_every_changed_unit():
     before = jnp.array([[HBM, DDR, SSD, NO_UNIT], [HBM, HBM, NO_UNIT, NO_UNIT]], jnp.int8)
     after = jnp.array([[DDR, HBM, DDR, HBM], [HBM, SSD, NO_UNIT, NO_UNIT]], jnp.int8)
     tokens = jnp.array([[4, 3, 2, 1], [4, 4, 0, 0]], jnp.int32)
-    moved, migrated = scheduler.migrated_tokens(before, after, tokens)
     # A unit that did not exist before (opened this step) is not a migration.
-    np.testing.assert_array_equal(moved, [[True, True, True, False], [False, True, False,
-                                                                        False]])
     expected = np.zeros((3, 3), int)
     expected[HBM, DDR], expected[DDR, HBM], expected[SSD, DDR], expected[HBM, SSD] = 4, 3, 2, 4
-    np.testing.assert_array_equal(migrated, expected)
+    for active in (None, jnp.array([True, True])):
+        migration = scheduler.migration(before, after, tokens, active)
+        assert (int(migration.units), int(migration.units_from_ssd)) == (4, 1)
+        np.testing.assert_array_equal(migration.tokens, expected)
+    # Rows said inactive are not counted (the engine passes the decoding rows only).
+    alone = scheduler.migration(before, after, tokens, jnp.array([False, True]))
+    assert int(alone.units) == 1 and int(alone.tokens[HBM, SSD]) == 4
 
 
 def test_the_swap_budget_is_in_tokens_whatever_the_page_size():

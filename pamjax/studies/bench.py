@@ -533,8 +533,8 @@ def step_prefix(config, params, state, workload, upto: int):
     if upto == 0:
         return out
     order = placement.mapping_order(config, params, state, admission, decoding)
-    prompts = placement.place_prompts(config, params, state, admission, capacity, order, None)
-    state = batching.start_requests(state, admission, prompts)
+    state, prefill_tier_tokens = engine.admit_prompts(config, params, state, admission,
+                                                      capacity, order, None)
     out += (state, order)
     if upto == 1:
         return out
@@ -553,12 +553,14 @@ def step_prefix(config, params, state, workload, upto: int):
     if upto == 4:
         return out
     state = scheduler.schedule_step(config, params, state, attended, token.context)
-    moved, migrated = scheduler.migrated_tokens(tier_before, state.unit_tier, attended.tokens)
-    out += (state, moved, migrated)
+    migration = scheduler.migration(tier_before, state.unit_tier, attended.tokens,
+                                    attended.present[:, 0] if config.skip_idle else None)
+    out += (state, migration)
     if upto == 5:
         return out
-    cost = step_cost(params, engine._step_counts(config, params, decoding, token, prompts,
-                                                 admission, attended, load, migrated))
+    cost = step_cost(params, engine._step_counts(config, params, decoding, token,
+                                                 prefill_tier_tokens, admission, attended, load,
+                                                 migration.tokens))
     out += (cost,)
     if upto == 6:
         return out
@@ -567,7 +569,7 @@ def step_prefix(config, params, state, workload, upto: int):
                               state.slot_generated, decoding, busy, cost.time_s)
     new_state = engine._next_state(state, end, token, attended, activation, start)
     return new_state, engine._metrics(params, end, decoding, admission, new_state, cost, busy,
-                                      attended, moved, tier_before, token.context)
+                                      attended, migration, token.context)
 
 
 def memory_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
