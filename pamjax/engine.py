@@ -123,7 +123,7 @@ def step(config: EngineConfig, params: SimParams, state: EngineState,
     busy = jnp.any(decoding) | jnp.any(admission.admit)
     end = batching.close_step(config, workload, start, admission, state.slot_request,
                               state.slot_generated, decoding, busy, cost.time_s)
-    new_state = _next_state(state, end, token, attended, activation, start)
+    new_state = _next_state(config, state, end, token, attended, activation, start)
     metrics = _metrics(params, end, decoding, admission, new_state, cost, busy, attended,
                        migration, token.context)
     return new_state, metrics
@@ -174,19 +174,35 @@ def _step_counts(config, params, decoding, token, prefill_tier_tokens, admission
     )
 
 
-def _next_state(state: EngineState, end: batching.StepEnd, token: batching.DecodeToken,
-                attended: locality.Attention, activation, start: EngineState) -> EngineState:
-    """The state after the step: finished requests free their slot and their KV."""
+def _next_state(config: EngineConfig, state: EngineState, end: batching.StepEnd,
+                token: batching.DecodeToken, attended: locality.Attention, activation,
+                start: EngineState) -> EngineState:
+    """The state after the step: finished requests free their slot and their KV (with
+    ``config.skip_idle``, the unit tables are only rewritten in steps where one finished)."""
     done, done2 = end.done, end.done[:, None]
+
+    def free_units(tables):
+        tier, bank_group, latent, importance, selected = tables
+        return (jnp.where(done2, jnp.int8(NO_UNIT), tier), jnp.where(done2, jnp.int16(0), bank_group),
+                jnp.where(done2, 0.0, latent), jnp.where(done2, 0.0, importance),
+                jnp.where(done2, False, selected))
+
+    tables = (state.unit_tier, state.unit_bank_group, state.unit_latent, state.unit_importance,
+              attended.selected)
+    if config.skip_idle:
+        tables = lax.cond(jnp.any(done), free_units, lambda tables: tables, tables)
+    else:
+        tables = free_units(tables)
+    tier, bank_group, latent, importance, selected = tables
     return EngineState(
         slot_request=jnp.where(done, -1, state.slot_request),
         slot_generated=jnp.where(done, 0, end.generated),
         slot_context=jnp.where(done, 0, token.context),
-        unit_tier=jnp.where(done2, jnp.int8(NO_UNIT), state.unit_tier),
-        unit_bank_group=jnp.where(done2, jnp.int16(0), state.unit_bank_group),
-        unit_latent=jnp.where(done2, 0.0, state.unit_latent),
-        unit_importance=jnp.where(done2, 0.0, state.unit_importance),
-        unit_selected=jnp.where(done2, False, attended.selected),
+        unit_tier=tier,
+        unit_bank_group=bank_group,
+        unit_latent=latent,
+        unit_importance=importance,
+        unit_selected=selected,
         activation=activation,
         clock_whole=end.clock_whole,
         clock_frac=end.clock_frac,

@@ -317,7 +317,8 @@ def attend(config, params, state, decoding, token, recorded):
                                            config.bisection_iters) & present)
         importance = jnp.where(dec2, update_importance(params, importance, mass, present),
                                importance)
-        return latent, importance, tokens, present, mass, selected
+        selected_mass = jnp.sum(jnp.where(selected, mass, 0.0), -1)
+        return latent, importance, tokens, present, mass, selected, selected_mass
 
     rows = (state.unit_latent, state.unit_importance, state.slot_request, token.context,
             token.column, state.slot_generated, decoding)
@@ -325,17 +326,18 @@ def attend(config, params, state, decoding, token, recorded):
         # A row that does not decode has no tokens: nothing present, attended or moved.
         idle = jnp.zeros(state.unit_latent.shape, bool)
         inactive = (state.unit_latent, state.unit_importance, idle.astype(jnp.int32), idle,
-                    idle.astype(jnp.float32), idle)
+                    idle.astype(jnp.float32), idle, jnp.zeros(idle.shape[0]))
         out = on_active_rows(decoding, per_request, rows, inactive)
     else:
         out = per_request(rows)
-    latent, importance, tokens, present, mass, selected = out
+    latent, importance, tokens, present, mass, selected, selected_mass = out
     attended = Attention(
         tokens=tokens, present=present, mass=mass, selected=selected,
         persisted_units=integer_sum(selected & state.unit_selected, selected.size),
         previously_selected_units=integer_sum(state.unit_selected & decoding[:, None],
                                               selected.size),
-        selected_mass=jnp.sum(jnp.where(selected, mass, 0.0)))
+        # Summed per request first: the same float32 order whichever rows the phase ran on.
+        selected_mass=jnp.sum(selected_mass))
     return state.replace(unit_latent=latent, unit_importance=importance), attended
 
 

@@ -567,7 +567,7 @@ def step_prefix(config, params, state, workload, upto: int):
     busy = jnp.any(decoding) | jnp.any(admission.admit)
     end = batching.close_step(config, workload, start, admission, state.slot_request,
                               state.slot_generated, decoding, busy, cost.time_s)
-    new_state = engine._next_state(state, end, token, attended, activation, start)
+    new_state = engine._next_state(config, state, end, token, attended, activation, start)
     return new_state, engine._metrics(params, end, decoding, admission, new_state, cost, busy,
                                       attended, migration, token.context)
 
