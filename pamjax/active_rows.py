@@ -43,7 +43,8 @@ def on_active_rows(active, phase, rows, inactive):
         row i of its input.
       rows: pytree of arrays with leading axis R, the phase's per-row inputs.
       inactive: pytree of arrays with leading axis R, what the phase gives on rows where
-        ``active`` is False.
+        ``active`` is False (it must: when every bucket is too small, the phase runs on all
+        rows and its own output is returned).
 
     Returns:
       pytree like ``inactive``: the phase's rows where active, ``inactive``'s elsewhere.
@@ -51,12 +52,10 @@ def on_active_rows(active, phase, rows, inactive):
     num_slots = active.shape[0]
     buckets = row_buckets(num_slots)
 
-    def keep(out, full):
-        mask = active.reshape(active.shape + (1,) * (full.ndim - 1))
-        return jnp.where(mask, out, full)
-
     def all_rows(rows, inactive):
-        return jax.tree.map(keep, phase(rows), inactive)
+        # The phase itself gives ``inactive`` on inactive rows (the caller's contract).
+        del inactive
+        return phase(rows)
 
     def bucket(size):
         def compacted(rows, inactive):

@@ -1051,6 +1051,16 @@ def _print_pam(out: dict) -> None:
             for label, r in pam.items() if isinstance(r, dict) and "requests_per_s" in r]
     print(format_table(rows, ["case", "requests", "page", "fit U", "U sizes", "req/s",
                               "ms/step", "wall s", "first run s"]))
+    for label in ("skip_idle_token", "skip_idle_page16"):
+        cmp = pam[label]
+        print(f"  skipping idle work (EngineConfig.skip_idle) off / on, page {cmp['page_size']},"
+              f" {len(cmp['chunks'])} chunks of {cmp['chunk_steps']} steps from t = 0: "
+              f"{cmp['speedup']:.2f}x, states identical: {cmp['identical_states']}")
+        print(format_table([{"running": b["running"], "chunks": b["chunks"],
+                             "off ms/step": "{:.1f}-{:.1f}".format(*b["off_ms_per_step"]),
+                             "on ms/step": "{:.1f}-{:.1f}".format(*b["on_ms_per_step"]),
+                             "speed-up": b["speedup"]} for b in cmp["bands"]],
+                           ["running", "chunks", "off ms/step", "on ms/step", "speed-up"]))
     ph = pam["phases"]
     print(f"  one step after {ph['after_steps']} steps ({ph['running']} running, longest "
           f"context {ph['max_context']} tokens), memory bandwidth "

@@ -32,3 +32,11 @@ def test_unit_table_bytes_counts_every_unit_table_twice():
     config = simulation.make_config(synthetic("sharegpt", 4, seed=0), 4, page_size=1)
     # tier i8 + bank group i16 + latent f32 + importance f32 + selected bool = 12 B/unit.
     assert bench.unit_table_bytes(config) == 2 * 12 * 4 * config.units_per_slot
+
+
+def test_skip_idle_comparison_reports_identical_states_and_a_speed_up():
+    out = bench.skip_idle_comparison(None, 12, 16, chunks=3, chunk_steps=32)
+    assert out["identical_states"]
+    assert len(out["chunks"]) == 3 and out["speedup"] > 0
+    assert sum(b["chunks"] for b in out["bands"]) == 2  # the first chunk (compiling) is left out
+    assert all(r["running"] >= 0 for r in out["chunks"])

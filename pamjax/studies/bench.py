@@ -410,6 +410,11 @@ def pam_section(path, requests: int, quick: bool, whole_trace: bool, progress: b
         _log(progress, f"    {out[label]['requests_per_s']:.1f} requests/s, "
                        f"{out[label]['ms_per_engine_step']:.2f} ms/step, "
                        f"U sizes {out[label]['unit_sizes']}")
+    for label, page in (("skip_idle_token", 1), ("skip_idle_page16", 16)):
+        _log(progress, f"  skipping idle work on and off, {label}")
+        out[label] = skip_idle_comparison(path, requests, page, chunks=6 if quick else 24)
+        _log(progress, f"    {out[label]['speedup']:.2f}x, states identical: "
+                       f"{out[label]['identical_states']}")
     _log(progress, "  one step, phase by phase")
     out["phases"] = step_phases(path, requests, 1, warm_steps=512 if quick else 2048,
                                 min_seconds=0.5 if quick else 1.0)
@@ -629,6 +634,53 @@ def pam_replay(path, limit: int | None, page_size: int, fit_units: bool = False,
             "ms_per_engine_step": warm / max(result.stats.steps, 1) * 1e3,
             "requests_finished": s["requests_finished"],
             "simulated_seconds": s["simulated_seconds"], "summary": s}
+
+
+OCCUPANCY_BANDS = ((0, 8), (8, 16), (16, 32), (32, 65))
+"""Bands of running requests (of 64 slots) skip_idle_comparison reports separately."""
+
+
+def skip_idle_comparison(path, limit: int | None, page_size: int, chunks: int,
+                         chunk_steps: int = 256) -> dict:
+    """engine.step with and without skipping idle work (EngineConfig.skip_idle) on the same
+    replay: the two rollouts advance chunk by chunk in turn (so both see the same machine),
+    their states compared bit for bit after every chunk. Returns per-chunk wall seconds
+    (the first includes compiling), the mean number of running requests, ms per step by
+    band of running requests and the overall speed-up (chunks after the first)."""
+    workload, config, params = _pam_case(path, limit, page_size)
+    dev = device_workload(workload)
+    configs = {"off": dataclasses.replace(config, skip_idle=False), "on": config}
+    states = {k: engine.init_state(c, 0) for k, c in configs.items()}
+    rows, identical = [], True
+    for _ in range(chunks):
+        row = {}
+        for key in ("off", "on"):
+            start = time.perf_counter()
+            states[key], metrics = engine.rollout_jit(configs[key], params, states[key], dev,
+                                                      chunk_steps)
+            jax.block_until_ready(states[key])
+            row[f"{key}_s"] = time.perf_counter() - start
+        row["running"] = float(np.mean(np.asarray(metrics.decode_requests)))
+        identical &= all(np.asarray(a).tobytes() == np.asarray(b).tobytes() for a, b in
+                         zip(jax.tree.leaves(states["on"]), jax.tree.leaves(states["off"])))
+        rows.append(row)
+    timed = rows[1:]
+    bands = []
+    for lo, hi in OCCUPANCY_BANDS:
+        inside = [r for r in timed if lo <= r["running"] < hi]
+        if inside:
+            off, on = (np.array([r[f"{k}_s"] for r in inside]) / chunk_steps * 1e3
+                       for k in ("off", "on"))
+            bands.append({"running": f"{lo}-{hi - 1}", "chunks": len(inside),
+                          "off_ms_per_step": [float(off.min()), float(off.max())],
+                          "on_ms_per_step": [float(on.min()), float(on.max())],
+                          "speedup": float(off.sum() / on.sum())})
+    return {"page_size": page_size, "units_per_slot": config.units_per_slot,
+            "chunk_steps": chunk_steps, "chunks": rows, "bands": bands,
+            "first_chunk_s": {k: rows[0][f"{k}_s"] for k in configs},
+            "speedup": sum(r["off_s"] for r in timed) / max(sum(r["on_s"] for r in timed),
+                                                            1e-12),
+            "identical_states": bool(identical)}
 
 
 def _mid_run_state(config, params, workload, steps: int):
