@@ -8,8 +8,13 @@ the running rows alone: :func:`on_active_rows` gathers them into the smallest bu
 bucket is picked by ``lax.switch``, so each bucket compiles once, and the rows a phase does
 not run keep the values the caller says the phase gives them (``inactive``).
 
-The results are those of the phase on all R rows, bit for bit: every row is computed by the
-same operations on the same values (tests/test_active_rows.py checks whole trajectories).
+Every row is computed by the same operations on the same values as on all R rows, so the
+schedules are the same: every integer and boolean result (tiers, bank groups, selections,
+swaps, counts) and the clock. A float32 value may differ in its last bit (relative 2e-7
+measured on the importance EMA), because XLA compiles a phase on fewer rows with different
+fusions; as under ``vmap``, and within the tolerance the event leap is held to
+(tests/test_active_rows.py checks whole trajectories; ``pamjax bench --sections pam``
+compares long replays).
 Under ``vmap`` a switch on a batched index runs every branch, so batched rollouts turn the
 compaction off (``EngineConfig.skip_idle``, engine.vmapped).
 """

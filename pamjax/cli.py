@@ -1055,7 +1055,8 @@ def _print_pam(out: dict) -> None:
         cmp = pam[label]
         print(f"  skipping idle work (EngineConfig.skip_idle) off / on, page {cmp['page_size']},"
               f" {len(cmp['chunks'])} chunks of {cmp['chunk_steps']} steps from t = 0: "
-              f"{cmp['speedup']:.2f}x, states identical: {cmp['identical_states']}")
+              f"{cmp['speedup']:.2f}x; same schedule: {cmp['same_schedule']}, other float32 "
+              f"values within {cmp['float_max_relative_difference']:.1e} (relative)")
         print(format_table([{"running": b["running"], "chunks": b["chunks"],
                              "off ms/step": "{:.1f}-{:.1f}".format(*b["off_ms_per_step"]),
                              "on ms/step": "{:.1f}-{:.1f}".format(*b["on_ms_per_step"]),

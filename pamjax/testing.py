@@ -116,3 +116,39 @@ def check_invariants(config: EngineConfig, params, state, workload, metrics=None
                 _fail(f"metric {name} has a negative or non-finite value")
         if np.any(np.asarray(metrics.tier_units) > capacity):
             _fail("a step left a tier over capacity")
+
+
+CLOCK_FIELDS = ("clock_whole", "clock_frac", "req_first_token_s", "req_finish_s")
+"""Float32 fields of a state that are the schedule's times (compared exactly)."""
+
+
+def schedule_difference(a, b) -> dict:
+    """How two runs' states (or stacked step metrics) of the same configuration differ.
+
+    The schedule is every integer and boolean field (tiers, bank groups, selections, slots,
+    request status, counts) and the clock (CLOCK_FIELDS): it must match bit for bit. Other
+    float32 fields (importance EMA, latents, times and energies of a step) may differ in
+    their last bits when XLA compiles the same arithmetic differently (under vmap, or on
+    fewer rows: EngineConfig.skip_idle).
+
+    Returns:
+      {"schedule_fields": names of schedule fields that differ (empty: same schedule),
+       "float_max_relative": the largest relative difference of the other float fields}.
+    """
+    differ, worst = [], 0.0
+    for name in a.__dataclass_fields__:
+        x, y = getattr(a, name), getattr(b, name)
+        if x is None and y is None:
+            continue
+        x, y = np.asarray(x), np.asarray(y)
+        if x.dtype.kind != "f" or name in CLOCK_FIELDS:
+            if x.shape != y.shape or x.tobytes() != y.tobytes():
+                differ.append(name)
+            continue
+        finite = np.isfinite(x) & np.isfinite(y)
+        if not np.array_equal(np.isfinite(x), np.isfinite(y)):
+            differ.append(name)
+        elif finite.any():
+            scale = np.maximum(np.abs(y[finite]), np.finfo(np.float32).tiny)
+            worst = max(worst, float(np.max(np.abs(x[finite] - y[finite]) / scale)))
+    return {"schedule_fields": differ, "float_max_relative": worst}

@@ -74,7 +74,8 @@ class EngineConfig:
       skip_idle: leave out work that cannot change anything: the per-request phases
         (access model, attention load, PAM's scheduler) run on the decoding rows only
         (active_rows.py) and prompt placement only in steps that admit a request. The
-        results are the same bit for bit (tests/test_active_rows.py). Off under vmap, where
+        schedules and the clock are the same; float32 state may differ in its last bit
+        (active_rows.py, tests/test_active_rows.py). Off under vmap, where
         a switch or cond on a batched value runs every branch (engine.vmapped).
     """
 
