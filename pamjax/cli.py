@@ -1169,13 +1169,17 @@ def cmd_train_policy(args) -> int:
     mean, ci = result["heldout_goodput_tokens_per_s"], result["heldout_goodput_ci95"]
     ev = result["evaluations"]
     budget = {"learned": ev["learned"], "grid_best": ev["grid"],
-              "black_box_best": ev["black_box"], "pam_rule": ev["rule_batch_search"]}
+              "black_box_best": ev["black_box"], "pam_rule": ev["rule_batch_search"],
+              "learned_net": ev.get("learned_net")}
     print(f"held-out goodput (exact engine, TPOT p99 <= {setup.goodput.slo_ms:g} ms), "
           f"mean and 95% interval over {args.seeds} seed(s)")
     print(format_table([{"policy": p, "tokens/s": v, "ci95 lo": ci[p][0], "ci95 hi": ci[p][1],
                          "evaluations": budget[p]} for p, v in mean.items()],
                        ["policy", "tokens/s", "ci95 lo", "ci95 hi", "evaluations"]))
-    print(f"learned / rule {result['learned_over_rule']:.3f}; relaxation rank correlation "
+    net = result.get("learned_net_over_rule")
+    print(f"learned / rule {result['learned_over_rule']:.3f}; "
+          + ("" if net is None else f"learned_net / rule {net:.3f}; ")
+          + "relaxation rank correlation "
           f"(goodput, Spearman) {result['relaxation_rank_correlation']:.2f}; "
           f"{result['wall_seconds']:.0f} s")
     if args.json:

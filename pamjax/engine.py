@@ -70,6 +70,8 @@ def init_state(config: EngineConfig, seed: int = 0) -> EngineState:
         unit_selected=jnp.zeros((r, u), bool),
         activation=jnp.zeros((config.window, NUM_TIERS, config.padded_bank_groups), jnp.int32),
         seed=jnp.asarray(seed, jnp.uint32),
+        migrated_tokens=None if config.placement_score is None
+        else jnp.zeros((NUM_TIERS, NUM_TIERS), jnp.int32),
         **batching.empty_batch_state(config),
     )
 
@@ -97,8 +99,12 @@ def step(config: EngineConfig, params: SimParams, state: EngineState,
                                     state.next_request, state.clock_whole + state.clock_frac,
                                     capacity)
     order = placement.mapping_order(config, params, state, admission, decoding)
+    learned = config.placement_score is not None  # static: views only for a learned policy
+    view = placement.lifetime_view(
+        params, tier_units(state.unit_tier), workload.prompt_tokens[admission.cand_c],
+        jnp.zeros_like(admission.cand_c), state.migrated_tokens) if learned else None
     prompts = placement.place_prompts(config, params, state, admission, capacity, order,
-                                      recorded)
+                                      recorded, view)
     state = batching.start_requests(state, admission, prompts)
 
     # 2. Place new units.
@@ -113,7 +119,11 @@ def step(config: EngineConfig, params: SimParams, state: EngineState,
     activation, load = placement.attention_load(config, params, state, attended, token)
 
     # 5. Schedule.
-    state = scheduler.schedule_step(config, params, state, attended, token.context)
+    view = placement.lifetime_view(
+        params, tier_units(state.unit_tier),
+        workload.prompt_tokens[jnp.maximum(state.slot_request, 0)], state.slot_generated,
+        start.migrated_tokens) if learned else None
+    state = scheduler.schedule_step(config, params, state, attended, token.context, view)
     moved, migrated = scheduler.migrated_tokens(tier_before, state.unit_tier, attended.tokens)
 
     # 6. Cost.
@@ -124,7 +134,8 @@ def step(config: EngineConfig, params: SimParams, state: EngineState,
     busy = jnp.any(decoding) | jnp.any(admission.admit)
     end = batching.close_step(config, workload, start, admission, state.slot_request,
                               state.slot_generated, decoding, busy, cost.time_s)
-    new_state = _next_state(state, end, token, attended, activation, start)
+    new_state = _next_state(state, end, token, attended, activation, start,
+                            migrated if learned else None)
     metrics = _metrics(params, end, decoding, admission, new_state, cost, busy, attended,
                        moved, tier_before, token.context)
     return new_state, metrics
@@ -157,8 +168,10 @@ def _step_counts(config, params, decoding, token, prompts, admission, attended, 
 
 
 def _next_state(state: EngineState, end: batching.StepEnd, token: batching.DecodeToken,
-                attended: locality.Attention, activation, start: EngineState) -> EngineState:
-    """The state after the step: finished requests free their slot and their KV."""
+                attended: locality.Attention, activation, start: EngineState,
+                migrated) -> EngineState:
+    """The state after the step: finished requests free their slot and their KV;
+    ``migrated`` (i32 [T, T] or None) is kept for a learned policy's link load."""
     done, done2 = end.done, end.done[:, None]
     return EngineState(
         slot_request=jnp.where(done, -1, state.slot_request),
@@ -179,6 +192,7 @@ def _next_state(state: EngineState, end: batching.StepEnd, token: batching.Decod
         req_finish_s=end.req_finish_s,
         overflow=start.overflow | token.overflow,
         seed=start.seed,
+        migrated_tokens=migrated,
     )
 
 
@@ -247,8 +261,11 @@ def resume(config: EngineConfig, params: SimParams, state: EngineState,
         rejected=jnp.zeros(r, bool), taken=admit, slot=jnp.where(admit, cand, r))
     wide = dataclasses.replace(config, admit_window=r)
     order = placement.mapping_order(wide, params, state, admission, jnp.zeros(r, bool))
+    view = None if config.placement_score is None else placement.lifetime_view(
+        params, tier_units(state.unit_tier), prompt, jnp.where(in_flight, generated, 0),
+        state.migrated_tokens)
     prompts = placement.place_prompts(wide, params, state, admission, capacity, order,
-                                      recorded)
+                                      recorded, view)
     state = batching.start_requests(state, admission, prompts)
     admitted = jnp.where(admit, cand, n_req)
     refused = jnp.where(in_flight & ~admit, cand, n_req)

@@ -141,7 +141,7 @@ def schedule(params, importance, tier, bank_group, present, max_swaps: int, budg
     return tier, bank_group, ds, hd
 
 
-def schedule_step(config, params, state, attended, context):
+def schedule_step(config, params, state, attended, context, view=None):
     """The engine's scheduling phase: PAM's swaps on every decoding request.
 
     Units are ranked by the importance factor, or by ``importance x exp(c)`` with a learned
@@ -151,7 +151,8 @@ def schedule_step(config, params, state, attended, context):
 
     Args:
       config: EngineConfig; params: SimParams; state: EngineState after the access model;
-      attended: locality.Attention; context: i32 [R] tokens per slot after the decode.
+      attended: locality.Attention; context: i32 [R] tokens per slot after the decode;
+      view: LifetimeView of the slots (only with a learned ``config.placement_score``).
 
     Returns:
       EngineState with ``unit_tier`` and ``unit_bank_group`` after the swaps.
@@ -161,7 +162,7 @@ def schedule_step(config, params, state, attended, context):
     def run_scheduler(tier, bank_group):
         rank_key = importance if config.placement_score is None else corrected_key(
             importance, config.placement_score(params.policy, importance, attended.selected,
-                                               context, tier, present), present)
+                                               context, tier, present, view), present)
         budget = pages_allowed(params.swap_budget, state.slot_generated, config.page_size)
         return schedule(params, rank_key, tier, bank_group, present, config.max_swaps,
                         budget)[:2]
