@@ -146,7 +146,8 @@ TINY = goodput.GoodputSetup(max_batch=4, max_context=512, warmup=2, window=4, wi
 STUDY = dataclasses.replace(
     goodput_study.QUICK, goodput=TINY, relax_steps=3, episodes=1, train_workloads=2,
     iterations=3, checkpoints=2, rule_batches=(2, 4), grid_log10_x=(12.0,),
-    grid_log10_y=(5.0,), grid_batches=(2, 4), budget_factor=2, rank_policies=1)
+    grid_log10_y=(5.0,), grid_batches=(2, 4), budget_factor=2, rank_policies=1,
+    net_iterations=0)  # the network policy's study: tests/test_net_goodput.py
 
 
 @pytest.fixture(scope="module")
