@@ -1148,8 +1148,9 @@ def _print_huge_runs(out: dict) -> None:
 
 def cmd_train_policy(args) -> int:
     """`pamjax train-policy`: learned scheduling on SLO goodput (pamjax.learn.goodput_study):
-    the PAM rule, the gradient through the relaxed loop, the grid and black-box search,
-    all judged by the exact engine; prints the held-out table, optionally writes JSON."""
+    the PAM rule, the gradient through the relaxed loop (knobs, then the network policy on
+    top of them), the grid and black-box search, all judged by the exact engine; prints
+    the held-out table, optionally writes JSON."""
     from pamjax.learn import goodput_study
     from pamjax.provenance import command_record, describe_model
 
@@ -1646,10 +1647,11 @@ def _add_bench(sub) -> None:
 
 def _add_train_policy(sub) -> None:
     p = _command(sub, "train-policy", "learn PAM's scheduling knobs (x:y, lambda, swap "
-                 "budget, batch) for SLO goodput by gradient through the relaxed serving "
-                 "loop, against the rule, a grid and black-box search (CMA-ES, random "
-                 "search; evosax) at 10x the budget, all judged by the exact engine",
-                 cmd_train_policy)
+                 "budget, batch), then a network placement policy with lifetime features on "
+                 "top of them (learned_net), for SLO goodput by gradient through the relaxed "
+                 "serving loop, against the rule, a grid and black-box search (CMA-ES, "
+                 "random search; evosax) at 10x the knobs' budget, all judged by the exact "
+                 "engine", cmd_train_policy)
     p.add_argument("--quick", action="store_true", help="the QUICK setup (about 15 minutes "
                    "on a 2-core CPU at 3 seeds)")
     p.add_argument("--eval-trace", metavar="PATH",
