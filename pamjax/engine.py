@@ -169,9 +169,10 @@ def _step_counts(config, params, decoding, token, prompts, admission, attended, 
 
 def _next_state(state: EngineState, end: batching.StepEnd, token: batching.DecodeToken,
                 attended: locality.Attention, activation, start: EngineState,
-                migrated) -> EngineState:
+                migrated=None) -> EngineState:
     """The state after the step: finished requests free their slot and their KV;
-    ``migrated`` (i32 [T, T] or None) is kept for a learned policy's link load."""
+    ``migrated`` (i32 [T, T], only with a learned placement score) is kept for its link
+    load."""
     done, done2 = end.done, end.done[:, None]
     return EngineState(
         slot_request=jnp.where(done, -1, state.slot_request),
