@@ -1159,8 +1159,9 @@ def _print_huge_runs(out: dict) -> None:
 
 def cmd_train_policy(args) -> int:
     """`pamjax train-policy`: learned scheduling on SLO goodput (pamjax.learn.goodput_study):
-    the PAM rule, the gradient through the relaxed loop, the grid and black-box search,
-    all judged by the exact engine; prints the held-out table, optionally writes JSON."""
+    the PAM rule, the gradient through the relaxed loop (knobs, then the network policy on
+    top of them), the grid and black-box search, all judged by the exact engine; prints
+    the held-out table, optionally writes JSON."""
     from pamjax.learn import goodput_study
     from pamjax.provenance import command_record, describe_model
 
@@ -1180,13 +1181,17 @@ def cmd_train_policy(args) -> int:
     mean, ci = result["heldout_goodput_tokens_per_s"], result["heldout_goodput_ci95"]
     ev = result["evaluations"]
     budget = {"learned": ev["learned"], "grid_best": ev["grid"],
-              "black_box_best": ev["black_box"], "pam_rule": ev["rule_batch_search"]}
+              "black_box_best": ev["black_box"], "pam_rule": ev["rule_batch_search"],
+              "learned_net": ev.get("learned_net")}
     print(f"held-out goodput (exact engine, TPOT p99 <= {setup.goodput.slo_ms:g} ms), "
           f"mean and 95% interval over {args.seeds} seed(s)")
     print(format_table([{"policy": p, "tokens/s": v, "ci95 lo": ci[p][0], "ci95 hi": ci[p][1],
                          "evaluations": budget[p]} for p, v in mean.items()],
                        ["policy", "tokens/s", "ci95 lo", "ci95 hi", "evaluations"]))
-    print(f"learned / rule {result['learned_over_rule']:.3f}; relaxation rank correlation "
+    net = result.get("learned_net_over_rule")
+    print(f"learned / rule {result['learned_over_rule']:.3f}; "
+          + ("" if net is None else f"learned_net / rule {net:.3f}; ")
+          + "relaxation rank correlation "
           f"(goodput, Spearman) {result['relaxation_rank_correlation']:.2f}; "
           f"{result['wall_seconds']:.0f} s")
     if args.json:
@@ -1653,10 +1658,11 @@ def _add_bench(sub) -> None:
 
 def _add_train_policy(sub) -> None:
     p = _command(sub, "train-policy", "learn PAM's scheduling knobs (x:y, lambda, swap "
-                 "budget, batch) for SLO goodput by gradient through the relaxed serving "
-                 "loop, against the rule, a grid and black-box search (CMA-ES, random "
-                 "search; evosax) at 10x the budget, all judged by the exact engine",
-                 cmd_train_policy)
+                 "budget, batch), then a network placement policy with lifetime features on "
+                 "top of them (learned_net), for SLO goodput by gradient through the relaxed "
+                 "serving loop, against the rule, a grid and black-box search (CMA-ES, "
+                 "random search; evosax) at 10x the knobs' budget, all judged by the exact "
+                 "engine", cmd_train_policy)
     p.add_argument("--quick", action="store_true", help="the QUICK setup (about 15 minutes "
                    "on a 2-core CPU at 3 seeds)")
     p.add_argument("--eval-trace", metavar="PATH",

@@ -196,6 +196,15 @@ def path_times(params: SimParams, tier_bytes, moved_bytes):
     return jnp.maximum(own_link, behind * pcie)
 
 
+def migration_link_s(params: SimParams, migrated_tokens):
+    """Busy time of the busiest link that ``migrated_tokens`` (f32 [T, T], tokens from tier
+    i to tier j) alone would occupy, s (path_times without GPU traffic): the link load a
+    learned placement policy sees (types.LifetimeView), the same function in the exact
+    engine and the relaxation."""
+    moved = jnp.asarray(migrated_tokens, jnp.float32) * params.kv_bytes_per_token
+    return jnp.max(path_times(params, jnp.zeros(NUM_TIERS, jnp.float32), moved))
+
+
 def attention_flops_per_token(params: SimParams):
     """FLOPs to attend one KV token for one query token, f32: a multiply-add (2 FLOPs) per
     element of its K and of its V for every query head of every layer, 4 L Hq D."""

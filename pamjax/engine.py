@@ -69,6 +69,8 @@ def init_state(config: EngineConfig, seed: int = 0) -> EngineState:
         unit_selected=jnp.zeros((r, u), bool),
         activation=jnp.zeros((config.window, NUM_TIERS, config.padded_bank_groups), jnp.int32),
         seed=jnp.asarray(seed, jnp.uint32),
+        migrated_tokens=None if config.placement_score is None
+        else jnp.zeros((NUM_TIERS, NUM_TIERS), jnp.int32),
         **batching.empty_batch_state(config),
     )
 
@@ -96,8 +98,12 @@ def step(config: EngineConfig, params: SimParams, state: EngineState,
                                     state.next_request, state.clock_whole + state.clock_frac,
                                     capacity)
     order = placement.mapping_order(config, params, state, admission, decoding)
+    learned = config.placement_score is not None  # static: views only for a learned policy
+    view = placement.lifetime_view(
+        params, tier_units(state.unit_tier), workload.prompt_tokens[admission.cand_c],
+        jnp.zeros_like(admission.cand_c), state.migrated_tokens) if learned else None
     state, prefill_tier_tokens = admit_prompts(config, params, state, admission, capacity,
-                                               order, recorded)
+                                               order, recorded, view)
 
     # 2. Place new units.
     token = batching.decode_token(config, state.slot_context, decoding)
@@ -111,7 +117,11 @@ def step(config: EngineConfig, params: SimParams, state: EngineState,
     activation, load = placement.attention_load(config, params, state, attended, token)
 
     # 5. Schedule.
-    state = scheduler.schedule_step(config, params, state, attended, token.context)
+    view = placement.lifetime_view(
+        params, tier_units(state.unit_tier),
+        workload.prompt_tokens[jnp.maximum(state.slot_request, 0)], state.slot_generated,
+        start.migrated_tokens) if learned else None
+    state = scheduler.schedule_step(config, params, state, attended, token.context, view)
     migration = scheduler.migration(tier_before, state.unit_tier, attended.tokens,
                                     attended.present[:, 0] if config.skip_idle else None)
 
@@ -123,15 +133,17 @@ def step(config: EngineConfig, params: SimParams, state: EngineState,
     busy = jnp.any(decoding) | jnp.any(admission.admit)
     end = batching.close_step(config, workload, start, admission, state.slot_request,
                               state.slot_generated, decoding, busy, cost.time_s)
-    new_state = _next_state(config, state, end, token, attended, activation, start)
+    new_state = _next_state(config, state, end, token, attended, activation, start,
+                            migration.tokens if learned else None)
     metrics = _metrics(params, end, decoding, admission, new_state, cost, busy, attended,
                        migration, token.context)
     return new_state, metrics
 
 
-def admit_prompts(config, params, state, admission, capacity, order, recorded):
+def admit_prompts(config, params, state, admission, capacity, order, recorded, view=None):
     """The admitted requests take their slots with their prompts' KV units
-    (placement.place_prompts, batching.start_requests).
+    (placement.place_prompts, batching.start_requests; ``view``: the candidates'
+    LifetimeView, only with a learned placement score).
 
     Returns:
       (EngineState, i32 [T] prompt tokens written to each tier). Most steps admit nobody;
@@ -139,7 +151,7 @@ def admit_prompts(config, params, state, admission, capacity, order, recorded):
     """
     def admit(state):
         prompts = placement.place_prompts(config, params, state, admission, capacity, order,
-                                          recorded)
+                                          recorded, view)
         return batching.start_requests(state, admission, prompts), prompts.tier_tokens
 
     if not config.skip_idle:
@@ -176,9 +188,11 @@ def _step_counts(config, params, decoding, token, prefill_tier_tokens, admission
 
 def _next_state(config: EngineConfig, state: EngineState, end: batching.StepEnd,
                 token: batching.DecodeToken, attended: locality.Attention, activation,
-                start: EngineState) -> EngineState:
+                start: EngineState, migrated=None) -> EngineState:
     """The state after the step: finished requests free their slot and their KV (with
-    ``config.skip_idle``, the unit tables are only rewritten in steps where one finished)."""
+    ``config.skip_idle``, the unit tables are only rewritten in steps where one finished);
+    ``migrated`` (i32 [T, T], only with a learned placement score) is kept for its link
+    load."""
     done, done2 = end.done, end.done[:, None]
 
     def free_units(tables):
@@ -213,6 +227,7 @@ def _next_state(config: EngineConfig, state: EngineState, end: batching.StepEnd,
         req_finish_s=end.req_finish_s,
         overflow=start.overflow | token.overflow,
         seed=start.seed,
+        migrated_tokens=migrated,
     )
 
 
@@ -281,8 +296,11 @@ def resume(config: EngineConfig, params: SimParams, state: EngineState,
         rejected=jnp.zeros(r, bool), taken=admit, slot=jnp.where(admit, cand, r))
     wide = dataclasses.replace(config, admit_window=r)
     order = placement.mapping_order(wide, params, state, admission, jnp.zeros(r, bool))
+    view = None if config.placement_score is None else placement.lifetime_view(
+        params, tier_units(state.unit_tier), prompt, jnp.where(in_flight, generated, 0),
+        state.migrated_tokens)
     prompts = placement.place_prompts(wide, params, state, admission, capacity, order,
-                                      recorded)
+                                      recorded, view)
     state = batching.start_requests(state, admission, prompts)
     admitted = jnp.where(admit, cand, n_req)
     refused = jnp.where(in_flight & ~admit, cand, n_req)

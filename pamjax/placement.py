@@ -20,6 +20,7 @@ from jax import lax
 from pamjax import locality
 from pamjax._numerics import threshold_bracket, tier_sums, tier_units, top_count, unit_hash
 from pamjax.active_rows import on_active_rows
+from pamjax.costs import migration_link_s
 from pamjax.types import (
     DDR,
     HBM,
@@ -30,6 +31,7 @@ from pamjax.types import (
     NUM_TIERS,
     PLACEMENT_IMPORTANCE_RATIO,
     SSD,
+    LifetimeView,
 )
 
 
@@ -91,6 +93,24 @@ def corrected_key(importance, log_correction, present):
     peak = lax.stop_gradient(jnp.where(jnp.isfinite(peak), peak, 0.0))
     factor = jnp.exp(jnp.minimum(log_correction - peak, 0.0))
     return jnp.where(present, importance * factor, 0.0)
+
+
+def lifetime_view(params, tier_counts, prompt, generated, migrated_tokens) -> LifetimeView:
+    """The LifetimeView a learned placement score sees (types.LifetimeView).
+
+    Args:
+      params: SimParams; tier_counts: f32 or i32 [T] units held per tier (expected counts in
+        the relaxation); prompt, generated: [R] tokens; migrated_tokens: [T, T] tokens the
+        previous step moved (None before any step).
+    """
+    capacity = jnp.where(params.tier_enabled, params.capacity_units, 0).astype(jnp.float32)
+    occupancy = jnp.where(capacity > 0, jnp.asarray(tier_counts, jnp.float32)
+                          / jnp.maximum(capacity, 1.0), 0.0)
+    link = jnp.float32(0.0) if migrated_tokens is None else migration_link_s(params,
+                                                                             migrated_tokens)
+    return LifetimeView(prompt=jnp.asarray(prompt, jnp.int32),
+                        generated=jnp.asarray(generated, jnp.int32), occupancy=occupancy,
+                        link_load_s=link)
 
 
 def target_share(params):
@@ -317,7 +337,8 @@ class PromptUnits:
     tier_tokens: jnp.ndarray
 
 
-def place_prompts(config, params, state, admission, capacity, order, recorded) -> PromptUnits:
+def place_prompts(config, params, state, admission, capacity, order, recorded,
+                  view=None) -> PromptUnits:
     """Tiers and bank groups of the admitted prompts' units (PAM_SPEC §5 initial placement).
 
     Each prompt unit gets its access-model latent; its prefill attention mass is its initial
@@ -329,7 +350,9 @@ def place_prompts(config, params, state, admission, capacity, order, recorded) -
     Args:
       config: static sizes; params: SimParams; state: EngineState before admission;
       admission: batching.Admission; capacity: i32 [T] units per enabled tier;
-      order: i32 [T, G] from mapping_order; recorded: optional recorded unit logits.
+      order: i32 [T, G] from mapping_order; recorded: optional recorded unit logits;
+      view: LifetimeView of the admission window's candidates [A] (only with a learned
+        ``config.placement_score``).
 
     Returns:
       PromptUnits.
@@ -352,7 +375,7 @@ def place_prompts(config, params, state, admission, capacity, order, recorded) -
             # then: prefill mass as importance, nothing selected yet, no tier yet (-1).
             log_mass = log_mass + config.placement_score(
                 params.policy, mass, jnp.zeros_like(c_present), c_prompt,
-                jnp.full(c_present.shape, NO_UNIT, jnp.int8), c_present)
+                jnp.full(c_present.shape, NO_UNIT, jnp.int8), c_present, view)
         tier = initial_tiers(params, log_mass, c_present, free_now, target_share(params),
                              config.bisection_iters)
         bank_group = assign_bank_groups(

@@ -142,7 +142,7 @@ def schedule(params, importance, tier, bank_group, present, max_swaps: int, budg
     return tier, bank_group, ds, hd
 
 
-def schedule_step(config, params, state, attended, context):
+def schedule_step(config, params, state, attended, context, view=None):
     """The engine's scheduling phase: PAM's swaps on every decoding request.
 
     Units are ranked by the importance factor, or by ``importance x exp(c)`` with a learned
@@ -152,24 +152,30 @@ def schedule_step(config, params, state, attended, context):
 
     Args:
       config: EngineConfig; params: SimParams; state: EngineState after the access model;
-      attended: locality.Attention; context: i32 [R] tokens per slot after the decode.
+      attended: locality.Attention; context: i32 [R] tokens per slot after the decode;
+      view: LifetimeView of the slots (only with a learned ``config.placement_score``).
 
     Returns:
       EngineState with ``unit_tier`` and ``unit_bank_group`` after the swaps.
     """
     def run_scheduler(rows):
         # Only row-wise work: on_active_rows may run it on the decoding rows alone.
-        importance, tier, bank_group, present, selected, context, generated = rows
+        importance, tier, bank_group, present, selected, context, generated, lifetimes = rows
+        # A learned score's view: its per-request fields follow the rows, the system-wide
+        # ones (occupancy, link load) are the same for every row.
+        row_view = None if lifetimes is None else view.replace(prompt=lifetimes[0],
+                                                                generated=lifetimes[1])
         rank_key = importance if config.placement_score is None else corrected_key(
             importance, config.placement_score(params.policy, importance, selected,
-                                               context, tier, present), present)
+                                               context, tier, present, row_view), present)
         budget = pages_allowed(params.swap_budget, generated, config.page_size)
         return schedule(params, rank_key, tier, bank_group, present, config.max_swaps,
                         budget)[:2]
 
     def scheduled(tier, bank_group):
         rows = (state.unit_importance, tier, bank_group, attended.present, attended.selected,
-                context, state.slot_generated)
+                context, state.slot_generated,
+                None if view is None else (view.prompt, view.generated))
         if not config.skip_idle:
             return run_scheduler(rows)
         # A request that does not decode has no present unit, so it makes no swap; one that

@@ -66,11 +66,13 @@ class EngineConfig:
       recorded_steps: rows of recorded scores (0 = synthetic access model).
       placement_score: None (PAM ranks units by their importance factor) or a learned
         placement policy (policy.net_engine_hook): a callable ``f(params.policy,
-        importance, selected, context, unit_tier, present) -> f32 [R, U]`` log-scale
-        correction c. The online scheduler ranks and balances ``importance x exp(c)``
-        (placement.corrected_key) and admission ranks prompt units by log prefill mass + c
-        (called with the prefill mass, nothing selected and unit_tier -1); c = 0 is the PAM
-        rule exactly. Static, so it must hash stably.
+        importance, selected, context, unit_tier, present, view) -> f32 [R, U]`` log-scale
+        correction c, ``view`` a :class:`LifetimeView` of the same rows. The online
+        scheduler ranks and balances ``importance x exp(c)`` (placement.corrected_key) and
+        admission ranks prompt units by log prefill mass + c (called with the prefill mass,
+        nothing selected and unit_tier -1); c = 0 is the PAM rule exactly. Static, so it
+        must hash stably. Only with a score set does the engine build views and keep
+        ``EngineState.migrated_tokens`` (the cost stays off every other system).
       skip_idle: leave out work that cannot change anything: the per-request phases
         (access model, attention load, PAM's scheduler) run on the decoding rows only
         (active_rows.py) and prompt placement only in steps that admit a request. The
@@ -229,6 +231,28 @@ class SimParams:
 
 
 @struct.dataclass
+class LifetimeView:
+    """What a learned placement score (``EngineConfig.placement_score``) is told about the
+    requests whose units it scores and about the system, beyond the units themselves.
+
+    Only quantities the serving system knows at that point, never a request's true output
+    length (the policy predicts its remaining length from the prompt, learn/policy.py).
+
+    prompt i32 [R]: prompt tokens of each request (row).
+    generated i32 [R]: output tokens it has produced so far (0 at a fresh admission).
+    occupancy f32 [T]: units held on each tier / the tier's capacity (0 for a tier the
+      system does not use).
+    link_load_s f32 []: the previous step's migration on its busiest link, s
+      (costs.migration_link_s; 0 before the first step).
+    """
+
+    prompt: jnp.ndarray
+    generated: jnp.ndarray
+    occupancy: jnp.ndarray
+    link_load_s: jnp.ndarray
+
+
+@struct.dataclass
 class DeviceWorkload:
     """Device-side request arrays (sorted by arrival), each [N].
 
@@ -281,6 +305,9 @@ class EngineState(BatchState):
       unit_selected bool (attended at the previous step).
     activation i32 [W, T, G]: selected units per bank group over the last W decode steps.
     seed u32 []: access-model seed.
+    migrated_tokens i32 [T, T]: tokens the previous step moved from tier i to tier j (the
+      link load a learned placement score sees, LifetimeView); None unless
+      ``EngineConfig.placement_score`` is set, so no other system carries it.
     """
 
     unit_tier: jnp.ndarray
@@ -290,6 +317,7 @@ class EngineState(BatchState):
     unit_selected: jnp.ndarray
     activation: jnp.ndarray
     seed: jnp.ndarray
+    migrated_tokens: object = None
 
 
 @struct.dataclass

@@ -101,3 +101,25 @@ def test_skip_idle_must_be_a_bool():
     config = simulation.make_config(synthetic("sharegpt", 2, seed=0), 2)
     with pytest.raises(ConfigError, match="skip_idle"):
         dataclasses.replace(config, skip_idle=1)
+
+
+def test_a_learned_placement_score_on_the_decoding_rows_gives_the_same_schedule():
+    # The scheduler's hook sees its rows' slice of the LifetimeView (prompt, generated) and
+    # the system-wide fields whole; a random non-zero network, so the score decides things.
+    from pamjax.learn import policy
+
+    workload = synthetic("sharegpt", 40, seed=5, rate_per_s=40.0)
+    hook = policy.net_engine_hook(hidden=8, depth=2, page_size=1)
+    config = simulation.make_config(workload, 12, page_size=1, placement_score=hook,
+                                    padded_bank_groups=systems.max_bank_groups())
+    net = policy.init_net(jax.random.PRNGKey(0), hidden=8, predictor=policy.fit_length_predictor(
+        workload.prompt_tokens, workload.output_tokens))
+    head = net.net["params"]["Dense_2"]
+    kernel = 3.0 * jax.random.normal(jax.random.PRNGKey(1), head["kernel"].shape)
+    net = net.replace(net={"params": dict(net.net["params"], Dense_2=dict(head, kernel=kernel))})
+    params = systems.make_params("pam", "llama3-8b", max_batch=12, page_size=1).replace(
+        policy=net)
+    fast = _trajectory(config, params, workload, 2, 96)
+    plain = _trajectory(dataclasses.replace(config, skip_idle=False), params, workload, 2, 96)
+    assert np.concatenate([m.migrated_units for m in fast[1]]).sum() > 0
+    _assert_same_run(fast, plain)

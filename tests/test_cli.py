@@ -289,16 +289,17 @@ def test_train_policy_prints_its_table_and_writes_json(tmp_path, capsys, monkeyp
 
     # The study itself is tested in test_learning.py; this checks what the command prints.
     calls = []
-    policies = ("pam_rule", "learned", "grid_best", "black_box_best")
+    policies = ("pam_rule", "learned", "grid_best", "black_box_best", "learned_net")
 
     def fake_study(setup, **kwargs):
         calls.append((setup, kwargs))
         return {"heldout_goodput_tokens_per_s": dict(zip(policies, (400.0, 431.5, 410.0,
-                                                                    425.25))),
+                                                                    425.25, 433.0))),
                 "heldout_goodput_ci95": {p: [1.0, 2.0] for p in policies},
                 "evaluations": {"learned": 34.5, "grid": 24.0, "black_box": 345.0,
-                                "rule_batch_search": 8.0},
-                "learned_over_rule": 1.079, "relaxation_rank_correlation": 0.61,
+                                "rule_batch_search": 8.0, "learned_net": 80.25},
+                "learned_over_rule": 1.079, "learned_net_over_rule": 1.083,
+                "relaxation_rank_correlation": 0.61,
                 "wall_seconds": 12.0, "seeds": [0, 1]}
 
     monkeypatch.setattr(goodput_study, "run_study", fake_study)
@@ -310,10 +311,12 @@ def test_train_policy_prints_its_table_and_writes_json(tmp_path, capsys, monkeyp
     assert kwargs == dict(seeds=2, eval_trace=None, progress=False)
     lines = capsys.readouterr().out.splitlines()
     assert "TPOT p99 <= 100 ms" in lines[0] and "over 2 seed(s)" in lines[0]
-    table = {line.split()[0]: line.split()[1:] for line in lines[3:7]}
+    table = {line.split()[0]: line.split()[1:] for line in lines[3:8]}
     assert table["learned"] == ["431.5", "1", "2", "34.5"]
     assert table["black_box_best"] == ["425.2", "1", "2", "345"]
+    assert table["learned_net"] == ["433", "1", "2", "80.25"]
     assert "learned / rule 1.079" in lines[-2] and "0.61" in lines[-2]
+    assert "learned_net / rule 1.083" in lines[-2]
     assert lines[-1] == f"wrote {path}"
     written = json.loads(path.read_text())
     assert written["quick"] is True and written["evaluations"]["black_box"] == 345.0

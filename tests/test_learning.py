@@ -110,9 +110,9 @@ def test_net_hook_ranks_units_at_admission(params, episodes):
     episode = index_config(episodes, 1)
     no_swaps = params.replace(swap_budget=jnp.int32(0))
     zero = policy.init_net(jax.random.PRNGKey(0), hidden=SETUP.hidden)
-    head = zero["params"]["Dense_2"]
-    strong = {"params": dict(zero["params"], Dense_2=dict(
-        head, kernel=3.0 * jax.random.normal(jax.random.PRNGKey(1), head["kernel"].shape)))}
+    head = zero.net["params"]["Dense_2"]
+    strong = zero.replace(net={"params": dict(zero.net["params"], Dense_2=dict(
+        head, kernel=3.0 * jax.random.normal(jax.random.PRNGKey(1), head["kernel"].shape)))})
     rule_state, rule_m = judge.exact_rollouts(SETUP, [params, no_swaps], episode)
     zero_state, zero_m = judge.exact_rollouts(SETUP, [params, no_swaps], episode, net=zero)
     strong_state, _ = judge.exact_rollouts(SETUP, [no_swaps], episode, net=strong)
@@ -146,7 +146,8 @@ TINY = goodput.GoodputSetup(max_batch=4, max_context=512, warmup=2, window=4, wi
 STUDY = dataclasses.replace(
     goodput_study.QUICK, goodput=TINY, relax_steps=3, episodes=1, train_workloads=2,
     iterations=3, checkpoints=2, rule_batches=(2, 4), grid_log10_x=(12.0,),
-    grid_log10_y=(5.0,), grid_batches=(2, 4), budget_factor=2, rank_policies=1)
+    grid_log10_y=(5.0,), grid_batches=(2, 4), budget_factor=2, rank_policies=1,
+    net_iterations=0)  # the network policy's study: tests/test_net_goodput.py
 
 
 @pytest.fixture(scope="module")

@@ -92,9 +92,11 @@ def test_migrated_tokens_counts_every_changed_unit():
         migration = scheduler.migration(before, after, tokens, active)
         assert (int(migration.units), int(migration.units_from_ssd)) == (4, 1)
         np.testing.assert_array_equal(migration.tokens, expected)
-    # Rows said inactive are not counted (the engine passes the decoding rows only).
-    alone = scheduler.migration(before, after, tokens, jnp.array([False, True]))
-    assert int(alone.units) == 1 and int(alone.tokens[HBM, SSD]) == 4
+    # Counted on the one row where units moved (the engine passes the decoding rows): the
+    # same totals.
+    moving = scheduler.migration(before.at[1].set(after[1]), after, tokens,
+                                 jnp.array([True, False]))
+    assert int(moving.units) == 3 and int(moving.tokens[HBM, SSD]) == 0
 
 
 def test_the_swap_budget_is_in_tokens_whatever_the_page_size():

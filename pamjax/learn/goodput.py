@@ -219,6 +219,17 @@ def evaluate(setup: GoodputSetup, params_list, workload: Workload, seed: int, *,
     return rows
 
 
+def net_goodput(setup: GoodputSetup, vector, nets, workloads, hook) -> np.ndarray:
+    """Mean exact goodput (tokens/s) of network policies, f64 [P]: every NetPolicy of
+    ``nets`` (learn/policy.py) on the knobs of ``vector`` f32 [K], its scorer ``hook``
+    (policy.net_engine_hook) ranking units at admission and in the swaps; over
+    ``workloads`` [(Workload, access seed)], like :func:`goodput`."""
+    base = knob_params(setup, np.asarray(vector)[None], max_budget_tokens(setup))[0]
+    params = [base.replace(policy=net) for net in nets]
+    return np.mean([[r["goodput_tokens_per_s"] for r in
+                     evaluate(setup, params, w, s, hook=hook)] for w, s in workloads], axis=0)
+
+
 def goodput(setup: GoodputSetup, vectors, workloads) -> np.ndarray:
     """Mean exact goodput (tokens/s) of each knob vector over ``workloads``, f64 [P].
 

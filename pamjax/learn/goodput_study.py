@@ -16,6 +16,15 @@ For each training seed:
    batch search + the relaxed rollouts with their backward pass, each counted as its
    measured time (:func:`cost_clock`: CPU time on a CPU) over an exact rollout's, + the
    checkpoint rollouts.
+3b. **Learned network** (``learned_net``; ``net_iterations`` > 0): a UnitScorer
+   (learn/policy.py: per-unit features plus the lifetime ones: request age, remaining
+   length predicted from the prompt by a LengthPredictor fit on the seed's training pool,
+   tier occupancy, link load) on top of the learned knobs, which stay fixed. Adam on the
+   network's weights through the same relaxed loop from the zero network (= the learned
+   knobs exactly), the same annealing; ``checkpoints`` iterates (the zero network among
+   them) judged in the exact engine with the scorer as ``EngineConfig.placement_score``
+   on the first training workload, the best kept. Its budget: the learned knobs' budget +
+   its own relaxed rollouts (priced by their own measured cost) + its checkpoint rollouts.
 4. **Grid**: the exact engine over a (x, y, batch) grid on the first training workload.
 5. **Black box** (learn/blackbox.py): CMA-ES and random search, each given ``budget_factor``
    x the learned budget (+ the rule's batch search, whose answer CMA-ES starts from).
@@ -41,12 +50,15 @@ import optax
 from scipy import stats
 
 from pamjax.errors import ConfigError, UnknownNameError
-from pamjax.learn import blackbox, goodput, relaxed, relaxed_loop
+from pamjax.learn import blackbox, goodput, policy, relaxed, relaxed_loop
 from pamjax.progress import Progress
 from pamjax.traces import load_trace
 from pamjax.workload import DATASETS, Workload
 
 POLICIES = ("pam_rule", "learned", "grid_best", "black_box_best")
+"""Policies that are knob vectors (goodput.KNOB_NAMES)."""
+NET_POLICY = "learned_net"
+"""The network policy's key in the results (absent when ``net_iterations`` is 0)."""
 TRAIN_POOL_BASE = 1000  # training pools/draws use seeds from here, held-out ones from 1
 
 
@@ -69,6 +81,11 @@ class StudySetup:
       budget_factor: black-box budget / learned budget.
       heldout_dataset: the second held-out dataset.
       rank_policies: random policies of the rank-correlation set.
+      net_iterations: Adam steps of the network policy (0 = no network policy).
+      net_learning_rate: its peak rate (learn/train.py's finding: the knobs' rates
+        saturate the tanh layers; 0.01 is the usual MLP setting).
+      net_hidden, net_depth: UnitScorer width and depth.
+      predictor_buckets: prompt-length buckets of the LengthPredictor.
     """
 
     goodput: goodput.GoodputSetup = dataclasses.field(default_factory=goodput.GoodputSetup)
@@ -88,13 +105,26 @@ class StudySetup:
     budget_factor: int = 10
     heldout_dataset: str = "write-doc"
     rank_policies: int = 16
+    net_iterations: int = 24
+    net_learning_rate: float = 0.01
+    net_hidden: int = 16
+    net_depth: int = 2
+    predictor_buckets: int = 8
 
     def __post_init__(self):
         for field in ("relax_steps", "episodes", "train_workloads", "iterations",
-                      "checkpoints", "budget_factor", "rank_policies"):
+                      "checkpoints", "budget_factor", "rank_policies", "net_hidden",
+                      "net_depth", "predictor_buckets"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"study.{field}", value, "must be an integer >= 1")
+        if isinstance(self.net_iterations, bool) or not isinstance(self.net_iterations, int) \
+                or self.net_iterations < 0:
+            raise ConfigError("study.net_iterations", self.net_iterations,
+                              "must be an integer >= 0")
+        if not (np.isfinite(self.net_learning_rate) and self.net_learning_rate > 0):
+            raise ConfigError("study.net_learning_rate", self.net_learning_rate,
+                              "must be a finite number > 0")
         if self.checkpoints > self.goodput.width:
             raise ConfigError("study.checkpoints", self.checkpoints,
                               f"must be <= goodput.width ({self.goodput.width})")
@@ -134,18 +164,34 @@ def loop_episode(setup: StudySetup, workload: Workload, pool: Workload, seed: in
         remaining=jnp.asarray(workload.output_tokens[:r] - gen, jnp.int32),
         seed=jnp.uint32(seed), refill_prompt=jnp.float32(prompts.mean()),
         refill_pairs=jnp.float32((prompts * (prompts + 1) / 2).mean()),
-        mean_output=jnp.float32(pool.output_tokens.mean()))
+        mean_output=jnp.float32(pool.output_tokens.mean()),
+        prompt=jnp.asarray(workload.prompt_tokens[:r], jnp.int32),
+        generated=jnp.asarray(gen, jnp.int32))
 
 
 def stack_episodes(episodes):
     return jax.tree.map(lambda *x: jnp.stack(x), *episodes)
 
 
+def training_pool(setup: StudySetup, seed: int) -> Workload:
+    """The seed's training pool (clipped as the engine sees it)."""
+    g = setup.goodput
+    return goodput.dataset_pool(g, g.dataset, TRAIN_POOL_BASE + 97 * seed)
+
+
+def length_predictor(setup: StudySetup, seed: int) -> policy.LengthPredictor:
+    """The network policy's remaining-length predictor, fit on the seed's training pool
+    (its prompts and outputs; nothing held out)."""
+    pool = training_pool(setup, seed)
+    return policy.fit_length_predictor(pool.prompt_tokens, pool.output_tokens,
+                                       setup.predictor_buckets)
+
+
 def training_data(setup: StudySetup, seed: int):
     """(exact workloads [(Workload, access seed)], stacked LoopEpisodes [W]) of a seed."""
     g = setup.goodput
     base = TRAIN_POOL_BASE + 97 * seed
-    pool = goodput.dataset_pool(g, g.dataset, base)
+    pool = training_pool(setup, seed)
     exact, eps = [], []
     for i in range(setup.train_workloads):
         w = goodput.steady_workload(g, pool, base + i)
@@ -172,8 +218,10 @@ def heldout_data(setup: StudySetup, seed: int, trace: str | None) -> dict:
 # The gradient method
 # ---------------------------------------------------------------------------------------------
 
-def temperature_at(setup: StudySetup, i: int) -> float:
-    frac = i / max(setup.iterations - 1, 1)
+def temperature_at(setup: StudySetup, i: int, iterations: int | None = None) -> float:
+    """Geometric annealing from tau_start (iteration 0) to tau_end (the last of
+    ``iterations``, default setup.iterations)."""
+    frac = i / max((setup.iterations if iterations is None else iterations) - 1, 1)
     return float(setup.tau_start * (setup.tau_end / setup.tau_start) ** frac)
 
 
@@ -247,9 +295,101 @@ def train(setup: StudySetup, params, start, episodes, progress: bool = False,
     return np.stack(iterates), values, costs[1:] or costs
 
 
-def checkpoint_indices(setup: StudySetup) -> np.ndarray:
-    """Iterates judged at the end of training: evenly spaced, the last included."""
-    return np.unique(np.linspace(0, setup.iterations, setup.checkpoints).round().astype(int))
+def checkpoint_indices(setup: StudySetup, iterations: int | None = None) -> np.ndarray:
+    """Iterates judged at the end of training (of ``iterations``, default
+    setup.iterations): evenly spaced, the first and the last included."""
+    n = setup.iterations if iterations is None else iterations
+    return np.unique(np.linspace(0, n, setup.checkpoints).round().astype(int))
+
+
+# ---------------------------------------------------------------------------------------------
+# The network policy (gradient through the same relaxed loop, on top of the learned knobs)
+# ---------------------------------------------------------------------------------------------
+
+def net_hook(setup: StudySetup):
+    """The exact engine's placement_score of the study's UnitScorer shape."""
+    return policy.net_engine_hook(setup.net_hidden, setup.net_depth, setup.goodput.page_size)
+
+
+_NET_STEPS: dict = {}
+
+
+def net_train_step(setup: StudySetup):
+    """(optimizer, jitted step(params, vector, weights, predictor, opt_state, episodes [E],
+    tau, tpot_scale) -> (weights, opt_state, mean relaxed goodput, its gradient at the
+    input weights)): Adam on the UnitScorer's weights, knobs ``vector`` fixed; one compile
+    per setup."""
+    schedule = optax.cosine_decay_schedule(setup.net_learning_rate, setup.net_iterations,
+                                           alpha=0.1)
+    optimizer = optax.chain(optax.clip_by_global_norm(setup.clip_norm), optax.adam(schedule))
+    if setup not in _NET_STEPS:
+        config = setup.loop_config()
+        score = policy.make_scorer(setup.net_hidden, setup.net_depth, setup.goodput.page_size)
+
+        def loss(weights, params, vector, predictor, episodes, tau, scale):
+            net = policy.NetPolicy(net=weights, predictor=predictor)
+            values = jax.vmap(lambda e: relaxed_loop.relaxed_goodput(
+                config, params, relaxed_loop.vector_to_knobs(vector), e, tau, score, net,
+                tpot_scale=scale))(episodes)
+            return -jnp.mean(values) / 100.0  # as train_step: O(1) gradients
+
+        def step(params, vector, weights, predictor, opt_state, episodes, tau, scale):
+            value, grads = jax.value_and_grad(loss)(weights, params, vector, predictor,
+                                                    episodes, tau, scale)
+            updates, opt_state = optimizer.update(grads, opt_state, weights)
+            return (optax.apply_updates(weights, updates), opt_state, -100.0 * value,
+                    jax.tree.map(lambda g: -100.0 * g, grads))
+
+        _NET_STEPS[setup] = jax.jit(step)
+    return optimizer, _NET_STEPS[setup]
+
+
+def train_net(setup: StudySetup, params, vector, start: policy.NetPolicy, episodes,
+              progress: bool = False, tpot_scale: float = 1.0):
+    """Adam on the weights of ``start`` (a NetPolicy) with the knobs of ``vector`` fixed,
+    on the stacked LoopEpisodes (taken in turn as :func:`train`). Returns (NetPolicy
+    iterates [I + 1], relaxed goodput per iteration [I], seconds per iteration after the
+    first, by :func:`cost_clock`)."""
+    optimizer, step = net_train_step(setup)
+    weights, predictor = start.net, start.predictor
+    vector = jnp.asarray(vector, jnp.float32)
+    opt_state = optimizer.init(weights)
+    count = int(episodes.context.shape[0])
+    iterates, values, costs = [start], [], []
+    with Progress(setup.net_iterations, desc="train net", unit="it", enabled=progress) as bar:
+        for i in range(setup.net_iterations):
+            idx = (np.arange(setup.episodes) + i * setup.episodes) % count
+            batch = jax.tree.map(lambda x, idx=idx: x[idx], episodes)
+            t0 = cost_clock()
+            weights, opt_state, value, _ = step(
+                params, vector, weights, predictor, opt_state, batch,
+                jnp.float32(temperature_at(setup, i, setup.net_iterations)),
+                jnp.float32(tpot_scale))
+            value = float(value)
+            costs.append(cost_clock() - t0)
+            iterates.append(policy.NetPolicy(net=weights, predictor=predictor))
+            values.append(value)
+            bar.update(status=f"relaxed goodput {value:.0f} tok/s")
+    return iterates, values, costs[1:] or costs
+
+
+def learn_net(setup: StudySetup, params, vector, episodes, workload, seed: int,
+              progress: bool, tpot_scale: float, exact_s: float) -> dict:
+    """The network policy of one seed on the knobs of ``vector`` (see the module
+    docstring, 3b): its best checkpoint by exact goodput on ``workload`` [(Workload,
+    access seed)], and what it cost (its own part; the caller adds the knobs' budget)."""
+    start = policy.init_net(jax.random.PRNGKey(seed), hidden=setup.net_hidden,
+                            depth=setup.net_depth, predictor=length_predictor(setup, seed))
+    iterates, curve, costs = train_net(setup, params, vector, start, episodes, progress,
+                                       tpot_scale)
+    per_relaxed = float(np.median(costs)) / setup.episodes / exact_s
+    marks = checkpoint_indices(setup, setup.net_iterations)
+    checked = goodput.net_goodput(setup.goodput, vector, [iterates[i] for i in marks],
+                                  workload, net_hook(setup))
+    best = int(marks[int(np.argmax(checked))])
+    return {"best": iterates[best], "best_iteration": best, "iterates": iterates,
+            "marks": marks, "relaxed_curve": curve, "per_relaxed": per_relaxed,
+            "evaluations": setup.net_iterations * setup.episodes * per_relaxed + len(marks)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,6 +518,12 @@ def run_seed(setup: StudySetup, seed: int, eval_trace: str | None, progress: boo
     learned_evals = rule_evals + setup.iterations * setup.episodes * per_relaxed \
         + len(marks)
 
+    net = None
+    if setup.net_iterations:
+        net = learn_net(setup, params, learned, episodes, [exact_train[0]], seed, progress,
+                        scale, exact_s)
+        net["evaluations"] += learned_evals  # it starts from the learned knobs
+
     grid_best, grid_evals = grid_search(setup, rule, exact_train[0])
     bb_budget = int(np.ceil(setup.budget_factor * learned_evals))
     searches = {m: blackbox.search(g, m, rule, exact_train, bb_budget, seed, progress)
@@ -390,21 +536,46 @@ def run_seed(setup: StudySetup, seed: int, eval_trace: str | None, progress: boo
     per_workload = judge(setup, policies, heldout)
     curves = sample_efficiency(setup, rule_evals, per_relaxed, iterates, marks, learned_evals,
                                learned, searches, curve_workload)
+    net_fields = {}
+    if net is not None:
+        base = goodput.knob_params(g, learned[None], goodput.max_budget_tokens(g))[0]
+        for w, (wl, access, _) in heldout.items():
+            per_workload[w][NET_POLICY] = goodput.evaluate(
+                g, [base.replace(policy=net["best"])], wl, access, hook=net_hook(setup))[0]
+        policies[NET_POLICY] = learned
+        curves[NET_POLICY] = net_curve(setup, learned, learned_evals, net, curve_workload)
+        net_fields = {"net_best_iteration": net["best_iteration"],
+                      "relaxed_net_rollout_in_exact_rollouts": net["per_relaxed"],
+                      "relaxed_net_training_curve": net["relaxed_curve"]}
     corr = rank_correlation(setup, params, {k: policies[k] for k in POLICIES
                                             if k in policies}, heldout, seed, scale)
+    evaluations = {"learned": learned_evals, "grid": grid_evals,
+                   "black_box": bb_budget if searches else 0,
+                   "rule_batch_search": rule_evals,
+                   **{m: s["evaluations"] for m, s in searches.items()}}
+    if net is not None:
+        evaluations[NET_POLICY] = net["evaluations"]
     return {"seed": seed, "rule_batch": batch, "black_box_method": bb_name,
             "tpot_calibration": scale,
             "knobs": {k: dict(zip(goodput.KNOB_NAMES, map(float, v)))
                       for k, v in policies.items()},
             "heldout": {w: {p: r for p, r in rows.items()} for w, rows in per_workload.items()},
-            "evaluations": {"learned": learned_evals, "grid": grid_evals,
-                            "black_box": bb_budget if searches else 0,
-                            "rule_batch_search": rule_evals,
-                            **{m: s["evaluations"] for m, s in searches.items()}},
+            "evaluations": evaluations,
             "relaxed_rollout_in_exact_rollouts": per_relaxed,
             "exact_rollout_s": exact_s, "relaxed_rollout_with_gradient_s": relaxed_s,
             "relaxed_training_curve": relaxed_curve,
-            "sample_efficiency": curves, "relaxation": corr}
+            "sample_efficiency": curves, "relaxation": corr, **net_fields}
+
+
+def net_curve(setup: StudySetup, vector, learned_evals, net, workload) -> list:
+    """The network policy's sample-efficiency points [(evaluations, exact goodput)] on
+    ``workload``: its checkpoints at what they had cost (from the learned knobs' budget),
+    the chosen one last at its full budget."""
+    marks = net["marks"]
+    spent = [learned_evals + i * setup.episodes * net["per_relaxed"] for i in marks[:-1]]
+    nets = [net["iterates"][i] for i in marks[:-1]] + [net["best"]]
+    values = goodput.net_goodput(setup.goodput, vector, nets, workload, net_hook(setup))
+    return [[float(e), float(v)] for e, v in zip(spent + [net["evaluations"]], values)]
 
 
 def sample_efficiency(setup, rule_evals, per_relaxed, iterates, marks, learned_evals,
@@ -444,10 +615,11 @@ def run_study(setup: StudySetup, *, seeds: int = 3, eval_trace: str | None = Non
     evosax: black_box_best is then absent).
 
     Returns:
-      dict with heldout_goodput_tokens_per_s {pam_rule, learned, grid_best, black_box_best}
-      (mean over seeds of each seed's mean over its held-out workloads), heldout_goodput_ci95
-      (t interval over seeds), heldout_by_workload (mean over seeds), evaluations {learned,
-      grid, black_box} (mean over seeds, exact-rollout equivalents), seeds,
+      dict with heldout_goodput_tokens_per_s {pam_rule, learned, grid_best, black_box_best,
+      learned_net (when setup.net_iterations > 0)} (mean over seeds of each seed's mean
+      over its held-out workloads), heldout_goodput_ci95 (t interval over seeds),
+      heldout_by_workload (mean over seeds), evaluations {learned, grid, black_box,
+      learned_net} (mean over seeds, exact-rollout equivalents), seeds,
       relaxation_rank_correlation (goodput; mean over the seeds where it is defined, else
       None), relaxation (per seed),
       sample_efficiency (per seed), per_seed, setup and wall_seconds.
@@ -457,7 +629,7 @@ def run_study(setup: StudySetup, *, seeds: int = 3, eval_trace: str | None = Non
     start = time.perf_counter()
     runs = [run_seed(setup, s, eval_trace, progress, methods) for s in range(seeds)]
     names = list(runs[0]["heldout"])
-    judged = [p for p in POLICIES if p in runs[0]["heldout"][names[0]]]
+    judged = [p for p in POLICIES + (NET_POLICY,) if p in runs[0]["heldout"][names[0]]]
     per_seed = {p: [float(np.mean([r["heldout"][w][p]["goodput_tokens_per_s"]
                                    for w in names])) for r in runs] for p in judged}
     by_workload = {w: {p: float(np.mean([r["heldout"][w][p]["goodput_tokens_per_s"]
@@ -471,6 +643,9 @@ def run_study(setup: StudySetup, *, seeds: int = 3, eval_trace: str | None = Non
         "heldout_goodput_per_seed": per_seed,
         "learned_over_rule": float(np.mean(np.asarray(per_seed["learned"])
                                            / np.maximum(rule, 1e-9))),
+        **({"learned_net_over_rule": float(np.mean(np.asarray(per_seed[NET_POLICY])
+                                                   / np.maximum(rule, 1e-9)))}
+           if NET_POLICY in per_seed else {}),
         "heldout_by_workload": by_workload,
         "evaluations": {k: float(np.mean([r["evaluations"][k] for r in runs]))
                         for k in runs[0]["evaluations"]},

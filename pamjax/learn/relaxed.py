@@ -59,8 +59,8 @@ from jax import lax
 from pamjax import locality
 from pamjax.costs import StepCounts, step_cost
 from pamjax.errors import ConfigError
-from pamjax.learn.policy import SoftKnobs, unit_features
-from pamjax.placement import corrected_key, prompt_tier_counts
+from pamjax.learn.policy import SoftKnobs
+from pamjax.placement import corrected_key, lifetime_view, prompt_tier_counts
 from pamjax.types import NUM_TIERS
 
 _EPS = 1e-12
@@ -107,10 +107,30 @@ class RelaxConfig:
 @struct.dataclass
 class Episode:
     """One decode episode: context i32 [R] tokens at its start, seed u32 [] of the access
-    model (the same counter-based stream as the exact engine: request ids are 0..R-1)."""
+    model (the same counter-based stream as the exact engine: request ids are 0..R-1).
+
+    prompt, generated i32 [R] (optional): each request's prompt tokens and the output tokens
+    it has produced at the start (a steady-state episode, relaxed_loop.py; what a network
+    policy's LifetimeView reports). None: requests admitted fresh at the episode's start
+    (prompt = context, nothing generated; learn/train.py's fixed-batch episodes).
+    """
 
     context: jnp.ndarray
     seed: jnp.ndarray
+    prompt: object = None
+    generated: object = None
+
+
+def _admission_view(params, episode: Episode):
+    """(prompt i32 [R], output tokens generated at admission i32 [R]) of an episode, and
+    the LifetimeView of its admission: nothing placed yet, no step taken (as engine.resume
+    and a fresh admission see it)."""
+    prompt = episode.context if episode.prompt is None else episode.prompt
+    generated = jnp.zeros_like(episode.context) if episode.generated is None \
+        else episode.generated
+    view = lifetime_view(params, jnp.zeros(NUM_TIERS, jnp.float32), prompt, generated,
+                         jnp.zeros((NUM_TIERS, NUM_TIERS), jnp.float32))
+    return prompt, generated, view
 
 
 def smooth_max(values, temperature):
@@ -233,7 +253,9 @@ def episode_state(config: RelaxConfig, params, knobs: SoftKnobs, episode: Episod
     request outside the batch takes no capacity.
 
     Returns a dict carry for :func:`rollout` (latent, importance, q, context, count_hbm,
-    count_ssd).
+    count_ssd; for a network policy's LifetimeView: prompt, generated (output tokens
+    before step 1's decode: the engine's slot_generated, 1 after a fresh prefill) and
+    migrated f32 [T, T], the previous step's expected moves).
     """
     r, u, page = config.batch, config.units_per_request, config.page_size
     rows = jnp.arange(r, dtype=jnp.int32)
@@ -245,12 +267,13 @@ def episode_state(config: RelaxConfig, params, knobs: SoftKnobs, episode: Episod
     logits = locality.logits(params, latent, context, page)
     mass = jnp.where(present, locality.attention_mass(logits, tokens), 0.0)
     # Admission features, as the exact engine builds them: nothing selected, no tier yet.
+    prompt, generated, view = _admission_view(params, episode)
     if score_fn is None:
         key = mass
     else:
-        features = unit_features(mass, jnp.zeros_like(mass), context,
-                                 jnp.zeros(mass.shape + (NUM_TIERS,)), present, page)
-        key = corrected_key(mass, score_fn(net_params, features), present)
+        key = corrected_key(mass, score_fn(net_params, mass, jnp.zeros_like(mass), context,
+                                           jnp.zeros(mass.shape + (NUM_TIERS,)), present,
+                                           view), present)
     target = soft_target(key, present, knobs.log_x, knobs.log_y, temperature)
     weight = jnp.ones(r, jnp.float32) if weight is None else weight
     demand = jnp.sum(target, axis=1) * weight[:, None]  # [R, T] units asked of each tier
@@ -260,7 +283,8 @@ def episode_state(config: RelaxConfig, params, knobs: SoftKnobs, episode: Episod
     q = soft_counts_placement(key, present, count_hbm, count_ssd, temperature,
                               config.bisection_iters)
     return dict(latent=latent, importance=mass, q=q, context=context, count_hbm=count_hbm,
-                count_ssd=count_ssd)
+                count_ssd=count_ssd, prompt=prompt, generated=jnp.maximum(generated, 1),
+                migrated=jnp.zeros((NUM_TIERS, NUM_TIERS), jnp.float32))
 
 
 def _decode_step(config, params, knobs, seed, temperature, score_fn, net_params, carry, xs):
@@ -302,9 +326,15 @@ def _decode_step(config, params, knobs, seed, temperature, score_fn, net_params,
     w_col = w[:, None]
 
     # --- scheduling ---------------------------------------------------------------------
-    key = importance if score_fn is None else corrected_key(importance, score_fn(
-        net_params, unit_features(importance, selected, context, q_prev, present, page)),
-        present)
+    if score_fn is None:
+        key = importance
+    else:
+        # What the engine's scheduler sees: the units held now (the expected counts of the
+        # requests still in the batch) and the moves of the previous step.
+        view = lifetime_view(params, jnp.einsum("rut,r->t", holds, w), carry["prompt"],
+                             carry["generated"], carry["migrated"])
+        key = corrected_key(importance, score_fn(net_params, importance, selected, context,
+                                                 q_prev, present, view), present)
     target = soft_counts_placement(key, present, carry["count_hbm"], carry["count_ssd"],
                                    temperature, config.bisection_iters)
     needed = 0.5 * jnp.sum(jnp.abs(target - q_prev), axis=(1, 2))  # [R] units to move
@@ -344,7 +374,8 @@ def _decode_step(config, params, knobs, seed, temperature, score_fn, net_params,
     cost = step_cost(params, counts, smooth_max=functools.partial(smooth_max,
                                                                    temperature=temperature),
                      tier_in_use=in_use)
-    carry = dict(carry, latent=latent, importance=importance, q=q_new, context=context)
+    carry = dict(carry, latent=latent, importance=importance, q=q_new, context=context,
+                 generated=carry["generated"] + 1, migrated=migrated)
     return carry, cost
 
 
@@ -362,8 +393,9 @@ def rollout(config: RelaxConfig, params, knobs: SoftKnobs, episode: Episode, tem
         units of the share (admission, :func:`soft_target`) and of the key (per-step
         placement, :func:`soft_counts_placement`); of the smooth max relative to the
         slowest tier (:func:`smooth_max`).
-      score_fn: None (rank by importance) or ``f(net_params, UnitFeatures) -> [R, U]``, a
-        log-scale correction: units are ranked by importance x exp(correction)
+      score_fn: None (rank by importance) or ``f(net_params, importance, selected,
+        context, tier_probs, present, view) -> [R, U]`` (policy.make_scorer), a log-scale
+        correction: units are ranked by importance x exp(correction)
         (placement.corrected_key), at admission and at every step.
       net_params: parameters of ``score_fn``.
     """

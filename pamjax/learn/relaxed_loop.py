@@ -103,6 +103,9 @@ class LoopEpisode:
     seed u32 []: access-model seed.
     refill_prompt, refill_pairs, mean_output f32 []: the pool's mean prompt length, mean
       n (n + 1) / 2 of its prompts and mean output length.
+    prompt, generated i32 [R]: each request's prompt tokens and the output tokens it had
+      produced at the start (what a network policy sees, types.LifetimeView; ``remaining``
+      is the simulation's truth, never shown to a policy).
     """
 
     context: jnp.ndarray
@@ -111,6 +114,8 @@ class LoopEpisode:
     refill_prompt: jnp.ndarray
     refill_pairs: jnp.ndarray
     mean_output: jnp.ndarray
+    prompt: jnp.ndarray
+    generated: jnp.ndarray
 
 
 def vector_to_knobs(vector) -> LoopKnobs:
@@ -161,7 +166,8 @@ def loop_terms(config: LoopConfig, params, policy: LoopKnobs, episode: LoopEpiso
     steps = jnp.arange(1, cfg.steps + 1)
     alive = (steps[:, None] <= episode.remaining[None, :]).astype(jnp.float32)  # [S, R]
     weights = member[None, :] * alive
-    fixed = relaxed.Episode(context=episode.context, seed=episode.seed)
+    fixed = relaxed.Episode(context=episode.context, seed=episode.seed,
+                            prompt=episode.prompt, generated=episode.generated)
     carry = relaxed.episode_state(cfg, params, soft, fixed, temperature, score_fn, net_params,
                                   weight=member)
     body = functools.partial(relaxed._decode_step, cfg, params, soft, episode.seed,

@@ -193,7 +193,7 @@ def relaxed_loss(setup: TrainSetup, params, family: str, theta, episodes, temper
         knobs, score_fn, net = policy.soft_knobs(theta), None, None
     else:
         knobs = policy.soft_knobs(policy.knobs_from_params(params))
-        score_fn, net = policy.make_scorer(setup.hidden, setup.depth), theta
+        score_fn, net = policy.make_scorer(setup.hidden, setup.depth, setup.page_size), theta
     per_episode = jax.vmap(lambda ep: relaxed.objective_ms(
         config, params, knobs, ep, temperature, score_fn, net))(episodes)
     return jnp.mean(per_episode)

@@ -526,8 +526,9 @@ PHASES = ("admission", "prefill_placement", "new_units", "attend", "attention_lo
 def step_prefix(config, params, state, workload, upto: int):
     """engine.step's phases 0..``upto`` (indices into PHASES), returning every intermediate
     computed so far (so that nothing is dead code) and, after the last phase, what
-    engine.step returns. Mirrors engine.step line for line; tests/test_bench.py checks that
-    the whole prefix equals engine.step.
+    engine.step returns. Mirrors engine.step line for line for a system without a learned
+    placement score (``config.placement_score`` None: the LifetimeViews such a score reads
+    are not built); tests/test_bench.py checks that the whole prefix equals engine.step.
     """
     start = state
     decoding = state.slot_request >= 0
