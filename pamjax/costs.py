@@ -180,8 +180,8 @@ def path_times(params: SimParams, tier_bytes, moved_bytes):
       moved_bytes: f32 [T, T] bytes migrated from tier i to tier j.
 
     Returns:
-      f32 [T]: each tier's path time, the busiest link on its path. A link's bytes: the tier's own device interfaces carry its GPU traffic and every move
-      touching it; the GPUs' PCIe carries the host-side tiers' GPU traffic and the moves
+      f32 [T]: each tier's path time, the busiest link on its path. A link's bytes: the
+      tier's own device interfaces carry its GPU traffic and every move touching it; the GPUs' PCIe carries the host-side tiers' GPU traffic and the moves
       between HBM and a host-side tier. Migration bytes count ``migration_slowdown`` times
       (a CPU re-layout is that much slower than the PAM interface).
     """

@@ -34,7 +34,7 @@ def test_unit_table_bytes_counts_every_unit_table_twice():
     assert bench.unit_table_bytes(config) == 2 * 12 * 4 * config.units_per_slot
 
 
-def test_skip_idle_comparison_reports_identical_states_and_a_speed_up():
+def test_skip_idle_comparison_reports_the_same_schedule_and_a_speed_up():
     out = bench.skip_idle_comparison(None, 12, 16, chunks=3, chunk_steps=32)
     assert out["same_schedule"] and out["float_max_relative_difference"] < 1e-6
     assert len(out["chunks"]) == 3 and out["speedup"] > 0

@@ -319,3 +319,25 @@ def test_pim_energy_counts_read_passes_and_gqa_arithmetic():
     fp8 = dataclasses.replace(get_model("llama3-70b"), kv_bytes_per_value=1)
     want = 8 * 1000 * 163840 * 0.55 * (4 + 3.0 * 16)
     assert float(cost(params_for("attacc", fp8), c).energy_pj[i]) == pytest.approx(want, rel=REL)
+
+
+def test_migration_link_load_is_the_busiest_link_of_the_moves_alone():
+    # The link-load feature of a learned policy (costs.migration_link_s), by hand: N tokens
+    # HBM -> DDR load HBM's and DDR's own links and, crossing to the host side, the shared
+    # PCIe; DDR -> SSD stays behind PCIe (both ends there), so only the devices' links.
+    p = systems.make_params("pam", "llama3-70b", max_batch=64)
+    n = 1000.0
+    moved = n * float(p.kv_bytes_per_token) * float(p.migration_slowdown)
+    rate = np.asarray(p.link_rate, np.float64)
+    pcie = moved / (float(p.num_gpus) * float(p.pcie_rate))
+    m = np.zeros((3, 3), np.float32)
+    m[HBM, DDR] = n
+    np.testing.assert_allclose(float(costs.migration_link_s(p, m)),
+                               max(moved / rate[HBM], moved / rate[DDR], pcie), rtol=1e-5)
+    m2 = np.zeros((3, 3), np.float32)
+    m2[DDR, SSD] = n
+    np.testing.assert_allclose(float(costs.migration_link_s(p, m2)),
+                               max(moved / rate[DDR], moved / rate[SSD]), rtol=1e-5)
+    np.testing.assert_allclose(float(costs.migration_link_s(p, 2 * m)),
+                               2 * float(costs.migration_link_s(p, m)), rtol=1e-6)
+    assert float(costs.migration_link_s(p, np.zeros((3, 3), np.float32))) == 0.0
