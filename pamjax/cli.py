@@ -1062,6 +1062,12 @@ def _print_pam(out: dict) -> None:
                              "on ms/step": "{:.1f}-{:.1f}".format(*b["on_ms_per_step"]),
                              "speed-up": b["speedup"]} for b in cmp["bands"]],
                            ["running", "chunks", "off ms/step", "on ms/step", "speed-up"]))
+    b = pam["bracket_blocking"]
+    print(f"  selector bisection on [{b['rows']}, {b['units']}] ({b['iters']} passes): row "
+          f"blocks of {b['block_elements']:,} elements "
+          "{:.2f}-{:.2f} ms, whole table {:.2f}-{:.2f} ms: ".format(
+              *b["blocked_ms"], *b["whole_table_ms"])
+          + f"{b['speedup']:.1f}x; identical: {b['identical']}")
     ph = pam["phases"]
     print(f"  one step after {ph['after_steps']} steps ({ph['running']} running, longest "
           f"context {ph['max_context']} tokens), memory bandwidth "

@@ -40,3 +40,10 @@ def test_skip_idle_comparison_reports_the_same_schedule_and_a_speed_up():
     assert len(out["chunks"]) == 3 and out["speedup"] > 0
     assert sum(b["chunks"] for b in out["bands"]) == 2  # the first chunk (compiling) is left out
     assert all(r["running"] >= 0 for r in out["chunks"])
+
+
+def test_bracket_blocking_reports_identical_brackets_and_both_timings():
+    out = bench.bracket_blocking(rows=24, units=5000, repeats=2)
+    assert out["identical"] and out["speedup"] > 0
+    assert 0 < out["blocked_ms"][0] <= out["blocked_ms"][1]
+    assert 0 < out["whole_table_ms"][0] <= out["whole_table_ms"][1]

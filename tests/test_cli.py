@@ -376,6 +376,10 @@ def test_bench_prints_every_section_and_writes_json(tmp_path, capsys, monkeypatc
             "same_schedule": True, "float_max_relative_difference": 2.2e-7,
             "bands": [{"running": "0-7", "chunks": 6, "off_ms_per_step": [20.6, 23.1],
                        "on_ms_per_step": [5.9, 9.6], "speedup": 2.82}]}
+    fake["pam"]["bracket_blocking"] = {"rows": 64, "units": 7979, "iters": 20,
+                                       "block_elements": 65536, "blocked_ms": [1.8, 2.0],
+                                       "whole_table_ms": [6.6, 6.8], "speedup": 3.7,
+                                       "identical": True}
     monkeypatch.setattr(bench, "run_bench",
                         lambda quick, progress, **kw: dict(fake, quick=quick))
     path = tmp_path / "bench.json"
@@ -387,7 +391,8 @@ def test_bench_prints_every_section_and_writes_json(tmp_path, capsys, monkeypatc
                  "4096: 2.00 ms; log-log slope 0.57", "batch 128 x 8K context",
                  "benchmark wall time 70 s", "512 1024", "U = 1024: 4.00 ms/step",
                  "(40x)", "24 chunks of 256 steps from t = 0: 1.55x; same schedule: True",
-                 "20.6-23.1"):
+                 "20.6-23.1", ("row blocks of 65,536 elements 1.80-2.00 ms, whole table "
+                               "6.60-6.80 ms: 3.7x; identical: True")):
         assert text in out, text
     assert "huge runs" not in out  # absent from quick runs
     assert json.loads(path.read_text())["cost_growth"]["vs_batch"]["loglog_slope"] == 0.58

@@ -53,7 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pamjax import batching, engine, locality, placement, scheduler
+from pamjax import _numerics, batching, engine, locality, placement, scheduler
 from pamjax.costs import step_cost
 from pamjax.reference import reference_init, reference_step
 from pamjax.simulation import UnitSizer, device_workload, make_config, run, simulate, stack
@@ -416,6 +416,8 @@ def pam_section(path, requests: int, quick: bool, whole_trace: bool, progress: b
         out[label] = skip_idle_comparison(path, requests, page, chunks=6 if quick else 24)
         _log(progress, f"    {out[label]['speedup']:.2f}x, same schedule: "
                        f"{out[label]['same_schedule']}")
+    _log(progress, "  the selector's bisection in L2-sized row blocks and whole")
+    out["bracket_blocking"] = bracket_blocking(repeats=3 if quick else 7)
     _log(progress, "  one step, phase by phase")
     out["phases"] = step_phases(path, requests, 1, warm_steps=512 if quick else 2048,
                                 min_seconds=0.5 if quick else 1.0)
@@ -636,6 +638,36 @@ def pam_replay(path, limit: int | None, page_size: int, fit_units: bool = False,
             "ms_per_engine_step": warm / max(result.stats.steps, 1) * 1e3,
             "requests_finished": s["requests_finished"],
             "simulated_seconds": s["simulated_seconds"], "summary": s}
+
+
+def bracket_blocking(rows: int = 64, units: int = 7979, *, repeats: int = 7,
+                     iters: int = 20, seed: int = 0) -> dict:
+    """The selector's bisection (_numerics.threshold_bracket) on one [rows, units] table of
+    logits with integer token weights, in L2-sized row blocks (as the engine runs it) and
+    as the whole table at once: milliseconds [min, max] over ``repeats`` calls each
+    (interleaved, so both see the same machine), the speed-up of the medians, and whether
+    the brackets are bit-identical. Default shape: a replay's 64 slots at token
+    granularity (U = 7,979)."""
+    rng = np.random.default_rng(seed)
+    values = jnp.asarray(rng.normal(size=(rows, units)), jnp.float32)
+    weights = jnp.asarray(rng.random((rows, units)) < 0.3, jnp.float32)
+    target = jnp.ceil(0.2 * weights.sum(-1))
+    calls = {"blocked": jax.jit(functools.partial(_numerics.threshold_bracket, iters=iters)),
+             "whole_table": jax.jit(functools.partial(_numerics._bracket_rows, iters=iters))}
+    results = {k: jax.block_until_ready(f(values, weights, target)) for k, f in calls.items()}
+    times = {k: [] for k in calls}
+    for _ in range(repeats):
+        for k, f in calls.items():
+            start = time.perf_counter()
+            jax.block_until_ready(f(values, weights, target))
+            times[k].append((time.perf_counter() - start) * 1e3)
+    same = all(np.array_equal(np.asarray(a), np.asarray(b))
+               for a, b in zip(results["blocked"], results["whole_table"]))
+    return {"rows": rows, "units": units, "iters": iters,
+            "block_elements": _numerics.BRACKET_BLOCK_ELEMENTS,
+            **{f"{k}_ms": [min(t), max(t)] for k, t in times.items()},
+            "speedup": float(np.median(times["whole_table"]) / np.median(times["blocked"])),
+            "identical": same}
 
 
 OCCUPANCY_BANDS = ((0, 8), (8, 16), (16, 32), (32, 65))
