@@ -84,8 +84,8 @@ def small_normal_from_hash(h):
 BRACKET_BLOCK_ELEMENTS = 1 << 16
 """Elements (rows x units) of the row block threshold_bracket bisects at a time: 64K
 float32 values and weights are 512 KiB, inside a core's L2 cache, so the 20 masked sums
-re-read the block from L2 instead of streaming the whole [R, U] table from memory 20 times
-(3.7x faster at [64, 7,979] on this 2-core Xeon, experiments/README.md)."""
+re-read the block from L2 instead of streaming the whole [R, U] table from L3 20 times
+(2.8-3.7x faster at [64, 7,979] on this 2-core Xeon, experiments/README.md)."""
 
 
 def threshold_bracket(values, weights, target, iters: int):
