@@ -181,8 +181,9 @@ def path_times(params: SimParams, tier_bytes, moved_bytes):
 
     Returns:
       f32 [T]: each tier's path time, the busiest link on its path. A link's bytes: the
-      tier's own device interfaces carry its GPU traffic and every move touching it; the GPUs' PCIe carries the host-side tiers' GPU traffic and the moves
-      between HBM and a host-side tier. Migration bytes count ``migration_slowdown`` times
+      tier's own device interfaces carry its GPU traffic and every move touching it; the
+      GPUs' PCIe carries the host-side tiers' GPU traffic and the moves between HBM and a
+      host-side tier. Migration bytes count ``migration_slowdown`` times
       (a CPU re-layout is that much slower than the PAM interface).
     """
     behind = params.behind_pcie

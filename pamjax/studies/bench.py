@@ -658,9 +658,8 @@ def bracket_blocking(rows: int = 64, units: int = 7979, *, repeats: int = 7,
     times = {k: [] for k in calls}
     for _ in range(repeats):
         for k, f in calls.items():
-            start = time.perf_counter()
-            jax.block_until_ready(f(values, weights, target))
-            times[k].append((time.perf_counter() - start) * 1e3)
+            times[k].append(1e3 * _timed(
+                lambda f=f: jax.block_until_ready(f(values, weights, target))))
     same = all(np.array_equal(np.asarray(a), np.asarray(b))
                for a, b in zip(results["blocked"], results["whole_table"]))
     return {"rows": rows, "units": units, "iters": iters,
