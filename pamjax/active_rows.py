@@ -17,9 +17,20 @@ fusions; as under ``vmap``, and within the tolerance the event leap is held to
 compares long replays).
 Under ``vmap`` a switch on a batched index runs every branch, so batched rollouts turn the
 compaction off (``EngineConfig.skip_idle``, engine.vmapped).
+
+The unit axis is ragged in the same way: U covers the workload's longest request, but most
+running requests hold far fewer units (the conversation trace at token granularity: U =
+7,979, nine in ten requests end below 2,100 tokens). With :class:`Columns`, the rows whose
+units all lie in the first W columns (``EngineConfig.narrow_units``) run the phase on those
+W columns alone, the others on all U, each group in its own row bucket. A phase is
+width-generic (it reads U from its inputs' shapes) and gives, on a row's columns past its
+units, what ``inactive`` holds there: then the columns it does not run are already right.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -38,24 +49,103 @@ def row_buckets(num_slots: int) -> tuple[int, ...]:
     return tuple(sizes) + (num_slots,)
 
 
-def on_active_rows(active, phase, rows, inactive):
+@dataclasses.dataclass(frozen=True)
+class Columns:
+    """Where a phase's unit tables may be cut to their first ``width`` columns.
+
+    Fields:
+      width: W, static; below the tables' U.
+      need: i32 [R], the columns each row's units reach (its unit count, after the step's
+        decode): a row with ``need <= width`` runs on the first W columns.
+      tables_in, tables_out: pytree prefixes of the phase's ``rows`` and of ``inactive``,
+        True on the [R, U] unit tables (cut to W), False on the rest (kept whole).
+    """
+
+    width: int
+    need: Any
+    tables_in: Any
+    tables_out: Any
+
+
+WIDE_BUCKETS = 4
+"""Largest row bucket of the rows wider than ``Columns.width`` (rows: they are few, and
+every bucket is one more branch to compile); more of them run on all rows."""
+
+
+def narrow_columns(config, context, tables_in, tables_out) -> Columns | None:
+    """The :class:`Columns` of a step's per-request phases, or None where the config runs
+    every row on all U columns (``narrow_units`` off, or not below U).
+
+    Args:
+      config: EngineConfig (``narrow_units``, ``units_per_slot``, ``page_size``);
+      context: i32 [R] tokens per slot after the step's decode;
+      tables_in, tables_out: as :class:`Columns`.
+    """
+    width = config.narrow_units
+    if not width or width >= config.units_per_slot:
+        return None
+    need = (context + config.page_size - 1) // config.page_size
+    return Columns(width=width, need=need, tables_in=tables_in, tables_out=tables_out)
+
+
+def on_active_rows(active, phase, rows, inactive, columns: Columns | None = None):
     """``phase`` on the rows where ``active`` holds; ``inactive`` elsewhere.
 
     Args:
       active: bool [R], the rows the phase works on.
       phase: a function of a pytree like ``rows`` (leading axis S, any S) returning a
         pytree like ``inactive`` (leading axis S); row i of its output may depend only on
-        row i of its input.
+        row i of its input. With ``columns`` it must also take unit tables of any width
+        and give ``inactive``'s values on a row's columns past its ``need``.
       rows: pytree of arrays with leading axis R, the phase's per-row inputs.
       inactive: pytree of arrays with leading axis R, what the phase gives on rows where
         ``active`` is False (it must: when every bucket is too small, the phase runs on all
         rows and its own output is returned).
+      columns: None (every row on all columns), or the narrow columns (:class:`Columns`).
 
     Returns:
       pytree like ``inactive``: the phase's rows where active, ``inactive``'s elsewhere.
     """
+    if columns is None:
+        return _on_rows(active, phase, rows, inactive)
+    fits = active & (columns.need <= columns.width)
+
+    def cut(tree, tables):
+        return jax.tree.map(lambda table, x: _cut(x, columns.width) if table else x,
+                            tables, tree)
+
+    narrow = _on_rows(fits, phase, cut(rows, columns.tables_in),
+                      cut(inactive, columns.tables_out))
+    # The narrow rows' results over ``inactive``'s columns past W (the phase's own values
+    # there, by its contract), then the wide rows on all columns.
+    inactive = jax.tree.map(
+        lambda table, full, part: _paste(full, part, columns.width) if table else part,
+        columns.tables_out, inactive, narrow)
+    return _on_rows(active & ~fits, phase, rows, inactive, WIDE_BUCKETS)
+
+
+def _cut(tables, width: int):
+    """The first ``width`` columns of every [R, U] leaf of ``tables``."""
+    return jax.tree.map(lambda x: x[:, :width], tables)
+
+
+def _paste(full, part, width: int):
+    """``full`` ([R, U] leaves) with its first ``width`` columns replaced by ``part``'s."""
+    return jax.tree.map(lambda f, p: f.at[:, :width].set(p), full, part)
+
+
+def _on_rows(active, phase, rows, inactive, largest_bucket: int | None = None):
+    """:func:`on_active_rows` on all columns: the active rows gathered into the smallest
+    bucket that holds them (none when no row is active; buckets up to ``largest_bucket``
+    rows, then all rows)."""
     num_slots = active.shape[0]
     buckets = row_buckets(num_slots)
+    if largest_bucket is not None:
+        buckets = tuple(b for b in buckets[:-1] if b <= largest_bucket) + (num_slots,)
+
+    def no_rows(rows, inactive):
+        del rows
+        return inactive
 
     def all_rows(rows, inactive):
         # The phase itself gives ``inactive`` on inactive rows (the caller's contract).
@@ -73,6 +163,8 @@ def on_active_rows(active, phase, rows, inactive):
         return compacted
 
     count = jnp.sum(active.astype(jnp.int32))
-    which = jnp.searchsorted(jnp.asarray(buckets[:-1]), count, side="left")
-    branches = [bucket(size) for size in buckets[:-1]] + [all_rows]
+    # 0 rows: branch 0; up to the k-th bucket's size: branch k + 1; more: all rows.
+    which = jnp.where(count == 0, 0,
+                      1 + jnp.searchsorted(jnp.asarray(buckets[:-1]), count, side="left"))
+    branches = [no_rows] + [bucket(size) for size in buckets[:-1]] + [all_rows]
     return lax.switch(which, branches, rows, inactive)

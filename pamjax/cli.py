@@ -1051,9 +1051,12 @@ def _print_pam(out: dict) -> None:
             for label, r in pam.items() if isinstance(r, dict) and "requests_per_s" in r]
     print(format_table(rows, ["case", "requests", "page", "fit U", "U sizes", "req/s",
                               "ms/step", "wall s", "first run s"]))
-    for label in ("skip_idle_token", "skip_idle_page16"):
+    titles = {"skip_idle": "skipping idle work (EngineConfig.skip_idle)",
+              "narrow": "narrow columns (EngineConfig.narrow_units = {narrow_units})"}
+    for label in ("skip_idle_token", "skip_idle_page16", "narrow_token"):
         cmp = pam[label]
-        print(f"  skipping idle work (EngineConfig.skip_idle) off / on, page {cmp['page_size']},"
+        title = titles[cmp["shortcut"]].format(**cmp)
+        print(f"  {title} off / on, page {cmp['page_size']}, U = {cmp['units_per_slot']},"
               f" {len(cmp['chunks'])} chunks of {cmp['chunk_steps']} steps from t = 0: "
               f"{cmp['speedup']:.2f}x; same schedule: {cmp['same_schedule']}, other float32 "
               f"values within {cmp['float_max_relative_difference']:.1e} (relative)")

@@ -34,6 +34,7 @@ from jax import lax
 
 from pamjax import batching, locality, placement, scheduler
 from pamjax._numerics import integer_sum, tier_units
+from pamjax.active_rows import narrow_columns
 from pamjax.costs import StepCounts, static_energy_pj, step_cost
 from pamjax.types import (
     ENERGY_COMPONENTS,
@@ -122,8 +123,10 @@ def step(config: EngineConfig, params: SimParams, state: EngineState,
         workload.prompt_tokens[jnp.maximum(state.slot_request, 0)], state.slot_generated,
         start.migrated_tokens) if learned else None
     state = scheduler.schedule_step(config, params, state, attended, token.context, view)
-    migration = scheduler.migration(tier_before, state.unit_tier, attended.tokens,
-                                    attended.present[:, 0] if config.skip_idle else None)
+    migration = scheduler.migration(
+        tier_before, state.unit_tier, attended.tokens,
+        attended.present[:, 0] if config.skip_idle else None,
+        narrow_columns(config, token.context, True, False) if config.skip_idle else None)
 
     # 6. Cost.
     cost = step_cost(params, _step_counts(config, params, decoding, token, prefill_tier_tokens,

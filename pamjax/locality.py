@@ -61,7 +61,7 @@ from pamjax._numerics import (
     threshold_bracket,
     unit_hash,
 )
-from pamjax.active_rows import on_active_rows
+from pamjax.active_rows import narrow_columns, on_active_rows
 from pamjax.errors import ConfigError, TraceFormatError
 
 
@@ -190,11 +190,11 @@ def unit_logits(config, params, latent, context, generated, recorded):
         [R] tokens in the KV and output tokens so far; recorded: f32 [S, U] or None.
 
     Returns:
-      f32 [R, U].
+      f32 [R, U] (U: the latents' width, which may be below the recorded scores').
     """
     if config.recorded_steps:
         row = (jnp.maximum(generated - 1, 0) % config.recorded_steps)
-        return recorded[row]
+        return recorded[row][:, :latent.shape[-1]]
     return logits(params, latent, context, config.page_size)
 
 
@@ -295,12 +295,18 @@ def attend(config, params, state, decoding, token, recorded):
     Returns:
       (EngineState with ``unit_latent`` and ``unit_importance`` updated, Attention).
     """
-    n_units, page = config.units_per_slot, config.page_size
-    unit_idx = jnp.arange(n_units, dtype=jnp.int32)
+    page = config.page_size
+    # Column indices as a constant sliced to the rows' width: an iota built inside the
+    # phase compiled the mass sums in another float32 order (measured: last-bit changes
+    # that grew into another trajectory over thousands of steps).
+    all_units = jnp.arange(config.units_per_slot, dtype=jnp.int32)
 
     def per_request(rows):
-        # Only row-wise work: on_active_rows may run it on the decoding rows alone.
+        # Only row-wise work, on unit tables of any width (nothing changes past a row's
+        # units): on_active_rows may run it on the decoding rows alone, on narrow columns.
         latent, importance, request, context, column, generated, dec = rows
+        n_units = latent.shape[-1]
+        unit_idx = all_units[:n_units]
         dec2 = dec[:, None]
         tokens = jnp.where(dec2, unit_tokens(context, page, n_units), 0)
         present = tokens > 0
@@ -327,7 +333,9 @@ def attend(config, params, state, decoding, token, recorded):
         idle = jnp.zeros(state.unit_latent.shape, bool)
         inactive = (state.unit_latent, state.unit_importance, idle.astype(jnp.int32), idle,
                     idle.astype(jnp.float32), idle, jnp.zeros(idle.shape[0]))
-        out = on_active_rows(decoding, per_request, rows, inactive)
+        columns = narrow_columns(config, token.context, (True, True) + (False,) * 5,
+                                 (True,) * 6 + (False,))
+        out = on_active_rows(decoding, per_request, rows, inactive, columns)
     else:
         out = per_request(rows)
     latent, importance, tokens, present, mass, selected, selected_mass = out

@@ -19,7 +19,7 @@ from jax import lax
 
 from pamjax import locality
 from pamjax._numerics import threshold_bracket, tier_sums, tier_units, top_count, unit_hash
-from pamjax.active_rows import on_active_rows
+from pamjax.active_rows import narrow_columns, on_active_rows
 from pamjax.costs import migration_link_s
 from pamjax.types import (
     DDR,
@@ -412,7 +412,7 @@ def place_new_units(config, params, state, token, capacity, order):
     """
     r_slots, n_units = config.num_slots, config.units_per_slot
     rows = jnp.arange(r_slots)
-    unit_idx = jnp.arange(n_units, dtype=jnp.int32)
+    all_units = jnp.arange(n_units, dtype=jnp.int32)
     req = jnp.maximum(state.slot_request, 0)
     unit_tier = state.unit_tier
     opens = token.opens
@@ -421,19 +421,21 @@ def place_new_units(config, params, state, token, capacity, order):
     fastest_free = fastest_free_tier(opens, free)
 
     def least_important_hbm_unit(rows):
-        tier, importance = rows
+        tier, importance = rows  # [S, U] or narrower (on_active_rows' Columns)
         hbm_key = jnp.where(tier == HBM, importance, jnp.inf)
         lowest = jnp.min(hbm_key, axis=-1)
         # argmin (first least unit) as two plain reductions: XLA:CPU's variadic argmin
-        # reduction is several times slower over [R, U].
-        return lowest, jnp.min(jnp.where(hbm_key == lowest[:, None], unit_idx[None, :],
+        # reduction is several times slower over [R, U]. No HBM unit: victim n_units.
+        columns = all_units[:tier.shape[-1]]
+        return lowest, jnp.min(jnp.where(hbm_key == lowest[:, None], columns[None, :],
                                          n_units), -1)
 
     tables = (unit_tier, state.unit_importance)
     if config.skip_idle:
         # Only a request that opens a unit may displace one; the others' victims go unused.
         lowest, victim = on_active_rows(opens, least_important_hbm_unit, tables,
-                                        (jnp.full(r_slots, jnp.inf), jnp.full(r_slots, n_units)))
+                                        (jnp.full(r_slots, jnp.inf), jnp.full(r_slots, n_units)),
+                                        narrow_columns(config, token.context, True, False))
     else:
         lowest, victim = least_important_hbm_unit(tables)
     victim = jnp.minimum(victim, n_units - 1)
@@ -508,13 +510,13 @@ def attention_load(config, params, state, attended, token):
     Returns:
       (activation i32 [W, T, G] with this step's selected units per bank group, AttentionLoad).
     """
-    groups, page, n_units = config.padded_bank_groups, config.page_size, config.units_per_slot
+    groups, page = config.padded_bank_groups, config.page_size
 
     def per_request(rows):
         # Only row-wise work (every count is an integer, so summing the rows afterwards gives
         # the same totals in any order): on_active_rows may run it on decoding rows alone.
-        unit_tier, bank_group, selected, tokens, unit = rows
-        r_rows = unit_tier.shape[0]
+        unit_tier, bank_group, selected, tokens, unit = rows  # unit tables [S, U or narrower]
+        r_rows, n_units = unit_tier.shape
         row = jnp.arange(r_rows)[:, None]
         tier_i = jnp.clip(unit_tier.astype(jnp.int32), 0, NUM_TIERS - 1)
         segment = tier_i * groups + bank_group.astype(jnp.int32)
@@ -547,7 +549,8 @@ def attention_load(config, params, state, attended, token):
         wide = jnp.zeros((r_slots, NUM_TIERS * groups), jnp.int32)
         narrow = jnp.zeros((r_slots, NUM_TIERS), jnp.int32)
         inactive = (wide, wide, narrow, narrow.astype(bool), narrow, narrow, narrow, narrow)
-        counts = on_active_rows(attended.present[:, 0], per_request, rows, inactive)
+        columns = narrow_columns(config, token.context, (True,) * 4 + (False,), False)
+        counts = on_active_rows(attended.present[:, 0], per_request, rows, inactive, columns)
     else:
         counts = per_request(rows)
     bg_tokens, bg_units, held, requests, bank_groups, chunks, candidates, writes = counts

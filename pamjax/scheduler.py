@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from flax import struct
 from jax import lax
 
-from pamjax.active_rows import on_active_rows
+from pamjax.active_rows import narrow_columns, on_active_rows
 from pamjax.placement import corrected_key
 from pamjax.types import DDR, HBM, NUM_TIERS, SSD
 
@@ -159,7 +159,8 @@ def schedule_step(config, params, state, attended, context, view=None):
       EngineState with ``unit_tier`` and ``unit_bank_group`` after the swaps.
     """
     def run_scheduler(rows):
-        # Only row-wise work: on_active_rows may run it on the decoding rows alone.
+        # Only row-wise work, on unit tables of any width (no swap past a row's units):
+        # on_active_rows may run it on the decoding rows alone, on narrow columns.
         importance, tier, bank_group, present, selected, context, generated, lifetimes = rows
         # A learned score's view: its per-request fields follow the rows, the system-wide
         # ones (occupancy, link load) are the same for every row.
@@ -180,7 +181,9 @@ def schedule_step(config, params, state, attended, context, view=None):
             return run_scheduler(rows)
         # A request that does not decode has no present unit, so it makes no swap; one that
         # decodes has its first unit present.
-        return on_active_rows(attended.present[:, 0], run_scheduler, rows, (tier, bank_group))
+        columns = narrow_columns(config, context, (True,) * 5 + (False,) * 3, True)
+        return on_active_rows(attended.present[:, 0], run_scheduler, rows, (tier, bank_group),
+                              columns)
 
     tier, bank_group = lax.cond(params.swap_budget > 0, scheduled,
                                 lambda tier, bank_group: (tier, bank_group),
@@ -201,7 +204,7 @@ class Migration:
     tokens: jnp.ndarray
 
 
-def migration(tier_before, tier_after, tokens, active=None) -> Migration:
+def migration(tier_before, tier_after, tokens, active=None, columns=None) -> Migration:
     """Units and tokens that changed tier in a step; a unit opened in the step (no tier
     before) is not a migration.
 
@@ -209,7 +212,8 @@ def migration(tier_before, tier_after, tokens, active=None) -> Migration:
       tier_before, tier_after: i8 [R, U] tier tables at the start of the step's decode and
         after scheduling; tokens: i32 [R, U] tokens per unit; active: None, or bool [R] the
         only rows where a unit may have moved (the decoding requests), counted alone
-        (active_rows.on_active_rows; the counts are integers, so the totals are the same).
+        (active_rows.on_active_rows; the counts are integers, so the totals are the same);
+        columns: None, or the active rows' narrow columns (active_rows.narrow_columns).
 
     Returns:
       Migration.
@@ -233,7 +237,8 @@ def migration(tier_before, tier_after, tokens, active=None) -> Migration:
         r_slots = tier_before.shape[0]
         none = jnp.zeros(r_slots, jnp.int32)
         counts = on_active_rows(active, per_request, rows,
-                                (none, none, jnp.zeros((r_slots, NUM_TIERS ** 2), jnp.int32)))
+                                (none, none, jnp.zeros((r_slots, NUM_TIERS ** 2), jnp.int32)),
+                                columns)
     units, from_ssd, pair_tokens = counts
     return Migration(units=jnp.sum(units), units_from_ssd=jnp.sum(from_ssd),
                      tokens=jnp.sum(pair_tokens, 0).reshape(NUM_TIERS, NUM_TIERS))

@@ -94,15 +94,58 @@ def choose_page_size(num_slots: int, max_context: int,
     return page
 
 
+NARROW_SHARE = 0.97
+"""Share of a workload's decode steps whose context the narrow columns must hold
+(:func:`narrow_units`): the rest run on all U columns, in a row bucket of their own, and
+few enough of them run at once to fit its small buckets (active_rows.WIDE_BUCKETS)."""
+
+
+NARROW_MIN_UNITS = 1024
+"""U below which :func:`narrow_units` leaves the narrow columns off: the tables are small
+(the conversation trace at 16-token pages, U = 499: steps 25% faster, but 7 s more to
+compile the phases' extra branches, a net loss over its first 2,000 requests)."""
+
+
+def narrow_units(workload: HostWorkload, page_size: int, units: int) -> int:
+    """EngineConfig.narrow_units for a workload: the smallest power of two of units that
+    holds the context of NARROW_SHARE of its decode steps, or 0 (off) unless that is at
+    most half of U (and U is at least NARROW_MIN_UNITS).
+
+    A request of prompt p and output o decodes o steps at contexts p + 1 .. p + o, so the
+    share of decode steps at a context of at most c tokens is sum(clip(c - p, 0, o)) /
+    sum(o): the narrow width follows where requests spend their decode steps, not the
+    longest request (which sets U). On the Azure conversation trace (first 2,000 requests,
+    token granularity) it is 2,048 of U = 7,979.
+
+    Args:
+      workload: host workload; page_size: tokens per unit; units: U.
+
+    Returns:
+      int, a width in units (0 = off).
+    """
+    prompt = np.asarray(workload.prompt_tokens, np.int64)
+    output = np.asarray(workload.output_tokens, np.int64)
+    steps = max(int(output.sum()), 1)
+    width = 1
+    while 2 * width <= units and units >= NARROW_MIN_UNITS:
+        held = np.clip(width * page_size - prompt, 0, output).sum()
+        if held >= NARROW_SHARE * steps:
+            return width
+        width *= 2
+    return 0
+
+
 def make_config(workload: HostWorkload, num_slots: int, *, page_size: int | None = None,
                 padded_bank_groups: int = 256, recorded_steps: int = 0,
                 **overrides) -> EngineConfig:
-    """EngineConfig sized for a workload: U covers its longest request."""
+    """EngineConfig sized for a workload: U covers its longest request; the narrow columns
+    (``narrow_units``) its usual context (:func:`narrow_units`)."""
     if num_slots < 1:
         raise ConfigError("num_slots", num_slots, "must be >= 1")
     page = page_size or choose_page_size(num_slots, workload.max_context)
     units = -(-workload.max_context // page)
     admit = min(num_slots, 64, workload.num_requests)
+    overrides.setdefault("narrow_units", narrow_units(workload, page, units))
     return EngineConfig(num_slots=num_slots, units_per_slot=units, page_size=page,
                         num_requests=workload.num_requests,
                         padded_bank_groups=padded_bank_groups, admit_window=max(admit, 1),

@@ -79,6 +79,10 @@ class EngineConfig:
         schedules and the clock are the same; float32 state may differ in its last bit
         (active_rows.py, tests/test_active_rows.py). Off under vmap, where
         a switch or cond on a batched value runs every branch (engine.vmapped).
+      narrow_units: with ``skip_idle``, the decoding rows whose units fit in this many
+        columns run the per-request phases on those columns alone, the others on all U
+        (active_rows.Columns); 0 = off (simulation.narrow_units picks it for a workload).
+        No schedule changes; float32 sums over the unit axis may differ in the last bit.
     """
 
     num_slots: int
@@ -93,6 +97,7 @@ class EngineConfig:
     recorded_steps: int = 0
     placement_score: object = None
     skip_idle: bool = True
+    narrow_units: int = 0
 
     def __post_init__(self):
         if self.placement_score is not None and not callable(self.placement_score):
@@ -107,7 +112,7 @@ class EngineConfig:
                                       "must be True or False")
                 continue
             value = getattr(self, f.name)
-            minimum = 0 if f.name == "recorded_steps" else 1
+            minimum = 0 if f.name in ("recorded_steps", "narrow_units") else 1
             if not isinstance(value, int) or value < minimum:
                 raise ConfigError(f"engine.{f.name}", value, f"must be an integer >= {minimum}")
 

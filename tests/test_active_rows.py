@@ -17,7 +17,7 @@ import pytest
 from pamjax import active_rows, engine, simulation, systems
 from pamjax.errors import ConfigError
 from pamjax.testing import schedule_difference
-from pamjax.workload import synthetic
+from pamjax.workload import Workload, synthetic
 
 
 def test_buckets_are_powers_of_two_then_all_rows():
@@ -123,3 +123,109 @@ def test_a_learned_placement_score_on_the_decoding_rows_gives_the_same_schedule(
     plain = _trajectory(dataclasses.replace(config, skip_idle=False), params, workload, 2, 96)
     assert np.concatenate([m.migrated_units for m in fast[1]]).sum() > 0
     _assert_same_run(fast, plain)
+
+
+def _columns_case(seed, narrow_rows, wide_rows, rows=24, units=40, width=16):
+    """Rows with a need of at most ``width`` columns or above it, the rest inactive; integer
+    tables (every sum is exact, so narrow and full results must agree bit for bit)."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(rows)
+    active = np.zeros(rows, bool)
+    active[order[:narrow_rows + wide_rows]] = True
+    need = np.where(np.isin(np.arange(rows), order[:narrow_rows]),
+                    rng.integers(1, width + 1, rows), rng.integers(width + 1, units + 1, rows))
+    values = rng.integers(-50, 50, (rows, units)).astype(np.int32)
+    return (jnp.asarray(active), jnp.asarray(need.astype(np.int32)), jnp.asarray(values),
+            width)
+
+
+def _present_prefix_sums(xs):
+    """A width-generic row-wise phase that gives 0 (its inactive value) past a row's need:
+    prefix sums of the row's present columns, and the row's total (-1 on inactive rows)."""
+    values, need, on = xs
+    present = on[:, None] & (jnp.arange(values.shape[-1])[None, :] < need[:, None])
+    kept = jnp.where(present, values, 0)
+    return jnp.where(present, jnp.cumsum(kept, -1), 0), jnp.where(on, jnp.sum(kept, -1), -1)
+
+
+@pytest.mark.parametrize("narrow_rows,wide_rows", [(0, 0), (7, 0), (0, 3), (9, 2), (5, 4),
+                                                   (6, 5), (10, 14)])
+def test_narrow_columns_give_what_all_columns_give(narrow_rows, wide_rows):
+    # Wide rows within the wide bucket (WIDE_BUCKETS = 4) and beyond it (all rows run wide).
+    active, need, values, width = _columns_case(narrow_rows, narrow_rows, wide_rows)
+    columns = active_rows.Columns(width=width, need=need, tables_in=(True, False, False),
+                                  tables_out=(True, False))
+    rows, units = values.shape
+    inactive = (jnp.zeros((rows, units), jnp.int32), jnp.full(rows, -1, jnp.int32))
+    got = jax.jit(lambda a, xs: active_rows.on_active_rows(
+        a, _present_prefix_sums, xs, inactive, columns))(active, (values, need, active))
+    full = _present_prefix_sums((values, need, active))
+    for g, f in zip(got, full):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(f))
+
+
+def test_a_phase_that_writes_past_a_rows_need_is_not_reproduced():
+    # The counterfactual: a phase that changes columns past the row's need breaks the
+    # contract, and the narrow rows keep ``inactive`` there instead of its values.
+    active, need, values, width = _columns_case(0, 6, 2)
+
+    def spills(xs):
+        values, _, on = xs
+        return jnp.where(on[:, None], values + 1, 0), jnp.where(on, 0, -1)
+
+    columns = active_rows.Columns(width=width, need=need, tables_in=(True, False, False),
+                                  tables_out=(True, False))
+    rows, units = values.shape
+    inactive = (jnp.zeros((rows, units), jnp.int32), jnp.full(rows, -1, jnp.int32))
+    got = active_rows.on_active_rows(active, spills, (values, need, active), inactive, columns)
+    full = spills((values, need, active))
+    narrow = np.asarray(active & (need <= width))
+    assert not np.array_equal(np.asarray(got[0])[narrow], np.asarray(full[0])[narrow])
+    np.testing.assert_array_equal(np.asarray(got[0])[narrow][:, width:], 0)
+
+
+def test_narrow_columns_in_the_engine_give_the_same_schedule():
+    # Contexts of 18 to 1,117 tokens against narrow columns of 128: over the run some steps
+    # have a few rows wider than the columns (their own bucket) and some more than the wide
+    # bucket holds (all rows on all columns), beside narrow ones.
+    workload = synthetic("sharegpt", 40, seed=5, rate_per_s=40.0)
+    config = simulation.make_config(workload, 12, page_size=1, narrow_units=128,
+                                    padded_bank_groups=systems.max_bank_groups())
+    params = systems.make_params("pam", "llama3-8b", max_batch=12, page_size=1)
+    dev = simulation.device_workload(workload)
+    runs, wide_counts = {}, []
+    for width in (128, 0):
+        config = dataclasses.replace(config, narrow_units=width)
+        state, out = engine.init_state(config, 3), []
+        for _ in range(9):
+            state, metrics = engine.rollout_jit(config, params, state, dev, 32)
+            out.append(jax.device_get(metrics))
+            if width:
+                running = np.asarray(state.slot_request) >= 0
+                wide_counts.append((int(np.sum(running & (np.asarray(state.slot_context) > 128))),
+                                    int(np.sum(running))))
+        runs[width] = (jax.device_get(state), out)
+    assert any(0 < wide <= active_rows.WIDE_BUCKETS and wide < running
+               for wide, running in wide_counts)
+    assert any(wide > active_rows.WIDE_BUCKETS for wide, _ in wide_counts)
+    assert np.concatenate([m.migrated_units for m in runs[128][1]]).sum() > 0
+    _assert_same_run(runs[128], runs[0])
+
+
+def test_narrow_units_follow_where_requests_spend_their_decode_steps():
+    # Two requests decode 400 steps each at contexts 11..410, one 10 steps at 3,001..3,010:
+    # 512 tokens hold 800 of the 810 steps (98.8% >= 97%), 256 hold 2 x 246 (61%).
+    workload = Workload(arrival_s=np.zeros(3), prompt_tokens=np.array([10, 10, 3000]),
+                        output_tokens=np.array([400, 400, 10]))
+    assert simulation.narrow_units(workload, 1, 3010) == 512
+    assert simulation.narrow_units(workload, 2, 1505) == 256  # the same tokens in 2-token units
+    assert simulation.narrow_units(workload, 4, 753) == 0  # U below NARROW_MIN_UNITS
+    assert simulation.make_config(workload, 3).narrow_units == 512
+    # The counterfactual: longer second outputs move the steps past 512 tokens.
+    longer = Workload(arrival_s=np.zeros(3), prompt_tokens=np.array([10, 10, 3000]),
+                      output_tokens=np.array([400, 900, 10]))
+    assert simulation.narrow_units(longer, 1, 3010) == 1024
+    # No width of at most U / 2 holds 97%: off.
+    spread = Workload(arrival_s=np.zeros(2), prompt_tokens=np.array([10, 3000]),
+                      output_tokens=np.array([100, 100]))
+    assert simulation.narrow_units(spread, 1, 3100) == 0

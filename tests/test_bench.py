@@ -4,8 +4,10 @@ import functools
 
 import jax
 import numpy as np
+import pytest
 
 from pamjax import engine, simulation, systems
+from pamjax.errors import ConfigError
 from pamjax.studies import bench
 from pamjax.workload import synthetic
 
@@ -34,12 +36,15 @@ def test_unit_table_bytes_counts_every_unit_table_twice():
     assert bench.unit_table_bytes(config) == 2 * 12 * 4 * config.units_per_slot
 
 
-def test_skip_idle_comparison_reports_the_same_schedule_and_a_speed_up():
-    out = bench.skip_idle_comparison(None, 12, 16, chunks=3, chunk_steps=32)
+def test_shortcut_comparison_reports_the_same_schedule_and_a_speed_up():
+    out = bench.shortcut_comparison(None, 12, 16, chunks=3, shortcut="skip_idle",
+                                    chunk_steps=32)
     assert out["same_schedule"] and out["float_max_relative_difference"] < 1e-6
     assert len(out["chunks"]) == 3 and out["speedup"] > 0
     assert sum(b["chunks"] for b in out["bands"]) == 2  # the first chunk (compiling) is left out
     assert all(r["running"] >= 0 for r in out["chunks"])
+    with pytest.raises(ConfigError, match="shortcut"):
+        bench.shortcut_comparison(None, 12, 16, chunks=1, shortcut="fast")
 
 
 def test_bracket_blocking_reports_identical_brackets_and_both_timings():

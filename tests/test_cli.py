@@ -370,9 +370,12 @@ def test_bench_prints_every_section_and_writes_json(tmp_path, capsys, monkeypatc
                                      "unit_table_bytes": 2**20, "bandwidth_ms": 0.1,
                                      "times_bandwidth_limit": 40.0}
                                  for k, u in (("full", 7979), ("fitted", 1024))}}}
-    for label, page in (("skip_idle_token", 1), ("skip_idle_page16", 16)):
+    for label, page, shortcut in (("skip_idle_token", 1, "skip_idle"),
+                                  ("skip_idle_page16", 16, "skip_idle"),
+                                  ("narrow_token", 1, "narrow")):
         fake["pam"][label] = {
-            "page_size": page, "chunk_steps": 256, "chunks": [{}] * 24, "speedup": 1.55,
+            "shortcut": shortcut, "page_size": page, "units_per_slot": 7979 // page,
+            "narrow_units": 2048, "chunk_steps": 256, "chunks": [{}] * 24, "speedup": 1.55,
             "same_schedule": True, "float_max_relative_difference": 2.2e-7,
             "bands": [{"running": "0-7", "chunks": 6, "off_ms_per_step": [20.6, 23.1],
                        "on_ms_per_step": [5.9, 9.6], "speedup": 2.82}]}
@@ -391,6 +394,7 @@ def test_bench_prints_every_section_and_writes_json(tmp_path, capsys, monkeypatc
                  "4096: 2.00 ms; log-log slope 0.57", "batch 128 x 8K context",
                  "benchmark wall time 70 s", "512 1024", "U = 1024: 4.00 ms/step",
                  "(40x)", "24 chunks of 256 steps from t = 0: 1.55x; same schedule: True",
+                 "narrow columns (EngineConfig.narrow_units = 2048) off / on, page 1, U = 7979",
                  "20.6-23.1", ("row blocks of 65,536 elements 1.80-2.00 ms, whole table "
                                "6.60-6.80 ms: 3.7x; identical: True")):
         assert text in out, text

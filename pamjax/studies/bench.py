@@ -55,6 +55,7 @@ import numpy as np
 
 from pamjax import _numerics, batching, engine, locality, placement, scheduler
 from pamjax.costs import step_cost
+from pamjax.errors import ConfigError
 from pamjax.reference import reference_init, reference_step
 from pamjax.simulation import UnitSizer, device_workload, make_config, run, simulate, stack
 from pamjax.systems import MAIN_SYSTEMS, make_params, max_bank_groups
@@ -411,9 +412,12 @@ def pam_section(path, requests: int, quick: bool, whole_trace: bool, progress: b
         _log(progress, f"    {out[label]['requests_per_s']:.1f} requests/s, "
                        f"{out[label]['ms_per_engine_step']:.2f} ms/step, "
                        f"U sizes {out[label]['unit_sizes']}")
-    for label, page in (("skip_idle_token", 1), ("skip_idle_page16", 16)):
-        _log(progress, f"  skipping idle work on and off, {label}")
-        out[label] = skip_idle_comparison(path, requests, page, chunks=6 if quick else 24)
+    for label, page, shortcut in (("skip_idle_token", 1, "skip_idle"),
+                                  ("skip_idle_page16", 16, "skip_idle"),
+                                  ("narrow_token", 1, "narrow")):
+        _log(progress, f"  {shortcut} on and off, {label}")
+        out[label] = shortcut_comparison(path, requests, page, chunks=6 if quick else 24,
+                                         shortcut=shortcut)
         _log(progress, f"    {out[label]['speedup']:.2f}x, same schedule: "
                        f"{out[label]['same_schedule']}")
     _log(progress, "  the selector's bisection in L2-sized row blocks and whole")
@@ -670,21 +674,28 @@ def bracket_blocking(rows: int = 64, units: int = 7979, *, repeats: int = 7,
 
 
 OCCUPANCY_BANDS = ((0, 8), (8, 16), (16, 32), (32, 65))
-"""Bands of running requests (of 64 slots) skip_idle_comparison reports separately."""
+"""Bands of running requests (of 64 slots) shortcut_comparison reports separately."""
 
 
-def skip_idle_comparison(path, limit: int | None, page_size: int, chunks: int,
-                         chunk_steps: int = 256) -> dict:
-    """engine.step with and without skipping idle work (EngineConfig.skip_idle) on the same
-    replay: the two rollouts advance chunk by chunk in turn (so both see the same machine),
-    their states and step metrics compared after every chunk (testing.schedule_difference:
-    the schedule bit for bit, the other float32 values by their largest relative
-    difference). Returns per-chunk wall seconds (the first includes compiling), the mean
-    number of running requests, ms per step by band of running requests and the overall
-    speed-up (chunks after the first)."""
+COMPARED_SHORTCUTS = {"skip_idle": {"skip_idle": False}, "narrow": {"narrow_units": 0}}
+"""The engine's shortcuts :func:`shortcut_comparison` can turn off: the EngineConfig fields
+that turn each off (skipping idle work; the narrow columns, which need it on)."""
+
+
+def shortcut_comparison(path, limit: int | None, page_size: int, chunks: int,
+                        shortcut: str = "skip_idle", chunk_steps: int = 256) -> dict:
+    """engine.step with a shortcut on (the default EngineConfig of the replay) and off
+    (COMPARED_SHORTCUTS) on the same replay: the two rollouts advance chunk by chunk in
+    turn (so both see the same machine), their states and step metrics compared after every
+    chunk (testing.schedule_difference: the schedule bit for bit, the other float32 values
+    by their largest relative difference). Returns per-chunk wall seconds (the first
+    includes compiling), the mean number of running requests, ms per step by band of
+    running requests and the overall speed-up (chunks after the first)."""
+    if shortcut not in COMPARED_SHORTCUTS:
+        raise ConfigError("shortcut", shortcut, f"must be one of {sorted(COMPARED_SHORTCUTS)}")
     workload, config, params = _pam_case(path, limit, page_size)
     dev = device_workload(workload)
-    configs = {"off": dataclasses.replace(config, skip_idle=False), "on": config}
+    configs = {"off": dataclasses.replace(config, **COMPARED_SHORTCUTS[shortcut]), "on": config}
     states = {k: engine.init_state(c, 0) for k, c in configs.items()}
     rows, differing, worst = [], set(), 0.0
     for _ in range(chunks):
@@ -712,7 +723,8 @@ def skip_idle_comparison(path, limit: int | None, page_size: int, chunks: int,
                           "off_ms_per_step": [float(off.min()), float(off.max())],
                           "on_ms_per_step": [float(on.min()), float(on.max())],
                           "speedup": float(off.sum() / on.sum())})
-    return {"page_size": page_size, "units_per_slot": config.units_per_slot,
+    return {"shortcut": shortcut, "page_size": page_size,
+            "units_per_slot": config.units_per_slot, "narrow_units": config.narrow_units,
             "chunk_steps": chunk_steps, "chunks": rows, "bands": bands,
             "first_chunk_s": {k: rows[0][f"{k}_s"] for k in configs},
             "speedup": sum(r["off_s"] for r in timed) / max(sum(r["on_s"] for r in timed),
