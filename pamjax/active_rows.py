@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pamjax.batching import units_needed
+
 MIN_BUCKET = 4
 """Smallest bucket, rows: below it the gather costs more than the rows it saves."""
 
@@ -68,8 +70,8 @@ class Columns:
 
 
 WIDE_BUCKETS = 4
-"""Largest row bucket of the rows wider than ``Columns.width`` (rows: they are few, and
-every bucket is one more branch to compile); more of them run on all rows."""
+"""Largest row bucket, in rows, for the rows wider than ``Columns.width``: they are few,
+and every bucket is one more branch to compile; when more of them run, all rows run."""
 
 
 def narrow_columns(config, context, tables_in, tables_out) -> Columns | None:
@@ -84,8 +86,8 @@ def narrow_columns(config, context, tables_in, tables_out) -> Columns | None:
     width = config.narrow_units
     if not width or width >= config.units_per_slot:
         return None
-    need = (context + config.page_size - 1) // config.page_size
-    return Columns(width=width, need=need, tables_in=tables_in, tables_out=tables_out)
+    return Columns(width=width, need=units_needed(context, config.page_size),
+                   tables_in=tables_in, tables_out=tables_out)
 
 
 def on_active_rows(active, phase, rows, inactive, columns: Columns | None = None):

@@ -123,11 +123,13 @@ def narrow_units(workload: HostWorkload, page_size: int, units: int) -> int:
     Returns:
       int, a width in units (0 = off).
     """
+    if units < NARROW_MIN_UNITS:
+        return 0
     prompt = np.asarray(workload.prompt_tokens, np.int64)
     output = np.asarray(workload.output_tokens, np.int64)
     steps = max(int(output.sum()), 1)
     width = 1
-    while 2 * width <= units and units >= NARROW_MIN_UNITS:
+    while 2 * width <= units:
         held = np.clip(width * page_size - prompt, 0, output).sum()
         if held >= NARROW_SHARE * steps:
             return width
