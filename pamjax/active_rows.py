@@ -90,26 +90,32 @@ def narrow_columns(config, context, tables_in, tables_out) -> Columns | None:
                    tables_in=tables_in, tables_out=tables_out)
 
 
-def on_active_rows(active, phase, rows, inactive, columns: Columns | None = None):
+def on_active_rows(active, phase, rows, inactive, columns: Columns | None = None,
+                   largest_bucket: int | None = None):
     """``phase`` on the rows where ``active`` holds; ``inactive`` elsewhere.
 
     Args:
       active: bool [R], the rows the phase works on.
       phase: a function of a pytree like ``rows`` (leading axis S, any S) returning a
         pytree like ``inactive`` (leading axis S); row i of its output may depend only on
-        row i of its input. With ``columns`` it must also take unit tables of any width
-        and give ``inactive``'s values on a row's columns past its ``need``.
+        row i of its input, or also on the rows before it where an inactive row changes
+        nothing for the rows after it (the active rows are taken in row order, padded with
+        copies of an inactive row). With ``columns`` it must also take unit tables of any
+        width and give ``inactive``'s values on a row's columns past its ``need`` (and its
+        rows may not depend on each other: the narrow and the wide rows run apart).
       rows: pytree of arrays with leading axis R, the phase's per-row inputs.
       inactive: pytree of arrays with leading axis R, what the phase gives on rows where
         ``active`` is False (it must: when every bucket is too small, the phase runs on all
         rows and its own output is returned).
       columns: None (every row on all columns), or the narrow columns (:class:`Columns`).
+      largest_bucket: None (every bucket of row_buckets), or the largest bucket, in rows,
+        before all rows (without ``columns``): each bucket compiles the phase once more.
 
     Returns:
       pytree like ``inactive``: the phase's rows where active, ``inactive``'s elsewhere.
     """
     if columns is None:
-        return _on_rows(active, phase, rows, inactive)
+        return _on_rows(active, phase, rows, inactive, largest_bucket)
     fits = active & (columns.need <= columns.width)
 
     def cut(tree, tables):
@@ -156,9 +162,11 @@ def _on_rows(active, phase, rows, inactive, largest_bucket: int | None = None):
 
     def bucket(size):
         def compacted(rows, inactive):
-            # Active rows first (in row order); the padding rows repeat row 0 and are dropped.
+            # Active rows first, in row order; the padding rows repeat an inactive row (one
+            # exists: a bucket is smaller than R) and are dropped.
             index = jnp.nonzero(active, size=size, fill_value=num_slots)[0]
-            taken = jax.tree.map(lambda x: x[jnp.minimum(index, num_slots - 1)], rows)
+            source = jnp.where(index < num_slots, index, jnp.argmin(active))
+            taken = jax.tree.map(lambda x: x[source], rows)
             out = phase(taken)
             return jax.tree.map(lambda full, part: full.at[index].set(part, mode="drop"),
                                 inactive, out)

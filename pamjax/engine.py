@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pamjax import batching, locality, placement, scheduler
-from pamjax._numerics import integer_sum, tier_units
+from pamjax._numerics import tier_units
 from pamjax.active_rows import narrow_columns
 from pamjax.costs import StepCounts, static_energy_pj, step_cost
 from pamjax.types import (
@@ -138,8 +138,8 @@ def step(config: EngineConfig, params: SimParams, state: EngineState,
                               state.slot_generated, decoding, busy, cost.time_s)
     new_state = _next_state(config, state, end, token, attended, activation, start,
                             migration.tokens if learned else None)
-    metrics = _metrics(params, end, decoding, admission, new_state, cost, busy, attended,
-                       migration, token.context)
+    metrics = _metrics(config, params, end, decoding, admission, new_state, cost, busy,
+                       attended, migration, token.context)
     return new_state, metrics
 
 
@@ -234,11 +234,11 @@ def _next_state(config: EngineConfig, state: EngineState, end: batching.StepEnd,
     )
 
 
-def _metrics(params, end: batching.StepEnd, decoding, admission: batching.Admission,
-             new_state: EngineState, cost, busy, attended: locality.Attention,
-             migration: scheduler.Migration, new_state_context) -> StepMetrics:
+def _metrics(config, params, end: batching.StepEnd, decoding,
+             admission: batching.Admission, new_state: EngineState, cost, busy,
+             attended: locality.Attention, migration: scheduler.Migration,
+             new_state_context) -> StepMetrics:
     """What the step reports (types.StepMetrics); an idle clock jump costs static energy."""
-    selected = attended.selected
     return StepMetrics(
         step_time_s=end.step_time_s,
         idle_s=end.idle_s,
@@ -246,10 +246,10 @@ def _metrics(params, end: batching.StepEnd, decoding, admission: batching.Admiss
         decode_context=jnp.sum(jnp.where(decoding, new_state_context, 0)).astype(jnp.int32),
         prefill_requests=jnp.sum(admission.admit).astype(jnp.int32),
         output_tokens=(jnp.sum(decoding) + jnp.sum(admission.admit)).astype(jnp.int32),
-        tier_units=tier_units(new_state.unit_tier),
+        tier_units=placement.held_units(config, new_state),
         attention_s=jnp.where(busy, cost.attention_s, 0.0),
         tier_attention_s=jnp.where(busy, cost.tier_attention_s, 0.0),
-        selected_units=integer_sum(selected, selected.size),
+        selected_units=attended.selected_units,
         persisted_units=attended.persisted_units.astype(jnp.int32),
         previously_selected_units=attended.previously_selected_units.astype(jnp.int32),
         selected_mass=attended.selected_mass,

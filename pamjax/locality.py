@@ -55,7 +55,6 @@ from flax import struct
 from jax import lax
 
 from pamjax._numerics import (
-    integer_sum,
     normal_from_hash,
     small_normal_from_hash,
     threshold_bracket,
@@ -268,16 +267,17 @@ class Attention:
 
     tokens i32: tokens per unit of the decoding requests (0 elsewhere); present bool: their
     units; mass f32: each unit's share of its request's attention mass; selected bool: the
-    units the selector attends; persisted_units i32 []: selected units also selected at the
-    previous step; previously_selected_units i32 []: units of decoding requests selected at
-    the previous step; selected_mass f32 []: attention mass covered by the selections,
-    summed over requests.
+    units the selector attends; selected_units i32 []: how many; persisted_units i32 []:
+    selected units also selected at the previous step; previously_selected_units i32 []:
+    units of decoding requests selected at the previous step; selected_mass f32 []:
+    attention mass covered by the selections, summed over requests.
     """
 
     tokens: jnp.ndarray
     present: jnp.ndarray
     mass: jnp.ndarray
     selected: jnp.ndarray
+    selected_units: jnp.ndarray
     persisted_units: jnp.ndarray
     previously_selected_units: jnp.ndarray
     selected_mass: jnp.ndarray
@@ -304,7 +304,7 @@ def attend(config, params, state, decoding, token, recorded):
     def per_request(rows):
         # Only row-wise work, on unit tables of any width (nothing changes past a row's
         # units): on_active_rows may run it on the decoding rows alone, on narrow columns.
-        latent, importance, request, context, column, generated, dec = rows
+        latent, importance, previously, request, context, column, generated, dec = rows
         n_units = latent.shape[-1]
         unit_idx = all_units[:n_units]
         dec2 = dec[:, None]
@@ -324,26 +324,33 @@ def attend(config, params, state, decoding, token, recorded):
         importance = jnp.where(dec2, update_importance(params, importance, mass, present),
                                importance)
         selected_mass = jnp.sum(jnp.where(selected, mass, 0.0), -1)
-        return latent, importance, tokens, present, mass, selected, selected_mass
+        previously = previously & dec2
+        counts = jnp.stack([jnp.sum(x, -1, dtype=jnp.int32)
+                            for x in (selected, selected & previously, previously)], -1)
+        return latent, importance, tokens, present, mass, selected, selected_mass, counts
 
-    rows = (state.unit_latent, state.unit_importance, state.slot_request, token.context,
-            token.column, state.slot_generated, decoding)
+    rows = (state.unit_latent, state.unit_importance, state.unit_selected, state.slot_request,
+            token.context, token.column, state.slot_generated, decoding)
     if config.skip_idle:
         # A row that does not decode has no tokens: nothing present, attended or moved.
         idle = jnp.zeros(state.unit_latent.shape, bool)
+        r_slots = idle.shape[0]
         inactive = (state.unit_latent, state.unit_importance, idle.astype(jnp.int32), idle,
-                    idle.astype(jnp.float32), idle, jnp.zeros(idle.shape[0]))
-        columns = narrow_columns(config, token.context, (True, True) + (False,) * 5,
-                                 (True,) * 6 + (False,))
+                    idle.astype(jnp.float32), idle, jnp.zeros(r_slots),
+                    jnp.zeros((r_slots, 3), jnp.int32))
+        columns = narrow_columns(config, token.context, (True,) * 3 + (False,) * 5,
+                                 (True,) * 6 + (False,) * 2)
         out = on_active_rows(decoding, per_request, rows, inactive, columns)
     else:
         out = per_request(rows)
-    latent, importance, tokens, present, mass, selected, selected_mass = out
+    latent, importance, tokens, present, mass, selected, selected_mass, counts = out
+    # Counted per request first (a previous selection lies within the request's units):
+    # integers, the same totals whichever rows and columns the phase ran on.
+    selected_units, persisted_units, previously_selected_units = jnp.sum(counts, 0)
     attended = Attention(
         tokens=tokens, present=present, mass=mass, selected=selected,
-        persisted_units=integer_sum(selected & state.unit_selected, selected.size),
-        previously_selected_units=integer_sum(state.unit_selected & decoding[:, None],
-                                              selected.size),
+        selected_units=selected_units, persisted_units=persisted_units,
+        previously_selected_units=previously_selected_units,
         # Summed per request first: the same float32 order whichever rows the phase ran on.
         selected_mass=jnp.sum(selected_mass))
     return state.replace(unit_latent=latent, unit_importance=importance), attended

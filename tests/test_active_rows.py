@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pamjax import active_rows, engine, simulation, systems
+from pamjax import active_rows, engine, placement, simulation, systems
+from pamjax._numerics import tier_units
 from pamjax.errors import ConfigError
 from pamjax.testing import schedule_difference
 from pamjax.workload import Workload, synthetic
@@ -58,6 +59,35 @@ def test_a_phase_that_mixes_rows_is_not_reproduced():
     got = active_rows.on_active_rows(active, mixing, values, jnp.zeros((8, 3)))
     assert not np.array_equal(np.asarray(got)[:3], np.asarray(mixing(values))[:3])
 
+
+
+@pytest.mark.parametrize("active_rows_at", [(0, 5, 11), (11,), (2, 3, 4, 5, 6, 11),
+                                            (3, 7, 8, 9, 10, 11)])
+def test_a_phase_that_allocates_in_row_order_is_reproduced(active_rows_at):
+    # Prompt placement grants capacity to the rows in order, and its second round reads
+    # what the first granted in all (placement.prompt_tier_counts): compacted, the active
+    # rows keep their order and the padding rows are inactive ones, which ask for nothing.
+    # The last row is active in every case: padding rows that copied it (as before) would
+    # take capacity and change the totals (the counterfactual, asserted below).
+    rows = 12
+    active = jnp.asarray(np.isin(np.arange(rows), active_rows_at))
+    demand = jnp.asarray(np.random.default_rng(len(active_rows_at)).integers(1, 9, rows))
+
+    def allocate(xs):
+        want, on = xs
+        want = jnp.where(on, want, 0)
+        first = placement.allocate_in_order(want, 100)  # room for every demand
+        return first, jnp.where(on, 100 - jnp.sum(first), 0)
+
+    inactive = (jnp.zeros(rows, jnp.int32), jnp.zeros(rows, jnp.int32))
+    got = jax.jit(lambda a, xs: active_rows.on_active_rows(a, allocate, xs, inactive))(
+        active, (demand, active))
+    full = allocate((demand, active))
+    for g, f in zip(got, full):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(f))
+    copied = allocate((jnp.concatenate([demand[jnp.asarray(active_rows_at)], demand[-1:]]),
+                       jnp.ones(len(active_rows_at) + 1, bool)))
+    assert int(copied[1][0]) != int(full[1][active_rows_at[0]])
 
 def _trajectory(config, params, workload, chunks, steps):
     dev = simulation.device_workload(workload)
@@ -204,12 +234,38 @@ def test_narrow_columns_in_the_engine_give_the_same_schedule():
                 running = np.asarray(state.slot_request) >= 0
                 wide_counts.append((int(np.sum(running & (np.asarray(state.slot_context) > 128))),
                                     int(np.sum(running))))
+                _assert_units_within_contexts(config, state)
         runs[width] = (jax.device_get(state), out)
     assert any(0 < wide <= active_rows.WIDE_BUCKETS and wide < running
                for wide, running in wide_counts)
     assert any(wide > active_rows.WIDE_BUCKETS for wide, _ in wide_counts)
     assert np.concatenate([m.migrated_units for m in runs[128][1]]).sum() > 0
     _assert_same_run(runs[128], runs[0])
+
+
+def _assert_units_within_contexts(config, state):
+    """What placement.held_units relies on: no slot holds a unit past its context's units
+    (a free slot none), so counting the occupied rows' own columns counts every unit."""
+    tier = np.asarray(state.unit_tier)
+    need = np.where(np.asarray(state.slot_request) >= 0,
+                    -(-np.asarray(state.slot_context) // config.page_size), 0)
+    assert np.all(tier[np.arange(tier.shape[1])[None, :] >= need[:, None]] == -1)
+    held = jax.jit(placement.held_units, static_argnums=0)(config, state)
+    np.testing.assert_array_equal(np.asarray(held), np.asarray(tier_units(state.unit_tier)))
+
+
+def test_held_units_miss_a_unit_past_its_slots_context():
+    # The counterfactual of the invariant above: a unit where a slot's context does not
+    # reach is not counted on the narrow columns.
+    workload = synthetic("sharegpt", 4, seed=5)
+    config = simulation.make_config(workload, 4, page_size=1, narrow_units=64)
+    state = engine.init_state(config, 0)
+    state = state.replace(slot_request=state.slot_request.at[1].set(0),
+                          slot_context=state.slot_context.at[1].set(10),
+                          unit_tier=state.unit_tier.at[1, :10].set(0).at[1, 100].set(2))
+    held = np.asarray(placement.held_units(config, state))
+    np.testing.assert_array_equal(held, [10, 0, 0])
+    np.testing.assert_array_equal(np.asarray(tier_units(state.unit_tier)), [10, 0, 1])
 
 
 def test_narrow_units_follow_where_requests_spend_their_decode_steps():

@@ -194,7 +194,8 @@ def test_attention_load_counts_by_hand():
     tokens = jnp.array([[2, 2, 1, 0], [2, 2, 2, 2]], jnp.int32)
     selected = jnp.array([[True, False, True, False], [True, True, True, False]])
     attended = locality.Attention(tokens=tokens, present=tokens > 0, mass=jnp.zeros((2, 4)),
-                                  selected=selected, persisted_units=jnp.int32(0),
+                                  selected=selected, selected_units=jnp.int32(5),
+                                  persisted_units=jnp.int32(0),
                                   previously_selected_units=jnp.int32(0),
                                   selected_mass=jnp.float32(0))
     # Request 0's token landed in its unit 2 (DDR), request 1's in its unit 3 (SSD).

@@ -581,8 +581,8 @@ def step_prefix(config, params, state, workload, upto: int):
     end = batching.close_step(config, workload, start, admission, state.slot_request,
                               state.slot_generated, decoding, busy, cost.time_s)
     new_state = engine._next_state(config, state, end, token, attended, activation, start)
-    return new_state, engine._metrics(params, end, decoding, admission, new_state, cost, busy,
-                                      attended, migration, token.context)
+    return new_state, engine._metrics(config, params, end, decoding, admission, new_state,
+                                      cost, busy, attended, migration, token.context)
 
 
 def memory_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
