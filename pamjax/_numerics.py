@@ -209,9 +209,3 @@ def tier_units(tier):
     see integer_sum)."""
     return jnp.stack([integer_sum(tier == t, tier.size) for t in range(NUM_TIERS)])
 
-
-def tier_sums(tier, values, max_total: int | None = None):
-    """Sum of non-negative integer ``values`` per tier, i32 [T], from a tier table and values
-    of the same shape (``max_total``: a static bound on the sum, see integer_sum)."""
-    return jnp.stack([integer_sum(jnp.where(tier == t, values, 0), max_total)
-                      for t in range(NUM_TIERS)])
