@@ -60,7 +60,6 @@ def test_a_phase_that_mixes_rows_is_not_reproduced():
     assert not np.array_equal(np.asarray(got)[:3], np.asarray(mixing(values))[:3])
 
 
-
 @pytest.mark.parametrize("active_rows_at", [(0, 5, 11), (11,), (2, 3, 4, 5, 6, 11),
                                             (3, 7, 8, 9, 10, 11)])
 def test_a_phase_that_allocates_in_row_order_is_reproduced(active_rows_at):
@@ -88,6 +87,7 @@ def test_a_phase_that_allocates_in_row_order_is_reproduced(active_rows_at):
     copied = allocate((jnp.concatenate([demand[jnp.asarray(active_rows_at)], demand[-1:]]),
                        jnp.ones(len(active_rows_at) + 1, bool)))
     assert int(copied[1][0]) != int(full[1][active_rows_at[0]])
+
 
 def _trajectory(config, params, workload, chunks, steps):
     dev = simulation.device_workload(workload)
