@@ -344,7 +344,8 @@ def held_units(config, state):
     the occupied slots alone and, for those that fit, on the narrow columns (active_rows): a
     slot holds no unit past its context's units, and a free slot none (engine._next_state
     clears them), so the counts are the same, from a fraction of the table. (Without them
-    the table is small, and the whole-table count costs less than gathering the rows.)
+    the table is small: counting on the rows was no faster at 16-token pages, measured, and
+    compiles more branches.)
     """
     columns = narrow_columns(config, state.slot_context, True, False)
     if not config.skip_idle or columns is None:
