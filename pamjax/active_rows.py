@@ -74,17 +74,24 @@ WIDE_BUCKETS = 4
 and every bucket is one more branch to compile; when more of them run, all rows run."""
 
 
+def narrow_width(config) -> int | None:
+    """W, the narrow columns' width, or None where the config runs every row on all U
+    columns (``narrow_units`` off, or not below U)."""
+    width = config.narrow_units
+    return width if 0 < width < config.units_per_slot else None
+
+
 def narrow_columns(config, context, tables_in, tables_out) -> Columns | None:
     """The :class:`Columns` of a step's per-request phases, or None where the config runs
-    every row on all U columns (``narrow_units`` off, or not below U).
+    every row on all U columns (:func:`narrow_width`).
 
     Args:
       config: EngineConfig (``narrow_units``, ``units_per_slot``, ``page_size``);
       context: i32 [R] tokens per slot after the step's decode;
       tables_in, tables_out: as :class:`Columns`.
     """
-    width = config.narrow_units
-    if not width or width >= config.units_per_slot:
+    width = narrow_width(config)
+    if width is None:
         return None
     return Columns(width=width, need=units_needed(context, config.page_size),
                    tables_in=tables_in, tables_out=tables_out)

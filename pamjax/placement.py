@@ -13,13 +13,15 @@ device produces, the activation window that the greedy mapping reads).
 
 from __future__ import annotations
 
+import functools
+
 import jax.numpy as jnp
 from flax import struct
 from jax import lax
 
 from pamjax import locality
 from pamjax._numerics import threshold_bracket, tier_units, top_count, unit_hash
-from pamjax.active_rows import narrow_columns, on_active_rows
+from pamjax.active_rows import narrow_columns, narrow_width, on_active_rows
 from pamjax.batching import units_needed
 from pamjax.costs import migration_link_s
 from pamjax.types import (
@@ -434,20 +436,20 @@ def place_prompts(config, params, state, admission, capacity, order, recorded,
                jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32),
                jnp.zeros((config.admit_window, NUM_TIERS), jnp.int32))
     rows = (admission.cand_c, admission.prompt, admission.admit)
-    width = config.narrow_units if 0 < config.narrow_units < n_units else n_units
-    if config.skip_idle and view is None:
-        def admitted(rows):
-            if width == n_units:
-                return place(rows, n_units)
-            need = units_needed(jnp.where(rows[2], rows[1], 0), page)
-            return lax.cond(jnp.all(need <= width), lambda r: place(r, width),
-                            lambda r: place(r, n_units), rows)
+    place_all = functools.partial(place, width=n_units)
+    width = narrow_width(config)
 
-        placed = on_active_rows(admission.admit, admitted, rows, nothing,
-                                largest_bucket=ADMITTED_BUCKET)
+    def place_narrow_if_all_fit(rows):
+        _, c_prompt, admit = rows
+        fit = jnp.all(units_needed(jnp.where(admit, c_prompt, 0), page) <= width)
+        return lax.cond(fit, functools.partial(place, width=width), place_all, rows)
+
+    if config.skip_idle and view is None:
+        placed = on_active_rows(admission.admit,
+                                place_all if width is None else place_narrow_if_all_fit,
+                                rows, nothing, largest_bucket=ADMITTED_BUCKET)
     else:
-        placed = lax.cond(jnp.any(admission.admit), lambda r: place(r, n_units),
-                          lambda r: nothing, rows)
+        placed = lax.cond(jnp.any(admission.admit), place_all, lambda r: nothing, rows)
     tier, bank_group, latent, mass, tier_tokens = placed
     return PromptUnits(tier=tier, bank_group=bank_group, latent=latent, importance=mass,
                        tier_tokens=jnp.sum(tier_tokens, 0))

@@ -16,6 +16,7 @@ import pytest
 
 from pamjax import active_rows, engine, placement, simulation, systems
 from pamjax._numerics import tier_units
+from pamjax.batching import units_needed
 from pamjax.errors import ConfigError
 from pamjax.testing import schedule_difference
 from pamjax.workload import Workload, synthetic
@@ -248,7 +249,7 @@ def _assert_units_within_contexts(config, state):
     (a free slot none), so counting the occupied rows' own columns counts every unit."""
     tier = np.asarray(state.unit_tier)
     need = np.where(np.asarray(state.slot_request) >= 0,
-                    -(-np.asarray(state.slot_context) // config.page_size), 0)
+                    units_needed(np.asarray(state.slot_context), config.page_size), 0)
     assert np.all(tier[np.arange(tier.shape[1])[None, :] >= need[:, None]] == -1)
     held = jax.jit(placement.held_units, static_argnums=0)(config, state)
     np.testing.assert_array_equal(np.asarray(held), np.asarray(tier_units(state.unit_tier)))
